@@ -1,0 +1,178 @@
+//! The records the store keeps, in the JSON shape of the IoT Hub service API so that one type
+//! serves storage, the REST API and the CLI.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    #[default]
+    Enabled,
+    Disabled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ConnectionState {
+    #[default]
+    Disconnected,
+    Connected,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum AuthType {
+    #[default]
+    Sas,
+    SelfSigned,
+    CertificateAuthority,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SymmetricKey {
+    #[serde(default)]
+    pub primary_key: Option<String>,
+    #[serde(default)]
+    pub secondary_key: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct X509Thumbprint {
+    #[serde(default)]
+    pub primary_thumbprint: Option<String>,
+    #[serde(default)]
+    pub secondary_thumbprint: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Authentication {
+    #[serde(default)]
+    pub symmetric_key: SymmetricKey,
+    #[serde(default)]
+    pub x509_thumbprint: X509Thumbprint,
+    #[serde(default, rename = "type")]
+    pub auth_type: AuthType,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    #[serde(default)]
+    pub iot_edge: bool,
+}
+
+/// A device identity (IoT Hub `Device`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    pub device_id: String,
+    #[serde(default)]
+    pub generation_id: String,
+    #[serde(default)]
+    pub etag: String,
+    #[serde(default)]
+    pub connection_state: ConnectionState,
+    #[serde(default)]
+    pub status: Status,
+    #[serde(default)]
+    pub status_reason: Option<String>,
+    #[serde(default)]
+    pub connection_state_updated_time: Option<String>,
+    #[serde(default)]
+    pub status_updated_time: Option<String>,
+    #[serde(default)]
+    pub last_activity_time: Option<String>,
+    #[serde(default)]
+    pub cloud_to_device_message_count: u64,
+    #[serde(default)]
+    pub authentication: Authentication,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+}
+
+/// A module identity on a device (IoT Hub `Module`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Module {
+    pub module_id: String,
+    #[serde(default)]
+    pub device_id: String,
+    #[serde(default)]
+    pub generation_id: String,
+    #[serde(default)]
+    pub etag: String,
+    #[serde(default)]
+    pub managed_by: Option<String>,
+    #[serde(default)]
+    pub connection_state: ConnectionState,
+    #[serde(default)]
+    pub connection_state_updated_time: Option<String>,
+    #[serde(default)]
+    pub last_activity_time: Option<String>,
+    #[serde(default)]
+    pub cloud_to_device_message_count: u64,
+    #[serde(default)]
+    pub authentication: Authentication,
+}
+
+/// Rights a shared access policy grants, as IoT Hub names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Rights {
+    pub registry_read: bool,
+    pub registry_write: bool,
+    pub service_connect: bool,
+    pub device_connect: bool,
+}
+
+impl Rights {
+    pub const ALL: Rights = Rights {
+        registry_read: true,
+        registry_write: true,
+        service_connect: true,
+        device_connect: true,
+    };
+}
+
+/// A hub-level shared access policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessPolicy {
+    pub key_name: String,
+    pub primary_key: String,
+    pub secondary_key: String,
+    pub rights: Rights,
+}
+
+/// A CA certificate trusted for CA-signed X.509 devices (IoT Hub `/certificates/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaCertificate {
+    pub name: String,
+    #[serde(default)]
+    pub etag: String,
+    /// PEM text of the certificate.
+    pub certificate: String,
+    #[serde(default)]
+    pub subject: String,
+    #[serde(default)]
+    pub thumbprint: String,
+    #[serde(default)]
+    pub created: String,
+}
+
+/// One subscription of a persistent session: the filter as the client sent it and the QoS granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    pub filter: String,
+    pub qos: u8,
+}
+
+/// The part of a CleanSession=0 MQTT session that outlives the connection and the process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StoredSession {
+    pub subscriptions: Vec<StoredSubscription>,
+}
