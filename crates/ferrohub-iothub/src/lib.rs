@@ -1,1 +1,19 @@
-//! IoT Hub semantics.
+//! IoT Hub semantics for Ferrohub as pure functions and types: identities, CONNECT rules, SAS
+//! tokens, topic authorization, property bags, error codes and connection strings. No I/O here.
+
+pub mod connect;
+pub mod connection_string;
+mod encoding;
+pub mod errors;
+pub mod identity;
+pub mod sas;
+pub mod topics;
+
+pub use connect::{parse_connect, server_keep_alive, ConnectError, ConnectInfo};
+pub use connection_string::{ConnectionString, ConnectionStringError};
+pub use errors::ErrorCode;
+pub use identity::{validate_device_id, validate_module_id, IdError, Identity};
+pub use sas::{ResourceScope, SasError, SasToken};
+pub use topics::{
+    authorize_subscribe, classify_publish, PublishTopic, SubscriptionKind, TopicError,
+};
