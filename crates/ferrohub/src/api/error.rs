@@ -1,0 +1,78 @@
+//! Service API errors in IoT Hub's shape: the HTTP status of the error code, an
+//! `iothub-errorcode` header, and a `{"Message": "ErrorCode:Name;text", "ExceptionMessage": ...}`
+//! body.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ferrohub_iothub::ErrorCode;
+use ferrohub_store::StoreError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Overrides the status derived from the code (only for routes IoT Hub has no code for).
+    status: Option<StatusCode>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            status: None,
+        }
+    }
+
+    pub fn argument(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::ArgumentInvalid, message)
+    }
+
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status.unwrap_or_else(|| {
+            StatusCode::from_u16(self.code.http_status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        })
+    }
+
+    /// Maps a store failure; `not_found` and `exists` say which IoT Hub codes fit the resource.
+    pub fn from_store(e: StoreError, not_found: ApiError, exists: ApiError) -> Self {
+        match e {
+            StoreError::NotFound => not_found,
+            StoreError::AlreadyExists => exists,
+            StoreError::PreconditionFailed => ApiError::new(
+                ErrorCode::PreconditionFailed,
+                "the If-Match etag does not match the current one",
+            ),
+            other => {
+                tracing::error!(error = %other, "store failure in service API");
+                ApiError::new(ErrorCode::ServerError, "internal storage error")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let now = time::OffsetDateTime::now_utc();
+        let stamp = crate::timefmt::iso(now);
+        let body = serde_json::json!({
+            "Message": format!("ErrorCode:{};{}", self.code.name(), self.message),
+            "ExceptionMessage": format!(
+                "Tracking ID:{}-G:0-TimeStamp:{}",
+                crate::timefmt::tracking_id(),
+                stamp
+            ),
+        });
+        let mut resp = (self.status(), axum::Json(body)).into_response();
+        if let Ok(v) = HeaderValue::from_str(self.code.name()) {
+            resp.headers_mut().insert("iothub-errorcode", v);
+        }
+        resp
+    }
+}

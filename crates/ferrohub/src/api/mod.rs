@@ -1,0 +1,102 @@
+//! The service REST API, in the shape of IoT Hub's (what the official service SDKs call), and
+//! the `/$iothub/websocket` endpoint for MQTT over WebSocket.
+
+mod auth;
+mod certificates;
+mod devices;
+mod error;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
+
+use crate::broker::{serve_connection, Broker, PeerInfo, Transport};
+use crate::hub::Hub;
+use crate::server::HttpsConn;
+use crate::ws::WsByteStream;
+pub use error::ApiError;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub hub: Arc<Hub>,
+    pub broker: Arc<Broker<Hub>>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/$iothub/websocket", get(websocket))
+        .route("/devices", get(devices::list_devices))
+        .route(
+            "/devices/{id}",
+            get(devices::get_device)
+                .put(devices::put_device)
+                .delete(devices::delete_device),
+        )
+        .route("/devices/{id}/modules", get(devices::list_modules))
+        .route(
+            "/devices/{id}/modules/{mid}",
+            get(devices::get_module)
+                .put(devices::put_module)
+                .delete(devices::delete_module),
+        )
+        .route("/certificates", get(certificates::list))
+        .route(
+            "/certificates/{name}",
+            get(certificates::get)
+                .put(certificates::put)
+                .delete(certificates::delete),
+        )
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        ferrohub_iothub::ErrorCode::InvalidOperation,
+        "no such resource",
+    )
+    .with_status(axum::http::StatusCode::NOT_FOUND)
+}
+
+/// IoT Hub requires `api-version` on every service call.
+pub(crate) fn require_api_version(q: &HashMap<String, String>) -> Result<(), ApiError> {
+    match q.get("api-version") {
+        Some(v) if ferrohub_iothub::connect::api_version_supported(v) => Ok(()),
+        Some(v) => Err(ApiError::argument(format!("unsupported api-version {v:?}"))),
+        None => Err(ApiError::argument(
+            "the api-version query parameter is required",
+        )),
+    }
+}
+
+/// MQTT over WebSocket. The query string is ignored (the C SDK may add
+/// `iothub-no-client-cert=true`); the `mqtt` subprotocol is echoed, which the Node SDK requires.
+async fn websocket(
+    State(state): State<ApiState>,
+    Extension(conn): Extension<HttpsConn>,
+    Query(_q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let broker = state.broker.clone();
+    let max = broker_max_packet(&broker);
+    ws.protocols(["mqtt"])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            let peer = PeerInfo {
+                addr: conn.addr,
+                transport: Transport::WebSocket,
+                client_certs: conn.client_certs.clone(),
+            };
+            serve_connection(broker, WsByteStream::new(socket), peer).await;
+        })
+        .into_response()
+}
+
+fn broker_max_packet(broker: &Broker<Hub>) -> usize {
+    broker.max_packet_size()
+}

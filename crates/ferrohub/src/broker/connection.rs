@@ -1,0 +1,497 @@
+//! One client connection: reads packets, applies MQTT rules, calls the handler, writes replies.
+//!
+//! A single task owns the socket and selects over: bytes from the client, messages for the
+//! client, the keep-alive deadline, a takeover signal and server shutdown. Replies are written
+//! inline, so a client that does not read slows only itself.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use ferrohub_mqtt::{
+    decode, encode, ConnAck, Connect, ConnectReturnCode, Packet, Publish, QoS, SubAck,
+    SubscribeReturnCode,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Mutex};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{
+    Broker, DisconnectReason, Handler, Outbound, OutboundMessage, PeerInfo, PublishDecision,
+    SessionState,
+};
+
+/// Read-buffer growth step; an idle connection holds no buffer at all (see `read_more`).
+const READ_CHUNK: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("closed by peer")]
+    Closed,
+    #[error("malformed packet: {0}")]
+    Decode(#[from] ferrohub_mqtt::DecodeError),
+    #[error("encode: {0}")]
+    Encode(#[from] ferrohub_mqtt::EncodeError),
+}
+
+/// Socket plus its buffers, with the packet-level read/write the loop needs.
+struct Wire<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    max_packet_size: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
+    /// A packet already buffered, if any.
+    fn next_buffered(&mut self) -> Result<Option<Packet>, ConnError> {
+        let p = decode(&mut self.rbuf, self.max_packet_size)?;
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 0 {
+            // Give the buffer back while the connection idles: at 10k connections, 4 KiB each
+            // would be most of our memory.
+            self.rbuf = BytesMut::new();
+        }
+        Ok(p)
+    }
+
+    async fn read_more(&mut self) -> Result<(), ConnError> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 2 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            return Err(ConnError::Closed);
+        }
+        Ok(())
+    }
+
+    async fn read_packet(&mut self) -> Result<Packet, ConnError> {
+        loop {
+            if let Some(p) = self.next_buffered()? {
+                return Ok(p);
+            }
+            self.read_more().await?;
+        }
+    }
+
+    fn queue(&mut self, packet: &Packet) -> Result<(), ConnError> {
+        encode(packet, &mut self.wbuf)?;
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnError> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+            if self.wbuf.capacity() > 64 * 1024 {
+                self.wbuf = BytesMut::new();
+            }
+        }
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    async fn send(&mut self, packet: &Packet) -> Result<(), ConnError> {
+        self.queue(packet)?;
+        self.flush().await
+    }
+}
+
+/// Serves one client from its first byte to close. Never panics on client input; every error
+/// ends this connection only.
+pub async fn serve_connection<H, S>(broker: Arc<Broker<H>>, stream: S, peer: PeerInfo)
+where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut wire = Wire {
+        stream,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        max_packet_size: broker.config.max_packet_size,
+    };
+    let first = tokio::time::timeout(broker.config.connect_timeout, wire.read_packet()).await;
+    let connect = match first {
+        Ok(Ok(Packet::Connect(c))) => c,
+        Ok(Ok(other)) => {
+            debug!(peer = %peer.addr, packet = ?packet_kind(&other), "first packet was not CONNECT; closing");
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(peer = %peer.addr, error = %e, "connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            debug!(peer = %peer.addr, "no CONNECT in time; closing");
+            return;
+        }
+    };
+    if connect.protocol_level != 4 {
+        debug!(peer = %peer.addr, level = connect.protocol_level, "unsupported MQTT protocol level");
+        let _ = wire
+            .send(&connack(
+                false,
+                ConnectReturnCode::UnacceptableProtocolVersion,
+            ))
+            .await;
+        return;
+    }
+    let client = match broker.handler.connect(&connect, &peer).await {
+        Ok(c) => c,
+        Err(code) => {
+            let _ = wire.send(&connack(false, code)).await;
+            let _ = wire.stream.shutdown().await;
+            return;
+        }
+    };
+    run_session(broker, wire, peer, connect, client).await;
+}
+
+async fn run_session<H, S>(
+    broker: Arc<Broker<H>>,
+    mut wire: Wire<S>,
+    _peer: PeerInfo,
+    mut connect: Connect,
+    client: H::Client,
+) where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let client_id = connect.client_id.clone();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let (conn_id, mut kicked) = broker.register(&client_id, done_rx).await;
+
+    let (session, session_present) = match open_session(&broker, &connect).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(client = %client_id, error = %e, "session store failed; refusing connection");
+            let _ = wire
+                .send(&connack(false, ConnectReturnCode::ServerUnavailable))
+                .await;
+            broker.unregister(&client_id, conn_id);
+            let _ = done_tx.send(true);
+            broker
+                .handler
+                .disconnected(
+                    &client,
+                    &DisconnectReason::ProtocolViolation("session store unavailable".into()),
+                    None,
+                )
+                .await;
+            return;
+        }
+    };
+    // Held for the connection's life: a takeover waits (via `done`) until we let go.
+    let mut state = session.clone().lock_owned().await;
+
+    let (out_tx, mut out_rx) = mpsc::channel::<OutboundMessage>(broker.config.outbound_queue);
+    let reason = async {
+        wire.send(&connack(session_present, ConnectReturnCode::Accepted))
+            .await
+            .map_err(|e| DisconnectReason::ConnectionLost(e.to_string()))?;
+        broker
+            .handler
+            .connected(&client, Outbound { tx: out_tx })
+            .await;
+        // Redeliver what the previous connection sent but never saw acknowledged.
+        for (pid, msg) in state.inflight.iter() {
+            wire.queue(&Packet::Publish(Publish {
+                dup: true,
+                qos: msg.qos,
+                retain: false,
+                topic: msg.topic.clone(),
+                packet_id: *pid,
+                payload: msg.payload.clone(),
+            }))
+            .map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
+        }
+        wire.flush()
+            .await
+            .map_err(|e| DisconnectReason::ConnectionLost(e.to_string()))?;
+        session_loop(
+            &broker,
+            &mut wire,
+            &client,
+            &mut state,
+            &mut out_rx,
+            &mut kicked,
+            &connect,
+        )
+        .await
+    }
+    .await
+    .err()
+    .unwrap_or(DisconnectReason::ClientDisconnect);
+
+    if matches!(reason, DisconnectReason::ProtocolViolation(_)) {
+        debug!(client = %client_id, ?reason, "closing connection");
+    }
+    let persistent = !connect.clean_session;
+    drop(state);
+    if !persistent {
+        broker.drop_memory_session(&client_id);
+    }
+    broker.unregister(&client_id, conn_id);
+    let _ = done_tx.send(true);
+    let will = if reason.publishes_will() {
+        connect.will.take()
+    } else {
+        None
+    };
+    broker.handler.disconnected(&client, &reason, will).await;
+    // Best effort close_notify; a dead peer must not hold the task.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), wire.stream.shutdown()).await;
+}
+
+/// Finds or creates the session for CONNECT; returns it and the session-present flag.
+async fn open_session<H: Handler>(
+    broker: &Broker<H>,
+    connect: &Connect,
+) -> Result<(Arc<Mutex<SessionState>>, bool), ferrohub_store::StoreError> {
+    let id = &connect.client_id;
+    if connect.clean_session {
+        // Discard any earlier persistent session (MQTT 3.1.1 section 3.1.2.4). Only touch the
+        // disk when there is something to delete: clean connects are the fast path.
+        let had_memory = broker.memory_session(id).is_some();
+        broker.drop_memory_session(id);
+        if had_memory || broker.sessions_store.load_session(id).await?.is_some() {
+            broker.sessions_store.delete_session(id).await?;
+        }
+        return Ok((Arc::new(Mutex::new(SessionState::default())), false));
+    }
+    if let Some(s) = broker.memory_session(id) {
+        return Ok((s, true));
+    }
+    let (state, present) = match broker.sessions_store.load_session(id).await? {
+        Some(stored) => (SessionState::from_stored(&stored), true),
+        None => {
+            // Record the session now so that session-present is right after a restart even
+            // if the client never subscribes.
+            let s = SessionState::default();
+            broker
+                .sessions_store
+                .save_session(id, &s.to_stored())
+                .await?;
+            (s, false)
+        }
+    };
+    let s = Arc::new(Mutex::new(state));
+    broker.put_memory_session(id, s.clone());
+    Ok((s, present))
+}
+
+enum Event {
+    Read(Result<(), ConnError>),
+    Outbound(Option<OutboundMessage>),
+    KeepAliveExpired,
+    Kicked,
+    Shutdown,
+}
+
+async fn session_loop<H, S>(
+    broker: &Broker<H>,
+    wire: &mut Wire<S>,
+    client: &H::Client,
+    state: &mut SessionState,
+    out_rx: &mut mpsc::Receiver<OutboundMessage>,
+    kicked: &mut tokio::sync::oneshot::Receiver<()>,
+    connect: &Connect,
+) -> Result<(), DisconnectReason>
+where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let keep_alive = broker.handler.keep_alive(connect.keep_alive);
+    let mut deadline = Instant::now() + keep_alive;
+    let mut shutdown = broker.shutdown.clone();
+    let max_inflight = broker.config.max_inflight;
+    loop {
+        // Packets that arrived together with the previous read are handled before waiting.
+        match wire.next_buffered() {
+            Ok(Some(packet)) => {
+                handle_packet(broker, wire, client, state, connect, packet).await?;
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(DisconnectReason::ProtocolViolation(e.to_string())),
+        }
+        let can_send = state.inflight.len() < max_inflight;
+        let event = tokio::select! {
+            biased;
+            _ = &mut *kicked => Event::Kicked,
+            _ = crate::broker::until_shutdown(&mut shutdown) => Event::Shutdown,
+            r = wire.read_more() => Event::Read(r),
+            m = out_rx.recv(), if can_send => Event::Outbound(m),
+            _ = tokio::time::sleep_until(deadline) => Event::KeepAliveExpired,
+        };
+        match event {
+            Event::Read(Ok(())) => deadline = Instant::now() + keep_alive,
+            Event::Read(Err(ConnError::Decode(e))) => {
+                return Err(DisconnectReason::ProtocolViolation(e.to_string()))
+            }
+            Event::Read(Err(e)) => return Err(DisconnectReason::ConnectionLost(e.to_string())),
+            Event::Outbound(Some(msg)) => {
+                let packet_id = if msg.qos == QoS::AtMostOnce {
+                    0
+                } else {
+                    state.next_packet_id()
+                };
+                let packet = Packet::Publish(Publish {
+                    dup: false,
+                    qos: msg.qos,
+                    retain: false,
+                    topic: msg.topic.clone(),
+                    packet_id,
+                    payload: msg.payload.clone(),
+                });
+                if msg.qos != QoS::AtMostOnce {
+                    state.inflight.push_back((packet_id, msg));
+                }
+                wire.send(&packet).await.map_err(lost)?;
+            }
+            // Every sender is gone: nothing more can be queued, keep serving the client.
+            Event::Outbound(None) => {
+                std::future::pending::<()>().await;
+            }
+            Event::KeepAliveExpired => return Err(DisconnectReason::KeepAliveTimeout),
+            Event::Kicked => return Err(DisconnectReason::TakenOver),
+            Event::Shutdown => return Err(DisconnectReason::ServerShutdown),
+        }
+    }
+}
+
+fn lost(e: ConnError) -> DisconnectReason {
+    DisconnectReason::ConnectionLost(e.to_string())
+}
+
+async fn handle_packet<H, S>(
+    broker: &Broker<H>,
+    wire: &mut Wire<S>,
+    client: &H::Client,
+    state: &mut SessionState,
+    connect: &Connect,
+    packet: Packet,
+) -> Result<(), DisconnectReason>
+where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    match packet {
+        Packet::Publish(p) => {
+            if p.qos == QoS::ExactlyOnce {
+                return Err(DisconnectReason::ProtocolViolation(
+                    "QoS 2 PUBLISH is not supported".into(),
+                ));
+            }
+            let (qos, pid) = (p.qos, p.packet_id);
+            match broker.handler.publish(client, p).await {
+                PublishDecision::Accept => {
+                    if qos == QoS::AtLeastOnce {
+                        wire.send(&Packet::PubAck(pid)).await.map_err(lost)?;
+                    }
+                }
+                PublishDecision::Reject(why) => {
+                    return Err(DisconnectReason::ProtocolViolation(why))
+                }
+            }
+        }
+        Packet::PubAck(pid) => {
+            state.ack(pid);
+        }
+        Packet::Subscribe(sub) => {
+            let mut codes = Vec::with_capacity(sub.filters.len());
+            let mut changed = false;
+            for (filter, qos) in sub.filters {
+                let existing = state.subscriptions.iter().position(|(f, _)| *f == filter);
+                let room = existing.is_some()
+                    || state.subscriptions.len() < broker.config.max_subscriptions;
+                if !room || !broker.handler.authorize_subscribe(client, &filter) {
+                    codes.push(SubscribeReturnCode::Failure);
+                    continue;
+                }
+                // Nothing is ever delivered at QoS 2: grant at most 1.
+                let granted = if qos == QoS::AtMostOnce {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                };
+                match existing {
+                    Some(i) => state.subscriptions[i].1 = granted,
+                    None => state.subscriptions.push((filter, granted)),
+                }
+                changed = true;
+                codes.push(SubscribeReturnCode::Success(granted));
+            }
+            persist(broker, connect, state, changed).await?;
+            wire.send(&Packet::SubAck(SubAck {
+                packet_id: sub.packet_id,
+                return_codes: codes,
+            }))
+            .await
+            .map_err(lost)?;
+        }
+        Packet::Unsubscribe(u) => {
+            let before = state.subscriptions.len();
+            state.subscriptions.retain(|(f, _)| !u.filters.contains(f));
+            let changed = before != state.subscriptions.len();
+            persist(broker, connect, state, changed).await?;
+            wire.send(&Packet::UnsubAck(u.packet_id))
+                .await
+                .map_err(lost)?;
+        }
+        Packet::PingReq => wire.send(&Packet::PingResp).await.map_err(lost)?,
+        Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
+        other => {
+            return Err(DisconnectReason::ProtocolViolation(format!(
+                "unexpected {} packet from client",
+                packet_kind(&other)
+            )))
+        }
+    }
+    Ok(())
+}
+
+/// Writes the subscriptions of a persistent session before they are acknowledged.
+async fn persist<H: Handler>(
+    broker: &Broker<H>,
+    connect: &Connect,
+    state: &SessionState,
+    changed: bool,
+) -> Result<(), DisconnectReason> {
+    if connect.clean_session || !changed {
+        return Ok(());
+    }
+    broker
+        .sessions_store
+        .save_session(&connect.client_id, &state.to_stored())
+        .await
+        .map_err(|e| DisconnectReason::ProtocolViolation(format!("session store failed: {e}")))
+}
+
+fn connack(session_present: bool, code: ConnectReturnCode) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present,
+        code,
+    })
+}
+
+fn packet_kind(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
+    }
+}

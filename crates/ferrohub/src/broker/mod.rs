@@ -1,0 +1,320 @@
+//! A generic MQTT 3.1.1 server: connections, sessions, keep-alive, in-flight tracking,
+//! takeover. It knows nothing of IoT Hub; the semantics plug in through [`Handler`].
+//!
+//! Layers, as in mini-redis: bytes -> [`ferrohub_mqtt::Packet`] (the codec crate) -> calls on
+//! [`Handler`] (the IoT Hub layer) -> storage (behind the store traits).
+
+mod connection;
+mod session;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use ferrohub_mqtt::{ConnectReturnCode, LastWill, Publish, QoS};
+use ferrohub_store::SessionStore;
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+pub use connection::serve_connection;
+pub use session::SessionState;
+
+/// How a connection reached us; the handler may care (telemetry stamping, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tls,
+    WebSocket,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Tls => "mqtt-tls",
+            Transport::WebSocket => "mqtt-ws",
+        })
+    }
+}
+
+/// What the transport knows about the peer before CONNECT.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+    /// The TLS client certificate chain, leaf first, when the client sent one. Possession of
+    /// the leaf's key was proven in the handshake; whether it is trusted is the handler's call.
+    pub client_certs: Arc<Vec<CertificateDer<'static>>>,
+}
+
+/// Why a connection ended, for the handler's log line and Will handling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// The client sent DISCONNECT: the Will is discarded.
+    ClientDisconnect,
+    /// The socket closed or failed without DISCONNECT.
+    ConnectionLost(String),
+    /// Nothing arrived within the keep-alive window.
+    KeepAliveTimeout,
+    /// A newer connection with the same client id took over.
+    TakenOver,
+    /// The client broke the protocol or the handler's rules (the text says how).
+    ProtocolViolation(String),
+    /// The server is shutting down.
+    ServerShutdown,
+}
+
+impl DisconnectReason {
+    /// Whether the Will message must be published (MQTT 3.1.1 section 3.1.2.5).
+    pub fn publishes_will(&self) -> bool {
+        !matches!(
+            self,
+            DisconnectReason::ClientDisconnect | DisconnectReason::ServerShutdown
+        )
+    }
+}
+
+/// The handler's answer to a PUBLISH.
+#[derive(Debug)]
+pub enum PublishDecision {
+    /// Acknowledge (QoS 1): the handler has done what it must before the PUBACK.
+    Accept,
+    /// Close the connection without acknowledging; the text goes to the log.
+    Reject(String),
+}
+
+/// Broker-wide limits. Each bounds memory or work per connection.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Largest packet accepted, checked from the fixed header before the body is read.
+    pub max_packet_size: usize,
+    /// Server-to-client QoS 1 messages awaiting PUBACK per connection; past it, delivery waits.
+    pub max_inflight: usize,
+    /// Subscriptions per session.
+    pub max_subscriptions: usize,
+    /// How long a new socket may take to send CONNECT.
+    pub connect_timeout: Duration,
+    /// Outbound messages queued per connection before senders wait (backpressure).
+    pub outbound_queue: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            // IoT Hub's 256 KB message limit plus room for a long topic and the header.
+            max_packet_size: 256 * 1024 + 8 * 1024,
+            max_inflight: 16,
+            max_subscriptions: 5,
+            connect_timeout: Duration::from_secs(30),
+            outbound_queue: 64,
+        }
+    }
+}
+
+/// The semantics layer, as the broker sees it.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Per-connection state the handler keeps (identity, auth method, ...).
+    type Client: Send + Sync + 'static;
+
+    /// Authenticates and authorizes CONNECT. The returned client is passed to every other call.
+    async fn connect(
+        &self,
+        connect: &ferrohub_mqtt::Connect,
+        peer: &PeerInfo,
+    ) -> Result<Self::Client, ConnectReturnCode>;
+
+    /// The keep-alive the server enforces for a client keep-alive (seconds).
+    fn keep_alive(&self, client_keep_alive: u16) -> Duration;
+
+    /// Called once the connection is registered and CONNACK sent, with a handle that can push
+    /// messages to this client.
+    async fn connected(&self, client: &Self::Client, outbound: Outbound);
+
+    /// Whether the client may subscribe to `filter`.
+    fn authorize_subscribe(&self, client: &Self::Client, filter: &str) -> bool;
+
+    /// A PUBLISH from the client (QoS 0 or 1; QoS 2 is refused by the broker).
+    async fn publish(&self, client: &Self::Client, publish: Publish) -> PublishDecision;
+
+    /// The connection ended. `will` is set when the Will must be published.
+    async fn disconnected(
+        &self,
+        client: &Self::Client,
+        reason: &DisconnectReason,
+        will: Option<LastWill>,
+    );
+}
+
+/// A message for a connected client.
+#[derive(Debug, Clone)]
+pub struct OutboundMessage {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+}
+
+/// A handle to push messages to one connection. Sending waits when the connection is slow
+/// (bounded queue) and fails once the connection has gone.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    tx: mpsc::Sender<OutboundMessage>,
+}
+
+impl Outbound {
+    pub async fn send(&self, msg: OutboundMessage) -> Result<(), NotConnected> {
+        self.tx.send(msg).await.map_err(|_| NotConnected)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("client is not connected")]
+pub struct NotConnected;
+
+/// The live connection holding a client id: used to close it when a newer one arrives.
+struct LiveConnection {
+    conn_id: u64,
+    /// Tells the connection to close because it was taken over.
+    kick: Option<oneshot::Sender<()>>,
+    /// Resolves when the connection task has released the session.
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Shared broker state: who is connected, and in-memory persistent sessions.
+pub struct Broker<H: Handler> {
+    pub(crate) handler: Arc<H>,
+    pub(crate) config: BrokerConfig,
+    pub(crate) sessions_store: Arc<dyn SessionStore>,
+    live: std::sync::Mutex<HashMap<String, LiveConnection>>,
+    /// CleanSession=0 sessions of this process (subscriptions + unacknowledged outbound
+    /// messages), so a reconnect finds its in-flight messages. Subscriptions are also in the
+    /// store, which is what survives a restart.
+    sessions: std::sync::Mutex<HashMap<String, Arc<Mutex<SessionState>>>>,
+    next_conn_id: std::sync::atomic::AtomicU64,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl<H: Handler> Broker<H> {
+    pub fn new(
+        handler: Arc<H>,
+        config: BrokerConfig,
+        sessions_store: Arc<dyn SessionStore>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            handler,
+            config,
+            sessions_store,
+            live: std::sync::Mutex::new(HashMap::new()),
+            sessions: std::sync::Mutex::new(HashMap::new()),
+            next_conn_id: std::sync::atomic::AtomicU64::new(1),
+            shutdown,
+        })
+    }
+
+    pub fn handler(&self) -> &Arc<H> {
+        &self.handler
+    }
+
+    /// Registers `client_id` as connected, kicking any older connection and waiting until it
+    /// has let go of the session. Returns this connection's id and its takeover signal.
+    async fn register(
+        &self,
+        client_id: &str,
+        done: tokio::sync::watch::Receiver<bool>,
+    ) -> (u64, oneshot::Receiver<()>) {
+        let conn_id = self
+            .next_conn_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let old = {
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.insert(
+                client_id.to_string(),
+                LiveConnection {
+                    conn_id,
+                    kick: Some(kick_tx),
+                    done,
+                },
+            )
+        };
+        if let Some(mut old) = old {
+            if let Some(kick) = old.kick.take() {
+                let _ = kick.send(());
+            }
+            // Bounded: a wedged old task must not block the new device forever.
+            let _ = tokio::time::timeout(Duration::from_secs(5), old.done.wait_for(|d| *d)).await;
+        }
+        (conn_id, kick_rx)
+    }
+
+    fn unregister(&self, client_id: &str, conn_id: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.get(client_id).map(|l| l.conn_id) == Some(conn_id) {
+            live.remove(client_id);
+        }
+    }
+
+    /// Number of live connections.
+    pub fn connection_count(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    fn memory_session(&self, client_id: &str) -> Option<Arc<Mutex<SessionState>>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()
+    }
+
+    fn put_memory_session(&self, client_id: &str, s: Arc<Mutex<SessionState>>) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client_id.to_string(), s);
+    }
+
+    fn drop_memory_session(&self, client_id: &str) {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(client_id);
+    }
+}
+
+impl<H: Handler> Broker<H> {
+    /// Closes the live connection of `client_id`, if any (used when an identity is deleted or
+    /// disabled). Returns whether there was one.
+    pub fn kick(&self, client_id: &str) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        match live.get_mut(client_id).and_then(|l| l.kick.take()) {
+            Some(k) => k.send(()).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Forgets the persistent session of `client_id` (memory and store), e.g. when the identity
+    /// is deleted.
+    pub async fn forget_session(&self, client_id: &str) -> Result<(), ferrohub_store::StoreError> {
+        self.drop_memory_session(client_id);
+        self.sessions_store.delete_session(client_id).await
+    }
+}
+
+impl<H: Handler> Broker<H> {
+    pub fn max_packet_size(&self) -> usize {
+        self.config.max_packet_size
+    }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone). Holds no watch guard, so it
+/// can sit in a `select!` whose other branches await.
+pub async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,189 @@
+//! A small client for the service REST API: signs each call with the policy key of the
+//! connection string and turns IoT Hub error bodies into readable errors.
+
+use anyhow::{anyhow, Context};
+use ferrohub_iothub::sas::generate_token;
+use ferrohub_iothub::ConnectionString;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use super::{load_connection_string, ClientArgs};
+
+pub const API_VERSION: &str = "2021-04-12";
+
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    cs: ConnectionString,
+}
+
+/// `localhost:8443` -> `localhost`.
+pub fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+impl ApiClient {
+    pub fn from_args(args: &ClientArgs) -> anyhow::Result<Self> {
+        let cs = load_connection_string(args)?;
+        let ca_file = match &args.ca_file {
+            Some(p) => Some(p.clone()),
+            None => crate::server::HubInfo::load(&args.data_dir)
+                .ok()
+                .and_then(|i| i.ca_file),
+        };
+        Self::new(cs, ca_file.as_deref())
+    }
+
+    pub fn new(cs: ConnectionString, ca_file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        if cs.shared_access_key_name.is_none() || cs.shared_access_key.is_none() {
+            return Err(anyhow!(
+                "the connection string must name a shared access policy (SharedAccessKeyName and SharedAccessKey)"
+            ));
+        }
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .timeout(std::time::Duration::from_secs(60));
+        match ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("reading CA file {}", path.display()))?;
+                for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                    .with_context(|| format!("parsing CA file {}", path.display()))?
+                {
+                    builder = builder.add_root_certificate(cert);
+                }
+            }
+            None => {
+                return Err(anyhow!(
+                    "no CA to trust: pass --ca-file (or FERROHUB_CA_FILE), or --data-dir of a hub with a development CA"
+                ))
+            }
+        }
+        Ok(Self {
+            http: builder.build()?,
+            base: format!("https://{}", cs.host_name),
+            cs,
+        })
+    }
+
+    /// The hub's host name without a port: what devices put in their connection strings.
+    pub fn hub_host(&self) -> &str {
+        strip_port(&self.cs.host_name)
+    }
+
+    fn token(&self) -> anyhow::Result<String> {
+        let expiry = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 3600;
+        let key = self.cs.shared_access_key.as_deref().unwrap_or_default();
+        Ok(generate_token(
+            &self.cs.host_name,
+            key,
+            expiry,
+            self.cs.shared_access_key_name.as_deref(),
+        )?)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+    ) -> anyhow::Result<Option<Value>> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
+        let mut req = self
+            .http
+            .request(method, &url)
+            .header("Authorization", self.token()?)
+            .header("Accept", "application/json");
+        if let Some(e) = if_match {
+            let quoted = if e == "*" || e.starts_with('"') {
+                e.to_string()
+            } else {
+                format!("\"{e}\"")
+            };
+            req = req.header("If-Match", quoted);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        if status.is_success() {
+            if status == StatusCode::NO_CONTENT || text.trim().is_empty() {
+                return Ok(None);
+            }
+            return serde_json::from_str(&text).map(Some).with_context(|| {
+                format!("the hub answered {status} with a body that is not JSON")
+            });
+        }
+        Err(anyhow!(describe_error(status, &text)))
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        self.call(Method::GET, path, None, None)
+            .await?
+            .ok_or_else(|| anyhow!("the hub answered with an empty body"))
+    }
+
+    pub async fn put(
+        &self,
+        path: &str,
+        body: &Value,
+        if_match: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        self.call(Method::PUT, path, Some(body), if_match)
+            .await?
+            .ok_or_else(|| anyhow!("the hub answered with an empty body"))
+    }
+
+    pub async fn delete(&self, path: &str, if_match: Option<&str>) -> anyhow::Result<()> {
+        self.call(Method::DELETE, path, None, Some(if_match.unwrap_or("*")))
+            .await?;
+        Ok(())
+    }
+}
+
+/// `404 DeviceNotFound: Device x cannot be found.` from an IoT Hub error body.
+fn describe_error(status: StatusCode, body: &str) -> String {
+    let msg = serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("Message").and_then(Value::as_str).map(str::to_string));
+    match msg {
+        Some(m) => {
+            let m = m.strip_prefix("ErrorCode:").unwrap_or(&m);
+            match m.split_once(';') {
+                Some((code, text)) => format!("{} {code}: {text}", status.as_u16()),
+                None => format!("{} {m}", status.as_u16()),
+            }
+        }
+        None => format!("the hub answered {status}: {body}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_read_like_iot_hub() {
+        let body = r#"{"Message":"ErrorCode:DeviceNotFound;Device d cannot be found.","ExceptionMessage":"x"}"#;
+        assert_eq!(
+            describe_error(StatusCode::NOT_FOUND, body),
+            "404 DeviceNotFound: Device d cannot be found."
+        );
+    }
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("localhost:8443"), "localhost");
+        assert_eq!(strip_port("hub.example"), "hub.example");
+    }
+}

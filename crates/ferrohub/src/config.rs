@@ -1,0 +1,193 @@
+//! Server configuration: defaults, overridden by a TOML file, then environment variables, then
+//! command-line flags (clap merges the last two).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+pub const DEFAULT_DATA_DIR: &str = "ferrohub-data";
+
+/// `ferrohub serve` flags. Every field is optional so the config file can fill what is unset.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (default: ./ferrohub.toml when it exists).
+    #[arg(long, env = "FERROHUB_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory for the database, certificates and hub.json.
+    #[arg(long, env = "FERROHUB_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Host name devices use (repeat for more; the first is the hub's name). Default: localhost.
+    #[arg(long = "hostname", env = "FERROHUB_HOSTNAME", value_delimiter = ',')]
+    pub hostnames: Vec<String>,
+    /// Address for MQTT over TLS.
+    #[arg(long, env = "FERROHUB_MQTT_BIND")]
+    pub mqtt_bind: Option<SocketAddr>,
+    /// Address for HTTPS: the service REST API and MQTT over WebSocket.
+    #[arg(long, env = "FERROHUB_HTTPS_BIND")]
+    pub https_bind: Option<SocketAddr>,
+    /// Server certificate chain (PEM). Without it a development CA and certificate are created.
+    #[arg(long, env = "FERROHUB_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "FERROHUB_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA file devices should trust, printed at start-up (optional with --tls-cert).
+    #[arg(long, env = "FERROHUB_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// The config file's shape: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    hostnames: Option<Vec<String>>,
+    mqtt_bind: Option<SocketAddr>,
+    https_bind: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    max_packet_size: Option<usize>,
+}
+
+/// The resolved configuration of a server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub hostnames: Vec<String>,
+    pub mqtt_bind: SocketAddr,
+    pub https_bind: SocketAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub max_packet_size: usize,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory: standard ports on all interfaces, host name localhost.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            hostnames: vec!["localhost".into()],
+            mqtt_bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            https_bind: SocketAddr::from(([0, 0, 0, 0], 443)),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            max_packet_size: crate::broker::BrokerConfig::default().max_packet_size,
+        }
+    }
+
+    pub fn from_args(args: &ServeArgs) -> anyhow::Result<Self> {
+        let file_path = match &args.config {
+            Some(p) => Some(p.clone()),
+            None => Some(PathBuf::from("ferrohub.toml")).filter(|p| p.exists()),
+        };
+        let file = match &file_path {
+            Some(p) => load_file(p)?,
+            None => FileConfig::default(),
+        };
+        let mut cfg = ServerConfig::new(
+            args.data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+        );
+        if !args.hostnames.is_empty() {
+            cfg.hostnames = args.hostnames.clone();
+        } else if let Some(h) = file.hostnames.filter(|h| !h.is_empty()) {
+            cfg.hostnames = h;
+        }
+        if let Some(a) = args.mqtt_bind.or(file.mqtt_bind) {
+            cfg.mqtt_bind = a;
+        }
+        if let Some(a) = args.https_bind.or(file.https_bind) {
+            cfg.https_bind = a;
+        }
+        cfg.tls_cert = args.tls_cert.clone().or(file.tls_cert);
+        cfg.tls_key = args.tls_key.clone().or(file.tls_key);
+        cfg.tls_ca = args.tls_ca.clone().or(file.tls_ca);
+        if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
+            anyhow::bail!("tls_cert and tls_key must be given together");
+        }
+        if let Some(m) = file.max_packet_size {
+            cfg.max_packet_size = m;
+        }
+        Ok(cfg)
+    }
+
+    /// The names the dev server certificate must cover: the configured ones, localhost,
+    /// 127.0.0.1 and this machine's host name.
+    pub fn certificate_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.hostnames.clone();
+        for extra in [
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            machine_hostname(),
+        ] {
+            if !extra.is_empty() && !names.iter().any(|n| n.eq_ignore_ascii_case(&extra)) {
+                names.push(extra);
+            }
+        }
+        names
+    }
+
+    /// Names accepted as the host in SAS tokens: the certificate names.
+    pub fn accepted_hostnames(&self) -> Vec<String> {
+        self.certificate_names()
+    }
+}
+
+pub fn machine_hostname() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+}
+
+fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_which_beats_defaults() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("f.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/from/file\"\nhostnames = [\"hub.example\"]\nmqtt_bind = \"127.0.0.1:1\"\n",
+        )?;
+        let args = ServeArgs {
+            config: Some(file),
+            mqtt_bind: Some("127.0.0.1:2".parse()?),
+            ..Default::default()
+        };
+        let cfg = ServerConfig::from_args(&args)?;
+        assert_eq!(cfg.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(cfg.hostnames, vec!["hub.example".to_string()]);
+        assert_eq!(cfg.mqtt_bind, "127.0.0.1:2".parse()?);
+        assert_eq!(cfg.https_bind.port(), 443);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_an_error() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("f.toml");
+        std::fs::write(&file, "data_dri = \"x\"\n")?;
+        let args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        assert!(ServerConfig::from_args(&args).is_err());
+        Ok(())
+    }
+}

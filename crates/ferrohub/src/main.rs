@@ -1,0 +1,139 @@
+//! The `ferrohub` binary: `serve` runs the hub; the other subcommands are clients of its
+//! service API.
+
+use clap::{Parser, Subcommand};
+use ferrohub::cli::{
+    self, CertificateCommand, ClientArgs, DeviceCommand, ModuleCommand, SasTokenArgs,
+};
+use ferrohub::config::{ServeArgs, ServerConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferrohub",
+    version,
+    about = "A self-hosted server for Azure IoT Hub devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hub.
+    Serve(ServeArgs),
+    /// Manage devices.
+    Device {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: DeviceCommand,
+    },
+    /// Manage modules.
+    Module {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: ModuleCommand,
+    },
+    /// Manage CA certificates for CA-signed X.509 devices.
+    Certificate {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: CertificateCommand,
+    },
+    /// Generate a SAS token for a device, a module or a hub policy.
+    SasToken {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: SasTokenArgs,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Device { client, cmd } => cli::run_device(&client, cmd).await,
+        Command::Module { client, cmd } => cli::run_module(&client, cmd).await,
+        Command::Certificate { client, cmd } => cli::run_certificate(&client, cmd).await,
+        Command::SasToken { client, args } => cli::run_sas_token(&client, args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("FERROHUB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    raise_fd_limit();
+    let cfg = ServerConfig::from_args(&args)?;
+    let server = ferrohub::server::start(cfg.clone()).await?;
+    print_banner(&cfg, &server.info);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+fn print_banner(cfg: &ServerConfig, info: &ferrohub::server::HubInfo) {
+    let data_dir = cfg.data_dir.display();
+    let ca = info
+        .ca_file
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(your own CA: --tls-ca was not given)".into());
+    println!(
+        "Ferrohub is running.\n\
+         \n  Hub host name:            {host}\
+         \n  MQTT over TLS:            port {mqtt}\
+         \n  HTTPS (REST API, MQTT over WebSocket at /$iothub/websocket): port {https}\
+         \n  CA certificate to trust:  {ca}\
+         \n  Owner connection string:  {cs}\
+         \n\nCreate a device:\
+         \n  ferrohub device create my-device --data-dir {data_dir}\
+         \nThen get its connection string for an IoT Hub SDK:\
+         \n  ferrohub device connection-string my-device --data-dir {data_dir}\
+         \nor a SAS token for a raw MQTT client (username {host}/my-device/?api-version=2021-04-12):\
+         \n  ferrohub sas-token --device my-device --data-dir {data_dir}\n",
+        host = info.hostname,
+        mqtt = info.mqtt_port,
+        https = info.https_port,
+        cs = info.owner_connection_string,
+    );
+}
+
+/// Each connection is a file descriptor; the default soft limit (often 1024) would cap devices.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+                lim.rlim_cur = lim.rlim_max;
+                let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}

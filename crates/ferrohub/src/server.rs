@@ -1,0 +1,403 @@
+//! Server start-up and listeners: opens the store, makes sure the hub has its policies and TLS
+//! material, binds MQTT/TLS and HTTPS, and runs the accept loops until shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferrohub_iothub::sas::generate_key;
+use ferrohub_iothub::ConnectionString;
+use ferrohub_store::{sqlite::SqliteStore, AccessPolicy, PolicyStore, Rights, Store};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::broker::{serve_connection, Broker, BrokerConfig, PeerInfo, Transport};
+use crate::config::ServerConfig;
+use crate::hub::Hub;
+use crate::{api, tls};
+
+/// Written to the data directory at start-up so the CLI, tests and tools find the running hub.
+pub const HUB_FILE: &str = "hub.json";
+
+/// How to reach a running hub: what `serve` prints and writes to `hub.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HubInfo {
+    pub hostname: String,
+    pub mqtt_port: u16,
+    pub https_port: u16,
+    pub ca_file: Option<PathBuf>,
+    pub owner_connection_string: String,
+    pub pid: u32,
+}
+
+impl HubInfo {
+    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
+        let path = data_dir.join(HUB_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (has `ferrohub serve` run with this data directory?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Time a client gets to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent connections; past this, new sockets wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 200_000;
+
+type HubBroker = Broker<Hub>;
+
+/// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub mqtt_addr: SocketAddr,
+    pub https_addr: SocketAddr,
+    pub info: HubInfo,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<HubBroker>,
+    shutdown: watch::Sender<bool>,
+    tracker: TaskTracker,
+}
+
+impl RunningServer {
+    /// Stops accepting, tells every connection to close and waits (bounded) until they have.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some connections did not close within 10 s of shutdown");
+        }
+    }
+}
+
+/// The hub's default shared access policies, as IoT Hub creates them.
+fn default_policies() -> Vec<AccessPolicy> {
+    let policy = |name: &str, rights: Rights| AccessPolicy {
+        key_name: name.into(),
+        primary_key: generate_key(),
+        secondary_key: generate_key(),
+        rights,
+    };
+    let none = Rights::default();
+    vec![
+        policy("iothubowner", Rights::ALL),
+        policy(
+            "service",
+            Rights {
+                service_connect: true,
+                ..none
+            },
+        ),
+        policy(
+            "device",
+            Rights {
+                device_connect: true,
+                ..none
+            },
+        ),
+        policy(
+            "registryRead",
+            Rights {
+                registry_read: true,
+                ..none
+            },
+        ),
+        policy(
+            "registryReadWrite",
+            Rights {
+                registry_read: true,
+                registry_write: true,
+                ..none
+            },
+        ),
+    ]
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &str,
+    flag: &str,
+    env: &str,
+    key: &str,
+) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for {what} on {addr}: {e}. Choose another address with {flag} \
+             (or the environment variable {env}, or `{key}` in the config file)"
+        )
+    })
+}
+
+/// Starts a hub with `cfg` and returns once both listeners are bound.
+pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(&cfg.data_dir)?;
+    let store = SqliteStore::open(&data_dir)
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    let mut owner = None;
+    for p in default_policies() {
+        let stored = store.ensure_policy(p).await?;
+        if stored.key_name == "iothubowner" {
+            owner = Some(stored);
+        }
+    }
+    let owner = owner.context("iothubowner policy missing")?;
+
+    let tls_files = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: cfg.tls_ca.clone(),
+        },
+        _ => tls::ensure_dev_pki(&data_dir.join("certs"), &cfg.certificate_names())?,
+    };
+    let tls_config = tls::server_config(&tls_files)?;
+
+    let mqtt_listener = bind(
+        cfg.mqtt_bind,
+        "MQTT over TLS",
+        "--mqtt-bind",
+        "FERROHUB_MQTT_BIND",
+        "mqtt_bind",
+    )
+    .await?;
+    let https_listener = bind(
+        cfg.https_bind,
+        "HTTPS (REST API and MQTT over WebSocket)",
+        "--https-bind",
+        "FERROHUB_HTTPS_BIND",
+        "https_bind",
+    )
+    .await?;
+    let mqtt_addr = mqtt_listener.local_addr()?;
+    let https_addr = https_listener.local_addr()?;
+
+    let store: Arc<dyn Store> = Arc::new(store);
+    let hub = Hub::new(store.clone(), cfg.accepted_hostnames());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let broker_cfg = BrokerConfig {
+        max_packet_size: cfg.max_packet_size,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::new(hub.clone(), broker_cfg, store.clone(), shutdown_rx.clone());
+    let router = api::router(api::ApiState {
+        hub: hub.clone(),
+        broker: broker.clone(),
+    });
+
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let acceptor = TlsAcceptor::from(tls_config);
+    tracker.spawn(accept_loop(
+        mqtt_listener,
+        acceptor.clone(),
+        limit.clone(),
+        tracker.clone(),
+        shutdown_rx.clone(),
+        Listener::Mqtt(broker.clone()),
+    ));
+    tracker.spawn(accept_loop(
+        https_listener,
+        acceptor,
+        limit,
+        tracker.clone(),
+        shutdown_rx,
+        Listener::Https(router),
+    ));
+
+    let hostname = cfg
+        .hostnames
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "localhost".into());
+    let rest_host = if https_addr.port() == 443 {
+        hostname.clone()
+    } else {
+        format!("{hostname}:{}", https_addr.port())
+    };
+    let owner_cs = ConnectionString {
+        host_name: rest_host,
+        shared_access_key_name: Some(owner.key_name.clone()),
+        shared_access_key: Some(owner.primary_key.clone()),
+        ..Default::default()
+    };
+    let info = HubInfo {
+        hostname,
+        mqtt_port: mqtt_addr.port(),
+        https_port: https_addr.port(),
+        ca_file: tls_files
+            .ca
+            .clone()
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
+        owner_connection_string: owner_cs.to_string(),
+        pid: std::process::id(),
+    };
+    write_hub_file(&data_dir, &info)?;
+    info!(mqtt = %mqtt_addr, https = %https_addr, data_dir = %data_dir.display(), "ferrohub listening");
+    Ok(RunningServer {
+        mqtt_addr,
+        https_addr,
+        info,
+        hub,
+        broker,
+        shutdown: shutdown_tx,
+        tracker,
+    })
+}
+
+fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {
+    use std::io::Write;
+    let tmp = data_dir.join(format!("{HUB_FILE}.tmp"));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // It holds the owner key.
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(info)?.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, data_dir.join(HUB_FILE))?;
+    Ok(())
+}
+
+enum Listener {
+    Mqtt(Arc<HubBroker>),
+    Https(axum::Router),
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+    mut shutdown: watch::Receiver<bool>,
+    kind: Listener,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = crate::broker::until_shutdown(&mut shutdown) => return,
+        };
+        let (socket, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = crate::broker::until_shutdown(&mut shutdown) => return,
+        };
+        let _ = socket.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let shutdown = shutdown.clone();
+        match &kind {
+            Listener::Mqtt(broker) => {
+                let broker = broker.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    if let Some((tls, certs)) = handshake(&acceptor, socket, addr).await {
+                        let peer = PeerInfo {
+                            addr,
+                            transport: Transport::Tls,
+                            client_certs: certs,
+                        };
+                        serve_connection(broker, tls, peer).await;
+                    }
+                });
+            }
+            Listener::Https(router) => {
+                let router = router.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    if let Some((tls, certs)) = handshake(&acceptor, socket, addr).await {
+                        serve_https(tls, addr, certs, router, shutdown).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    socket: TcpStream,
+    addr: SocketAddr,
+) -> Option<(TlsStream, Arc<Vec<CertificateDer<'static>>>)> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+        Ok(Ok(tls)) => {
+            let certs = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                .unwrap_or_default();
+            Some((tls, Arc::new(certs)))
+        }
+        Ok(Err(e)) => {
+            debug!(peer = %addr, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!(peer = %addr, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// What an HTTPS request handler may want to know about its connection.
+#[derive(Debug, Clone)]
+pub struct HttpsConn {
+    pub addr: SocketAddr,
+    pub client_certs: Arc<Vec<CertificateDer<'static>>>,
+}
+
+async fn serve_https(
+    tls: TlsStream,
+    addr: SocketAddr,
+    certs: Arc<Vec<CertificateDer<'static>>>,
+    router: axum::Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tower::ServiceExt;
+    let conn_info = HttpsConn {
+        addr,
+        client_certs: certs,
+    };
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(conn_info.clone());
+            router.clone().oneshot(req)
+        });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
+                debug!(peer = %addr, error = %e, "HTTPS connection ended with an error");
+            }
+        }
+        _ = crate::broker::until_shutdown(&mut shutdown) => {}
+    }
+}
