@@ -77,8 +77,12 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn create_module(&self, module: Module) -> Result<Module>;
     async fn get_module(&self, device_id: &str, module_id: &str) -> Result<Option<Module>>;
     async fn update_module(&self, module: Module, if_match: IfMatch) -> Result<Module>;
-    async fn delete_module(&self, device_id: &str, module_id: &str, if_match: IfMatch)
-        -> Result<()>;
+    async fn delete_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        if_match: IfMatch,
+    ) -> Result<()>;
     async fn list_modules(&self, device_id: &str) -> Result<Vec<Module>>;
 }
 
@@ -94,7 +98,11 @@ pub trait PolicyStore: Send + Sync + 'static {
 /// CA certificates that devices' X.509 certificates may chain to.
 #[async_trait]
 pub trait CertificateStore: Send + Sync + 'static {
-    async fn put_certificate(&self, cert: CaCertificate, if_match: IfMatch) -> Result<CaCertificate>;
+    async fn put_certificate(
+        &self,
+        cert: CaCertificate,
+        if_match: IfMatch,
+    ) -> Result<CaCertificate>;
     async fn get_certificate(&self, name: &str) -> Result<Option<CaCertificate>>;
     async fn list_certificates(&self) -> Result<Vec<CaCertificate>>;
     async fn delete_certificate(&self, name: &str, if_match: IfMatch) -> Result<()>;

@@ -263,8 +263,8 @@ impl RegistryStore for SqliteStore {
     async fn list_devices(&self, top: usize) -> Result<Vec<Device>> {
         let top = i64::try_from(top).unwrap_or(i64::MAX);
         self.read(move |conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT version, doc FROM devices ORDER BY device_id LIMIT ?1")?;
+            let mut stmt = conn
+                .prepare_cached("SELECT version, doc FROM devices ORDER BY device_id LIMIT ?1")?;
             let rows = stmt.query_map(params![top], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
             })?;
@@ -353,7 +353,12 @@ impl RegistryStore for SqliteStore {
         .await
     }
 
-    async fn delete_module(&self, device_id: &str, module_id: &str, if_match: IfMatch) -> Result<()> {
+    async fn delete_module(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        if_match: IfMatch,
+    ) -> Result<()> {
         let (d, m) = (device_id.to_string(), module_id.to_string());
         self.write(move |conn| {
             let tx = conn.transaction()?;
@@ -448,7 +453,11 @@ impl PolicyStore for SqliteStore {
 
 #[async_trait]
 impl CertificateStore for SqliteStore {
-    async fn put_certificate(&self, mut cert: CaCertificate, if_match: IfMatch) -> Result<CaCertificate> {
+    async fn put_certificate(
+        &self,
+        mut cert: CaCertificate,
+        if_match: IfMatch,
+    ) -> Result<CaCertificate> {
         self.write(move |conn| {
             let tx = conn.transaction()?;
             let current: Option<i64> = tx
@@ -540,8 +549,10 @@ impl SessionStore for SqliteStore {
         let key = client_key.to_string();
         let doc = serde_json::to_string(session)?;
         self.write(move |conn| {
-            conn.prepare_cached("INSERT OR REPLACE INTO sessions (client_key, doc) VALUES (?1, ?2)")?
-                .execute(params![key, doc])?;
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO sessions (client_key, doc) VALUES (?1, ?2)",
+            )?
+            .execute(params![key, doc])?;
             Ok(())
         })
         .await
