@@ -1,0 +1,289 @@
+//! Test harness: a real hub on loopback (random ports, real TLS, real SQLite in a temp dir),
+//! a raw MQTT-over-TLS client built on the project's codec, and REST helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ferrohub::cli::ApiClient;
+use ferrohub::config::ServerConfig;
+use ferrohub::server::{start, RunningServer};
+use ferrohub_iothub::sas::generate_token;
+use ferrohub_iothub::ConnectionString;
+use ferrohub_mqtt::{decode, encode, Connect, ConnectReturnCode, Packet, Publish, QoS, Subscribe};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+pub type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+pub const HOST: &str = "localhost";
+/// How long a test waits for a packet that should come.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub struct TestHub {
+    pub dir: tempfile::TempDir,
+    pub server: Option<RunningServer>,
+    pub api: ApiClient,
+    pub ca: PathBuf,
+}
+
+pub fn config(dir: &Path) -> ServerConfig {
+    let mut cfg = ServerConfig::new(dir);
+    cfg.mqtt_bind = "127.0.0.1:0".parse().expect("literal address");
+    cfg.https_bind = "127.0.0.1:0".parse().expect("literal address");
+    cfg.hostnames = vec![HOST.to_string()];
+    cfg
+}
+
+impl TestHub {
+    pub async fn start() -> R<Self> {
+        let dir = tempfile::tempdir()?;
+        let server = start(config(dir.path())).await?;
+        let ca = server.info.ca_file.clone().ok_or("no CA file")?;
+        let api = ApiClient::new(ConnectionString::parse(&server.info.owner_connection_string)?, Some(&ca))?;
+        Ok(Self { dir, server: Some(server), api, ca })
+    }
+
+    pub fn server(&self) -> &RunningServer {
+        self.server.as_ref().expect("server running")
+    }
+
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.server().mqtt_addr
+    }
+
+    pub fn https_addr(&self) -> SocketAddr {
+        self.server().https_addr
+    }
+
+    /// Stops the server and starts a new one on the same data directory (new ports).
+    pub async fn restart(&mut self) -> TestResult {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        let server = start(config(self.dir.path())).await?;
+        self.api = ApiClient::new(ConnectionString::parse(&server.info.owner_connection_string)?, Some(&self.ca))?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+
+    /// Creates a SAS device and returns its primary and secondary keys.
+    pub async fn create_device(&self, id: &str) -> R<(String, String)> {
+        let d = self
+            .api
+            .put(&format!("/devices/{id}"), &json!({"deviceId": id}), None)
+            .await?;
+        keys_of(&d)
+    }
+
+    pub async fn create_module(&self, id: &str, mid: &str) -> R<(String, String)> {
+        let m = self
+            .api
+            .put(&format!("/devices/{id}/modules/{mid}"), &json!({"deviceId": id, "moduleId": mid}), None)
+            .await?;
+        keys_of(&m)
+    }
+
+    pub fn device_token(&self, id: &str, key: &str) -> String {
+        token_for(&format!("{HOST}/devices/{id}"), key, 3600, None)
+    }
+
+    /// A raw TLS connection to the MQTT port.
+    pub async fn tls(&self) -> R<MqttClient> {
+        MqttClient::open(self.mqtt_addr(), &self.ca, None).await
+    }
+
+    /// Connects as a SAS device and asserts CONNACK 0; returns the client and session-present.
+    pub async fn connect_device(&self, id: &str, key: &str, clean: bool) -> R<(MqttClient, bool)> {
+        let mut c = self.tls().await?;
+        let ack = c.connect(connect_packet(id, Some(&self.device_token(id, key)), clean, 60)).await?;
+        if ack.1 != ConnectReturnCode::Accepted {
+            return Err(format!("CONNACK {:?}", ack.1).into());
+        }
+        Ok((c, ack.0))
+    }
+}
+
+pub fn keys_of(v: &Value) -> R<(String, String)> {
+    let k = &v["authentication"]["symmetricKey"];
+    Ok((
+        k["primaryKey"].as_str().ok_or("no primary key")?.to_string(),
+        k["secondaryKey"].as_str().ok_or("no secondary key")?.to_string(),
+    ))
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A token valid for `ttl` seconds from now (negative: already expired).
+pub fn token_for(resource: &str, key: &str, ttl: i64, policy: Option<&str>) -> String {
+    let expiry = (now() as i64 + ttl) as u64;
+    generate_token(resource, key, expiry, policy).expect("valid key")
+}
+
+pub fn connect_packet(client_id: &str, password: Option<&str>, clean: bool, keep_alive: u16) -> Packet {
+    let username = match client_id.split_once('/') {
+        Some((d, m)) => format!("{HOST}/{d}/{m}/?api-version=2021-04-12"),
+        None => format!("{HOST}/{client_id}/?api-version=2021-04-12"),
+    };
+    Packet::Connect(Connect {
+        protocol_name: "MQTT".into(),
+        protocol_level: 4,
+        clean_session: clean,
+        keep_alive,
+        client_id: client_id.into(),
+        will: None,
+        username: Some(username),
+        password: password.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+    })
+}
+
+pub fn client_tls_config(ca: &Path, identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>) -> R<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca)?;
+    for c in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(c?)?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let cfg = match identity {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(cfg))
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A minimal MQTT client that speaks raw packets, so tests can send anything.
+pub struct MqttClient {
+    pub stream: Box<dyn Io>,
+    buf: BytesMut,
+}
+
+impl MqttClient {
+    pub async fn open(addr: SocketAddr, ca: &Path, identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>) -> R<Self> {
+        let tcp = TcpStream::connect(addr).await?;
+        let tls = TlsConnector::from(client_tls_config(ca, identity)?)
+            .connect(ServerName::try_from(HOST)?, tcp)
+            .await?;
+        Ok(Self::over(Box::new(tls)))
+    }
+
+    pub fn over(stream: Box<dyn Io>) -> Self {
+        Self { stream, buf: BytesMut::new() }
+    }
+
+    pub async fn send(&mut self, p: &Packet) -> TestResult {
+        let mut out = BytesMut::new();
+        encode(p, &mut out)?;
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> TestResult {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// The next packet; `None` when the server closed the connection.
+    pub async fn recv_within(&mut self, wait: Duration) -> R<Option<Packet>> {
+        let fut = async {
+            loop {
+                if let Some(p) = decode(&mut self.buf, 1 << 20)? {
+                    return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Some(p));
+                }
+                let n = match self.stream.read_buf(&mut self.buf).await {
+                    Ok(n) => n,
+                    // A reset is as good as a close for these tests.
+                    Err(_) => 0,
+                };
+                if n == 0 {
+                    return Ok(None);
+                }
+            }
+        };
+        match tokio::time::timeout(wait, fut).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out waiting for a packet".into()),
+        }
+    }
+
+    pub async fn recv(&mut self) -> R<Option<Packet>> {
+        self.recv_within(WAIT).await
+    }
+
+    /// Asserts the server closes the connection (skipping any packets before the close).
+    pub async fn expect_closed(&mut self) -> TestResult {
+        loop {
+            match self.recv().await? {
+                None => return Ok(()),
+                Some(Packet::PingResp) | Some(Packet::Publish(_)) => continue,
+                Some(p) => return Err(format!("expected close, got {p:?}").into()),
+            }
+        }
+    }
+
+    /// Sends CONNECT, returns (session_present, code).
+    pub async fn connect(&mut self, p: Packet) -> R<(bool, ConnectReturnCode)> {
+        self.send(&p).await?;
+        match self.recv().await? {
+            Some(Packet::ConnAck(a)) => Ok((a.session_present, a.code)),
+            other => Err(format!("expected CONNACK, got {other:?}").into()),
+        }
+    }
+
+    /// Subscribes and returns the SUBACK codes.
+    pub async fn subscribe(&mut self, pid: u16, filters: &[(&str, QoS)]) -> R<Vec<ferrohub_mqtt::SubscribeReturnCode>> {
+        self.send(&Packet::Subscribe(Subscribe {
+            packet_id: pid,
+            filters: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect(),
+        }))
+        .await?;
+        match self.recv().await? {
+            Some(Packet::SubAck(a)) if a.packet_id == pid => Ok(a.return_codes),
+            other => Err(format!("expected SUBACK {pid}, got {other:?}").into()),
+        }
+    }
+
+    /// Publishes at QoS 1 and waits for the PUBACK.
+    pub async fn publish_qos1(&mut self, pid: u16, topic: &str, payload: &[u8]) -> TestResult {
+        self.send(&publish(topic, payload, QoS::AtLeastOnce, pid)).await?;
+        match self.recv().await? {
+            Some(Packet::PubAck(id)) if id == pid => Ok(()),
+            other => Err(format!("expected PUBACK {pid}, got {other:?}").into()),
+        }
+    }
+}
+
+pub fn publish(topic: &str, payload: &[u8], qos: QoS, pid: u16) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id: if qos == QoS::AtMostOnce { 0 } else { pid },
+        payload: Bytes::copy_from_slice(payload),
+    })
+}

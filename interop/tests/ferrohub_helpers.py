@@ -1,0 +1,83 @@
+"""Small helpers shared by the interop tests and conftest.py (no pytest fixtures here)."""
+
+import base64
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+# Per-call ceilings for SDK calls. The device SDK itself waits 60 s for a CONNACK and has no
+# timeout at all on some operations, so every blocking SDK call goes through call_with_timeout.
+CONNECT_TIMEOUT = 30
+SEND_TIMEOUT = 30
+SHUTDOWN_TIMEOUT = 15
+
+
+@dataclass
+class Hub:
+    """What the running server published in <data-dir>/hub.json, plus the CA's PEM text."""
+
+    hostname: str
+    mqtt_port: int
+    https_port: int
+    ca_file: str
+    ca_pem: str
+    owner_connection_string: str
+    pid: int
+    data_dir: Path
+    log_path: Path
+    raw: dict = field(repr=False, default_factory=dict)
+
+
+def new_key() -> str:
+    """A fresh symmetric key: base64 of 32 random bytes, as the Azure portal makes them."""
+    return base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def device_connection_string(hostname: str, device_id: str, key: str) -> str:
+    return f"HostName={hostname};DeviceId={device_id};SharedAccessKey={key}"
+
+
+def module_connection_string(hostname: str, device_id: str, module_id: str, key: str) -> str:
+    return f"HostName={hostname};DeviceId={device_id};ModuleId={module_id};SharedAccessKey={key}"
+
+
+def parse_connection_string(cs: str) -> dict:
+    """`A=1;B=2` -> {"A": "1", "B": "2"} (values may contain '=', as base64 keys do)."""
+    out = {}
+    for part in cs.split(";"):
+        if part:
+            k, _, v = part.partition("=")
+            out[k] = v
+    return out
+
+
+def call_with_timeout(fn, timeout: float, what: str):
+    """Run fn() in a daemon thread; fail the test if it has not returned within `timeout` s.
+
+    Returns fn's result, or re-raises its exception in the calling thread (so
+    `pytest.raises(...)` works around it).
+    """
+    result = {}
+
+    def run():
+        try:
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller as is
+            result["error"] = e
+
+    t = threading.Thread(target=run, name=f"sdk-call: {what}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        pytest.fail(f"{what} did not return within {timeout} s (hang)", pytrace=False)
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
