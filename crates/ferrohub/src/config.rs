@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub hostnames: Vec<String>,
     pub mqtt_bind: SocketAddr,
     pub https_bind: SocketAddr,
+    /// Whether `https_bind` was chosen by the user. When it was not and port 443 needs
+    /// privileges we lack, the server falls back to 8443 instead of failing.
+    pub https_bind_explicit: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
@@ -73,6 +76,7 @@ impl ServerConfig {
             hostnames: vec!["localhost".into()],
             mqtt_bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
             https_bind: SocketAddr::from(([0, 0, 0, 0], 443)),
+            https_bind_explicit: false,
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
@@ -105,6 +109,7 @@ impl ServerConfig {
         }
         if let Some(a) = args.https_bind.or(file.https_bind) {
             cfg.https_bind = a;
+            cfg.https_bind_explicit = true;
         }
         cfg.tls_cert = args.tls_cert.clone().or(file.tls_cert);
         cfg.tls_key = args.tls_key.clone().or(file.tls_key);

@@ -175,14 +175,39 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         "mqtt_bind",
     )
     .await?;
-    let https_listener = bind(
-        cfg.https_bind,
-        "HTTPS (REST API and MQTT over WebSocket)",
-        "--https-bind",
-        "FERROHUB_HTTPS_BIND",
-        "https_bind",
-    )
-    .await?;
+    const HTTPS: &str = "HTTPS (REST API and MQTT over WebSocket)";
+    let https_listener = match TcpListener::bind(cfg.https_bind).await {
+        Ok(l) => l,
+        // Port 443 needs privileges on most systems; a first run as a normal user should
+        // still come up, on the conventional alternative.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !cfg.https_bind_explicit => {
+            let alt = SocketAddr::new(cfg.https_bind.ip(), 8443);
+            warn!(
+                "no permission to listen on {} ({e}); serving HTTPS on {alt} instead. The Python \
+                 device SDK needs port 443 for MQTT over WebSocket: run as root, grant \
+                 CAP_NET_BIND_SERVICE, or choose with --https-bind",
+                cfg.https_bind
+            );
+            bind(
+                alt,
+                HTTPS,
+                "--https-bind",
+                "FERROHUB_HTTPS_BIND",
+                "https_bind",
+            )
+            .await?
+        }
+        Err(_) => {
+            bind(
+                cfg.https_bind,
+                HTTPS,
+                "--https-bind",
+                "FERROHUB_HTTPS_BIND",
+                "https_bind",
+            )
+            .await?
+        }
+    };
     let mqtt_addr = mqtt_listener.local_addr()?;
     let https_addr = https_listener.local_addr()?;
 

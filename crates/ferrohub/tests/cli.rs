@@ -47,10 +47,19 @@ async fn device_commands_round_trip_and_tokens_work() -> TestResult {
     assert_eq!(cs.host_name, HOST);
 
     // The generated token opens an MQTT connection, as in the README quickstart.
-    let (ok, token, _) = run(vec!["sas-token", "--device", "cli-dev", "--duration", "600"]).await?;
+    let (ok, token, _) = run(vec![
+        "sas-token",
+        "--device",
+        "cli-dev",
+        "--duration",
+        "600",
+    ])
+    .await?;
     assert!(ok);
     let mut c = hub.tls().await?;
-    let (_, code) = c.connect(connect_packet("cli-dev", Some(token.trim()), true, 60)).await?;
+    let (_, code) = c
+        .connect(connect_packet("cli-dev", Some(token.trim()), true, 60))
+        .await?;
     assert_eq!(code, ferrohub_mqtt::ConnectReturnCode::Accepted);
 
     let (ok, _, err) = run(vec!["device", "update", "cli-dev", "--status", "disabled"]).await?;
@@ -80,6 +89,9 @@ fn cli_without_a_hub_says_what_is_missing() -> TestResult {
     let dir = tempfile::tempdir()?;
     let (ok, _, err) = ferrohub(dir.path(), &["device", "list"])?;
     assert!(!ok);
-    assert!(err.contains("connection-string") || err.contains("FERROHUB_CONNECTION_STRING"), "{err}");
+    assert!(
+        err.contains("connection-string") || err.contains("FERROHUB_CONNECTION_STRING"),
+        "{err}"
+    );
     Ok(())
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ferrohub_mqtt::{ConnectReturnCode, Connect, Packet, QoS, SubscribeReturnCode};
+use ferrohub_mqtt::{Connect, ConnectReturnCode, Packet, QoS, SubscribeReturnCode};
 use serde_json::json;
 
 async fn connack(hub: &TestHub, p: Packet) -> R<ConnectReturnCode> {
@@ -22,32 +22,59 @@ async fn sas_tokens_good_bad_expired_wrong_sr_and_secondary_key() -> TestResult 
     let res = format!("{HOST}/devices/dev1");
 
     let ok = token_for(&res, &primary, 3600, None);
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&ok), true, 60)).await?, ConnectReturnCode::Accepted);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&ok), true, 60)).await?,
+        ConnectReturnCode::Accepted
+    );
 
     let sec = token_for(&res, &secondary, 3600, None);
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&sec), true, 60)).await?, ConnectReturnCode::Accepted);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&sec), true, 60)).await?,
+        ConnectReturnCode::Accepted
+    );
 
     // Signed with another device's key.
     let wrong_key = token_for(&res, &other_key, 3600, None);
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&wrong_key), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&wrong_key), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
 
     let expired = token_for(&res, &primary, -10, None);
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&expired), true, 60)).await?, ConnectReturnCode::BadUserNameOrPassword);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&expired), true, 60)).await?,
+        ConnectReturnCode::BadUserNameOrPassword
+    );
 
     // A valid token of dev2 presented by dev1: sr does not match the identity.
     let dev2_token = token_for(&format!("{HOST}/devices/dev2"), &other_key, 3600, None);
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&dev2_token), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&dev2_token), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
 
     // Right key, but the sr names a host this hub is not.
     let foreign_host = token_for("elsewhere.example/devices/dev1", &primary, 3600, None);
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&foreign_host), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&foreign_host), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
 
-    assert_eq!(connack(&hub, connect_packet("dev1", Some("not a token"), true, 60)).await?, ConnectReturnCode::BadUserNameOrPassword);
-    assert_eq!(connack(&hub, connect_packet("dev1", None, true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some("not a token"), true, 60)).await?,
+        ConnectReturnCode::BadUserNameOrPassword
+    );
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", None, true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
 
     // Tampered signature.
     let tampered = ok.replacen("sig=", "sig=A", 1);
-    assert_ne!(connack(&hub, connect_packet("dev1", Some(&tampered), true, 60)).await?, ConnectReturnCode::Accepted);
+    assert_ne!(
+        connack(&hub, connect_packet("dev1", Some(&tampered), true, 60)).await?,
+        ConnectReturnCode::Accepted
+    );
     hub.stop().await;
     Ok(())
 }
@@ -57,7 +84,10 @@ async fn unknown_and_disabled_devices_are_refused_alike() -> TestResult {
     let hub = TestHub::start().await?;
     let (key, _) = hub.create_device("dev1").await?;
     let t = hub.device_token("ghost", &key);
-    assert_eq!(connack(&hub, connect_packet("ghost", Some(&t), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("ghost", Some(&t), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
 
     // Connected, then disabled: the live connection is closed and new ones refused.
     let (mut live, _) = hub.connect_device("dev1", &key, true).await?;
@@ -66,11 +96,17 @@ async fn unknown_and_disabled_devices_are_refused_alike() -> TestResult {
     hub.api.put("/devices/dev1", &d, Some("*")).await?;
     live.expect_closed().await?;
     let t = hub.device_token("dev1", &key);
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
 
     // Deleted: refused too.
     hub.api.delete("/devices/dev1", None).await?;
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     hub.stop().await;
     Ok(())
 }
@@ -79,18 +115,36 @@ async fn unknown_and_disabled_devices_are_refused_alike() -> TestResult {
 async fn hub_policy_tokens_need_device_connect() -> TestResult {
     let hub = TestHub::start().await?;
     hub.create_device("dev1").await?;
-    let owner = ferrohub_iothub::ConnectionString::parse(&hub.server().info.owner_connection_string)?;
+    let owner =
+        ferrohub_iothub::ConnectionString::parse(&hub.server().info.owner_connection_string)?;
     let owner_key = owner.shared_access_key.clone().ok_or("no key")?;
     let t = token_for(HOST, &owner_key, 3600, Some("iothubowner"));
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?, ConnectReturnCode::Accepted);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::Accepted
+    );
     // Device-scoped resource with a policy key works too.
-    let t = token_for(&format!("{HOST}/devices/dev1"), &owner_key, 3600, Some("iothubowner"));
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?, ConnectReturnCode::Accepted);
+    let t = token_for(
+        &format!("{HOST}/devices/dev1"),
+        &owner_key,
+        3600,
+        Some("iothubowner"),
+    );
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::Accepted
+    );
     // Right key, policy name that does not exist / has no DeviceConnect.
     let t = token_for(HOST, &owner_key, 3600, Some("service"));
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     let t = token_for(HOST, &owner_key, 3600, Some("nosuchpolicy"));
-    assert_eq!(connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     hub.stop().await;
     Ok(())
 }
@@ -103,17 +157,35 @@ async fn modules_connect_with_their_own_keys_only() -> TestResult {
     let res = format!("{HOST}/devices/dev1/modules/mod1");
     let t = token_for(&res, &mod_key, 3600, None);
     let mut c = hub.tls().await?;
-    assert_eq!(c.connect(connect_packet("dev1/mod1", Some(&t), true, 60)).await?.1, ConnectReturnCode::Accepted);
-    c.publish_qos1(1, "devices/dev1/modules/mod1/messages/events/", b"m").await?;
+    assert_eq!(
+        c.connect(connect_packet("dev1/mod1", Some(&t), true, 60))
+            .await?
+            .1,
+        ConnectReturnCode::Accepted
+    );
+    c.publish_qos1(1, "devices/dev1/modules/mod1/messages/events/", b"m")
+        .await?;
     // A module may not publish as its device.
-    c.send(&publish("devices/dev1/messages/events/", b"x", QoS::AtLeastOnce, 2)).await?;
+    c.send(&publish(
+        "devices/dev1/messages/events/",
+        b"x",
+        QoS::AtLeastOnce,
+        2,
+    ))
+    .await?;
     c.expect_closed().await?;
 
     let t = token_for(&res, &dev_key, 3600, None);
-    assert_eq!(connack(&hub, connect_packet("dev1/mod1", Some(&t), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1/mod1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     // A device token does not open a module identity.
     let t = hub.device_token("dev1", &dev_key);
-    assert_eq!(connack(&hub, connect_packet("dev1/mod1", Some(&t), true, 60)).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        connack(&hub, connect_packet("dev1/mod1", Some(&t), true, 60)).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     hub.stop().await;
     Ok(())
 }
@@ -125,15 +197,25 @@ async fn connect_packet_rules_give_the_right_connack() -> TestResult {
     let t = hub.device_token("dev1", &key);
 
     // Client id must match the username's identity.
-    let Packet::Connect(mut c) = connect_packet("dev1", Some(&t), true, 60) else { unreachable!() };
+    let Packet::Connect(mut c) = connect_packet("dev1", Some(&t), true, 60) else {
+        unreachable!()
+    };
     c.client_id = "dev2".into();
-    assert_eq!(connack(&hub, Packet::Connect(c)).await?, ConnectReturnCode::IdentifierRejected);
+    assert_eq!(
+        connack(&hub, Packet::Connect(c)).await?,
+        ConnectReturnCode::IdentifierRejected
+    );
 
     // MQTT 3.1 (level 3) is not supported.
-    let Packet::Connect(mut c) = connect_packet("dev1", Some(&t), true, 60) else { unreachable!() };
+    let Packet::Connect(mut c) = connect_packet("dev1", Some(&t), true, 60) else {
+        unreachable!()
+    };
     c.protocol_name = "MQIsdp".into();
     c.protocol_level = 3;
-    assert_eq!(connack(&hub, Packet::Connect(c)).await?, ConnectReturnCode::UnacceptableProtocolVersion);
+    assert_eq!(
+        connack(&hub, Packet::Connect(c)).await?,
+        ConnectReturnCode::UnacceptableProtocolVersion
+    );
 
     let with_username = |u: &str| {
         Packet::Connect(Connect {
@@ -147,8 +229,18 @@ async fn connect_packet_rules_give_the_right_connack() -> TestResult {
             password: Some(t.clone().into_bytes().into()),
         })
     };
-    assert_eq!(connack(&hub, with_username("localhost/dev1/")).await?, ConnectReturnCode::BadUserNameOrPassword);
-    assert_eq!(connack(&hub, with_username("localhost/dev1/?api-version=1999-01-01")).await?, ConnectReturnCode::BadUserNameOrPassword);
+    assert_eq!(
+        connack(&hub, with_username("localhost/dev1/")).await?,
+        ConnectReturnCode::BadUserNameOrPassword
+    );
+    assert_eq!(
+        connack(
+            &hub,
+            with_username("localhost/dev1/?api-version=1999-01-01")
+        )
+        .await?,
+        ConnectReturnCode::BadUserNameOrPassword
+    );
     // Every accepted api-version, query keys in any order, model id raw or encoded.
     for u in [
         "localhost/dev1/?api-version=2019-10-01",
@@ -172,7 +264,10 @@ async fn a_new_connection_takes_over_the_identity() -> TestResult {
     second.send(&Packet::PingReq).await?;
     assert_eq!(second.recv().await?, Some(Packet::PingResp));
     let d = hub.api.get("/devices/dev1").await?;
-    assert_eq!(d["connectionState"], "Connected", "the newer connection still holds the identity");
+    assert_eq!(
+        d["connectionState"], "Connected",
+        "the newer connection still holds the identity"
+    );
     hub.stop().await;
     Ok(())
 }
@@ -183,7 +278,12 @@ async fn silent_clients_are_closed_after_one_and_a_half_keep_alives() -> TestRes
     let (key, _) = hub.create_device("dev1").await?;
     let mut c = hub.tls().await?;
     let t = hub.device_token("dev1", &key);
-    assert_eq!(c.connect(connect_packet("dev1", Some(&t), true, 2)).await?.1, ConnectReturnCode::Accepted);
+    assert_eq!(
+        c.connect(connect_packet("dev1", Some(&t), true, 2))
+            .await?
+            .1,
+        ConnectReturnCode::Accepted
+    );
     // Traffic keeps it open past the window...
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -194,7 +294,10 @@ async fn silent_clients_are_closed_after_one_and_a_half_keep_alives() -> TestRes
     let started = Instant::now();
     assert_eq!(c.recv_within(Duration::from_secs(6)).await?, None);
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(2900), "closed too early: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "closed too early: {waited:?}"
+    );
     let d = hub.api.get("/devices/dev1").await?;
     assert_eq!(d["connectionState"], "Disconnected");
     hub.stop().await;
@@ -203,10 +306,22 @@ async fn silent_clients_are_closed_after_one_and_a_half_keep_alives() -> TestRes
 
 #[tokio::test]
 async fn keep_alive_is_capped_at_1767_seconds() {
-    assert_eq!(ferrohub_iothub::server_keep_alive(60), Duration::from_secs(90));
-    assert_eq!(ferrohub_iothub::server_keep_alive(1177), Duration::from_millis(1_765_500));
-    assert_eq!(ferrohub_iothub::server_keep_alive(3000), Duration::from_secs(1767));
-    assert_eq!(ferrohub_iothub::server_keep_alive(0), Duration::from_secs(1767));
+    assert_eq!(
+        ferrohub_iothub::server_keep_alive(60),
+        Duration::from_secs(90)
+    );
+    assert_eq!(
+        ferrohub_iothub::server_keep_alive(1177),
+        Duration::from_millis(1_765_500)
+    );
+    assert_eq!(
+        ferrohub_iothub::server_keep_alive(3000),
+        Duration::from_secs(1767)
+    );
+    assert_eq!(
+        ferrohub_iothub::server_keep_alive(0),
+        Duration::from_secs(1767)
+    );
 }
 
 /// A module has seven distinct filters it may use, so it can show that restored subscriptions
@@ -222,9 +337,16 @@ const MODULE_FILTERS: [&str; 7] = [
 ];
 
 async fn connect_module(hub: &TestHub, key: &str, clean: bool) -> R<(MqttClient, bool)> {
-    let t = token_for(&format!("{HOST}/devices/dev1/modules/mod1"), key, 3600, None);
+    let t = token_for(
+        &format!("{HOST}/devices/dev1/modules/mod1"),
+        key,
+        3600,
+        None,
+    );
     let mut c = hub.tls().await?;
-    let (present, code) = c.connect(connect_packet("dev1/mod1", Some(&t), clean, 60)).await?;
+    let (present, code) = c
+        .connect(connect_packet("dev1/mod1", Some(&t), clean, 60))
+        .await?;
     if code != ConnectReturnCode::Accepted {
         return Err(format!("CONNACK {code:?}").into());
     }
@@ -241,28 +363,55 @@ async fn persistent_sessions_keep_subscriptions_across_reconnects_and_restarts()
     let (mut c, present) = connect_module(&hub, &key, false).await?;
     assert!(!present, "first connection has no session");
     for (i, f) in MODULE_FILTERS[..5].iter().enumerate() {
-        assert_eq!(c.subscribe(i as u16 + 1, &[(f, QoS::AtLeastOnce)]).await?, granted, "{f}");
+        assert_eq!(
+            c.subscribe(i as u16 + 1, &[(f, QoS::AtLeastOnce)]).await?,
+            granted,
+            "{f}"
+        );
     }
     c.send(&Packet::Disconnect).await?;
     drop(c);
 
     let (mut c, present) = connect_module(&hub, &key, false).await?;
     assert!(present, "reconnect finds the session");
-    assert_eq!(c.subscribe(6, &[(MODULE_FILTERS[5], QoS::AtLeastOnce)]).await?, vec![SubscribeReturnCode::Failure], "5 kept subscriptions leave no room");
+    assert_eq!(
+        c.subscribe(6, &[(MODULE_FILTERS[5], QoS::AtLeastOnce)])
+            .await?,
+        vec![SubscribeReturnCode::Failure],
+        "5 kept subscriptions leave no room"
+    );
     drop(c);
 
     hub.restart().await?;
     let (mut c, present) = connect_module(&hub, &key, false).await?;
     assert!(present, "the session survives a restart");
-    assert_eq!(c.subscribe(7, &[(MODULE_FILTERS[6], QoS::AtLeastOnce)]).await?, vec![SubscribeReturnCode::Failure], "the 5 subscriptions were restored from disk");
-    assert_eq!(c.subscribe(8, &[(MODULE_FILTERS[2], QoS::AtLeastOnce)]).await?, granted, "re-subscribing a kept filter takes no new slot");
+    assert_eq!(
+        c.subscribe(7, &[(MODULE_FILTERS[6], QoS::AtLeastOnce)])
+            .await?,
+        vec![SubscribeReturnCode::Failure],
+        "the 5 subscriptions were restored from disk"
+    );
+    assert_eq!(
+        c.subscribe(8, &[(MODULE_FILTERS[2], QoS::AtLeastOnce)])
+            .await?,
+        granted,
+        "re-subscribing a kept filter takes no new slot"
+    );
     // Unsubscribing frees a slot, durably too.
-    c.send(&Packet::Unsubscribe(ferrohub_mqtt::Unsubscribe { packet_id: 9, filters: vec![MODULE_FILTERS[0].into()] })).await?;
+    c.send(&Packet::Unsubscribe(ferrohub_mqtt::Unsubscribe {
+        packet_id: 9,
+        filters: vec![MODULE_FILTERS[0].into()],
+    }))
+    .await?;
     assert_eq!(c.recv().await?, Some(Packet::UnsubAck(9)));
     drop(c);
     hub.restart().await?;
     let (mut c, _) = connect_module(&hub, &key, false).await?;
-    assert_eq!(c.subscribe(10, &[(MODULE_FILTERS[6], QoS::AtLeastOnce)]).await?, granted);
+    assert_eq!(
+        c.subscribe(10, &[(MODULE_FILTERS[6], QoS::AtLeastOnce)])
+            .await?,
+        granted
+    );
     drop(c);
 
     // CleanSession=1 discards it: no session present, and the next persistent connect starts fresh.
@@ -283,7 +432,14 @@ async fn restart_reuses_certificates_and_policies() -> TestResult {
     let (key, _) = hub.create_device("dev1").await?;
     hub.restart().await?;
     assert_eq!(std::fs::read(&hub.ca)?, ca_before);
-    assert_eq!(hub.server().info.owner_connection_string.split(";SharedAccessKey=").nth(1), cs_before.split(";SharedAccessKey=").nth(1));
+    assert_eq!(
+        hub.server()
+            .info
+            .owner_connection_string
+            .split(";SharedAccessKey=")
+            .nth(1),
+        cs_before.split(";SharedAccessKey=").nth(1)
+    );
     hub.connect_device("dev1", &key, true).await?;
     hub.stop().await;
     Ok(())

@@ -28,22 +28,49 @@ async fn own_topics_are_granted_foreign_ones_refused() -> TestResult {
             ],
         )
         .await?;
-    assert_eq!(codes, vec![OK1, FAIL, FAIL, FAIL, OK0, OK1, FAIL], "QoS 2 is granted as 1");
+    assert_eq!(
+        codes,
+        vec![OK1, FAIL, FAIL, FAIL, OK0, OK1, FAIL],
+        "QoS 2 is granted as 1"
+    );
     // The C SDK's form: `+` in the device segment means "me".
-    assert_eq!(c.subscribe(2, &[("devices/+/messages/devicebound/#", QoS::AtLeastOnce)]).await?, vec![OK1]);
+    assert_eq!(
+        c.subscribe(2, &[("devices/+/messages/devicebound/#", QoS::AtLeastOnce)])
+            .await?,
+        vec![OK1]
+    );
     // Refused filters did not take slots: one more fits (5 in all), the next does not.
-    assert_eq!(c.subscribe(3, &[("$iothub/twin/PATCH/properties/desired/#", QoS::AtLeastOnce)]).await?, vec![OK1]);
+    assert_eq!(
+        c.subscribe(
+            3,
+            &[("$iothub/twin/PATCH/properties/desired/#", QoS::AtLeastOnce)]
+        )
+        .await?,
+        vec![OK1]
+    );
     // Unsubscribing frees the slot again.
-    c.send(&Packet::Unsubscribe(ferrohub_mqtt::Unsubscribe { packet_id: 4, filters: vec!["$iothub/methods/POST/#".into()] })).await?;
+    c.send(&Packet::Unsubscribe(ferrohub_mqtt::Unsubscribe {
+        packet_id: 4,
+        filters: vec!["$iothub/methods/POST/#".into()],
+    }))
+    .await?;
     assert_eq!(c.recv().await?, Some(Packet::UnsubAck(4)));
-    assert_eq!(c.subscribe(5, &[("$iothub/methods/POST/#", QoS::AtLeastOnce)]).await?, vec![OK1]);
+    assert_eq!(
+        c.subscribe(5, &[("$iothub/methods/POST/#", QoS::AtLeastOnce)])
+            .await?,
+        vec![OK1]
+    );
 
     // Publishing is allowed on its own telemetry, twin and method topics.
-    c.publish_qos1(10, "devices/dev1/messages/events/", b"t").await?;
-    c.publish_qos1(11, "devices/dev1/messages/events/%24.mid=m1&a=b", b"t").await?;
+    c.publish_qos1(10, "devices/dev1/messages/events/", b"t")
+        .await?;
+    c.publish_qos1(11, "devices/dev1/messages/events/%24.mid=m1&a=b", b"t")
+        .await?;
     c.publish_qos1(12, "$iothub/twin/GET/?$rid=1", b" ").await?;
-    c.publish_qos1(13, "$iothub/twin/PATCH/properties/reported/?$rid=2", b"{}").await?;
-    c.publish_qos1(14, "$iothub/methods/res/200/?$rid=3", b"{}").await?;
+    c.publish_qos1(13, "$iothub/twin/PATCH/properties/reported/?$rid=2", b"{}")
+        .await?;
+    c.publish_qos1(14, "$iothub/methods/res/200/?$rid=3", b"{}")
+        .await?;
     c.send(&Packet::PingReq).await?;
     assert_eq!(c.recv().await?, Some(Packet::PingResp));
     hub.stop().await;
@@ -55,9 +82,15 @@ async fn sixth_subscription_is_refused_for_a_module() -> TestResult {
     let hub = TestHub::start().await?;
     hub.create_device("dev1").await?;
     let (key, _) = hub.create_module("dev1", "mod1").await?;
-    let t = token_for(&format!("{HOST}/devices/dev1/modules/mod1"), &key, 3600, None);
+    let t = token_for(
+        &format!("{HOST}/devices/dev1/modules/mod1"),
+        &key,
+        3600,
+        None,
+    );
     let mut c = hub.tls().await?;
-    c.connect(connect_packet("dev1/mod1", Some(&t), true, 60)).await?;
+    c.connect(connect_packet("dev1/mod1", Some(&t), true, 60))
+        .await?;
     let filters = [
         "devices/dev1/modules/mod1/messages/devicebound/#",
         "devices/dev1/modules/mod1/inputs/#",
@@ -67,7 +100,10 @@ async fn sixth_subscription_is_refused_for_a_module() -> TestResult {
         "devices/dev1/modules/mod1/#",
     ];
     let all: Vec<_> = filters.iter().map(|f| (*f, QoS::AtLeastOnce)).collect();
-    assert_eq!(c.subscribe(1, &all).await?, vec![OK1, OK1, OK1, OK1, OK1, FAIL]);
+    assert_eq!(
+        c.subscribe(1, &all).await?,
+        vec![OK1, OK1, OK1, OK1, OK1, FAIL]
+    );
     hub.stop().await;
     Ok(())
 }
@@ -88,7 +124,9 @@ async fn publishing_to_a_foreign_topic_closes_that_connection_only() -> TestResu
     ] {
         let (mut c, _) = hub.connect_device("dev1", &key1, true).await?;
         c.send(&publish(topic, b"x", QoS::AtLeastOnce, 1)).await?;
-        c.expect_closed().await.map_err(|e| format!("{topic}: {e}"))?;
+        c.expect_closed()
+            .await
+            .map_err(|e| format!("{topic}: {e}"))?;
     }
     bystander.send(&Packet::PingReq).await?;
     assert_eq!(bystander.recv().await?, Some(Packet::PingResp));
@@ -101,7 +139,13 @@ async fn qos2_publish_disconnects() -> TestResult {
     let hub = TestHub::start().await?;
     let (key, _) = hub.create_device("dev1").await?;
     let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
-    c.send(&publish("devices/dev1/messages/events/", b"x", QoS::ExactlyOnce, 1)).await?;
+    c.send(&publish(
+        "devices/dev1/messages/events/",
+        b"x",
+        QoS::ExactlyOnce,
+        1,
+    ))
+    .await?;
     c.expect_closed().await?;
     hub.stop().await;
     Ok(())
@@ -121,10 +165,18 @@ async fn every_topic_the_official_sdks_use_is_accepted() -> TestResult {
         "$iothub/methods/res/200/?$rid=1",
     ];
     for (i, t) in topics.iter().enumerate() {
-        c.publish_qos1(i as u16 + 1, t, b"{}").await.map_err(|e| format!("{t}: {e}"))?;
+        c.publish_qos1(i as u16 + 1, t, b"{}")
+            .await
+            .map_err(|e| format!("{t}: {e}"))?;
     }
     // QoS 0 publishes (the Node SDK's twin requests) get no PUBACK and keep the connection.
-    c.send(&publish("$iothub/twin/GET/?$rid=20fe6d6b", b" ", QoS::AtMostOnce, 0)).await?;
+    c.send(&publish(
+        "$iothub/twin/GET/?$rid=20fe6d6b",
+        b" ",
+        QoS::AtMostOnce,
+        0,
+    ))
+    .await?;
     c.send(&Packet::PingReq).await?;
     assert_eq!(c.recv().await?, Some(Packet::PingResp));
     hub.stop().await;

@@ -17,7 +17,13 @@ fn self_signed(cn: &str) -> R<(Identity, Vec<u8>)> {
     p.distinguished_name.push(DnType::CommonName, cn);
     let cert = p.self_signed(&key)?;
     let der = cert.der().to_vec();
-    Ok(((vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))), der))
+    Ok((
+        (
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ),
+        der,
+    ))
 }
 
 struct Ca {
@@ -40,7 +46,10 @@ fn leaf(ca: &Ca, cn: &str) -> R<Identity> {
     p.distinguished_name.push(DnType::CommonName, cn);
     p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let cert = p.signed_by(&key, &ca.cert, &ca.key)?;
-    Ok((vec![cert.der().clone(), ca.cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))))
+    Ok((
+        vec![cert.der().clone(), ca.cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    ))
 }
 
 fn sha1_hex(der: &[u8]) -> String {
@@ -55,7 +64,9 @@ fn sha256_hex(der: &[u8]) -> String {
 
 async fn x509_connack(hub: &TestHub, client_id: &str, id: Identity) -> R<ConnectReturnCode> {
     let mut c = MqttClient::open(hub.mqtt_addr(), &hub.ca, Some(id)).await?;
-    Ok(c.connect(connect_packet(client_id, None, true, 60)).await?.1)
+    Ok(c.connect(connect_packet(client_id, None, true, 60))
+        .await?
+        .1)
 }
 
 #[tokio::test]
@@ -73,16 +84,32 @@ async fn self_signed_certificates_authenticate_by_thumbprint() -> TestResult {
             None,
         )
         .await?;
-    assert_eq!(x509_connack(&hub, "dev-x", id_a).await?, ConnectReturnCode::Accepted);
-    assert_eq!(x509_connack(&hub, "dev-x", id_b).await?, ConnectReturnCode::Accepted);
-    assert_eq!(x509_connack(&hub, "dev-x", id_c).await?, ConnectReturnCode::NotAuthorized, "unregistered certificate");
+    assert_eq!(
+        x509_connack(&hub, "dev-x", id_a).await?,
+        ConnectReturnCode::Accepted
+    );
+    assert_eq!(
+        x509_connack(&hub, "dev-x", id_b).await?,
+        ConnectReturnCode::Accepted
+    );
+    assert_eq!(
+        x509_connack(&hub, "dev-x", id_c).await?,
+        ConnectReturnCode::NotAuthorized,
+        "unregistered certificate"
+    );
     // No certificate and no password.
     let mut c = hub.tls().await?;
-    assert_eq!(c.connect(connect_packet("dev-x", None, true, 60)).await?.1, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        c.connect(connect_packet("dev-x", None, true, 60)).await?.1,
+        ConnectReturnCode::NotAuthorized
+    );
     // A SAS device cannot use a certificate instead of its keys.
     hub.create_device("dev-sas").await?;
     let (id_d, _) = self_signed("dev-sas")?;
-    assert_eq!(x509_connack(&hub, "dev-sas", id_d).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        x509_connack(&hub, "dev-sas", id_d).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     hub.stop().await;
     Ok(())
 }
@@ -94,26 +121,61 @@ async fn ca_signed_certificates_need_a_registered_ca_and_matching_cn() -> TestRe
     let rogue = ca("Rogue CA")?;
     for id in ["dev-ca", "dev-other"] {
         hub.api
-            .put(&format!("/devices/{id}"), &json!({"deviceId": id, "authentication": {"type": "certificateAuthority"}}), None)
+            .put(
+                &format!("/devices/{id}"),
+                &json!({"deviceId": id, "authentication": {"type": "certificateAuthority"}}),
+                None,
+            )
             .await?;
     }
     // Before the CA is registered, nothing chains.
-    assert_eq!(x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-ca")?).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-ca")?).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     let c = hub
         .api
-        .put("/certificates/trusted", &json!({"properties": {"certificate": trusted.cert.pem()}}), None)
+        .put(
+            "/certificates/trusted",
+            &json!({"properties": {"certificate": trusted.cert.pem()}}),
+            None,
+        )
         .await?;
     assert_eq!(c["name"], "trusted");
-    assert_eq!(x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-ca")?).await?, ConnectReturnCode::Accepted);
-    assert_eq!(x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-other")?).await?, ConnectReturnCode::NotAuthorized, "CN must be the device id");
-    assert_eq!(x509_connack(&hub, "dev-ca", leaf(&rogue, "dev-ca")?).await?, ConnectReturnCode::NotAuthorized, "unregistered CA");
+    assert_eq!(
+        x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-ca")?).await?,
+        ConnectReturnCode::Accepted
+    );
+    assert_eq!(
+        x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-other")?).await?,
+        ConnectReturnCode::NotAuthorized,
+        "CN must be the device id"
+    );
+    assert_eq!(
+        x509_connack(&hub, "dev-ca", leaf(&rogue, "dev-ca")?).await?,
+        ConnectReturnCode::NotAuthorized,
+        "unregistered CA"
+    );
     // Removing the CA stops it again.
     hub.api.delete("/certificates/trusted", None).await?;
-    assert_eq!(x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-ca")?).await?, ConnectReturnCode::NotAuthorized);
+    assert_eq!(
+        x509_connack(&hub, "dev-ca", leaf(&trusted, "dev-ca")?).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     // A leaf is not accepted as a CA.
     let (id, _) = self_signed("x")?;
-    let pem = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", base64_lines(&id.0[0]));
-    let err = hub.api.put("/certificates/leaf", &json!({"properties": {"certificate": pem}}), None).await;
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64_lines(&id.0[0])
+    );
+    let err = hub
+        .api
+        .put(
+            "/certificates/leaf",
+            &json!({"properties": {"certificate": pem}}),
+            None,
+        )
+        .await;
     assert!(err.is_err_and(|e| e.to_string().contains("400")));
     hub.stop().await;
     Ok(())
@@ -122,5 +184,9 @@ async fn ca_signed_certificates_need_a_registered_ca_and_matching_cn() -> TestRe
 fn base64_lines(der: &[u8]) -> String {
     use base64::Engine;
     let b = base64::engine::general_purpose::STANDARD.encode(der);
-    b.as_bytes().chunks(64).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("\n")
+    b.as_bytes()
+        .chunks(64)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join("\n")
 }

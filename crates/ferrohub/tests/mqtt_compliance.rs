@@ -28,7 +28,10 @@ async fn garbage_truncated_and_oversize_packets_close_only_their_connection() ->
 
     // A CONNECT whose length runs past its fields.
     let mut c = hub.tls().await?;
-    c.send_raw(&[0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x09]).await?;
+    c.send_raw(&[
+        0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x09,
+    ])
+    .await?;
     c.send_raw(&[0x00, 0x01]).await?;
     assert_eq!(c.recv().await?, None);
 
@@ -64,12 +67,19 @@ async fn garbage_truncated_and_oversize_packets_close_only_their_connection() ->
 
     // Invalid flags on SUBSCRIBE.
     let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
-    c.send_raw(&[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01]).await?;
+    c.send_raw(&[0x80, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', 0x01])
+        .await?;
     assert_eq!(c.recv().await?, None);
 
     // A second CONNECT on a connection.
     let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
-    c.send(&connect_packet("dev1", Some(&hub.device_token("dev1", &key)), true, 60)).await?;
+    c.send(&connect_packet(
+        "dev1",
+        Some(&hub.device_token("dev1", &key)),
+        true,
+        60,
+    ))
+    .await?;
     c.expect_closed().await?;
 
     // First packet not CONNECT.
@@ -87,7 +97,8 @@ async fn just_under_the_size_limit_is_accepted() -> TestResult {
     let hub = TestHub::start().await?;
     let (key, _) = hub.create_device("dev1").await?;
     let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
-    c.publish_qos1(1, "devices/dev1/messages/events/", &vec![b'a'; 256 * 1024]).await?;
+    c.publish_qos1(1, "devices/dev1/messages/events/", &vec![b'a'; 256 * 1024])
+        .await?;
     hub.stop().await;
     Ok(())
 }
@@ -112,7 +123,11 @@ async fn qos1_delivery_respects_the_inflight_limit_and_redelivers_with_dup() -> 
     let hub = TestHub::start().await?;
     let (key, _) = hub.create_device("dev1").await?;
     let (mut c, _) = hub.connect_device("dev1", &key, false).await?;
-    let out = hub.server().hub.outbound(&Identity::device("dev1")).ok_or("not registered")?;
+    let out = hub
+        .server()
+        .hub
+        .outbound(&Identity::device("dev1"))
+        .ok_or("not registered")?;
     // Push more than the in-flight limit (16) without acknowledging anything.
     let push = tokio::spawn(async move {
         for i in 0..20u8 {

@@ -7,7 +7,14 @@ use ferrohub_iothub::ConnectionString;
 use serde_json::{json, Value};
 
 /// A raw HTTPS call, to see status codes and bodies as a service SDK does.
-async fn call(hub: &TestHub, method: reqwest::Method, path: &str, auth: Option<String>, body: Option<&str>, if_match: Option<&str>) -> R<(u16, Value, Option<String>)> {
+async fn call(
+    hub: &TestHub,
+    method: reqwest::Method,
+    path: &str,
+    auth: Option<String>,
+    body: Option<&str>,
+    if_match: Option<&str>,
+) -> R<(u16, Value, Option<String>)> {
     let pem = std::fs::read(&hub.ca)?;
     let client = reqwest::Client::builder()
         .use_rustls_tls()
@@ -22,19 +29,34 @@ async fn call(hub: &TestHub, method: reqwest::Method, path: &str, auth: Option<S
         req = req.header("If-Match", e);
     }
     if let Some(b) = body {
-        req = req.header("Content-Type", "application/json; charset=utf-8").body(b.to_string());
+        req = req
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(b.to_string());
     }
     let resp = req.send().await?;
     let status = resp.status().as_u16();
-    let code = resp.headers().get("iothub-errorcode").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let code = resp
+        .headers()
+        .get("iothub-errorcode")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let text = resp.text().await?;
-    let v = if text.is_empty() { Value::Null } else { serde_json::from_str(&text)? };
+    let v = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text)?
+    };
     Ok((status, v, code))
 }
 
 fn owner_token(hub: &TestHub) -> R<String> {
     let cs = ConnectionString::parse(&hub.server().info.owner_connection_string)?;
-    Ok(token_for(&cs.host_name, cs.shared_access_key.as_deref().ok_or("key")?, 3600, Some("iothubowner")))
+    Ok(token_for(
+        &cs.host_name,
+        cs.shared_access_key.as_deref().ok_or("key")?,
+        3600,
+        Some("iothubowner"),
+    ))
 }
 
 const V: &str = "api-version=2021-04-12";
@@ -46,41 +68,117 @@ async fn device_lifecycle_with_etags_and_iot_hub_error_codes() -> TestResult {
     let body = r#"{"deviceId":"d1","status":"enabled","authentication":{"symmetricKey":{"primaryKey":null,"secondaryKey":null},"type":"sas"},"capabilities":{"iotEdge":false}}"#;
 
     // Create answers 200 (the Python SDK rejects 201) with generated keys.
-    let (s, d, _) = call(&hub, reqwest::Method::PUT, &format!("/devices/d1?{V}"), Some(auth.clone()), Some(body), None).await?;
+    let (s, d, _) = call(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/devices/d1?{V}"),
+        Some(auth.clone()),
+        Some(body),
+        None,
+    )
+    .await?;
     assert_eq!(s, 200, "{d}");
     assert_eq!(d["deviceId"], "d1");
     assert_eq!(d["connectionState"], "Disconnected");
     assert_eq!(d["cloudToDeviceMessageCount"], 0);
-    assert!(d["authentication"]["symmetricKey"]["primaryKey"].as_str().is_some_and(|k| k.len() >= 24));
+    assert!(d["authentication"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .is_some_and(|k| k.len() >= 24));
     assert!(!d["generationId"].as_str().unwrap_or("").is_empty());
     let etag = d["etag"].as_str().ok_or("etag")?.to_string();
 
     // Create again: 409 DeviceAlreadyExists, in IoT Hub's error shape.
-    let (s, e, code) = call(&hub, reqwest::Method::PUT, &format!("/devices/d1?{V}"), Some(auth.clone()), Some(body), None).await?;
+    let (s, e, code) = call(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/devices/d1?{V}"),
+        Some(auth.clone()),
+        Some(body),
+        None,
+    )
+    .await?;
     assert_eq!((s, code.as_deref()), (409, Some("DeviceAlreadyExists")));
-    assert!(e["Message"].as_str().is_some_and(|m| m.starts_with("ErrorCode:DeviceAlreadyExists;")), "{e}");
-    assert!(e["ExceptionMessage"].as_str().is_some_and(|m| m.contains("Tracking ID:")));
+    assert!(
+        e["Message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("ErrorCode:DeviceAlreadyExists;")),
+        "{e}"
+    );
+    assert!(e["ExceptionMessage"]
+        .as_str()
+        .is_some_and(|m| m.contains("Tracking ID:")));
 
     // Update with a stale etag: 412; with the right one (quoted, as the SDK sends it): 200.
     let upd = body.replace("\"enabled\"", "\"disabled\"");
-    let (s, _, code) = call(&hub, reqwest::Method::PUT, &format!("/devices/d1?{V}"), Some(auth.clone()), Some(&upd), Some("\"bm9wZQ==\"")).await?;
+    let (s, _, code) = call(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/devices/d1?{V}"),
+        Some(auth.clone()),
+        Some(&upd),
+        Some("\"bm9wZQ==\""),
+    )
+    .await?;
     assert_eq!((s, code.as_deref()), (412, Some("PreconditionFailed")));
-    let (s, d2, _) = call(&hub, reqwest::Method::PUT, &format!("/devices/d1?{V}"), Some(auth.clone()), Some(&upd), Some(&format!("\"{etag}\""))).await?;
+    let (s, d2, _) = call(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/devices/d1?{V}"),
+        Some(auth.clone()),
+        Some(&upd),
+        Some(&format!("\"{etag}\"")),
+    )
+    .await?;
     assert_eq!(s, 200);
     assert_eq!(d2["status"], "disabled");
     assert_ne!(d2["etag"], d["etag"]);
-    assert_eq!(d2["generationId"], d["generationId"], "an update keeps the generation");
+    assert_eq!(
+        d2["generationId"], d["generationId"],
+        "an update keeps the generation"
+    );
 
-    let (s, list, _) = call(&hub, reqwest::Method::GET, &format!("/devices?top=10&{V}"), Some(auth.clone()), None, None).await?;
+    let (s, list, _) = call(
+        &hub,
+        reqwest::Method::GET,
+        &format!("/devices?top=10&{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
     assert_eq!(s, 200);
     assert_eq!(list.as_array().map(Vec::len), Some(1));
 
     // Delete with a stale etag fails, with * succeeds, then 404 DeviceNotFound.
-    let (s, _, _) = call(&hub, reqwest::Method::DELETE, &format!("/devices/d1?{V}"), Some(auth.clone()), None, Some(&format!("\"{etag}\""))).await?;
+    let (s, _, _) = call(
+        &hub,
+        reqwest::Method::DELETE,
+        &format!("/devices/d1?{V}"),
+        Some(auth.clone()),
+        None,
+        Some(&format!("\"{etag}\"")),
+    )
+    .await?;
     assert_eq!(s, 412);
-    let (s, _, _) = call(&hub, reqwest::Method::DELETE, &format!("/devices/d1?{V}"), Some(auth.clone()), None, Some("\"*\"")).await?;
+    let (s, _, _) = call(
+        &hub,
+        reqwest::Method::DELETE,
+        &format!("/devices/d1?{V}"),
+        Some(auth.clone()),
+        None,
+        Some("\"*\""),
+    )
+    .await?;
     assert_eq!(s, 204);
-    let (s, e, code) = call(&hub, reqwest::Method::GET, &format!("/devices/d1?{V}"), Some(auth.clone()), None, None).await?;
+    let (s, e, code) = call(
+        &hub,
+        reqwest::Method::GET,
+        &format!("/devices/d1?{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
     assert_eq!((s, code.as_deref()), (404, Some("DeviceNotFound")), "{e}");
     hub.stop().await;
     Ok(())
@@ -92,22 +190,50 @@ async fn bad_requests_are_refused_with_400_and_nothing_changes() -> TestResult {
     let auth = owner_token(&hub)?;
     let put = |path: &str, body: &'static str| {
         let (hub, auth, path) = (&hub, auth.clone(), path.to_string());
-        async move { call(hub, reqwest::Method::PUT, &path, Some(auth), Some(body), None).await }
+        async move {
+            call(
+                hub,
+                reqwest::Method::PUT,
+                &path,
+                Some(auth),
+                Some(body),
+                None,
+            )
+            .await
+        }
     };
     for (path, body) in [
         (format!("/devices/d1?{V}"), "{not json"),
         (format!("/devices/d1?{V}"), r#"{"deviceId":"other"}"#),
-        (format!("/devices/d1?{V}"), r#"{"authentication":{"type":"sas","symmetricKey":{"primaryKey":"short"}}}"#),
-        (format!("/devices/d1?{V}"), r#"{"authentication":{"type":"selfSigned","x509Thumbprint":{"primaryThumbprint":"xyz"}}}"#),
+        (
+            format!("/devices/d1?{V}"),
+            r#"{"authentication":{"type":"sas","symmetricKey":{"primaryKey":"short"}}}"#,
+        ),
+        (
+            format!("/devices/d1?{V}"),
+            r#"{"authentication":{"type":"selfSigned","x509Thumbprint":{"primaryThumbprint":"xyz"}}}"#,
+        ),
         (format!("/devices/d1?{V}"), r#"{"status":"sleepy"}"#),
         (format!("/devices/bad%20id?{V}"), r#"{}"#),
         (format!("/devices/{}?{V}", "a".repeat(129)), r#"{}"#),
         ("/devices/d1".to_string(), r#"{}"#),
     ] {
         let (s, e, code) = put(&path, body).await?;
-        assert_eq!((s, code.as_deref()), (400, Some("ArgumentInvalid")), "{path} {body}: {e}");
+        assert_eq!(
+            (s, code.as_deref()),
+            (400, Some("ArgumentInvalid")),
+            "{path} {body}: {e}"
+        );
     }
-    let (s, list, _) = call(&hub, reqwest::Method::GET, &format!("/devices?{V}"), Some(auth.clone()), None, None).await?;
+    let (s, list, _) = call(
+        &hub,
+        reqwest::Method::GET,
+        &format!("/devices?{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
     assert_eq!((s, list), (200, json!([])));
     // Module on a missing device: 404.
     let (s, _, code) = put(&format!("/devices/nope/modules/m?{V}"), "{}").await?;
@@ -121,25 +247,83 @@ async fn service_auth_requires_a_valid_policy_token_with_the_right() -> TestResu
     let hub = TestHub::start().await?;
     let path = format!("/devices?{V}");
     let (s, _, code) = call(&hub, reqwest::Method::GET, &path, None, None, None).await?;
-    assert_eq!((s, code.as_deref()), (401, Some("IotHubUnauthorizedAccess")));
+    assert_eq!(
+        (s, code.as_deref()),
+        (401, Some("IotHubUnauthorizedAccess"))
+    );
     let cs = ConnectionString::parse(&hub.server().info.owner_connection_string)?;
     let key = cs.shared_access_key.clone().ok_or("key")?;
     let expired = token_for(&cs.host_name, &key, -5, Some("iothubowner"));
-    assert_eq!(call(&hub, reqwest::Method::GET, &path, Some(expired), None, None).await?.0, 401);
-    let wrong_key = token_for(&cs.host_name, "a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=", 3600, Some("iothubowner"));
-    assert_eq!(call(&hub, reqwest::Method::GET, &path, Some(wrong_key), None, None).await?.0, 401);
+    assert_eq!(
+        call(&hub, reqwest::Method::GET, &path, Some(expired), None, None)
+            .await?
+            .0,
+        401
+    );
+    let wrong_key = token_for(
+        &cs.host_name,
+        "a2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2s=",
+        3600,
+        Some("iothubowner"),
+    );
+    assert_eq!(
+        call(
+            &hub,
+            reqwest::Method::GET,
+            &path,
+            Some(wrong_key),
+            None,
+            None
+        )
+        .await?
+        .0,
+        401
+    );
     let no_skn = token_for(&cs.host_name, &key, 3600, None);
-    assert_eq!(call(&hub, reqwest::Method::GET, &path, Some(no_skn), None, None).await?.0, 401);
+    assert_eq!(
+        call(&hub, reqwest::Method::GET, &path, Some(no_skn), None, None)
+            .await?
+            .0,
+        401
+    );
     // sr with or without the port both name this hub (the Python SDK includes it).
     let bare = token_for(HOST, &key, 3600, Some("iothubowner"));
-    assert_eq!(call(&hub, reqwest::Method::GET, &path, Some(bare), None, None).await?.0, 200);
+    assert_eq!(
+        call(&hub, reqwest::Method::GET, &path, Some(bare), None, None)
+            .await?
+            .0,
+        200
+    );
 
     // A read-only policy can list but not write.
     let store = hub.server().hub.store.clone();
-    let ro = store.get_policy("registryRead").await?.ok_or("registryRead policy")?;
+    let ro = store
+        .get_policy("registryRead")
+        .await?
+        .ok_or("registryRead policy")?;
     let ro_token = token_for(HOST, &ro.primary_key, 3600, Some("registryRead"));
-    assert_eq!(call(&hub, reqwest::Method::GET, &path, Some(ro_token.clone()), None, None).await?.0, 200);
-    let (s, _, _) = call(&hub, reqwest::Method::PUT, &format!("/devices/d1?{V}"), Some(ro_token), Some("{}"), None).await?;
+    assert_eq!(
+        call(
+            &hub,
+            reqwest::Method::GET,
+            &path,
+            Some(ro_token.clone()),
+            None,
+            None
+        )
+        .await?
+        .0,
+        200
+    );
+    let (s, _, _) = call(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/devices/d1?{V}"),
+        Some(ro_token),
+        Some("{}"),
+        None,
+    )
+    .await?;
     assert_eq!(s, 401);
     hub.stop().await;
     Ok(())
@@ -153,13 +337,18 @@ async fn modules_crud_and_connection_state_follows_devices() -> TestResult {
     hub.create_module("d1", "m2").await?;
     let mods = hub.api.get("/devices/d1/modules").await?;
     assert_eq!(mods.as_array().map(Vec::len), Some(2));
-    let again = hub.api.put("/devices/d1/modules/m1", &json!({"moduleId": "m1"}), None).await;
+    let again = hub
+        .api
+        .put("/devices/d1/modules/m1", &json!({"moduleId": "m1"}), None)
+        .await;
     assert!(again.is_err_and(|e| e.to_string().contains("ModuleAlreadyExistsOnDevice")));
 
     let (c, _) = hub.connect_device("d1", &key, true).await?;
     let d = hub.api.get("/devices/d1").await?;
     assert_eq!(d["connectionState"], "Connected");
-    assert!(d["lastActivityTime"].as_str().is_some_and(|t| t.ends_with('Z')));
+    assert!(d["lastActivityTime"]
+        .as_str()
+        .is_some_and(|t| t.ends_with('Z')));
     drop(c);
     let mut state = Value::Null;
     for _ in 0..50 {
@@ -172,7 +361,11 @@ async fn modules_crud_and_connection_state_follows_devices() -> TestResult {
     assert_eq!(state, "Disconnected");
 
     hub.api.delete("/devices/d1/modules/m1", None).await?;
-    assert!(hub.api.get("/devices/d1/modules/m1").await.is_err_and(|e| e.to_string().contains("ModuleNotFound")));
+    assert!(hub
+        .api
+        .get("/devices/d1/modules/m1")
+        .await
+        .is_err_and(|e| e.to_string().contains("ModuleNotFound")));
     // Deleting the device takes its modules with it.
     hub.api.delete("/devices/d1", None).await?;
     hub.create_device("d1").await?;

@@ -38,6 +38,7 @@ pub fn config(dir: &Path) -> ServerConfig {
     let mut cfg = ServerConfig::new(dir);
     cfg.mqtt_bind = "127.0.0.1:0".parse().expect("literal address");
     cfg.https_bind = "127.0.0.1:0".parse().expect("literal address");
+    cfg.https_bind_explicit = true;
     cfg.hostnames = vec![HOST.to_string()];
     cfg
 }
@@ -47,8 +48,16 @@ impl TestHub {
         let dir = tempfile::tempdir()?;
         let server = start(config(dir.path())).await?;
         let ca = server.info.ca_file.clone().ok_or("no CA file")?;
-        let api = ApiClient::new(ConnectionString::parse(&server.info.owner_connection_string)?, Some(&ca))?;
-        Ok(Self { dir, server: Some(server), api, ca })
+        let api = ApiClient::new(
+            ConnectionString::parse(&server.info.owner_connection_string)?,
+            Some(&ca),
+        )?;
+        Ok(Self {
+            dir,
+            server: Some(server),
+            api,
+            ca,
+        })
     }
 
     pub fn server(&self) -> &RunningServer {
@@ -69,7 +78,10 @@ impl TestHub {
             s.shutdown().await;
         }
         let server = start(config(self.dir.path())).await?;
-        self.api = ApiClient::new(ConnectionString::parse(&server.info.owner_connection_string)?, Some(&self.ca))?;
+        self.api = ApiClient::new(
+            ConnectionString::parse(&server.info.owner_connection_string)?,
+            Some(&self.ca),
+        )?;
         self.server = Some(server);
         Ok(())
     }
@@ -92,7 +104,11 @@ impl TestHub {
     pub async fn create_module(&self, id: &str, mid: &str) -> R<(String, String)> {
         let m = self
             .api
-            .put(&format!("/devices/{id}/modules/{mid}"), &json!({"deviceId": id, "moduleId": mid}), None)
+            .put(
+                &format!("/devices/{id}/modules/{mid}"),
+                &json!({"deviceId": id, "moduleId": mid}),
+                None,
+            )
             .await?;
         keys_of(&m)
     }
@@ -109,7 +125,14 @@ impl TestHub {
     /// Connects as a SAS device and asserts CONNACK 0; returns the client and session-present.
     pub async fn connect_device(&self, id: &str, key: &str, clean: bool) -> R<(MqttClient, bool)> {
         let mut c = self.tls().await?;
-        let ack = c.connect(connect_packet(id, Some(&self.device_token(id, key)), clean, 60)).await?;
+        let ack = c
+            .connect(connect_packet(
+                id,
+                Some(&self.device_token(id, key)),
+                clean,
+                60,
+            ))
+            .await?;
         if ack.1 != ConnectReturnCode::Accepted {
             return Err(format!("CONNACK {:?}", ack.1).into());
         }
@@ -120,8 +143,14 @@ impl TestHub {
 pub fn keys_of(v: &Value) -> R<(String, String)> {
     let k = &v["authentication"]["symmetricKey"];
     Ok((
-        k["primaryKey"].as_str().ok_or("no primary key")?.to_string(),
-        k["secondaryKey"].as_str().ok_or("no secondary key")?.to_string(),
+        k["primaryKey"]
+            .as_str()
+            .ok_or("no primary key")?
+            .to_string(),
+        k["secondaryKey"]
+            .as_str()
+            .ok_or("no secondary key")?
+            .to_string(),
     ))
 }
 
@@ -138,7 +167,12 @@ pub fn token_for(resource: &str, key: &str, ttl: i64, policy: Option<&str>) -> S
     generate_token(resource, key, expiry, policy).expect("valid key")
 }
 
-pub fn connect_packet(client_id: &str, password: Option<&str>, clean: bool, keep_alive: u16) -> Packet {
+pub fn connect_packet(
+    client_id: &str,
+    password: Option<&str>,
+    clean: bool,
+    keep_alive: u16,
+) -> Packet {
     let username = match client_id.split_once('/') {
         Some((d, m)) => format!("{HOST}/{d}/{m}/?api-version=2021-04-12"),
         None => format!("{HOST}/{client_id}/?api-version=2021-04-12"),
@@ -155,15 +189,20 @@ pub fn connect_packet(client_id: &str, password: Option<&str>, clean: bool, keep
     })
 }
 
-pub fn client_tls_config(ca: &Path, identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>) -> R<Arc<rustls::ClientConfig>> {
+pub fn client_tls_config(
+    ca: &Path,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> R<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(ca)?;
     for c in rustls_pemfile::certs(&mut pem.as_slice()) {
         roots.add(c?)?;
     }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
     let cfg = match identity {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
         None => builder.with_no_client_auth(),
@@ -181,7 +220,11 @@ pub struct MqttClient {
 }
 
 impl MqttClient {
-    pub async fn open(addr: SocketAddr, ca: &Path, identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>) -> R<Self> {
+    pub async fn open(
+        addr: SocketAddr,
+        ca: &Path,
+        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> R<Self> {
         let tcp = TcpStream::connect(addr).await?;
         let tls = TlsConnector::from(client_tls_config(ca, identity)?)
             .connect(ServerName::try_from(HOST)?, tcp)
@@ -190,7 +233,10 @@ impl MqttClient {
     }
 
     pub fn over(stream: Box<dyn Io>) -> Self {
-        Self { stream, buf: BytesMut::new() }
+        Self {
+            stream,
+            buf: BytesMut::new(),
+        }
     }
 
     pub async fn send(&mut self, p: &Packet) -> TestResult {
@@ -214,11 +260,12 @@ impl MqttClient {
                 if let Some(p) = decode(&mut self.buf, 1 << 20)? {
                     return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Some(p));
                 }
-                let n = match self.stream.read_buf(&mut self.buf).await {
-                    Ok(n) => n,
-                    // A reset is as good as a close for these tests.
-                    Err(_) => 0,
-                };
+                // A reset is as good as a close for these tests.
+                let n = self
+                    .stream
+                    .read_buf(&mut self.buf)
+                    .await
+                    .unwrap_or_default();
                 if n == 0 {
                     return Ok(None);
                 }
@@ -255,7 +302,11 @@ impl MqttClient {
     }
 
     /// Subscribes and returns the SUBACK codes.
-    pub async fn subscribe(&mut self, pid: u16, filters: &[(&str, QoS)]) -> R<Vec<ferrohub_mqtt::SubscribeReturnCode>> {
+    pub async fn subscribe(
+        &mut self,
+        pid: u16,
+        filters: &[(&str, QoS)],
+    ) -> R<Vec<ferrohub_mqtt::SubscribeReturnCode>> {
         self.send(&Packet::Subscribe(Subscribe {
             packet_id: pid,
             filters: filters.iter().map(|(f, q)| (f.to_string(), *q)).collect(),
@@ -269,7 +320,8 @@ impl MqttClient {
 
     /// Publishes at QoS 1 and waits for the PUBACK.
     pub async fn publish_qos1(&mut self, pid: u16, topic: &str, payload: &[u8]) -> TestResult {
-        self.send(&publish(topic, payload, QoS::AtLeastOnce, pid)).await?;
+        self.send(&publish(topic, payload, QoS::AtLeastOnce, pid))
+            .await?;
         match self.recv().await? {
             Some(Packet::PubAck(id)) if id == pid => Ok(()),
             other => Err(format!("expected PUBACK {pid}, got {other:?}").into()),
