@@ -6,6 +6,8 @@
 
 pub mod model;
 pub mod sqlite;
+pub mod sqlite_telemetry;
+pub mod telemetry;
 
 use async_trait::async_trait;
 pub use model::*;
