@@ -11,6 +11,7 @@ use ferrohub_mqtt::{
     decode, encode, ConnAck, Connect, ConnectReturnCode, Packet, Publish, QoS, SubAck,
     SubscribeReturnCode,
 };
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
@@ -282,7 +283,13 @@ async fn open_session<H: Handler>(
     Ok((s, present))
 }
 
+/// Publishes whose completion is awaited, in arrival order: (QoS, packet id, outcome).
+type PendingAcks = FuturesOrdered<
+    std::pin::Pin<Box<dyn std::future::Future<Output = (QoS, u16, Result<(), String>)> + Send>>,
+>;
+
 enum Event {
+    Completed((QoS, u16, Result<(), String>)),
     Read(Result<(), ConnError>),
     Outbound(Option<OutboundMessage>),
     KeepAliveExpired,
@@ -307,26 +314,42 @@ where
     let mut deadline = Instant::now() + keep_alive;
     let mut shutdown = broker.shutdown.clone();
     let max_inflight = broker.config.max_inflight;
+    let max_pending = broker.config.max_pending_acks;
+    let mut pending: PendingAcks = FuturesOrdered::new();
     loop {
-        // Packets that arrived together with the previous read are handled before waiting.
-        match wire.next_buffered() {
-            Ok(Some(packet)) => {
-                handle_packet(broker, wire, client, state, connect, packet).await?;
-                continue;
+        // Packets that arrived together with the previous read are handled before waiting,
+        // unless enough publishes already wait for their completion.
+        if pending.len() < max_pending {
+            match wire.next_buffered() {
+                Ok(Some(packet)) => {
+                    handle_packet(broker, wire, client, state, connect, &mut pending, packet)
+                        .await?;
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(DisconnectReason::ProtocolViolation(e.to_string())),
             }
-            Ok(None) => {}
-            Err(e) => return Err(DisconnectReason::ProtocolViolation(e.to_string())),
         }
         let can_send = state.inflight.len() < max_inflight;
+        let can_read = pending.len() < max_pending;
         let event = tokio::select! {
             biased;
             _ = &mut *kicked => Event::Kicked,
             _ = crate::broker::until_shutdown(&mut shutdown) => Event::Shutdown,
-            r = wire.read_more() => Event::Read(r),
+            Some(done) = pending.next(), if !pending.is_empty() => Event::Completed(done),
+            r = wire.read_more(), if can_read => Event::Read(r),
             m = out_rx.recv(), if can_send => Event::Outbound(m),
             _ = tokio::time::sleep_until(deadline) => Event::KeepAliveExpired,
         };
         match event {
+            Event::Completed((qos, pid, Ok(()))) => {
+                if qos == QoS::AtLeastOnce {
+                    wire.send(&Packet::PubAck(pid)).await.map_err(lost)?;
+                }
+            }
+            Event::Completed((_, _, Err(why))) => {
+                return Err(DisconnectReason::ProtocolViolation(why))
+            }
             Event::Read(Ok(())) => deadline = Instant::now() + keep_alive,
             Event::Read(Err(ConnError::Decode(e))) => {
                 return Err(DisconnectReason::ProtocolViolation(e.to_string()))
@@ -372,6 +395,7 @@ async fn handle_packet<H, S>(
     client: &H::Client,
     state: &mut SessionState,
     connect: &Connect,
+    pending: &mut PendingAcks,
     packet: Packet,
 ) -> Result<(), DisconnectReason>
 where
@@ -387,10 +411,18 @@ where
             }
             let (qos, pid) = (p.qos, p.packet_id);
             match broker.handler.publish(client, p).await {
+                // Earlier publishes may still be pending: their PUBACKs go first (MQTT 3.1.1
+                // section 4.6), so an immediate accept queues behind them.
+                PublishDecision::Accept if !pending.is_empty() => {
+                    pending.push_back(Box::pin(async move { (qos, pid, Ok(())) }));
+                }
                 PublishDecision::Accept => {
                     if qos == QoS::AtLeastOnce {
                         wire.send(&Packet::PubAck(pid)).await.map_err(lost)?;
                     }
+                }
+                PublishDecision::AcceptWhen(done) => {
+                    pending.push_back(Box::pin(async move { (qos, pid, done.await) }));
                 }
                 PublishDecision::Reject(why) => {
                     return Err(DisconnectReason::ProtocolViolation(why))

@@ -75,13 +75,30 @@ impl DisconnectReason {
     }
 }
 
+/// Work that must finish before a PUBLISH may be acknowledged (e.g. the message reaching disk).
+/// `Err` closes the connection without acknowledging.
+pub type Completion =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
 /// The handler's answer to a PUBLISH.
-#[derive(Debug)]
 pub enum PublishDecision {
-    /// Acknowledge (QoS 1): the handler has done what it must before the PUBACK.
+    /// Acknowledge (QoS 1) now: the handler has done what it must.
     Accept,
+    /// Acknowledge once the completion resolves. The connection keeps reading meanwhile (up to
+    /// `BrokerConfig::max_pending_acks`), and PUBACKs still go out in PUBLISH order.
+    AcceptWhen(Completion),
     /// Close the connection without acknowledging; the text goes to the log.
     Reject(String),
+}
+
+impl std::fmt::Debug for PublishDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PublishDecision::Accept => f.write_str("Accept"),
+            PublishDecision::AcceptWhen(_) => f.write_str("AcceptWhen(..)"),
+            PublishDecision::Reject(r) => write!(f, "Reject({r:?})"),
+        }
+    }
 }
 
 /// Broker-wide limits. Each bounds memory or work per connection.
@@ -97,6 +114,9 @@ pub struct BrokerConfig {
     pub connect_timeout: Duration,
     /// Outbound messages queued per connection before senders wait (backpressure).
     pub outbound_queue: usize,
+    /// Client publishes awaiting their completion per connection; past it the connection stops
+    /// reading, so a client cannot make the server buffer without bound.
+    pub max_pending_acks: usize,
 }
 
 impl Default for BrokerConfig {
@@ -108,6 +128,7 @@ impl Default for BrokerConfig {
             max_subscriptions: 5,
             connect_timeout: Duration::from_secs(30),
             outbound_queue: 64,
+            max_pending_acks: 64,
         }
     }
 }

@@ -1,0 +1,52 @@
+//! `ferrohub-bench`: command-line entry point; parses the subcommand and runs its scenario.
+
+mod device;
+mod hub;
+mod procfs;
+mod registry;
+mod scenario;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Load generator for Ferrohub (and anything else speaking the IoT Hub device protocol over
+/// MQTT 3.1.1 + TLS). Simulated devices are registered through the service REST API first.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Open N device connections, measure connect rate, server CPU per connect and server
+    /// memory per idle connection, then disconnect them all.
+    Connect(scenario::connect::ConnectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` gives the whole context chain on one line; returning the error from main
+            // would also dump a backtrace whenever RUST_BACKTRACE is set, which helps nobody
+            // running a benchmark.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.scenario {
+            Scenario::Connect(args) => scenario::connect::run(args).await,
+        }
+    })
+}
