@@ -386,9 +386,10 @@ fn retention_step(conn: &mut Connection, r: Retention, now_ms: i64) -> Result<u6
     Ok(deleted)
 }
 
-fn record_from_row(
-    r: &rusqlite::Row<'_>,
-) -> rusqlite::Result<(u32, i64, i64, String, Option<String>, String, Vec<u8>)> {
+/// An `events` row: partition, sequence, enqueued, device, module, props JSON, body.
+type EventRow = (u32, i64, i64, String, Option<String>, String, Vec<u8>);
+
+fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     Ok((
         r.get(0)?,
         r.get(1)?,
