@@ -1,5 +1,6 @@
 //! IoT Hub semantics for Ferrohub as pure functions and types: identities, CONNECT rules, SAS
-//! tokens, topic authorization, property bags, error codes and connection strings. No I/O here.
+//! tokens, topic authorization, property bags, telemetry stamping, error codes and connection
+//! strings. No I/O here.
 
 pub mod connect;
 pub mod connection_string;
@@ -7,6 +8,7 @@ mod encoding;
 pub mod errors;
 pub mod identity;
 pub mod sas;
+pub mod telemetry;
 pub mod topics;
 
 pub use connect::{parse_connect, server_keep_alive, ConnectError, ConnectInfo};
@@ -14,6 +16,10 @@ pub use connection_string::{ConnectionString, ConnectionStringError};
 pub use errors::ErrorCode;
 pub use identity::{validate_device_id, validate_module_id, IdError, Identity};
 pub use sas::{ResourceScope, SasError, SasToken};
+pub use telemetry::{
+    message_size, parse_telemetry, stamp, ParsedTelemetry, StampContext, TelemetryError,
+    TelemetryMessage, MAX_MESSAGE_SIZE,
+};
 pub use topics::{
     authorize_subscribe, classify_publish, PublishTopic, SubscriptionKind, TopicError,
 };
