@@ -135,26 +135,25 @@ impl SqliteStore {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    /// Runs a read on the calling task. Registry and session reads are point lookups served
+    /// from SQLite's page cache in microseconds; handing them to the blocking pool cost two
+    /// thread switches each, which dominated the CPU cost of a device connect.
     async fn read<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let n = inner.readers.len();
-            let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
-            // Prefer a reader nobody holds; if all are busy, wait on the one our turn points at.
-            for i in 0..n {
-                if let Ok(conn) = inner.readers[(start + i) % n].try_lock() {
-                    return f(&conn);
-                }
+        let inner = &self.inner;
+        let n = inner.readers.len();
+        let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
+        // Prefer a reader nobody holds; if all are busy, wait on the one our turn points at.
+        for i in 0..n {
+            if let Ok(conn) = inner.readers[(start + i) % n].try_lock() {
+                return f(&conn);
             }
-            let conn = lock(&inner.readers[start % n]);
-            f(&conn)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        }
+        let conn = lock(&inner.readers[start % n]);
+        f(&conn)
     }
 }
 

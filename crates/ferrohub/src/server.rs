@@ -340,13 +340,15 @@ async fn accept_loop(
                 let broker = broker.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    if let Some((tls, certs)) = handshake(&acceptor, socket, addr).await {
+                    // Both boxed: a task's allocation is sized for its largest state, and the
+                    // handshake's is large but short-lived; idle devices should not pay for it.
+                    if let Some((tls, certs)) = Box::pin(handshake(&acceptor, socket, addr)).await {
                         let peer = PeerInfo {
                             addr,
                             transport: Transport::Tls,
                             client_certs: certs,
                         };
-                        serve_connection(broker, tls, peer).await;
+                        Box::pin(serve_connection(broker, tls, peer)).await;
                     }
                 });
             }
@@ -354,7 +356,7 @@ async fn accept_loop(
                 let router = router.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    if let Some((tls, certs)) = handshake(&acceptor, socket, addr).await {
+                    if let Some((tls, certs)) = Box::pin(handshake(&acceptor, socket, addr)).await {
                         serve_https(tls, addr, certs, router, shutdown).await;
                     }
                 });

@@ -107,12 +107,14 @@ where
     H: Handler,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let mut wire = Wire {
+    // Boxed so the async state machines below move a pointer, not the TLS stream: rustc keeps
+    // a separate slot for each moved copy, which tripled the memory of an idle connection.
+    let mut wire = Box::new(Wire {
         stream,
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         max_packet_size: broker.config.max_packet_size,
-    };
+    });
     let first = tokio::time::timeout(broker.config.connect_timeout, wire.read_packet()).await;
     let connect = match first {
         Ok(Ok(Packet::Connect(c))) => c,
@@ -147,12 +149,12 @@ where
             return;
         }
     };
-    run_session(broker, wire, peer, connect, client).await;
+    Box::pin(run_session(broker, wire, peer, connect, client)).await;
 }
 
 async fn run_session<H, S>(
     broker: Arc<Broker<H>>,
-    mut wire: Wire<S>,
+    mut wire: Box<Wire<S>>,
     _peer: PeerInfo,
     mut connect: Connect,
     client: H::Client,
@@ -187,7 +189,8 @@ async fn run_session<H, S>(
     // Held for the connection's life: a takeover waits (via `done`) until we let go.
     let mut state = session.clone().lock_owned().await;
 
-    let (out_tx, mut out_rx) = mpsc::channel::<OutboundMessage>(broker.config.outbound_queue);
+    // Boxed messages keep the channel's first block (32 slots, allocated up front) small.
+    let (out_tx, mut out_rx) = mpsc::channel::<Box<OutboundMessage>>(broker.config.outbound_queue);
     let reason = async {
         wire.send(&connack(session_present, ConnectReturnCode::Accepted))
             .await
@@ -291,7 +294,7 @@ type PendingAcks = FuturesOrdered<
 enum Event {
     Completed((QoS, u16, Result<(), String>)),
     Read(Result<(), ConnError>),
-    Outbound(Option<OutboundMessage>),
+    Outbound(Option<Box<OutboundMessage>>),
     KeepAliveExpired,
     Kicked,
     Shutdown,
@@ -302,7 +305,7 @@ async fn session_loop<H, S>(
     wire: &mut Wire<S>,
     client: &H::Client,
     state: &mut SessionState,
-    out_rx: &mut mpsc::Receiver<OutboundMessage>,
+    out_rx: &mut mpsc::Receiver<Box<OutboundMessage>>,
     kicked: &mut tokio::sync::oneshot::Receiver<()>,
     connect: &Connect,
 ) -> Result<(), DisconnectReason>
@@ -370,7 +373,7 @@ where
                     payload: msg.payload.clone(),
                 });
                 if msg.qos != QoS::AtMostOnce {
-                    state.inflight.push_back((packet_id, msg));
+                    state.inflight.push_back((packet_id, *msg));
                 }
                 wire.send(&packet).await.map_err(lost)?;
             }

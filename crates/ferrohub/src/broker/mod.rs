@@ -180,12 +180,12 @@ pub struct OutboundMessage {
 /// (bounded queue) and fails once the connection has gone.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    tx: mpsc::Sender<OutboundMessage>,
+    tx: mpsc::Sender<Box<OutboundMessage>>,
 }
 
 impl Outbound {
     pub async fn send(&self, msg: OutboundMessage) -> Result<(), NotConnected> {
-        self.tx.send(msg).await.map_err(|_| NotConnected)
+        self.tx.send(Box::new(msg)).await.map_err(|_| NotConnected)
     }
 
     pub fn is_closed(&self) -> bool {
