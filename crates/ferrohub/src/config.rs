@@ -36,6 +36,15 @@ pub struct ServeArgs {
     /// The CA file devices should trust, printed at start-up (optional with --tls-cert).
     #[arg(long, env = "FERROHUB_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Telemetry partitions (fixed when the telemetry log is first created).
+    #[arg(long, env = "FERROHUB_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// How long telemetry is kept, in hours (1 to 168).
+    #[arg(long, env = "FERROHUB_RETENTION_HOURS")]
+    pub retention_hours: Option<u32>,
+    /// Disk budget for telemetry in MiB; the oldest messages go first when it is exceeded.
+    #[arg(long, env = "FERROHUB_TELEMETRY_MAX_MB")]
+    pub telemetry_max_mb: Option<u64>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -50,6 +59,9 @@ struct FileConfig {
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
     max_packet_size: Option<usize>,
+    partitions: Option<u32>,
+    retention_hours: Option<u32>,
+    telemetry_max_mb: Option<u64>,
 }
 
 /// The resolved configuration of a server.
@@ -66,6 +78,14 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
     pub max_packet_size: usize,
+    /// Telemetry partitions for a new log (default 4).
+    pub partitions: u32,
+    /// Age after which telemetry is removed (default 1 day, at most 7).
+    pub retention: std::time::Duration,
+    /// Size of the telemetry log past which the oldest messages are removed.
+    pub telemetry_max_bytes: u64,
+    /// How often retention runs.
+    pub retention_interval: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -81,6 +101,10 @@ impl ServerConfig {
             tls_key: None,
             tls_ca: None,
             max_packet_size: crate::broker::BrokerConfig::default().max_packet_size,
+            partitions: 4,
+            retention: std::time::Duration::from_secs(24 * 3600),
+            telemetry_max_bytes: 10 * 1024 * 1024 * 1024,
+            retention_interval: std::time::Duration::from_secs(60),
         }
     }
 
@@ -119,6 +143,21 @@ impl ServerConfig {
         }
         if let Some(m) = file.max_packet_size {
             cfg.max_packet_size = m;
+        }
+        if let Some(p) = args.partitions.or(file.partitions) {
+            if !(1..=32).contains(&p) {
+                anyhow::bail!("partitions must be between 1 and 32 (got {p})");
+            }
+            cfg.partitions = p;
+        }
+        if let Some(h) = args.retention_hours.or(file.retention_hours) {
+            if !(1..=168).contains(&h) {
+                anyhow::bail!("retention_hours must be between 1 and 168 (7 days), got {h}");
+            }
+            cfg.retention = std::time::Duration::from_secs(u64::from(h) * 3600);
+        }
+        if let Some(mb) = args.telemetry_max_mb.or(file.telemetry_max_mb) {
+            cfg.telemetry_max_bytes = mb.saturating_mul(1024 * 1024);
         }
         Ok(cfg)
     }

@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use ferrohub::cli::{
-    self, CertificateCommand, ClientArgs, DeviceCommand, ModuleCommand, SasTokenArgs,
+    self, CertificateCommand, ClientArgs, DeviceCommand, ModuleCommand, MonitorArgs, SasTokenArgs,
 };
 use ferrohub::config::{ServeArgs, ServerConfig};
 use tracing_subscriber::EnvFilter;
@@ -44,6 +44,13 @@ enum Command {
         #[command(subcommand)]
         cmd: CertificateCommand,
     },
+    /// Follow the telemetry stream (like `az iot hub monitor-events`).
+    Monitor {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: MonitorArgs,
+    },
     /// Generate a SAS token for a device, a module or a hub policy.
     SasToken {
         #[command(flatten)]
@@ -62,6 +69,7 @@ async fn main() -> std::process::ExitCode {
         Command::Module { client, cmd } => cli::run_module(&client, cmd).await,
         Command::Certificate { client, cmd } => cli::run_certificate(&client, cmd).await,
         Command::SasToken { client, args } => cli::run_sas_token(&client, args).await,
+        Command::Monitor { client, args } => cli::run_monitor(&client, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

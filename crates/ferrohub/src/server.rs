@@ -9,6 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use ferrohub_iothub::sas::generate_key;
 use ferrohub_iothub::ConnectionString;
+use ferrohub_store::sqlite_telemetry::SqliteTelemetry;
+use ferrohub_store::telemetry::{Retention, TelemetryLog};
 use ferrohub_store::{sqlite::SqliteStore, AccessPolicy, PolicyStore, Rights, Store};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
@@ -211,8 +213,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let mqtt_addr = mqtt_listener.local_addr()?;
     let https_addr = https_listener.local_addr()?;
 
+    let telemetry: Arc<dyn TelemetryLog> = Arc::new(
+        SqliteTelemetry::open(&data_dir, cfg.partitions)
+            .with_context(|| format!("opening the telemetry log in {}", data_dir.display()))?,
+    );
     let store: Arc<dyn Store> = Arc::new(store);
-    let hub = Hub::new(store.clone(), cfg.accepted_hostnames());
+    let hub = Hub::new(store.clone(), telemetry.clone(), cfg.accepted_hostnames());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let broker_cfg = BrokerConfig {
         max_packet_size: cfg.max_packet_size,
@@ -225,6 +231,15 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     });
 
     let tracker = TaskTracker::new();
+    tracker.spawn(retention_loop(
+        telemetry,
+        Retention {
+            max_age_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
+            max_bytes: cfg.telemetry_max_bytes,
+        },
+        cfg.retention_interval,
+        shutdown_rx.clone(),
+    ));
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let acceptor = TlsAcceptor::from(tls_config);
     tracker.spawn(accept_loop(
@@ -282,6 +297,30 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown: shutdown_tx,
         tracker,
     })
+}
+
+/// Removes expired telemetry in the background, in small steps so ingest never waits long.
+async fn retention_loop(
+    log: Arc<dyn TelemetryLog>,
+    retention: Retention,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = crate::broker::until_shutdown(&mut shutdown) => return,
+        }
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        match log
+            .enforce_retention(retention, i64::try_from(now).unwrap_or(i64::MAX))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "telemetry retention removed expired messages"),
+            Err(e) => warn!(error = %e, "telemetry retention failed"),
+        }
+    }
 }
 
 fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {

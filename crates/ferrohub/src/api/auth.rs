@@ -12,6 +12,7 @@ use super::{ApiError, ApiState};
 pub enum Right {
     RegistryRead,
     RegistryWrite,
+    ServiceConnect,
 }
 
 fn unauthorized(why: &str) -> ApiError {
@@ -68,6 +69,7 @@ pub async fn authorize(
     let allowed = match need {
         Right::RegistryRead => policy.rights.registry_read,
         Right::RegistryWrite => policy.rights.registry_write,
+        Right::ServiceConnect => policy.rights.service_connect,
     };
     if !allowed {
         return Err(unauthorized("policy lacks the right for this operation"));

@@ -5,6 +5,7 @@ mod auth;
 mod certificates;
 mod devices;
 mod error;
+mod events;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub fn router(state: ApiState) -> Router {
                 .put(devices::put_module)
                 .delete(devices::delete_module),
         )
+        .route("/events", get(events::stream))
         .route("/certificates", get(certificates::list))
         .route(
             "/certificates/{name}",

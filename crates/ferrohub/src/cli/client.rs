@@ -13,6 +13,8 @@ pub const API_VERSION: &str = "2021-04-12";
 
 pub struct ApiClient {
     http: reqwest::Client,
+    /// Without a total timeout: an event stream lives as long as the reader wants.
+    http_stream: reqwest::Client,
     base: String,
     cs: ConnectionString,
 }
@@ -43,27 +45,32 @@ impl ApiClient {
                 "the connection string must name a shared access policy (SharedAccessKeyName and SharedAccessKey)"
             ));
         }
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .timeout(std::time::Duration::from_secs(60));
-        match ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("reading CA file {}", path.display()))?;
-                for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                    .with_context(|| format!("parsing CA file {}", path.display()))?
-                {
-                    builder = builder.add_root_certificate(cert);
-                }
-            }
+        let pem = match ca_file {
+            Some(path) => std::fs::read(path)
+                .with_context(|| format!("reading CA file {}", path.display()))?,
             None => {
                 return Err(anyhow!(
                     "no CA to trust: pass --ca-file (or FERROHUB_CA_FILE), or --data-dir of a hub with a development CA"
                 ))
             }
-        }
+        };
+        let builder = || -> anyhow::Result<reqwest::ClientBuilder> {
+            let mut b = reqwest::Client::builder()
+                .use_rustls_tls()
+                .connect_timeout(std::time::Duration::from_secs(15));
+            for cert in
+                reqwest::Certificate::from_pem_bundle(&pem).context("parsing the CA file")?
+            {
+                b = b.add_root_certificate(cert);
+            }
+            Ok(b)
+        };
+        let http_stream = builder()?.build()?;
         Ok(Self {
-            http: builder.build()?,
+            http: builder()?
+                .timeout(std::time::Duration::from_secs(60))
+                .build()?,
+            http_stream,
             base: format!("https://{}", cs.host_name),
             cs,
         })
@@ -125,6 +132,25 @@ impl ApiClient {
             });
         }
         Err(anyhow!(describe_error(status, &text)))
+    }
+
+    /// Opens a streaming GET (e.g. `/events`); the caller reads the body as it arrives.
+    pub async fn stream(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
+        let resp = self
+            .http_stream
+            .get(&url)
+            .header("Authorization", self.token()?)
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(anyhow!(describe_error(status, &text)));
+        }
+        Ok(resp)
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {

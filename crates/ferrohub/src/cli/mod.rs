@@ -2,6 +2,7 @@
 //! speaking the service REST API with the owner connection string, like `az iot hub`.
 
 mod client;
+mod monitor;
 mod output;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use ferrohub_iothub::ConnectionString;
 use serde_json::{json, Value};
 
 pub use client::ApiClient;
+pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
 
 /// How the CLI finds and trusts the hub.
@@ -444,6 +446,10 @@ pub async fn run_sas_token(args: &ClientArgs, t: SasTokenArgs) -> anyhow::Result
         }
     };
     out.sas_token(&token, &resource, expiry)
+}
+
+pub(crate) fn enc_pub(s: &str) -> String {
+    enc(s)
 }
 
 fn set_keys(doc: &mut Value, primary: Option<String>, secondary: Option<String>) {

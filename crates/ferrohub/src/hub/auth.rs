@@ -93,6 +93,16 @@ fn connack_from_u8(code: u8) -> ConnectReturnCode {
 struct IdentityRecord {
     enabled: bool,
     authentication: Authentication,
+    generation_id: String,
+}
+
+/// A connection that passed authentication.
+pub struct Authenticated {
+    pub identity: Identity,
+    pub auth: AuthMethod,
+    pub model_id: Option<String>,
+    /// The identity's generationId, stamped on its telemetry.
+    pub generation_id: String,
 }
 
 fn now_epoch() -> u64 {
@@ -109,7 +119,7 @@ impl Hub {
         &self,
         connect: &Connect,
         peer: &PeerInfo,
-    ) -> Result<(Identity, AuthMethod, Option<String>), ConnectReturnCode> {
+    ) -> Result<Authenticated, ConnectReturnCode> {
         let info = match parse_connect(&connect.client_id, connect.username.as_deref()) {
             Ok(i) => i,
             Err(e) => {
@@ -121,7 +131,12 @@ impl Hub {
         };
         let identity = info.identity.clone();
         match self.check_credentials(&identity, connect, peer).await {
-            Ok(auth) => Ok((identity, auth, info.model_id)),
+            Ok((auth, generation_id)) => Ok(Authenticated {
+                identity,
+                auth,
+                model_id: info.model_id,
+                generation_id,
+            }),
             Err(r) => {
                 if r.code == ConnectReturnCode::ServerUnavailable {
                     warn!(identity = %identity, peer = %peer.addr, transport = %peer.transport,
@@ -160,6 +175,7 @@ impl Hub {
             None => Ok(Some(IdentityRecord {
                 enabled: device_enabled,
                 authentication: device.authentication,
+                generation_id: device.generation_id,
             })),
             Some(m) => Ok(self
                 .store
@@ -170,6 +186,7 @@ impl Hub {
                     // A module of a disabled device cannot connect either.
                     enabled: device_enabled,
                     authentication: module.authentication,
+                    generation_id: module.generation_id,
                 })),
         }
     }
@@ -179,7 +196,7 @@ impl Hub {
         identity: &Identity,
         connect: &Connect,
         peer: &PeerInfo,
-    ) -> Result<AuthMethod, Refusal> {
+    ) -> Result<(AuthMethod, String), Refusal> {
         let scope = if identity.module_id.is_some() {
             AuthScope::Module
         } else {
@@ -209,7 +226,8 @@ impl Hub {
                         "password is not UTF-8",
                     )
                 })?;
-                self.check_sas(identity, scope, &record, text).await
+                let method = self.check_sas(identity, scope, &record, text).await?;
+                Ok((method, record.generation_id))
             }
             None => {
                 let chain = peer.client_certs.as_slice();
@@ -221,10 +239,11 @@ impl Hub {
                 }
                 self.check_x509(identity, &record.authentication, chain)
                     .await?;
-                Ok(AuthMethod {
+                let method = AuthMethod {
                     scope,
                     kind: AuthKind::X509,
-                })
+                };
+                Ok((method, record.generation_id))
             }
         }
     }

@@ -6,6 +6,7 @@
 
 mod auth;
 pub mod presence;
+mod telemetry;
 pub mod x509;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic};
 use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish};
+use ferrohub_store::telemetry::TelemetryLog;
 use ferrohub_store::Store;
 use tracing::{debug, info};
 
@@ -28,6 +30,8 @@ pub struct HubClient {
     pub identity: Identity,
     pub auth: AuthMethod,
     pub model_id: Option<String>,
+    /// The identity's generationId at connect time, stamped on telemetry.
+    pub generation_id: String,
     pub transport: Transport,
     pub peer: std::net::SocketAddr,
     /// Identifies this connection among successive ones of the same identity.
@@ -37,6 +41,8 @@ pub struct HubClient {
 /// Shared state of the hub's device side.
 pub struct Hub {
     pub store: Arc<dyn Store>,
+    /// Where device-to-cloud messages go; a PUBACK waits for it.
+    pub telemetry: Arc<dyn TelemetryLog>,
     /// Names the hub answers to: `sr` hosts in tokens must be one of them.
     pub hostnames: Vec<String>,
     pub presence: Presence,
@@ -46,9 +52,14 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, hostnames: Vec<String>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        telemetry: Arc<dyn TelemetryLog>,
+        hostnames: Vec<String>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
+            telemetry,
             hostnames,
             presence: Presence::default(),
             clients: Mutex::new(HashMap::new()),
@@ -75,14 +86,15 @@ impl Handler for Hub {
         connect: &Connect,
         peer: &PeerInfo,
     ) -> Result<HubClient, ConnectReturnCode> {
-        let (identity, auth, model_id) = self.authenticate(connect, peer).await?;
+        let a = self.authenticate(connect, peer).await?;
         let conn_seq = self
             .next_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(HubClient {
-            identity,
-            auth,
-            model_id,
+            identity: a.identity,
+            auth: a.auth,
+            model_id: a.model_id,
+            generation_id: a.generation_id,
             transport: peer.transport,
             peer: peer.addr,
             conn_seq,
@@ -129,10 +141,16 @@ impl Handler for Hub {
         };
         self.presence.activity(&client.identity);
         match topic {
-            // Telemetry, twins and methods are built by later work; until then the topics are
-            // accepted so that SDKs which use them at start-up keep working.
-            PublishTopic::Telemetry { .. }
-            | PublishTopic::TwinGet { .. }
+            PublishTopic::Telemetry { property_bag } => self.ingest(
+                client,
+                property_bag,
+                publish.payload.clone(),
+                publish.retain,
+                false,
+            ),
+            // Twins and methods are built by later work; until then the topics are accepted so
+            // that SDKs which use them at start-up keep working.
+            PublishTopic::TwinGet { .. }
             | PublishTopic::TwinPatchReported { .. }
             | PublishTopic::MethodResponse { .. } => PublishDecision::Accept,
         }
@@ -142,8 +160,11 @@ impl Handler for Hub {
         &self,
         client: &HubClient,
         reason: &DisconnectReason,
-        _will: Option<LastWill>,
+        will: Option<LastWill>,
     ) {
+        if let Some(will) = will {
+            self.publish_will(client, will).await;
+        }
         let still_ours = {
             let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
             match clients.get(&client.identity) {

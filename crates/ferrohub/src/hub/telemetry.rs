@@ -1,0 +1,101 @@
+//! Device-to-cloud telemetry: validate and stamp a device's message, append it to the durable
+//! log, and let the broker acknowledge it only once it is on disk. Will messages take the same
+//! path when a connection drops without DISCONNECT.
+
+use bytes::Bytes;
+use ferrohub_iothub::telemetry::{parse_telemetry, stamp, StampContext, MESSAGE_SOURCE_TELEMETRY};
+use ferrohub_iothub::{classify_publish, PublishTopic};
+use ferrohub_mqtt::LastWill;
+use ferrohub_store::telemetry::NewEvent;
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use super::{Hub, HubClient};
+use crate::broker::PublishDecision;
+
+impl Hub {
+    /// Builds the stored event for a telemetry publish, or says why it is refused.
+    fn telemetry_event(
+        &self,
+        client: &HubClient,
+        property_bag: &str,
+        body: Bytes,
+        retain: bool,
+        is_will: bool,
+    ) -> Result<NewEvent, String> {
+        let parsed = parse_telemetry(property_bag, body)
+            .map_err(|e| format!("telemetry refused ({}): {e}", e.error_code()))?;
+        let now = OffsetDateTime::now_utc();
+        let msg = stamp(
+            parsed,
+            &StampContext {
+                device_id: &client.identity.device_id,
+                module_id: client.identity.module_id.as_deref(),
+                generation_id: &client.generation_id,
+                auth_method_json: &client.auth.to_json(),
+                model_id: client.model_id.as_deref(),
+                enqueued_time: now,
+                retain,
+                message_source: MESSAGE_SOURCE_TELEMETRY,
+                is_will,
+            },
+        );
+        Ok(NewEvent {
+            device_id: client.identity.device_id.clone(),
+            module_id: client.identity.module_id.clone(),
+            enqueued_ms: i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX),
+            system_properties: msg.system_properties,
+            properties: msg.properties,
+            body: msg.body.to_vec(),
+        })
+    }
+
+    /// A telemetry PUBLISH: refused (connection closed, nothing stored) if invalid, otherwise
+    /// acknowledged once the log has it on disk.
+    pub(super) fn ingest(
+        &self,
+        client: &HubClient,
+        property_bag: &str,
+        body: Bytes,
+        retain: bool,
+        is_will: bool,
+    ) -> PublishDecision {
+        let event = match self.telemetry_event(client, property_bag, body, retain, is_will) {
+            Ok(e) => e,
+            Err(why) => return PublishDecision::Reject(why),
+        };
+        let log = self.telemetry.clone();
+        PublishDecision::AcceptWhen(Box::pin(async move {
+            log.append(event)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("telemetry store failed: {e}"))
+        }))
+    }
+
+    /// Delivers a Will as telemetry with `iothub-MessageType=Will` (spec section 2).
+    pub(super) async fn publish_will(&self, client: &HubClient, will: LastWill) {
+        let bag = match classify_publish(&client.identity, &will.topic) {
+            Ok(PublishTopic::Telemetry { property_bag }) => property_bag,
+            _ => {
+                warn!(identity = %client.identity, topic = %will.topic, "Will topic is not this identity's telemetry topic; discarded");
+                return;
+            }
+        };
+        let event = match self.telemetry_event(client, bag, will.payload, will.retain, true) {
+            Ok(e) => e,
+            Err(why) => {
+                warn!(identity = %client.identity, reason = %why, "Will message discarded");
+                return;
+            }
+        };
+        match self.telemetry.append(event).await {
+            Ok((partition, sequence)) => {
+                info!(identity = %client.identity, partition, sequence, "Will message delivered as telemetry")
+            }
+            Err(e) => {
+                warn!(identity = %client.identity, error = %e, "Will message could not be stored")
+            }
+        }
+    }
+}
