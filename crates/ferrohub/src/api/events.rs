@@ -4,8 +4,9 @@
 //! Query: `consumerGroup` (default `$Default`), `from` = `checkpoint` (default: where the
 //! group's last reader stopped, or `end` if it never read) | `start` | `end` | an ISO 8601 UTC
 //! time | a sequence number (with `partition`), optional `partition` and `deviceId` filters.
-//! Each line is one event. The group's checkpoint advances as events are handed to the
-//! connection, so a reader that reconnects with `from=checkpoint` continues where it stopped.
+//! Each line is one event. The group's checkpoint advances as lines are written to the
+//! connection, so a reader that reconnects with `from=checkpoint` gets no event twice and
+//! misses none published since; lines still in flight when a reader vanished count as read.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -156,11 +157,32 @@ pub async fn stream(
         positions.push((*p, pos));
     }
 
-    let (tx, rx) = mpsc::channel::<Bytes>(LINES_BUFFERED);
-    tokio::spawn(pump(log, group, positions, device, module, tx));
-    let body = Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    }));
+    let (tx, rx) = mpsc::channel::<Line>(LINES_BUFFERED);
+    // What the response has actually taken for the socket; checkpoints are saved from this,
+    // not from what is merely queued.
+    let written: Written = std::sync::Arc::new(std::sync::Mutex::new(positions.clone()));
+    tokio::spawn(pump(
+        log,
+        group,
+        positions,
+        device,
+        module,
+        tx,
+        written.clone(),
+    ));
+    let body = Body::from_stream(futures_util::stream::unfold(
+        (rx, written),
+        |(mut rx, written)| async move {
+            let line = rx.recv().await?;
+            if let Some((partition, next)) = line.position {
+                let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = w.iter_mut().find(|(p, _)| *p == partition) {
+                    slot.1 = next;
+                }
+            }
+            Some((Ok::<_, Infallible>(line.bytes), (rx, written)))
+        },
+    ));
     Ok((
         StatusCode::OK,
         [
@@ -180,6 +202,14 @@ fn store_err(e: ferrohub_store::StoreError) -> ApiError {
     )
 }
 
+/// One NDJSON line and the position it moves its partition to once written.
+struct Line {
+    bytes: Bytes,
+    position: Option<(u32, u64)>,
+}
+
+type Written = std::sync::Arc<std::sync::Mutex<Vec<(u32, u64)>>>;
+
 /// Reads the partitions in turn and writes matching events to the response until the reader
 /// goes away; between commits it sleeps on the log's commit signal (no polling).
 async fn pump(
@@ -188,7 +218,8 @@ async fn pump(
     mut positions: Vec<(u32, u64)>,
     device: Option<String>,
     module: Option<String>,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Line>,
+    written: Written,
 ) {
     let mut commits = log.watch_commits();
     let mut saved_at = Instant::now();
@@ -213,17 +244,26 @@ async fn pump(
                         .as_deref()
                         .is_none_or(|m| Some(m) == e.event.module_id.as_deref());
                 if !wanted {
+                    // Filtered out: nothing to write, but the group has passed it.
+                    let mut w = written.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(slot) = w.iter_mut().find(|(p, _)| p == partition) {
+                        slot.1 = *next;
+                    }
                     continue;
                 }
                 let mut line = event_json(&e).to_string();
                 line.push('\n');
-                if tx.send(Bytes::from(line)).await.is_err() {
+                let line = Line {
+                    bytes: Bytes::from(line),
+                    position: Some((*partition, *next)),
+                };
+                if tx.send(line).await.is_err() {
                     break 'outer;
                 }
             }
         }
         if dirty && saved_at.elapsed() >= CHECKPOINT_EVERY {
-            save(&*log, &group, &positions).await;
+            save(&*log, &group, &snapshot(&written)).await;
             saved_at = Instant::now();
             dirty = false;
         }
@@ -237,8 +277,12 @@ async fn pump(
         }
     }
     if dirty {
-        save(&*log, &group, &positions).await;
+        save(&*log, &group, &snapshot(&written)).await;
     }
+}
+
+fn snapshot(written: &Written) -> Vec<(u32, u64)> {
+    written.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 async fn save(log: &dyn TelemetryLog, group: &str, positions: &[(u32, u64)]) {

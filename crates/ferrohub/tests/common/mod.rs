@@ -339,3 +339,24 @@ pub fn publish(topic: &str, payload: &[u8], qos: QoS, pid: u16) -> Packet {
         payload: Bytes::copy_from_slice(payload),
     })
 }
+
+/// Reads events from `GET /events?{query}` until `n` arrived or `wait` passed.
+pub async fn read_events(hub: &TestHub, query: &str, n: usize, wait: Duration) -> R<Vec<Value>> {
+    let mut resp = hub.api.stream(&format!("/events?{query}")).await?;
+    let mut out = Vec::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while out.len() < n {
+        let chunk = match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Ok(c) => c?,
+            Err(_) => break,
+        };
+        let Some(chunk) = chunk else { break };
+        pending.extend_from_slice(&chunk);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            out.push(serde_json::from_slice(&line)?);
+        }
+    }
+    Ok(out)
+}
