@@ -52,13 +52,23 @@ pub struct Retention {
     pub max_bytes: u64,
 }
 
+/// Resolves once an enqueued message is on disk, with its (partition, sequence).
+pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(u32, u64)>> + Send>>;
+
 /// A durable, partitioned, append-only log of device-to-cloud messages with consumer-group
 /// checkpoints.
 #[async_trait]
 pub trait TelemetryLog: Send + Sync + 'static {
-    /// Appends one message and resolves once it is on disk. Appends from many callers share
-    /// one sync (group commit). Returns (partition, sequence).
-    async fn append(&self, event: NewEvent) -> Result<(u32, u64)>;
+    /// Puts one message in the log's order and returns a future that resolves once it is on
+    /// disk. Messages enqueued one after another by a caller are stored in that order; this
+    /// call waits while the log's queue is full (backpressure). Appends from many callers share
+    /// one sync (group commit).
+    async fn enqueue(&self, event: NewEvent) -> Result<Durable>;
+
+    /// Enqueues and waits until the message is on disk. Returns (partition, sequence).
+    async fn append(&self, event: NewEvent) -> Result<(u32, u64)> {
+        self.enqueue(event).await?.await
+    }
 
     fn partition_count(&self) -> u32;
 

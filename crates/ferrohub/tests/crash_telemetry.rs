@@ -153,6 +153,13 @@ async fn every_acknowledged_message_survives_sigkill_exactly_once_in_order() -> 
     for (d, max_acked) in devices.iter().zip(&acked) {
         let got = seen.remove(d).unwrap_or_default();
         let expected: Vec<u32> = (1..=got.len() as u32).collect();
+        if let Some(i) = got.iter().zip(&expected).position(|(a, b)| a != b) {
+            let lo = i.saturating_sub(3);
+            let around = &got[lo..(i + 5).min(got.len())];
+            return Err(
+                format!("{d}: stored out of order or twice at index {i}: {around:?}").into(),
+            );
+        }
         assert_eq!(
             got, expected,
             "{d}: stored messages are 1..k, each once, in order"

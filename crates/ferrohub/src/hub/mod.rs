@@ -29,6 +29,8 @@ use presence::Presence;
 pub struct HubClient {
     pub identity: Identity,
     pub auth: AuthMethod,
+    /// `auth` as the JSON stamped on every message, made once per connection.
+    pub auth_json: String,
     pub model_id: Option<String>,
     /// The identity's generationId at connect time, stamped on telemetry.
     pub generation_id: String,
@@ -92,6 +94,7 @@ impl Handler for Hub {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(HubClient {
             identity: a.identity,
+            auth_json: a.auth.to_json(),
             auth: a.auth,
             model_id: a.model_id,
             generation_id: a.generation_id,
@@ -141,13 +144,16 @@ impl Handler for Hub {
         };
         self.presence.activity(&client.identity);
         match topic {
-            PublishTopic::Telemetry { property_bag } => self.ingest(
-                client,
-                property_bag,
-                publish.payload.clone(),
-                publish.retain,
-                false,
-            ),
+            PublishTopic::Telemetry { property_bag } => {
+                self.ingest(
+                    client,
+                    property_bag,
+                    publish.payload.clone(),
+                    publish.retain,
+                    false,
+                )
+                .await
+            }
             // Twins and methods are built by later work; until then the topics are accepted so
             // that SDKs which use them at start-up keep working.
             PublishTopic::TwinGet { .. }

@@ -32,7 +32,7 @@ impl Hub {
                 device_id: &client.identity.device_id,
                 module_id: client.identity.module_id.as_deref(),
                 generation_id: &client.generation_id,
-                auth_method_json: &client.auth.to_json(),
+                auth_method_json: &client.auth_json,
                 model_id: client.model_id.as_deref(),
                 enqueued_time: now,
                 retain,
@@ -51,8 +51,10 @@ impl Hub {
     }
 
     /// A telemetry PUBLISH: refused (connection closed, nothing stored) if invalid, otherwise
-    /// acknowledged once the log has it on disk.
-    pub(super) fn ingest(
+    /// acknowledged once the log has it on disk. The message takes its place in the log here,
+    /// while the connection handles its PUBLISHes one by one, so a device's messages are stored
+    /// in the order it sent them; only the wait for the disk overlaps with later messages.
+    pub(super) async fn ingest(
         &self,
         client: &HubClient,
         property_bag: &str,
@@ -64,13 +66,15 @@ impl Hub {
             Ok(e) => e,
             Err(why) => return PublishDecision::Reject(why),
         };
-        let log = self.telemetry.clone();
-        PublishDecision::AcceptWhen(Box::pin(async move {
-            log.append(event)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("telemetry store failed: {e}"))
-        }))
+        match self.telemetry.enqueue(event).await {
+            Ok(durable) => PublishDecision::AcceptWhen(Box::pin(async move {
+                durable
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("telemetry store failed: {e}"))
+            })),
+            Err(e) => PublishDecision::Reject(format!("telemetry store failed: {e}")),
+        }
     }
 
     /// Delivers a Will as telemetry with `iothub-MessageType=Will` (spec section 2).
