@@ -12,6 +12,7 @@ use ferrohub_mqtt::{
     SubscribeReturnCode,
 };
 use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
@@ -345,13 +346,21 @@ where
             _ = tokio::time::sleep_until(deadline) => Event::KeepAliveExpired,
         };
         match event {
-            Event::Completed((qos, pid, Ok(()))) => {
-                if qos == QoS::AtLeastOnce {
-                    wire.send(&Packet::PubAck(pid)).await.map_err(lost)?;
+            Event::Completed(first) => {
+                // A group commit completes many publishes at once: write all their PUBACKs
+                // (still in order) as one TLS record and one syscall instead of one each.
+                let mut done = Some(first);
+                while let Some((qos, pid, result)) = done.take() {
+                    if let Err(why) = result {
+                        let _ = wire.flush().await;
+                        return Err(DisconnectReason::ProtocolViolation(why));
+                    }
+                    if qos == QoS::AtLeastOnce {
+                        wire.queue(&Packet::PubAck(pid)).map_err(lost)?;
+                    }
+                    done = pending.next().now_or_never().flatten();
                 }
-            }
-            Event::Completed((_, _, Err(why))) => {
-                return Err(DisconnectReason::ProtocolViolation(why))
+                wire.flush().await.map_err(lost)?;
             }
             Event::Read(Ok(())) => deadline = Instant::now() + keep_alive,
             Event::Read(Err(ConnError::Decode(e))) => {
