@@ -24,9 +24,17 @@ struct Server {
     info: HubInfo,
 }
 
+/// The server is killed however the test ends, so a failing run leaves no process behind.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 async fn spawn_server(data: &Path, mqtt: u16, https: u16) -> R<Server> {
     let _ = std::fs::remove_file(data.join("hub.json"));
-    let child = Command::new(env!("CARGO_BIN_EXE_ferrohub"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrohub"))
         .args(["serve", "--hostname", HOST])
         .arg("--data-dir")
         .arg(data)
@@ -50,6 +58,8 @@ async fn spawn_server(data: &Path, mqtt: u16, https: u16) -> R<Server> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let _ = child.kill();
+    let _ = child.wait();
     Err("server did not start".into())
 }
 
@@ -121,7 +131,7 @@ async fn every_acknowledged_message_survives_sigkill_exactly_once_in_order() -> 
         "the load was real: {total_acked} acknowledged"
     );
 
-    let mut server = spawn_server(dir.path(), mqtt, https).await?;
+    let server = spawn_server(dir.path(), mqtt, https).await?;
     let hub_api = ferrohub::cli::ApiClient::new(
         ConnectionString::parse(&server.info.owner_connection_string)?,
         Some(&ca),
@@ -171,7 +181,6 @@ async fn every_acknowledged_message_survives_sigkill_exactly_once_in_order() -> 
         );
     }
     assert!(count as u32 >= total_acked);
-    server.child.kill()?;
-    server.child.wait()?;
+    drop(server);
     Ok(())
 }
