@@ -1,5 +1,6 @@
-//! One simulated device's MQTT-over-TLS session: TCP, TLS 1.3, CONNECT with a SAS token, CONNACK,
-//! and DISCONNECT at the end. Kept lean because thousands of these are alive at once.
+//! One simulated device's MQTT-over-TLS session: TCP, TLS 1.3, CONNECT (with a SAS token for an
+//! IoT Hub, bare for a plain MQTT broker), CONNACK, and DISCONNECT at the end. Kept lean because
+//! thousands of these are alive at once.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -83,14 +84,34 @@ pub enum CloseOutcome {
     WriteFailed,
 }
 
+/// What a CONNECT carries besides the client id.
+pub enum Credentials {
+    /// An IoT Hub device: the hub's username format and a SAS token signed with the fleet key.
+    Sas {
+        hostname: String,
+        device_key: String,
+    },
+    /// A plain MQTT broker taking anonymous clients: no username, no password.
+    Anonymous,
+}
+
 /// Everything needed to connect any fleet device; shared by all connect workers.
 pub struct Connector {
     tls: TlsConnector,
     server_name: ServerName<'static>,
     addr: SocketAddr,
-    hostname: String,
-    device_key: String,
+    credentials: Credentials,
     timeout: Duration,
+}
+
+/// Where to open connections and whom to trust there.
+pub struct Endpoint<'a> {
+    /// PEM certificate(s): the only roots trusted.
+    pub ca_pem: &'a [u8],
+    /// SNI and the name the server certificate must carry.
+    pub server_name: &'a str,
+    pub host: &'a str,
+    pub port: u16,
 }
 
 /// Client TLS configuration: TLS 1.3 only, trusting only the hub CA. Without `resume` every
@@ -118,20 +139,45 @@ pub fn tls_config(ca_pem: &[u8], resume: bool) -> Result<Arc<rustls::ClientConfi
 }
 
 impl Connector {
+    /// Connects IoT Hub devices of `hub`, all sharing `device_key`.
     pub async fn new(
         hub: &Hub,
         device_key: String,
         resume: bool,
         timeout: Duration,
     ) -> Result<Connector> {
-        let server_name = ServerName::try_from(hub.hostname.clone())
-            .with_context(|| format!("{:?} is not a valid TLS server name", hub.hostname))?;
+        Connector::with_credentials(
+            &Endpoint {
+                ca_pem: &hub.ca_pem,
+                server_name: &hub.hostname,
+                host: &hub.mqtt_host,
+                port: hub.mqtt_port,
+            },
+            Credentials::Sas {
+                hostname: hub.hostname.clone(),
+                device_key,
+            },
+            resume,
+            timeout,
+        )
+        .await
+    }
+
+    pub async fn with_credentials(
+        endpoint: &Endpoint<'_>,
+        credentials: Credentials,
+        resume: bool,
+        timeout: Duration,
+    ) -> Result<Connector> {
+        let server_name =
+            ServerName::try_from(endpoint.server_name.to_owned()).with_context(|| {
+                format!("{:?} is not a valid TLS server name", endpoint.server_name)
+            })?;
         Ok(Connector {
-            tls: TlsConnector::from(tls_config(&hub.ca_pem, resume)?),
+            tls: TlsConnector::from(tls_config(endpoint.ca_pem, resume)?),
             server_name,
-            addr: resolve_mqtt(&hub.mqtt_host, hub.mqtt_port).await?,
-            hostname: hub.hostname.clone(),
-            device_key,
+            addr: resolve_mqtt(endpoint.host, endpoint.port).await?,
+            credentials,
             timeout,
         })
     }
@@ -149,13 +195,25 @@ impl Connector {
     }
 
     fn connect_packet(&self, device_id: &str) -> Result<BytesMut, ConnectFailure> {
-        let password = generate_token(
-            &format!("{}/devices/{device_id}", self.hostname),
-            &self.device_key,
-            now_epoch() + TOKEN_LIFETIME_SECS,
-            None,
-        )
-        .map_err(|e| ConnectFailure::Protocol(format!("signing the token: {e}")))?;
+        let (username, password) = match &self.credentials {
+            Credentials::Sas {
+                hostname,
+                device_key,
+            } => {
+                let token = generate_token(
+                    &format!("{hostname}/devices/{device_id}"),
+                    device_key,
+                    now_epoch() + TOKEN_LIFETIME_SECS,
+                    None,
+                )
+                .map_err(|e| ConnectFailure::Protocol(format!("signing the token: {e}")))?;
+                (
+                    Some(format!("{hostname}/{device_id}/?api-version={API_VERSION}")),
+                    Some(Bytes::from(token.into_bytes())),
+                )
+            }
+            Credentials::Anonymous => (None, None),
+        };
         let packet = Packet::Connect(Connect {
             protocol_name: "MQTT".to_owned(),
             protocol_level: 4,
@@ -163,11 +221,8 @@ impl Connector {
             keep_alive: KEEP_ALIVE_SECS,
             client_id: device_id.to_owned(),
             will: None,
-            username: Some(format!(
-                "{}/{device_id}/?api-version={API_VERSION}",
-                self.hostname
-            )),
-            password: Some(Bytes::from(password.into_bytes())),
+            username,
+            password,
         });
         let mut buf = BytesMut::with_capacity(512);
         encode(&packet, &mut buf)

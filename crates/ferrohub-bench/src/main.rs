@@ -24,6 +24,9 @@ enum Scenario {
     /// Open N device connections, measure connect rate, server CPU per connect and server
     /// memory per idle connection, then disconnect them all.
     Connect(scenario::connect::ConnectArgs),
+    /// Keep N connections publishing QoS 1 telemetry with K PUBLISHes in flight each; measure
+    /// acknowledged messages per second, PUBACK latency and server CPU per message.
+    Telemetry(scenario::telemetry::TelemetryArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.scenario {
             Scenario::Connect(args) => scenario::connect::run(args).await,
+            Scenario::Telemetry(args) => scenario::telemetry::run(args).await,
         }
     })
 }

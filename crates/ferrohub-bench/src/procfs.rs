@@ -1,5 +1,6 @@
 //! Process measurements and limits: another process's CPU time and RSS from /proc, this
-//! process's own CPU time and RSS, and the open-file limit the connections need.
+//! process's own CPU time and RSS, the whole machine's busy CPU time, and the open-file limit the
+//! connections need.
 
 use std::fs;
 
@@ -43,6 +44,33 @@ fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
             .with_context(|| format!("field {n} is not a number"))
     };
     Ok(field(14)? + field(15)?)
+}
+
+/// CPU time every core spent on anything but idling, from /proc/stat, in clock ticks. Set
+/// against the server's and the bench's own CPU time it shows whether something else (a build,
+/// another benchmark) competed for the cores during a measurement.
+pub fn machine_busy_ticks() -> Result<u64> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_machine_busy_ticks(&stat).context("parsing the cpu line of /proc/stat")
+}
+
+fn parse_machine_busy_ticks(stat: &str) -> Result<u64> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no aggregate cpu line")?;
+    let fields: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("a field is not a number")?;
+    if fields.len() < 5 {
+        bail!("fewer fields than user nice system idle iowait");
+    }
+    // user nice system idle iowait irq softirq steal guest guest_nice: idle and iowait are not
+    // busy, and guest time is already counted in user.
+    Ok(fields.iter().take(8).sum::<u64>() - fields[3] - fields[4])
 }
 
 /// VmRSS from /proc/PID/status, in KiB.
@@ -132,6 +160,15 @@ mod tests {
         let stat = "1234 (a b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3";
         assert_eq!(parse_stat_cpu_ticks(stat)?, 325);
         assert!(parse_stat_cpu_ticks("1234 (x) S 1").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn machine_busy_time_leaves_out_idle_and_guest() -> Result<()> {
+        let stat = "cpu  100 2 30 5000 40 5 6 7 50 0\ncpu0 50 1 15 2500 20 2 3 3 25 0\n";
+        assert_eq!(parse_machine_busy_ticks(stat)?, 100 + 2 + 30 + 5 + 6 + 7);
+        assert!(parse_machine_busy_ticks("cpu0 1 2 3 4 5\n").is_err());
+        assert!(machine_busy_ticks()? > 0);
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! statistics.
 
 pub mod connect;
+pub mod telemetry;
 
 use anyhow::{bail, Result};
 
