@@ -96,6 +96,8 @@ enum Command {
 }
 
 struct Inner {
+    /// Tells the checkpoint thread to stop when the log is dropped.
+    stop: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::Sender<Command>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
@@ -134,9 +136,9 @@ fn open(path: &Path, read_only: bool) -> Result<Connection> {
         // Must precede the first table: lets retention give space back to the file system.
         conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // Each checkpoint costs an fsync of the main file; with an append-heavy log, fewer,
-        // larger checkpoints (32 MiB of WAL) are cheaper than SQLite's 4 MiB default.
-        conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
+        // Checkpoints normally run on their own thread (see `checkpoint_loop`) so appends never
+        // wait for one; this only bounds the WAL if that thread falls far behind (64 MiB).
+        conn.pragma_update(None, "wal_autocheckpoint", 16384)?;
     }
     conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
@@ -202,8 +204,15 @@ impl SqliteTelemetry {
         std::thread::Builder::new()
             .name("telemetry-writer".into())
             .spawn(move || writer_loop(writer, rx, next_seq, partitions, commit_tx))?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpointer = open(&path, false)?;
+        let stop_flag = stop.clone();
+        std::thread::Builder::new()
+            .name("telemetry-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, stop_flag))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                stop,
                 tx,
                 readers,
                 next_reader: AtomicUsize::new(0),
@@ -253,6 +262,24 @@ impl SqliteTelemetry {
             .map_err(|_| StoreError::Task("telemetry writer stopped".into()))?;
         rx.await
             .map_err(|_| StoreError::Task("telemetry writer stopped".into()))?
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies committed WAL frames into the database file in the background. A PASSIVE checkpoint
+/// never blocks the writer, so the fsync of the database file no longer lands inside a commit
+/// (where it stalled every PUBACK waiting on that commit).
+fn checkpoint_loop(conn: Connection, stop: Arc<std::sync::atomic::AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "telemetry checkpoint failed");
+        }
     }
 }
 
