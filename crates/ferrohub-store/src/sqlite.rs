@@ -79,6 +79,17 @@ fn etag_of(version: i64) -> String {
 }
 
 fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
+    open_conn_with(path, read_only, &[])
+}
+
+/// Opens a connection as every Ferrohub SQLite file wants it (WAL, `synchronous=FULL`).
+/// `before_wal` pragmas are applied to writers first: some (e.g. `auto_vacuum`) only take
+/// effect on a new database before anything else is written.
+pub(crate) fn open_conn_with(
+    path: &Path,
+    read_only: bool,
+    before_wal: &[(&str, &str)],
+) -> Result<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -89,6 +100,9 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     if !read_only {
+        for (name, value) in before_wal {
+            conn.pragma_update(None, name, value)?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
     }
     // FULL: the WAL is fsync'd at every commit, which is what makes "acknowledged" mean durable.

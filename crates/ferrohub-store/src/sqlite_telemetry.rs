@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::telemetry::{Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog};
@@ -123,24 +123,13 @@ pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
 }
 
 fn open(path: &Path, read_only: bool) -> Result<Connection> {
-    let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // auto_vacuum: lets retention give space back to the file system.
+    let conn = crate::sqlite::open_conn_with(path, read_only, &[("auto_vacuum", "INCREMENTAL")])?;
     if !read_only {
-        // Must precede the first table: lets retention give space back to the file system.
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
         // Checkpoints normally run on their own thread (see `checkpoint_loop`) so appends never
         // wait for one; this only bounds the WAL if that thread falls far behind (64 MiB).
         conn.pragma_update(None, "wal_autocheckpoint", 16384)?;
     }
-    conn.pragma_update(None, "synchronous", "FULL")?;
     Ok(conn)
 }
 
@@ -721,6 +710,15 @@ mod tests {
         for t in 0..50 {
             log.append(ev("d", 100 + t, &[0u8; 4096])).await?;
         }
+        let mode: i64 = Connection::open(dir.path().join(TELEMETRY_DB_FILE))?.query_row(
+            "PRAGMA auto_vacuum",
+            [],
+            |r| r.get(0),
+        )?;
+        assert_eq!(
+            mode, 2,
+            "incremental auto-vacuum, so retention can shrink the file"
+        );
         let removed = log
             .enforce_retention(
                 Retention {

@@ -6,17 +6,7 @@ use time::OffsetDateTime;
 
 /// ISO 8601 UTC with seven fractional digits, as IoT Hub (and .NET) format times.
 pub fn iso(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:07}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.nanosecond() / 100
-    )
+    ferrohub_iothub::telemetry::format_utc_timestamp(t)
 }
 
 pub fn iso_system(t: SystemTime) -> String {
