@@ -103,6 +103,8 @@ pub struct Authenticated {
     pub model_id: Option<String>,
     /// The identity's generationId, stamped on its telemetry.
     pub generation_id: String,
+    /// The SDK's user agent from the username, for logs.
+    pub client_type: Option<String>,
 }
 
 fn now_epoch() -> u64 {
@@ -136,6 +138,7 @@ impl Hub {
                 auth,
                 model_id: info.model_id,
                 generation_id,
+                client_type: info.device_client_type,
             }),
             Err(r) => {
                 if r.code == ConnectReturnCode::ServerUnavailable {

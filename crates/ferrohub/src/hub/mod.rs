@@ -34,6 +34,8 @@ pub struct HubClient {
     pub model_id: Option<String>,
     /// The identity's generationId at connect time, stamped on telemetry.
     pub generation_id: String,
+    /// The SDK's user agent (`DeviceClientType`), for logs.
+    pub client_type: Option<String>,
     pub transport: Transport,
     pub peer: std::net::SocketAddr,
     /// Identifies this connection among successive ones of the same identity.
@@ -98,6 +100,7 @@ impl Handler for Hub {
             auth: a.auth,
             model_id: a.model_id,
             generation_id: a.generation_id,
+            client_type: a.client_type,
             transport: peer.transport,
             peer: peer.addr,
             conn_seq,
@@ -120,6 +123,7 @@ impl Handler for Hub {
             transport = %client.transport,
             peer = %client.peer,
             model_id = client.model_id.as_deref().unwrap_or(""),
+            client_type = client.client_type.as_deref().unwrap_or(""),
             "device connected"
         );
     }

@@ -23,8 +23,12 @@ impl Hub {
         retain: bool,
         is_will: bool,
     ) -> Result<NewEvent, String> {
-        let parsed = parse_telemetry(property_bag, body)
-            .map_err(|e| format!("telemetry refused ({}): {e}", e.error_code()))?;
+        let parsed = parse_telemetry(property_bag, body).map_err(|e| {
+            let code = e.error_code();
+            warn!(identity = %client.identity, error_code = code.code(), error = code.name(),
+                  reason = %e, "telemetry refused; closing the connection");
+            format!("telemetry refused ({code}): {e}")
+        })?;
         let now = OffsetDateTime::now_utc();
         let msg = stamp(
             parsed,
