@@ -320,6 +320,7 @@ where
     let max_inflight = broker.config.max_inflight;
     let max_pending = broker.config.max_pending_acks;
     let mut pending: PendingAcks = FuturesOrdered::new();
+    let mut outbound_open = true;
     loop {
         // Packets that arrived together with the previous read are handled before waiting,
         // unless enough publishes already wait for their completion.
@@ -334,7 +335,7 @@ where
                 Err(e) => return Err(DisconnectReason::ProtocolViolation(e.to_string())),
             }
         }
-        let can_send = state.inflight.len() < max_inflight;
+        let can_send = outbound_open && state.inflight.len() < max_inflight;
         let can_read = pending.len() < max_pending;
         let event = tokio::select! {
             biased;
@@ -386,10 +387,9 @@ where
                 }
                 wire.send(&packet).await.map_err(lost)?;
             }
-            // Every sender is gone: nothing more can be queued, keep serving the client.
-            Event::Outbound(None) => {
-                std::future::pending::<()>().await;
-            }
+            // Every sender is gone: nothing more can be queued. Stop polling the channel and
+            // keep serving the client (waiting here would stop reading, keep-alive and takeover).
+            Event::Outbound(None) => outbound_open = false,
             Event::KeepAliveExpired => return Err(DisconnectReason::KeepAliveTimeout),
             Event::Kicked => return Err(DisconnectReason::TakenOver),
             Event::Shutdown => return Err(DisconnectReason::ServerShutdown),
@@ -537,5 +537,135 @@ fn packet_kind(p: &Packet) -> &'static str {
         Packet::PingReq => "PINGREQ",
         Packet::PingResp => "PINGRESP",
         Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Broker behaviour that needs a handler the IoT Hub layer would never be: one whose
+    //! durability never completes. Runs over an in-memory stream.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use bytes::{Bytes, BytesMut};
+    use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Packet, Publish, QoS};
+    use ferrohub_store::{SessionStore, StoredSession};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use crate::broker::{
+        Broker, BrokerConfig, DisconnectReason, Handler, Outbound, PeerInfo, PublishDecision,
+        Transport,
+    };
+
+    /// Counts publishes and never lets one become durable: a store that has stopped.
+    #[derive(Default)]
+    struct StuckStore {
+        publishes: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Handler for StuckStore {
+        type Client = ();
+        async fn connect(&self, _: &Connect, _: &PeerInfo) -> Result<(), ConnectReturnCode> {
+            Ok(())
+        }
+        fn keep_alive(&self, _: u16) -> Duration {
+            Duration::from_secs(60)
+        }
+        /// Drops the outbound handle on purpose: a connection must keep serving without one
+        /// (it once waited forever here, deaf to reads, keep-alive and takeover).
+        async fn connected(&self, _: &(), _: Outbound) {}
+        fn authorize_subscribe(&self, _: &(), _: &str) -> bool {
+            true
+        }
+        async fn publish(&self, _: &(), _: Publish) -> PublishDecision {
+            self.publishes.fetch_add(1, Ordering::SeqCst);
+            PublishDecision::AcceptWhen(Box::pin(std::future::pending()))
+        }
+        async fn disconnected(&self, _: &(), _: &DisconnectReason, _: Option<LastWill>) {}
+    }
+
+    struct NoSessions;
+
+    #[async_trait]
+    impl SessionStore for NoSessions {
+        async fn load_session(&self, _: &str) -> ferrohub_store::Result<Option<StoredSession>> {
+            Ok(None)
+        }
+        async fn save_session(&self, _: &str, _: &StoredSession) -> ferrohub_store::Result<()> {
+            Ok(())
+        }
+        async fn delete_session(&self, _: &str) -> ferrohub_store::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_store_stops_the_connection_reading_at_the_pending_limit() {
+        let handler = Arc::new(StuckStore::default());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let config = BrokerConfig::default();
+        let limit = config.max_pending_acks;
+        let broker = Broker::new(handler.clone(), config, Arc::new(NoSessions), shutdown);
+        // A small pipe: once the server stops reading, the client's writes stop too.
+        let (mut client, server) = tokio::io::duplex(16 * 1024);
+        let peer = PeerInfo {
+            addr: "127.0.0.1:1".parse().expect("literal address"),
+            transport: Transport::Tls,
+            client_certs: Arc::new(Vec::new()),
+        };
+        tokio::spawn(super::serve_connection(broker, server, peer));
+
+        let mut out = BytesMut::new();
+        let connect = Packet::Connect(Connect {
+            protocol_name: "MQTT".into(),
+            protocol_level: 4,
+            clean_session: true,
+            keep_alive: 60,
+            client_id: "c".into(),
+            will: None,
+            username: None,
+            password: None,
+        });
+        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
+        client.write_all(&out).await.expect("write CONNECT");
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 0, 0]);
+
+        // Far more publishes than the limit, each 1 KiB: the client is blocked once the
+        // server stops reading, so write from a separate task.
+        let writer = tokio::spawn(async move {
+            for pid in 1..=200u16 {
+                let mut buf = BytesMut::new();
+                let p = Packet::Publish(Publish {
+                    dup: false,
+                    qos: QoS::AtLeastOnce,
+                    retain: false,
+                    topic: "t".into(),
+                    packet_id: pid,
+                    payload: Bytes::from(vec![0u8; 1024]),
+                });
+                ferrohub_mqtt::encode(&p, &mut buf).expect("encodable");
+                if client.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+            client
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            handler.publishes.load(Ordering::SeqCst),
+            limit,
+            "the connection takes exactly {limit} unfinished publishes, then stops reading"
+        );
+        assert!(
+            !writer.is_finished(),
+            "the client is held back: nothing is buffered without bound"
+        );
+        writer.abort();
     }
 }
