@@ -85,6 +85,10 @@ async fn hub_stamps_cannot_be_spoofed() -> TestResult {
             .is_some_and(|t| t.ends_with('Z') && t.len() == 28),
         "{sys}"
     );
+    assert_eq!(
+        e["enqueuedTime"], sys["iothub-enqueuedtime"],
+        "the stream shows the hub's stamp"
+    );
     assert!(sys.get("iothub-connection-module-id").is_none());
     let app = e["properties"].as_object().ok_or("properties")?;
     assert_eq!(

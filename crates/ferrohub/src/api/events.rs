@@ -84,10 +84,16 @@ pub fn event_json(e: &EventRecord) -> Value {
             "base64",
         ),
     };
-    let enqueued =
-        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ev.enqueued_ms) * 1_000_000)
-            .map(timefmt::iso)
-            .unwrap_or_default();
+    // The hub's own stamp (100 ns precision); the stored milliseconds are only a fallback.
+    let enqueued = ev
+        .system_properties
+        .get("iothub-enqueuedtime")
+        .cloned()
+        .unwrap_or_else(|| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ev.enqueued_ms) * 1_000_000)
+                .map(timefmt::iso)
+                .unwrap_or_default()
+        });
     json!({
         "partition": e.partition,
         "sequenceNumber": e.sequence,
