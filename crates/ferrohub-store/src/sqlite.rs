@@ -5,7 +5,7 @@
 //! concurrently with it (WAL readers never block the writer). SQLite calls are blocking, so every
 //! call runs on tokio's blocking pool and the async runtime never waits on disk.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -65,7 +65,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct SqliteStore {
     inner: Arc<Inner>,
-    path: PathBuf,
 }
 
 fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
@@ -127,12 +126,7 @@ impl SqliteStore {
                 readers,
                 next_reader: AtomicUsize::new(0),
             }),
-            path,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     async fn write<R, F>(&self, f: F) -> Result<R>

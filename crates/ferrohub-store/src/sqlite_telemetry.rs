@@ -7,7 +7,7 @@
 //! the channel fills and `append` waits: ingest slows instead of buffering without bound.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -103,7 +103,6 @@ struct Inner {
     next_reader: AtomicUsize,
     partitions: u32,
     commits: watch::Receiver<u64>,
-    path: PathBuf,
 }
 
 /// [`TelemetryLog`] on SQLite.
@@ -207,13 +206,8 @@ impl SqliteTelemetry {
                 next_reader: AtomicUsize::new(0),
                 partitions,
                 commits: commit_rx,
-                path,
             }),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.inner.path
     }
 
     async fn read_with<R, F>(&self, f: F) -> Result<R>

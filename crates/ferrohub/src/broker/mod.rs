@@ -281,11 +281,6 @@ impl<H: Handler> Broker<H> {
         }
     }
 
-    /// Number of live connections.
-    pub fn connection_count(&self) -> usize {
-        self.live.lock().map(|l| l.len()).unwrap_or(0)
-    }
-
     fn memory_session(&self, client_id: &str) -> Option<Arc<Mutex<SessionState>>> {
         self.sessions
             .lock()

@@ -70,10 +70,6 @@ impl SessionState {
         let pos = self.inflight.iter().position(|(p, _)| *p == packet_id)?;
         self.inflight.remove(pos).map(|(_, m)| m)
     }
-
-    pub fn is_subscribed(&self, filter: &str) -> bool {
-        self.subscriptions.iter().any(|(f, _)| f == filter)
-    }
 }
 
 #[cfg(test)]

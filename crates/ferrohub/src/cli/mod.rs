@@ -448,10 +448,6 @@ pub async fn run_sas_token(args: &ClientArgs, t: SasTokenArgs) -> anyhow::Result
     out.sas_token(&token, &resource, expiry)
 }
 
-pub(crate) fn enc_pub(s: &str) -> String {
-    enc(s)
-}
-
 fn set_keys(doc: &mut Value, primary: Option<String>, secondary: Option<String>) {
     if primary.is_none() && secondary.is_none() {
         return;

@@ -30,14 +30,14 @@ pub async fn run_monitor(args: &ClientArgs, m: MonitorArgs) -> anyhow::Result<()
     let api = ApiClient::from_args(args)?;
     let mut path = format!(
         "/events?consumerGroup={}&from={}",
-        super::enc_pub(&m.consumer_group),
-        super::enc_pub(&m.from)
+        super::enc(&m.consumer_group),
+        super::enc(&m.from)
     );
     if let Some(d) = &m.device {
-        path.push_str(&format!("&deviceId={}", super::enc_pub(d)));
+        path.push_str(&format!("&deviceId={}", super::enc(d)));
     }
     if let Some(mid) = &m.module {
-        path.push_str(&format!("&moduleId={}", super::enc_pub(mid)));
+        path.push_str(&format!("&moduleId={}", super::enc(mid)));
     }
     let mut resp = api.stream(&path).await?;
     if args.output == OutputFormat::Text {
