@@ -12,7 +12,7 @@ use ferrohub_iothub::sas::generate_key;
 use ferrohub_iothub::{validate_device_id, validate_module_id, ErrorCode, Identity};
 use ferrohub_store::{
     AuthType, Authentication, Capabilities, ConnectionState, Device, IfMatch, Module, Status,
-    SymmetricKey, X509Thumbprint,
+    StoreError, SymmetricKey, X509Thumbprint,
 };
 use serde::Deserialize;
 
@@ -149,39 +149,49 @@ fn authentication(
     Ok(auth)
 }
 
-/// The registry record with the live connection state laid over it.
+/// The live connection state of an identity, to lay over its registry record: state, when it
+/// last changed, last activity. `None` when this process has not seen it connect.
+fn live_state(state: &ApiState, id: &Identity) -> Option<(ConnectionState, String, String)> {
+    let p = state.hub.presence.get(id)?;
+    let connection = if p.connected {
+        ConnectionState::Connected
+    } else {
+        ConnectionState::Disconnected
+    };
+    Some((
+        connection,
+        timefmt::iso_system(p.state_updated),
+        timefmt::iso_system(p.last_activity),
+    ))
+}
+
 fn with_presence_device(state: &ApiState, mut d: Device) -> Device {
-    if let Some(p) = state
-        .hub
-        .presence
-        .get(&Identity::device(d.device_id.clone()))
-    {
-        d.connection_state = if p.connected {
-            ConnectionState::Connected
-        } else {
-            ConnectionState::Disconnected
-        };
-        d.connection_state_updated_time = Some(timefmt::iso_system(p.state_updated));
-        d.last_activity_time = Some(timefmt::iso_system(p.last_activity));
+    if let Some((c, changed, active)) = live_state(state, &Identity::device(d.device_id.clone())) {
+        d.connection_state = c;
+        d.connection_state_updated_time = Some(changed);
+        d.last_activity_time = Some(active);
     }
     d
 }
 
 fn with_presence_module(state: &ApiState, mut m: Module) -> Module {
-    if let Some(p) = state
-        .hub
-        .presence
-        .get(&Identity::module(m.device_id.clone(), m.module_id.clone()))
-    {
-        m.connection_state = if p.connected {
-            ConnectionState::Connected
-        } else {
-            ConnectionState::Disconnected
-        };
-        m.connection_state_updated_time = Some(timefmt::iso_system(p.state_updated));
-        m.last_activity_time = Some(timefmt::iso_system(p.last_activity));
+    let id = Identity::module(m.device_id.clone(), m.module_id.clone());
+    if let Some((c, changed, active)) = live_state(state, &id) {
+        m.connection_state = c;
+        m.connection_state_updated_time = Some(changed);
+        m.last_activity_time = Some(active);
     }
     m
+}
+
+/// Maps a store failure on a device lookup (not found, or an engine error).
+fn device_err(id: &str) -> impl Fn(StoreError) -> ApiError + '_ {
+    move |e| ApiError::from_store(e, device_not_found(id), device_not_found(id))
+}
+
+/// Maps a store failure on a module lookup.
+fn module_err<'a>(id: &'a str, mid: &'a str) -> impl Fn(StoreError) -> ApiError + 'a {
+    move |e| ApiError::from_store(e, module_not_found(id, mid), module_not_found(id, mid))
 }
 
 fn check_device_id(id: &str) -> Result<(), ApiError> {
@@ -209,10 +219,7 @@ pub async fn put_device(
         ));
     }
     let store = &state.hub.store;
-    let existing = store
-        .get_device(&id)
-        .await
-        .map_err(|e| ApiError::from_store(e, device_not_found(&id), device_not_found(&id)))?;
+    let existing = store.get_device(&id).await.map_err(device_err(&id))?;
     let now = timefmt::now_iso();
     let exists_err = || {
         ApiError::new(
@@ -283,7 +290,7 @@ pub async fn get_device(
         .store
         .get_device(&id)
         .await
-        .map_err(|e| ApiError::from_store(e, device_not_found(&id), device_not_found(&id)))?
+        .map_err(device_err(&id))?
         .ok_or_else(|| device_not_found(&id))?;
     Ok(Json(with_presence_device(&state, d)))
 }
@@ -301,7 +308,7 @@ pub async fn delete_device(
     store
         .delete_device(&id, if_match(&headers).unwrap_or(IfMatch::Any))
         .await
-        .map_err(|e| ApiError::from_store(e, device_not_found(&id), device_not_found(&id)))?;
+        .map_err(device_err(&id))?;
     let mut client_ids = vec![id.clone()];
     client_ids.extend(modules.iter().map(|m| format!("{id}/{}", m.module_id)));
     for cid in client_ids {
@@ -334,7 +341,7 @@ pub async fn list_devices(
         .store
         .list_devices(top)
         .await
-        .map_err(|e| ApiError::from_store(e, device_not_found(""), device_not_found("")))?;
+        .map_err(device_err(""))?;
     Ok(Json(
         devices
             .into_iter()
@@ -366,14 +373,15 @@ pub async fn put_module(
     if store
         .get_device(&id)
         .await
-        .map_err(|e| ApiError::from_store(e, device_not_found(&id), device_not_found(&id)))?
+        .map_err(device_err(&id))?
         .is_none()
     {
         return Err(device_not_found(&id));
     }
-    let existing = store.get_module(&id, &mid).await.map_err(|e| {
-        ApiError::from_store(e, module_not_found(&id, &mid), module_not_found(&id, &mid))
-    })?;
+    let existing = store
+        .get_module(&id, &mid)
+        .await
+        .map_err(module_err(&id, &mid))?;
     let exists_err = || {
         ApiError::new(
             ErrorCode::ModuleAlreadyExistsOnDevice,
@@ -430,9 +438,7 @@ pub async fn get_module(
         .store
         .get_module(&id, &mid)
         .await
-        .map_err(|e| {
-            ApiError::from_store(e, module_not_found(&id, &mid), module_not_found(&id, &mid))
-        })?
+        .map_err(module_err(&id, &mid))?
         .ok_or_else(|| module_not_found(&id, &mid))?;
     Ok(Json(with_presence_module(&state, m)))
 }
@@ -450,9 +456,7 @@ pub async fn delete_module(
         .store
         .delete_module(&id, &mid, if_match(&headers).unwrap_or(IfMatch::Any))
         .await
-        .map_err(|e| {
-            ApiError::from_store(e, module_not_found(&id, &mid), module_not_found(&id, &mid))
-        })?;
+        .map_err(module_err(&id, &mid))?;
     let cid = format!("{id}/{mid}");
     state.broker.kick(&cid);
     if let Err(e) = state.broker.forget_session(&cid).await {
@@ -474,15 +478,12 @@ pub async fn list_modules(
     if store
         .get_device(&id)
         .await
-        .map_err(|e| ApiError::from_store(e, device_not_found(&id), device_not_found(&id)))?
+        .map_err(device_err(&id))?
         .is_none()
     {
         return Err(device_not_found(&id));
     }
-    let modules = store
-        .list_modules(&id)
-        .await
-        .map_err(|e| ApiError::from_store(e, device_not_found(&id), device_not_found(&id)))?;
+    let modules = store.list_modules(&id).await.map_err(device_err(&id))?;
     Ok(Json(
         modules
             .into_iter()

@@ -36,8 +36,8 @@ pub enum AuthKind {
 }
 
 impl AuthMethod {
-    /// The JSON IoT Hub stamps on telemetry.
-    pub fn to_json(&self) -> String {
+    /// The scope and type as IoT Hub names them.
+    fn names(&self) -> (&'static str, &'static str) {
         let scope = match self.scope {
             AuthScope::Device => "device",
             AuthScope::Module => "module",
@@ -47,21 +47,19 @@ impl AuthMethod {
             AuthKind::Sas => "sas",
             AuthKind::X509 => "x509",
         };
+        (scope, kind)
+    }
+
+    /// The JSON IoT Hub stamps on telemetry.
+    pub fn to_json(&self) -> String {
+        let (scope, kind) = self.names();
         format!(r#"{{"scope":"{scope}","type":"{kind}","issuer":"iothub"}}"#)
     }
 }
 
 impl fmt::Display for AuthMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            AuthKind::Sas => "sas",
-            AuthKind::X509 => "x509",
-        };
-        let scope = match self.scope {
-            AuthScope::Device => "device",
-            AuthScope::Module => "module",
-            AuthScope::Hub => "hub",
-        };
+        let (scope, kind) = self.names();
         write!(f, "{kind}/{scope}")
     }
 }
