@@ -200,12 +200,16 @@ pub async fn stream(
         .into_response())
 }
 
+/// The log's reads and checkpoints never report "not found" or "exists", so any failure here
+/// is the engine's: a server error, logged by `from_store`.
 fn store_err(e: ferrohub_store::StoreError) -> ApiError {
-    ApiError::from_store(
-        e,
-        ApiError::argument("not found"),
-        ApiError::argument("exists"),
-    )
+    let server = || {
+        ApiError::new(
+            ferrohub_iothub::ErrorCode::ServerError,
+            "internal storage error",
+        )
+    };
+    ApiError::from_store(e, server(), server())
 }
 
 /// One NDJSON line and the position it moves its partition to once written.
