@@ -1,12 +1,16 @@
 //! Ferrohub storage: the records the hub keeps, one trait per concern (registry, access
-//! policies, CA certificates, MQTT sessions), and the embedded SQLite engine behind them.
+//! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins), and the
+//! embedded SQLite engine behind them.
 //!
 //! The semantics layer only ever sees the traits, so a clustered implementation (PostgreSQL for
 //! registry and sessions) can replace [`sqlite::SqliteStore`] without touching it.
 
 pub mod model;
 pub mod sqlite;
+mod sqlite_c2d;
 pub mod sqlite_telemetry;
+mod sqlite_twins;
+mod sqlite_writer;
 pub mod telemetry;
 
 use async_trait::async_trait;
@@ -32,7 +36,19 @@ pub enum StoreError {
     Task(String),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// A cloud-to-device queue is at its depth limit.
+    #[error("queue is full")]
+    QueueFull,
+    /// A lock token is unknown or its lock has expired.
+    #[error("lock lost")]
+    LockLost,
+    /// The caller's update function refused the change; nothing was written.
+    #[error("update rejected: {0}")]
+    Rejected(BoxError),
 }
+
+/// An error raised by a caller-supplied update function, passed through untouched.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
@@ -69,7 +85,8 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn get_device(&self, device_id: &str) -> Result<Option<Device>>;
     /// Replaces the stored record if `if_match` fits; assigns a new etag.
     async fn update_device(&self, device: Device, if_match: IfMatch) -> Result<Device>;
-    /// Deletes the device and its modules.
+    /// Deletes the device and its modules, with their twins and cloud-to-device queues (queued
+    /// messages go without feedback, as in IoT Hub).
     async fn delete_device(&self, device_id: &str, if_match: IfMatch) -> Result<()>;
     /// Devices ordered by id, at most `top`.
     async fn list_devices(&self, top: usize) -> Result<Vec<Device>>;
@@ -119,6 +136,107 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn delete_session(&self, client_key: &str) -> Result<()>;
 }
 
+/// Cloud-to-device queues (one per device and per module) and the feedback they produce.
+///
+/// Identities are `(device_id, module_id)`; `module_id` is `None` for a device's own queue.
+/// Every write is durable when it returns.
+#[async_trait]
+pub trait C2dStore: Send + Sync + 'static {
+    /// Appends `msg` to its identity's queue, assigning `sequence_number` (per queue, increasing,
+    /// never reused, also after the queue empties or the process restarts). Fails with
+    /// [`StoreError::QueueFull`] when the queue already holds `max_depth` messages.
+    async fn c2d_enqueue(&self, msg: C2dMessage, max_depth: usize) -> Result<C2dMessage>;
+    /// Up to `limit` queued messages with `sequence_number > after`, oldest first, expired ones
+    /// included (the caller settles them).
+    async fn c2d_peek(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<C2dMessage>>;
+    /// Counts one delivery attempt; returns the new delivery count. [`StoreError::NotFound`]
+    /// when the message is no longer queued.
+    async fn c2d_mark_delivered(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        sequence_number: u64,
+    ) -> Result<u32>;
+    /// Removes the message as `status`, and in the same transaction records feedback when its
+    /// `ack` asks for that status. Returns the removed message, `None` if it was already gone.
+    async fn c2d_settle(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        sequence_number: u64,
+        status: FeedbackStatus,
+        now_utc: &str,
+    ) -> Result<Option<C2dMessage>>;
+    async fn c2d_count(&self, device_id: &str, module_id: Option<&str>) -> Result<u64>;
+    /// Settles every queued message as `Purged`; returns how many there were.
+    async fn c2d_purge(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        now_utc: &str,
+    ) -> Result<u64>;
+    /// Settles up to `limit` messages (any queue) whose expiry is at or before `now_ms` as
+    /// `Expired`; returns the identities whose queues changed.
+    async fn c2d_expire(
+        &self,
+        now_ms: i64,
+        now_utc: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<String>)>>;
+    /// The earliest expiry among all queued messages.
+    async fn c2d_next_expiry(&self) -> Result<Option<i64>>;
+
+    /// Locks up to `max` feedback records not under a live lock for `lock_ms` and returns them
+    /// with a new lock token; `None` when there are none.
+    async fn feedback_receive(
+        &self,
+        now_ms: i64,
+        lock_ms: i64,
+        max: usize,
+    ) -> Result<Option<FeedbackBatch>>;
+    /// Deletes the records of a live lock. [`StoreError::LockLost`] if the token is unknown or
+    /// its lock expired.
+    async fn feedback_complete(&self, lock_token: &str, now_ms: i64) -> Result<()>;
+    /// Releases a live lock so the records can be received again. Same errors as complete.
+    async fn feedback_abandon(&self, lock_token: &str, now_ms: i64) -> Result<()>;
+}
+
+/// The output of a twin update function: the new document to store and a value for the caller.
+pub type TwinUpdateOutput = (String, Box<dyn std::any::Any + Send>);
+
+/// A read-modify-write of one twin document, run atomically by the store. It receives the
+/// stored document (`None` if the identity has none yet) and returns the new one, or an error
+/// that aborts the update with [`StoreError::Rejected`].
+pub type TwinUpdate =
+    Box<dyn FnOnce(Option<String>) -> std::result::Result<TwinUpdateOutput, BoxError> + Send>;
+
+/// Device and module twins, stored as opaque JSON documents: twin semantics (versions,
+/// metadata, merge rules) belong to the hub, the store only guarantees atomic updates.
+#[async_trait]
+pub trait TwinStore: Send + Sync + 'static {
+    async fn get_twin(&self, device_id: &str, module_id: Option<&str>) -> Result<Option<String>>;
+    /// Applies `update` atomically (no concurrent update of the same twin can interleave) and
+    /// durably; returns the function's output value.
+    async fn update_twin(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        update: TwinUpdate,
+    ) -> Result<Box<dyn std::any::Any + Send>>;
+}
+
 /// Everything the hub needs from storage, as one handle.
-pub trait Store: RegistryStore + PolicyStore + CertificateStore + SessionStore {}
-impl<T: RegistryStore + PolicyStore + CertificateStore + SessionStore> Store for T {}
+pub trait Store:
+    RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore
+{
+}
+impl<T: RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore> Store
+    for T
+{
+}

@@ -176,3 +176,112 @@ pub struct StoredSubscription {
 pub struct StoredSession {
     pub subscriptions: Vec<StoredSubscription>,
 }
+
+/// What feedback a cloud-to-device message asks for (`iothub-ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FeedbackRequest {
+    #[default]
+    None,
+    /// Feedback when the device completes the message.
+    Positive,
+    /// Feedback when the message expires, runs out of deliveries or is purged/rejected.
+    Negative,
+    /// Both.
+    Full,
+}
+
+impl FeedbackRequest {
+    /// Whether a message settled with `status` produces a feedback record.
+    pub fn wants(self, status: FeedbackStatus) -> bool {
+        match self {
+            FeedbackRequest::None => false,
+            FeedbackRequest::Full => true,
+            FeedbackRequest::Positive => status == FeedbackStatus::Success,
+            FeedbackRequest::Negative => status != FeedbackStatus::Success,
+        }
+    }
+}
+
+/// How a cloud-to-device message left its queue (IoT Hub feedback `statusCode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FeedbackStatus {
+    Success,
+    Expired,
+    DeliveryCountExceeded,
+    Rejected,
+    Purged,
+}
+
+impl FeedbackStatus {
+    /// IoT Hub's `description` text for the status.
+    pub fn description(self) -> &'static str {
+        match self {
+            FeedbackStatus::Success => "Success",
+            FeedbackStatus::Expired => "Message expired",
+            FeedbackStatus::DeliveryCountExceeded => "Message delivery count exceeded",
+            FeedbackStatus::Rejected => "Message rejected",
+            FeedbackStatus::Purged => "Message purged",
+        }
+    }
+}
+
+/// A cloud-to-device message in a device's (or module's) queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct C2dMessage {
+    pub device_id: String,
+    #[serde(default)]
+    pub module_id: Option<String>,
+    /// The device's generationId when the message was sent (feedback carries it).
+    #[serde(default)]
+    pub device_generation_id: String,
+    /// Assigned by the store on enqueue: per queue, increasing, never reused.
+    #[serde(default)]
+    pub sequence_number: u64,
+    pub message_id: String,
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub content_encoding: Option<String>,
+    #[serde(default)]
+    pub ack: FeedbackRequest,
+    /// Unix milliseconds.
+    pub enqueued_time_ms: i64,
+    /// Unix milliseconds; at or past it the message is dead-lettered as Expired.
+    pub expiry_time_ms: i64,
+    /// Delivery attempts so far.
+    #[serde(default)]
+    pub delivery_count: u32,
+    /// Application properties in send order; `None` is a null value (sent as a bare key).
+    #[serde(default)]
+    pub properties: Vec<(String, Option<String>)>,
+    #[serde(default)]
+    pub payload: Vec<u8>,
+}
+
+/// A feedback record (IoT Hub's feedback batch entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FeedbackRecord {
+    pub original_message_id: String,
+    pub device_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_id: Option<String>,
+    pub device_generation_id: String,
+    pub status_code: FeedbackStatus,
+    pub description: String,
+    /// RFC 3339 UTC time the feedback was produced.
+    pub enqueued_time_utc: String,
+}
+
+/// Feedback records handed to one receiver under a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedbackBatch {
+    pub lock_token: String,
+    pub records: Vec<FeedbackRecord>,
+}

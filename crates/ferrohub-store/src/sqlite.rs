@@ -1,18 +1,20 @@
 //! The embedded default store: one SQLite database file in the data directory.
 //!
 //! SQLite runs in WAL mode with `synchronous=FULL`, so a commit is on disk (WAL fsync'd) when the
-//! call returns. One writer connection serialises writes; a few reader connections serve reads
-//! concurrently with it (WAL readers never block the writer). SQLite calls are blocking, so every
-//! call runs on tokio's blocking pool and the async runtime never waits on disk.
+//! call returns. One writer thread owns the writer connection and commits writes in groups (see
+//! `sqlite_writer`); a few reader connections serve reads concurrently with it (WAL readers
+//! never block the writer). The cloud-to-device and twin parts of [`SqliteStore`] live
+//! in `sqlite_c2d` and `sqlite_twins`; the schema of all of them is here, in one place.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use base64::Engine;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use crate::sqlite_writer::Writer;
 use crate::{
     AccessPolicy, CaCertificate, CertificateStore, Device, IfMatch, Module, PolicyStore,
     RegistryStore, Result, SessionStore, StoreError, StoredSession,
@@ -23,6 +25,10 @@ pub const DB_FILE: &str = "ferrohub.db";
 
 /// Reader connections: two cores here, so more would only contend.
 const READERS: usize = 4;
+
+/// Prepared statements kept per connection: above what any one connection uses, so none is
+/// re-parsed.
+pub(crate) const STATEMENT_CACHE: usize = 128;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS devices (
@@ -50,15 +56,57 @@ CREATE TABLE IF NOT EXISTS sessions (
     client_key TEXT PRIMARY KEY NOT NULL,
     doc        TEXT NOT NULL
 ) WITHOUT ROWID;
+-- module_id '' is the device's own queue. A rowid table: payloads of up to 64 KiB would bloat
+-- a WITHOUT ROWID B-tree.
+CREATE TABLE IF NOT EXISTS c2d_messages (
+    device_id      TEXT NOT NULL,
+    module_id      TEXT NOT NULL DEFAULT '',
+    seq            INTEGER NOT NULL,
+    expiry_ms      INTEGER NOT NULL,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    doc            TEXT NOT NULL, -- the C2dMessage as JSON, without its payload
+    payload        BLOB NOT NULL,
+    PRIMARY KEY (device_id, module_id, seq)
+);
+CREATE INDEX IF NOT EXISTS c2d_messages_expiry ON c2d_messages (expiry_ms);
+-- Outlives the messages so that sequence numbers are never reused; goes with the identity.
+CREATE TABLE IF NOT EXISTS c2d_sequences (
+    device_id TEXT NOT NULL,
+    module_id TEXT NOT NULL DEFAULT '',
+    last_seq  INTEGER NOT NULL,
+    PRIMARY KEY (device_id, module_id)
+) WITHOUT ROWID;
+-- AUTOINCREMENT: ids only grow, so "ORDER BY id" is the order feedback was produced in.
+CREATE TABLE IF NOT EXISTS c2d_feedback (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc           TEXT NOT NULL,
+    lock_token    TEXT,
+    lock_until_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS c2d_feedback_lock ON c2d_feedback (lock_token);
+CREATE TABLE IF NOT EXISTS twins (
+    device_id TEXT NOT NULL,
+    module_id TEXT NOT NULL DEFAULT '',
+    doc       TEXT NOT NULL,
+    PRIMARY KEY (device_id, module_id)
+) WITHOUT ROWID;
 "#;
 
 struct Inner {
-    /// All writes go through this one connection: SQLite has a single writer anyway, and owning
-    /// it avoids SQLITE_BUSY retries.
-    writer: Mutex<Connection>,
+    /// All writes go through the one writer thread: SQLite has a single writer anyway, owning
+    /// the connection avoids SQLITE_BUSY retries, and batching shares one fsync among many.
+    writer: Writer,
     readers: Vec<Mutex<Connection>>,
     /// Round-robin start point for picking a free reader.
     next_reader: AtomicUsize,
+    /// Tells the checkpoint thread to stop when the store is dropped.
+    stop_checkpoints: Arc<AtomicBool>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_checkpoints.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The SQLite-backed implementation of every storage trait.
@@ -71,6 +119,12 @@ fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     // A panic while holding the lock leaves the connection usable (SQLite rolls back an open
     // transaction on the next statement), so poisoning is not a reason to stop serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The `module_id` column value of a C2D queue or twin: `''` stands for the device itself,
+/// because NULLs in a primary key would not be unique.
+pub(crate) fn module_key(module_id: Option<&str>) -> String {
+    module_id.unwrap_or("").to_string()
 }
 
 fn etag_of(version: i64) -> String {
@@ -117,36 +171,52 @@ impl SqliteStore {
         let path = data_dir.join(DB_FILE);
         let writer = open_conn(&path, false)?;
         writer.execute_batch(SCHEMA)?;
+        // Checkpoints normally run on their own thread (see `checkpoint_loop`); this only
+        // bounds the WAL if that thread falls far behind (64 MiB).
+        writer.pragma_update(None, "wal_autocheckpoint", 16384)?;
         let readers = (0..READERS)
-            .map(|_| open_conn(&path, true).map(Mutex::new))
+            .map(|_| {
+                let conn = open_conn(&path, true)?;
+                // Reads of every trait share these connections; the default 16 cached
+                // statements are fewer than they prepare, which would re-parse on every call.
+                conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+                Ok(Mutex::new(conn))
+            })
             .collect::<Result<Vec<_>>>()?;
+        let checkpointer = open_conn(&path, false)?;
+        let writer = Writer::spawn(writer)?;
+        // Spawned last: nothing can fail after it, so the thread never outlives a failed open.
+        let stop_checkpoints = Arc::new(AtomicBool::new(false));
+        let stop = stop_checkpoints.clone();
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, stop))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                writer: Mutex::new(writer),
+                writer,
                 readers,
                 next_reader: AtomicUsize::new(0),
+                stop_checkpoints,
             }),
         })
     }
 
-    async fn write<R, F>(&self, f: F) -> Result<R>
+    /// Runs `f` on the writer connection as one atomic unit of the next group commit, and
+    /// returns once that commit is durable. `f` runs inside a savepoint: returning `Err` undoes
+    /// exactly its own changes. It must not open transactions of its own (`transaction()` fails
+    /// inside the batch; nest with `SAVEPOINT` if needed).
+    pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = lock(&inner.writer);
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        self.inner.writer.submit(f).await
     }
 
     /// Runs a read on the calling task. Registry and session reads are point lookups served
     /// from SQLite's page cache in microseconds; handing them to the blocking pool cost two
     /// thread switches each, which dominated the CPU cost of a device connect.
-    async fn read<R, F>(&self, f: F) -> Result<R>
+    pub(crate) async fn read<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
@@ -162,6 +232,18 @@ impl SqliteStore {
         }
         let conn = lock(&inner.readers[start % n]);
         f(&conn)
+    }
+}
+
+/// Copies committed WAL frames into the database file in the background. A PASSIVE checkpoint
+/// never blocks the writer; left to SQLite's autocheckpoint it would run inside a commit and
+/// add the database file's writes and fsync to the latency of every write in that batch.
+fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>) {
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "store checkpoint failed");
+        }
     }
 }
 
@@ -225,8 +307,7 @@ impl RegistryStore for SqliteStore {
 
     async fn update_device(&self, mut device: Device, if_match: IfMatch) -> Result<Device> {
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let current: Option<i64> = tx
+            let current: Option<i64> = conn
                 .query_row(
                     "SELECT version FROM devices WHERE device_id = ?1",
                     params![device.device_id],
@@ -236,11 +317,10 @@ impl RegistryStore for SqliteStore {
             let version = check_if_match(current, &if_match)? + 1;
             device.etag.clear();
             let doc = serde_json::to_string(&device)?;
-            tx.execute(
+            conn.execute(
                 "UPDATE devices SET version = ?2, doc = ?3 WHERE device_id = ?1",
                 params![device.device_id, version, doc],
             )?;
-            tx.commit()?;
             device.etag = etag_of(version);
             Ok(device)
         })
@@ -250,8 +330,7 @@ impl RegistryStore for SqliteStore {
     async fn delete_device(&self, device_id: &str, if_match: IfMatch) -> Result<()> {
         let id = device_id.to_string();
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let current: Option<i64> = tx
+            let current: Option<i64> = conn
                 .query_row(
                     "SELECT version FROM devices WHERE device_id = ?1",
                     params![id],
@@ -259,9 +338,17 @@ impl RegistryStore for SqliteStore {
                 )
                 .optional()?;
             check_if_match(current, &if_match)?;
-            tx.execute("DELETE FROM modules WHERE device_id = ?1", params![id])?;
-            tx.execute("DELETE FROM devices WHERE device_id = ?1", params![id])?;
-            tx.commit()?;
+            // The device's own queue and twin and those of all its modules; queued messages
+            // go without feedback, as in IoT Hub.
+            for sql in [
+                "DELETE FROM modules WHERE device_id = ?1",
+                "DELETE FROM devices WHERE device_id = ?1",
+                "DELETE FROM c2d_messages WHERE device_id = ?1",
+                "DELETE FROM c2d_sequences WHERE device_id = ?1",
+                "DELETE FROM twins WHERE device_id = ?1",
+            ] {
+                conn.prepare_cached(sql)?.execute(params![id])?;
+            }
             Ok(())
         })
         .await
@@ -295,8 +382,7 @@ impl RegistryStore for SqliteStore {
 
     async fn create_module(&self, mut module: Module) -> Result<Module> {
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let exists: Option<i64> = tx
+            let exists: Option<i64> = conn
                 .query_row(
                     "SELECT 1 FROM devices WHERE device_id = ?1",
                     params![module.device_id],
@@ -308,14 +394,13 @@ impl RegistryStore for SqliteStore {
             }
             module.etag.clear();
             let doc = serde_json::to_string(&module)?;
-            let n = tx.execute(
+            let n = conn.execute(
                 "INSERT OR IGNORE INTO modules (device_id, module_id, version, doc) VALUES (?1, ?2, 1, ?3)",
                 params![module.device_id, module.module_id, doc],
             )?;
             if n == 0 {
                 return Err(StoreError::AlreadyExists);
             }
-            tx.commit()?;
             module.etag = etag_of(1);
             Ok(module)
         })
@@ -338,8 +423,7 @@ impl RegistryStore for SqliteStore {
 
     async fn update_module(&self, mut module: Module, if_match: IfMatch) -> Result<Module> {
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let current: Option<i64> = tx
+            let current: Option<i64> = conn
                 .query_row(
                     "SELECT version FROM modules WHERE device_id = ?1 AND module_id = ?2",
                     params![module.device_id, module.module_id],
@@ -349,11 +433,10 @@ impl RegistryStore for SqliteStore {
             let version = check_if_match(current, &if_match)? + 1;
             module.etag.clear();
             let doc = serde_json::to_string(&module)?;
-            tx.execute(
+            conn.execute(
                 "UPDATE modules SET version = ?3, doc = ?4 WHERE device_id = ?1 AND module_id = ?2",
                 params![module.device_id, module.module_id, version, doc],
             )?;
-            tx.commit()?;
             module.etag = etag_of(version);
             Ok(module)
         })
@@ -368,8 +451,7 @@ impl RegistryStore for SqliteStore {
     ) -> Result<()> {
         let (d, m) = (device_id.to_string(), module_id.to_string());
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let current: Option<i64> = tx
+            let current: Option<i64> = conn
                 .query_row(
                     "SELECT version FROM modules WHERE device_id = ?1 AND module_id = ?2",
                     params![d, m],
@@ -377,11 +459,14 @@ impl RegistryStore for SqliteStore {
                 )
                 .optional()?;
             check_if_match(current, &if_match)?;
-            tx.execute(
+            for sql in [
                 "DELETE FROM modules WHERE device_id = ?1 AND module_id = ?2",
-                params![d, m],
-            )?;
-            tx.commit()?;
+                "DELETE FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2",
+                "DELETE FROM c2d_sequences WHERE device_id = ?1 AND module_id = ?2",
+                "DELETE FROM twins WHERE device_id = ?1 AND module_id = ?2",
+            ] {
+                conn.prepare_cached(sql)?.execute(params![d, m])?;
+            }
             Ok(())
         })
         .await
@@ -436,8 +521,7 @@ impl PolicyStore for SqliteStore {
 
     async fn ensure_policy(&self, policy: AccessPolicy) -> Result<AccessPolicy> {
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let existing: Option<String> = tx
+            let existing: Option<String> = conn
                 .query_row(
                     "SELECT doc FROM policies WHERE key_name = ?1",
                     params![policy.key_name],
@@ -447,11 +531,10 @@ impl PolicyStore for SqliteStore {
             if let Some(doc) = existing {
                 return Ok(serde_json::from_str(&doc)?);
             }
-            tx.execute(
+            conn.execute(
                 "INSERT INTO policies (key_name, doc) VALUES (?1, ?2)",
                 params![policy.key_name, serde_json::to_string(&policy)?],
             )?;
-            tx.commit()?;
             Ok(policy)
         })
         .await
@@ -466,8 +549,7 @@ impl CertificateStore for SqliteStore {
         if_match: IfMatch,
     ) -> Result<CaCertificate> {
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let current: Option<i64> = tx
+            let current: Option<i64> = conn
                 .query_row(
                     "SELECT version FROM certificates WHERE name = ?1",
                     params![cert.name],
@@ -480,11 +562,10 @@ impl CertificateStore for SqliteStore {
                 Some(_) => return Err(StoreError::PreconditionFailed),
             };
             cert.etag.clear();
-            tx.execute(
+            conn.execute(
                 "INSERT OR REPLACE INTO certificates (name, version, doc) VALUES (?1, ?2, ?3)",
                 params![cert.name, version, serde_json::to_string(&cert)?],
             )?;
-            tx.commit()?;
             cert.etag = etag_of(version);
             Ok(cert)
         })
@@ -521,8 +602,7 @@ impl CertificateStore for SqliteStore {
     async fn delete_certificate(&self, name: &str, if_match: IfMatch) -> Result<()> {
         let name = name.to_string();
         self.write(move |conn| {
-            let tx = conn.transaction()?;
-            let current: Option<i64> = tx
+            let current: Option<i64> = conn
                 .query_row(
                     "SELECT version FROM certificates WHERE name = ?1",
                     params![name],
@@ -530,8 +610,7 @@ impl CertificateStore for SqliteStore {
                 )
                 .optional()?;
             check_if_match(current, &if_match)?;
-            tx.execute("DELETE FROM certificates WHERE name = ?1", params![name])?;
-            tx.commit()?;
+            conn.execute("DELETE FROM certificates WHERE name = ?1", params![name])?;
             Ok(())
         })
         .await
@@ -690,6 +769,180 @@ mod tests {
         assert_eq!(store.load_session("dev1").await?, Some(s));
         store.delete_session("dev1").await?;
         assert_eq!(store.load_session("dev1").await?, None);
+        Ok(())
+    }
+
+    async fn join<T>(task: tokio::task::JoinHandle<T>) -> Result<T> {
+        task.await.map_err(|e| StoreError::Task(e.to_string()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_all_commit_and_survive_reopen() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let session = |i: usize| StoredSession {
+            subscriptions: vec![StoredSubscription {
+                filter: format!("devices/d{i}/messages/devicebound/#"),
+                qos: 1,
+            }],
+        };
+        {
+            let store = SqliteStore::open(dir.path())?;
+            let tasks: Vec<_> = (0..200)
+                .map(|i| {
+                    let store = store.clone();
+                    tokio::spawn(
+                        async move { store.save_session(&format!("c{i}"), &session(i)).await },
+                    )
+                })
+                .collect();
+            for t in tasks {
+                join(t).await??;
+            }
+        }
+        let store = SqliteStore::open(dir.path())?;
+        for i in 0..200 {
+            assert_eq!(
+                store.load_session(&format!("c{i}")).await?,
+                Some(session(i))
+            );
+        }
+        Ok(())
+    }
+
+    /// Blocks the writer thread inside a job until the returned sender is used or dropped, so
+    /// that writes issued meanwhile queue up and are committed as one batch.
+    async fn hold_writer(
+        store: &SqliteStore,
+    ) -> Result<(
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<()>>,
+    )> {
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started, is_started) = tokio::sync::oneshot::channel();
+        let holder = store.clone();
+        let task = tokio::spawn(async move {
+            holder
+                .write(move |_| {
+                    let _ = started.send(());
+                    let _ = wait.recv();
+                    Ok(())
+                })
+                .await
+        });
+        is_started
+            .await
+            .map_err(|_| StoreError::Task("holder never ran".into()))?;
+        Ok((release, task))
+    }
+
+    async fn wait_queued(store: &SqliteStore, n: usize) {
+        while store.inner.writer.queued() < n {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_job_does_not_affect_the_rest_of_its_batch() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let store = SqliteStore::open(dir.path())?;
+            store.create_device(device("taken")).await?;
+            let (release, holder) = hold_writer(&store).await?;
+
+            let mut creates = Vec::new();
+            for id in ["a", "taken", "b", "taken", "c"] {
+                let s = store.clone();
+                creates.push(tokio::spawn(
+                    async move { s.create_device(device(id)).await },
+                ));
+            }
+            let s = store.clone();
+            let session =
+                tokio::spawn(async move { s.save_session("k1", &StoredSession::default()).await });
+            // Writes, then fails: its own row must go, the rows of the others must stay.
+            let s = store.clone();
+            let partial = tokio::spawn(async move {
+                s.write(|conn| {
+                    conn.execute(
+                        "INSERT INTO sessions (client_key, doc) VALUES ('half', '{}')",
+                        [],
+                    )?;
+                    conn.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+                    Ok(())
+                })
+                .await
+            });
+            wait_queued(&store, 7).await;
+            let _ = release.send(());
+            join(holder).await??;
+
+            let results: Vec<_> = {
+                let mut out = Vec::new();
+                for t in creates {
+                    out.push(join(t).await?);
+                }
+                out
+            };
+            assert!(results[0].is_ok() && results[2].is_ok() && results[4].is_ok());
+            assert!(matches!(results[1], Err(StoreError::AlreadyExists)));
+            assert!(matches!(results[3], Err(StoreError::AlreadyExists)));
+            join(session).await??;
+            assert!(matches!(join(partial).await?, Err(StoreError::Database(_))));
+        }
+        let store = SqliteStore::open(dir.path())?;
+        let ids: Vec<_> = store
+            .list_devices(10)
+            .await?
+            .into_iter()
+            .map(|d| d.device_id)
+            .collect();
+        assert_eq!(ids, ["a", "b", "c", "taken"]);
+        assert!(store.load_session("k1").await?.is_some());
+        assert!(store.load_session("half").await?.is_none());
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_fails_the_whole_batch_and_writing_goes_on() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        // A deferred foreign key is only checked at COMMIT: the way to make a commit fail.
+        store
+            .write(|conn| {
+                conn.execute_batch(
+                    "CREATE TABLE parent (id INTEGER PRIMARY KEY);
+                     CREATE TABLE child (pid INTEGER REFERENCES parent (id)
+                         DEFERRABLE INITIALLY DEFERRED);",
+                )?;
+                Ok(())
+            })
+            .await?;
+        let (release, holder) = hold_writer(&store).await?;
+        let s = store.clone();
+        let before =
+            tokio::spawn(async move { s.save_session("k1", &StoredSession::default()).await });
+        let s = store.clone();
+        let orphan = tokio::spawn(async move {
+            s.write(|conn| {
+                conn.execute("INSERT INTO child (pid) VALUES (42)", [])?;
+                Ok(())
+            })
+            .await
+        });
+        let s = store.clone();
+        let after =
+            tokio::spawn(async move { s.save_session("k2", &StoredSession::default()).await });
+        wait_queued(&store, 3).await;
+        let _ = release.send(());
+        join(holder).await??;
+        for task in [before, orphan, after] {
+            assert!(matches!(join(task).await?, Err(StoreError::Database(_))));
+        }
+        assert!(store.load_session("k1").await?.is_none());
+        assert!(store.load_session("k2").await?.is_none());
+
+        store.save_session("k3", &StoredSession::default()).await?;
+        assert!(store.load_session("k3").await?.is_some());
         Ok(())
     }
 

@@ -1,0 +1,932 @@
+//! [`C2dStore`] for [`SqliteStore`]: cloud-to-device queues and the feedback records settling
+//! them produces, in the registry database (tables `c2d_messages`, `c2d_sequences`,
+//! `c2d_feedback`; schema in `sqlite.rs`).
+//!
+//! Every write runs as one job of the group-commit writer, so checks and changes that belong
+//! together (depth check and sequence assignment, removal and its feedback) are atomic without
+//! further locking.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::sqlite::{module_key, SqliteStore};
+use crate::{
+    C2dMessage, C2dStore, FeedbackBatch, FeedbackRecord, FeedbackStatus, Result, StoreError,
+};
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn limit_of(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Rebuilds a message from its row. The columns are authoritative for what changes after
+/// enqueue (delivery count) or is assigned by it (sequence); the doc holds the rest.
+fn decode(seq: i64, delivery_count: i64, doc: &str, payload: Vec<u8>) -> Result<C2dMessage> {
+    let mut msg: C2dMessage = serde_json::from_str(doc)?;
+    msg.sequence_number = u64::try_from(seq).unwrap_or(0);
+    msg.delivery_count = u32::try_from(delivery_count).unwrap_or(u32::MAX);
+    msg.payload = payload;
+    Ok(msg)
+}
+
+/// Stores the feedback record for `msg` leaving its queue as `status`, if its `ack` asks for it.
+fn record_feedback(
+    conn: &Connection,
+    msg: &C2dMessage,
+    status: FeedbackStatus,
+    now_utc: &str,
+) -> Result<()> {
+    if !msg.ack.wants(status) {
+        return Ok(());
+    }
+    let record = FeedbackRecord {
+        original_message_id: msg.message_id.clone(),
+        device_id: msg.device_id.clone(),
+        module_id: msg.module_id.clone(),
+        device_generation_id: msg.device_generation_id.clone(),
+        status_code: status,
+        description: status.description().into(),
+        enqueued_time_utc: now_utc.into(),
+    };
+    conn.prepare_cached("INSERT INTO c2d_feedback (doc) VALUES (?1)")?
+        .execute(params![serde_json::to_string(&record)?])?;
+    Ok(())
+}
+
+#[async_trait]
+impl C2dStore for SqliteStore {
+    async fn c2d_enqueue(&self, mut msg: C2dMessage, max_depth: usize) -> Result<C2dMessage> {
+        // `Some("")` would land in the device's own queue (module key '') but read back as a
+        // module message; one spelling per identity.
+        msg.module_id = msg.module_id.filter(|m| !m.is_empty());
+        let payload = std::mem::take(&mut msg.payload);
+        // Encoded here rather than in the job: the writer thread is the one serial resource.
+        let doc = serde_json::to_string(&msg)?;
+        let max_depth = limit_of(max_depth);
+        self.write(move |conn| {
+            let module = module_key(msg.module_id.as_deref());
+            let depth: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2",
+                )?
+                .query_row(params![msg.device_id, module], |r| r.get(0))?;
+            if depth >= max_depth {
+                return Err(StoreError::QueueFull);
+            }
+            let seq: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO c2d_sequences (device_id, module_id, last_seq) VALUES (?1, ?2, 1) \
+                     ON CONFLICT (device_id, module_id) DO UPDATE SET last_seq = last_seq + 1 \
+                     RETURNING last_seq",
+                )?
+                .query_row(params![msg.device_id, module], |r| r.get(0))?;
+            conn.prepare_cached(
+                "INSERT INTO c2d_messages \
+                 (device_id, module_id, seq, expiry_ms, delivery_count, doc, payload) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                msg.device_id,
+                module,
+                seq,
+                msg.expiry_time_ms,
+                msg.delivery_count,
+                doc,
+                payload
+            ])?;
+            msg.sequence_number = u64::try_from(seq).unwrap_or(0);
+            msg.payload = payload;
+            Ok(msg)
+        })
+        .await
+    }
+
+    async fn c2d_peek(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<C2dMessage>> {
+        let (device, module) = (device_id.to_string(), module_key(module_id));
+        let (after, limit) = (to_i64(after), limit_of(limit));
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, delivery_count, doc, payload FROM c2d_messages \
+                 WHERE device_id = ?1 AND module_id = ?2 AND seq > ?3 ORDER BY seq LIMIT ?4",
+            )?;
+            let rows = stmt.query_map(params![device, module, after, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, count, doc, payload) = row?;
+                out.push(decode(seq, count, &doc, payload)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn c2d_mark_delivered(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        sequence_number: u64,
+    ) -> Result<u32> {
+        let (device, module) = (device_id.to_string(), module_key(module_id));
+        let seq = to_i64(sequence_number);
+        self.write(move |conn| {
+            let count: Option<i64> = conn
+                .prepare_cached(
+                    "UPDATE c2d_messages SET delivery_count = delivery_count + 1 \
+                     WHERE device_id = ?1 AND module_id = ?2 AND seq = ?3 \
+                     RETURNING delivery_count",
+                )?
+                .query_row(params![device, module, seq], |r| r.get(0))
+                .optional()?;
+            let count = count.ok_or(StoreError::NotFound)?;
+            Ok(u32::try_from(count).unwrap_or(u32::MAX))
+        })
+        .await
+    }
+
+    async fn c2d_settle(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        sequence_number: u64,
+        status: FeedbackStatus,
+        now_utc: &str,
+    ) -> Result<Option<C2dMessage>> {
+        let (device, module) = (device_id.to_string(), module_key(module_id));
+        let seq = to_i64(sequence_number);
+        let now_utc = now_utc.to_string();
+        self.write(move |conn| {
+            let row: Option<(i64, String, Vec<u8>)> = conn
+                .prepare_cached(
+                    "DELETE FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2 AND seq = ?3 \
+                     RETURNING delivery_count, doc, payload",
+                )?
+                .query_row(params![device, module, seq], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let Some((count, doc, payload)) = row else {
+                return Ok(None);
+            };
+            let msg = decode(seq, count, &doc, payload)?;
+            record_feedback(conn, &msg, status, &now_utc)?;
+            Ok(Some(msg))
+        })
+        .await
+    }
+
+    async fn c2d_count(&self, device_id: &str, module_id: Option<&str>) -> Result<u64> {
+        let (device, module) = (device_id.to_string(), module_key(module_id));
+        self.read(move |conn| {
+            let n: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2",
+                )?
+                .query_row(params![device, module], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn c2d_purge(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        now_utc: &str,
+    ) -> Result<u64> {
+        let (device, module) = (device_id.to_string(), module_key(module_id));
+        let now_utc = now_utc.to_string();
+        self.write(move |conn| {
+            // Read first and delete after, rather than DELETE ... RETURNING, so feedback is
+            // recorded in queue order (RETURNING order is unspecified).
+            let queued = {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, delivery_count, doc FROM c2d_messages \
+                     WHERE device_id = ?1 AND module_id = ?2 ORDER BY seq",
+                )?;
+                let rows = stmt.query_map(params![device, module], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            conn.prepare_cached(
+                "DELETE FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2",
+            )?
+            .execute(params![device, module])?;
+            for (seq, count, doc) in &queued {
+                let msg = decode(*seq, *count, doc, Vec::new())?;
+                record_feedback(conn, &msg, FeedbackStatus::Purged, &now_utc)?;
+            }
+            Ok(queued.len() as u64)
+        })
+        .await
+    }
+
+    async fn c2d_expire(
+        &self,
+        now_ms: i64,
+        now_utc: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<String>)>> {
+        let now_utc = now_utc.to_string();
+        let limit = limit_of(limit);
+        self.write(move |conn| {
+            let expired = {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT device_id, module_id, seq, delivery_count, doc FROM c2d_messages \
+                     WHERE expiry_ms <= ?1 ORDER BY expiry_ms LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![now_ms, limit], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, String>(4)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            let mut seen = HashSet::new();
+            let mut touched = Vec::new();
+            for (device, module, seq, count, doc) in expired {
+                conn.prepare_cached(
+                    "DELETE FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2 AND seq = ?3",
+                )?
+                .execute(params![device, module, seq])?;
+                let msg = decode(seq, count, &doc, Vec::new())?;
+                record_feedback(conn, &msg, FeedbackStatus::Expired, &now_utc)?;
+                if seen.insert((device.clone(), module.clone())) {
+                    touched.push((device, (!module.is_empty()).then_some(module)));
+                }
+            }
+            Ok(touched)
+        })
+        .await
+    }
+
+    async fn c2d_next_expiry(&self) -> Result<Option<i64>> {
+        self.read(|conn| {
+            Ok(conn
+                .prepare_cached("SELECT MIN(expiry_ms) FROM c2d_messages")?
+                .query_row([], |r| r.get(0))?)
+        })
+        .await
+    }
+
+    async fn feedback_receive(
+        &self,
+        now_ms: i64,
+        lock_ms: i64,
+        max: usize,
+    ) -> Result<Option<FeedbackBatch>> {
+        if max == 0 {
+            return Ok(None);
+        }
+        // Receivers poll; answering "nothing" from a reader keeps idle polls out of the
+        // writer's queue.
+        let any: bool = self
+            .read(move |conn| {
+                Ok(conn
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM c2d_feedback WHERE lock_until_ms <= ?1)",
+                    )?
+                    .query_row(params![now_ms], |r| r.get(0))?)
+            })
+            .await?;
+        if !any {
+            return Ok(None);
+        }
+        let lock_token = format!("{:032x}", rand::random::<u128>());
+        let lock_until = now_ms.saturating_add(lock_ms);
+        let limit = limit_of(max);
+        self.write(move |conn| {
+            let free = {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, doc FROM c2d_feedback WHERE lock_until_ms <= ?1 \
+                     ORDER BY id LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![now_ms, limit], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            if free.is_empty() {
+                return Ok(None);
+            }
+            let mut records = Vec::with_capacity(free.len());
+            let mut lock = conn.prepare_cached(
+                "UPDATE c2d_feedback SET lock_token = ?2, lock_until_ms = ?3 WHERE id = ?1",
+            )?;
+            for (id, doc) in free {
+                records.push(serde_json::from_str::<FeedbackRecord>(&doc)?);
+                lock.execute(params![id, lock_token, lock_until])?;
+            }
+            Ok(Some(FeedbackBatch {
+                lock_token,
+                records,
+            }))
+        })
+        .await
+    }
+
+    async fn feedback_complete(&self, lock_token: &str, now_ms: i64) -> Result<()> {
+        let token = lock_token.to_string();
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM c2d_feedback WHERE lock_token = ?1 AND lock_until_ms > ?2",
+                )?
+                .execute(params![token, now_ms])?;
+            if n == 0 {
+                return Err(StoreError::LockLost);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn feedback_abandon(&self, lock_token: &str, now_ms: i64) -> Result<()> {
+        let token = lock_token.to_string();
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE c2d_feedback SET lock_until_ms = 0, lock_token = NULL \
+                     WHERE lock_token = ?1 AND lock_until_ms > ?2",
+                )?
+                .execute(params![token, now_ms])?;
+            if n == 0 {
+                return Err(StoreError::LockLost);
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Device, FeedbackRequest, IfMatch, Module, RegistryStore, TwinStore};
+
+    fn msg(device: &str, module: Option<&str>, id: &str) -> C2dMessage {
+        C2dMessage {
+            device_id: device.into(),
+            module_id: module.map(Into::into),
+            device_generation_id: "gen1".into(),
+            message_id: id.into(),
+            enqueued_time_ms: 1_000,
+            expiry_time_ms: 10_000,
+            payload: id.as_bytes().to_vec(),
+            properties: vec![("k".into(), Some("v".into())), ("bare".into(), None)],
+            ..Default::default()
+        }
+    }
+
+    fn with_ack(mut m: C2dMessage, ack: FeedbackRequest) -> C2dMessage {
+        m.ack = ack;
+        m
+    }
+
+    fn with_expiry(mut m: C2dMessage, expiry_ms: i64) -> C2dMessage {
+        m.expiry_time_ms = expiry_ms;
+        m
+    }
+
+    fn seqs(msgs: &[C2dMessage]) -> Vec<u64> {
+        msgs.iter().map(|m| m.sequence_number).collect()
+    }
+
+    const NOW_UTC: &str = "2024-01-01T00:00:00Z";
+
+    /// All feedback currently receivable, completed so the next call starts empty.
+    async fn drain_feedback(store: &SqliteStore) -> Result<Vec<FeedbackRecord>> {
+        match store.feedback_receive(0, 1_000, 1_000).await? {
+            None => Ok(Vec::new()),
+            Some(batch) => {
+                store.feedback_complete(&batch.lock_token, 0).await?;
+                Ok(batch.records)
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn sequence_numbers_increase_per_queue_and_survive_emptying_and_reopen() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let store = SqliteStore::open(dir.path())?;
+            let a = store.c2d_enqueue(msg("d1", None, "a"), 10).await?;
+            let b = store.c2d_enqueue(msg("d1", None, "b"), 10).await?;
+            let other = store.c2d_enqueue(msg("d2", None, "x"), 10).await?;
+            assert_eq!((a.sequence_number, b.sequence_number), (1, 2));
+            assert_eq!(other.sequence_number, 1);
+            assert_eq!(a.payload, b"a");
+            for s in [1, 2] {
+                store
+                    .c2d_settle("d1", None, s, FeedbackStatus::Success, NOW_UTC)
+                    .await?;
+            }
+            assert_eq!(store.c2d_count("d1", None).await?, 0);
+            let c = store.c2d_enqueue(msg("d1", None, "c"), 10).await?;
+            assert_eq!(c.sequence_number, 3);
+        }
+        let store = SqliteStore::open(dir.path())?;
+        store
+            .c2d_settle("d1", None, 3, FeedbackStatus::Success, NOW_UTC)
+            .await?;
+        let d = store.c2d_enqueue(msg("d1", None, "d"), 10).await?;
+        assert_eq!(d.sequence_number, 4);
+        let peeked = store.c2d_peek("d1", None, 0, 10).await?;
+        assert_eq!(peeked, vec![d]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn enqueue_fails_with_queue_full_at_max_depth() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        for i in 0..3 {
+            store
+                .c2d_enqueue(msg("d1", None, &format!("m{i}")), 3)
+                .await?;
+        }
+        assert!(matches!(
+            store.c2d_enqueue(msg("d1", None, "over"), 3).await,
+            Err(StoreError::QueueFull)
+        ));
+        // A refused message uses no sequence number.
+        store
+            .c2d_settle("d1", None, 1, FeedbackStatus::Success, NOW_UTC)
+            .await?;
+        let next = store.c2d_enqueue(msg("d1", None, "fits"), 3).await?;
+        assert_eq!(next.sequence_number, 4);
+        assert_eq!(store.c2d_count("d1", None).await?, 3);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn peek_returns_messages_after_a_sequence_in_order_up_to_limit() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        let mut sent = Vec::new();
+        for i in 0..5 {
+            sent.push(
+                store
+                    .c2d_enqueue(msg("d1", None, &format!("m{i}")), 10)
+                    .await?,
+            );
+        }
+        assert_eq!(
+            seqs(&store.c2d_peek("d1", None, 0, 10).await?),
+            [1, 2, 3, 4, 5]
+        );
+        assert_eq!(seqs(&store.c2d_peek("d1", None, 2, 2).await?), [3, 4]);
+        assert_eq!(
+            seqs(&store.c2d_peek("d1", None, 5, 10).await?),
+            Vec::<u64>::new()
+        );
+        assert_eq!(store.c2d_peek("d1", None, 0, 10).await?, sent);
+        assert!(store.c2d_peek("d1", None, 0, 0).await?.is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn mark_delivered_counts_until_the_message_is_gone() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        let m = store.c2d_enqueue(msg("d1", None, "a"), 10).await?;
+        assert_eq!(
+            store
+                .c2d_mark_delivered("d1", None, m.sequence_number)
+                .await?,
+            1
+        );
+        assert_eq!(
+            store
+                .c2d_mark_delivered("d1", None, m.sequence_number)
+                .await?,
+            2
+        );
+        assert_eq!(store.c2d_peek("d1", None, 0, 1).await?[0].delivery_count, 2);
+        let settled = store
+            .c2d_settle(
+                "d1",
+                None,
+                m.sequence_number,
+                FeedbackStatus::Success,
+                NOW_UTC,
+            )
+            .await?;
+        assert_eq!(settled.map(|m| m.delivery_count), Some(2));
+        assert!(matches!(
+            store
+                .c2d_mark_delivered("d1", None, m.sequence_number)
+                .await,
+            Err(StoreError::NotFound)
+        ));
+        assert!(store
+            .c2d_settle(
+                "d1",
+                None,
+                m.sequence_number,
+                FeedbackStatus::Success,
+                NOW_UTC
+            )
+            .await?
+            .is_none());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn settle_records_feedback_exactly_when_the_ack_asks_for_it() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        let acks = [
+            FeedbackRequest::None,
+            FeedbackRequest::Positive,
+            FeedbackRequest::Negative,
+            FeedbackRequest::Full,
+        ];
+        let statuses = [
+            FeedbackStatus::Success,
+            FeedbackStatus::Expired,
+            FeedbackStatus::DeliveryCountExceeded,
+            FeedbackStatus::Rejected,
+            FeedbackStatus::Purged,
+        ];
+        for ack in acks {
+            for status in statuses {
+                let id = format!("{ack:?}-{status:?}");
+                let m = store
+                    .c2d_enqueue(with_ack(msg("d1", Some("m1"), &id), ack), 100)
+                    .await?;
+                let settled = store
+                    .c2d_settle("d1", Some("m1"), m.sequence_number, status, NOW_UTC)
+                    .await?;
+                assert_eq!(settled.as_ref().map(|s| &s.message_id), Some(&id));
+                let feedback = drain_feedback(&store).await?;
+                if ack.wants(status) {
+                    assert_eq!(
+                        feedback,
+                        vec![FeedbackRecord {
+                            original_message_id: id,
+                            device_id: "d1".into(),
+                            module_id: Some("m1".into()),
+                            device_generation_id: "gen1".into(),
+                            status_code: status,
+                            description: status.description().into(),
+                            enqueued_time_utc: NOW_UTC.into(),
+                        }]
+                    );
+                } else {
+                    assert!(feedback.is_empty(), "{id} produced {feedback:?}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn purge_settles_every_message_with_the_feedback_each_asks_for() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        store
+            .c2d_enqueue(with_ack(msg("d1", None, "full"), FeedbackRequest::Full), 10)
+            .await?;
+        store
+            .c2d_enqueue(
+                with_ack(msg("d1", None, "pos"), FeedbackRequest::Positive),
+                10,
+            )
+            .await?;
+        store
+            .c2d_enqueue(
+                with_ack(msg("d1", None, "neg"), FeedbackRequest::Negative),
+                10,
+            )
+            .await?;
+        store.c2d_enqueue(msg("d2", None, "other"), 10).await?;
+        assert_eq!(store.c2d_purge("d1", None, NOW_UTC).await?, 3);
+        assert_eq!(store.c2d_count("d1", None).await?, 0);
+        assert_eq!(store.c2d_count("d2", None).await?, 1);
+        let feedback = drain_feedback(&store).await?;
+        let ids: Vec<_> = feedback
+            .iter()
+            .map(|f| f.original_message_id.as_str())
+            .collect();
+        assert_eq!(ids, ["full", "neg"]);
+        assert!(feedback
+            .iter()
+            .all(|f| f.status_code == FeedbackStatus::Purged));
+        assert_eq!(store.c2d_purge("d1", None, NOW_UTC).await?, 0);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn expire_settles_only_expired_messages_and_names_their_queues() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        assert_eq!(store.c2d_next_expiry().await?, None);
+        let neg = FeedbackRequest::Negative;
+        store
+            .c2d_enqueue(with_ack(with_expiry(msg("d1", None, "old1"), 100), neg), 10)
+            .await?;
+        store
+            .c2d_enqueue(with_expiry(msg("d1", None, "old2"), 200), 10)
+            .await?;
+        store
+            .c2d_enqueue(with_expiry(msg("d1", Some("m1"), "old3"), 300), 10)
+            .await?;
+        store
+            .c2d_enqueue(with_expiry(msg("d1", None, "young"), 5_000), 10)
+            .await?;
+        store
+            .c2d_enqueue(with_expiry(msg("d2", None, "young2"), 6_000), 10)
+            .await?;
+        assert_eq!(store.c2d_next_expiry().await?, Some(100));
+
+        // The limit bounds one call; the rest waits for the next.
+        let first = store.c2d_expire(300, NOW_UTC, 2).await?;
+        assert_eq!(first, vec![("d1".to_string(), None)]);
+        assert_eq!(store.c2d_next_expiry().await?, Some(300));
+        let second = store.c2d_expire(300, NOW_UTC, 100).await?;
+        assert_eq!(second, vec![("d1".to_string(), Some("m1".to_string()))]);
+        assert!(store.c2d_expire(300, NOW_UTC, 100).await?.is_empty());
+
+        assert_eq!(
+            seqs(&store.c2d_peek("d1", None, 0, 10).await?),
+            [3],
+            "only the young message stays"
+        );
+        assert_eq!(store.c2d_count("d2", None).await?, 1);
+        assert_eq!(store.c2d_next_expiry().await?, Some(5_000));
+        let feedback = drain_feedback(&store).await?;
+        assert_eq!(feedback.len(), 1);
+        assert_eq!(feedback[0].original_message_id, "old1");
+        assert_eq!(feedback[0].status_code, FeedbackStatus::Expired);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn module_queues_are_separate_from_the_device_queue() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        store.c2d_enqueue(msg("d1", None, "dev"), 10).await?;
+        let m1 = store.c2d_enqueue(msg("d1", Some("m1"), "mod1"), 10).await?;
+        store.c2d_enqueue(msg("d1", Some("m2"), "mod2"), 10).await?;
+        store
+            .c2d_enqueue(msg("d1", Some("m2"), "mod2b"), 10)
+            .await?;
+        assert_eq!(m1.sequence_number, 1);
+        assert_eq!(m1.module_id.as_deref(), Some("m1"));
+        assert_eq!(store.c2d_count("d1", None).await?, 1);
+        assert_eq!(store.c2d_count("d1", Some("m1")).await?, 1);
+        assert_eq!(store.c2d_count("d1", Some("m2")).await?, 2);
+        let peeked = store.c2d_peek("d1", Some("m1"), 0, 10).await?;
+        assert_eq!(peeked, vec![m1]);
+        assert_eq!(store.c2d_peek("d1", None, 0, 10).await?[0].module_id, None);
+        assert_eq!(store.c2d_purge("d1", Some("m2"), NOW_UTC).await?, 2);
+        assert_eq!(store.c2d_count("d1", None).await?, 1);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn deleting_identities_removes_their_queues_sequences_and_twins() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        for id in ["d1", "d2"] {
+            store
+                .create_device(Device {
+                    device_id: id.into(),
+                    ..Default::default()
+                })
+                .await?;
+            store
+                .create_module(Module {
+                    device_id: id.into(),
+                    module_id: "m1".into(),
+                    ..Default::default()
+                })
+                .await?;
+            for module in [None, Some("m1")] {
+                let full = FeedbackRequest::Full;
+                store
+                    .c2d_enqueue(with_ack(msg(id, module, "x"), full), 10)
+                    .await?;
+                store
+                    .update_twin(
+                        id,
+                        module,
+                        Box::new(|_| Ok(("{}".to_string(), Box::new(()) as _))),
+                    )
+                    .await?;
+            }
+        }
+
+        store.delete_module("d1", "m1", IfMatch::Any).await?;
+        assert_eq!(store.c2d_count("d1", Some("m1")).await?, 0);
+        assert!(store.get_twin("d1", Some("m1")).await?.is_none());
+        assert_eq!(store.c2d_count("d1", None).await?, 1);
+        assert!(store.get_twin("d1", None).await?.is_some());
+
+        store.delete_device("d2", IfMatch::Any).await?;
+        for module in [None, Some("m1")] {
+            assert_eq!(store.c2d_count("d2", module).await?, 0);
+            assert!(store.get_twin("d2", module).await?.is_none());
+        }
+        assert!(store.get_twin("d1", None).await?.is_some());
+        // Sequences went with the identities, and deletion leaves no feedback.
+        let again = store.c2d_enqueue(msg("d2", Some("m1"), "y"), 10).await?;
+        assert_eq!(again.sequence_number, 1);
+        assert!(drain_feedback(&store).await?.is_empty());
+        Ok(())
+    }
+
+    /// Settles `n` messages asking for full feedback, so `n` feedback records exist.
+    async fn make_feedback(store: &SqliteStore, n: usize) -> Result<()> {
+        for i in 0..n {
+            let m = store
+                .c2d_enqueue(
+                    with_ack(msg("d1", None, &format!("f{i}")), FeedbackRequest::Full),
+                    100,
+                )
+                .await?;
+            store
+                .c2d_settle(
+                    "d1",
+                    None,
+                    m.sequence_number,
+                    FeedbackStatus::Success,
+                    NOW_UTC,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn ids(batch: &FeedbackBatch) -> Vec<&str> {
+        batch
+            .records
+            .iter()
+            .map(|r| r.original_message_id.as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn feedback_locks_hide_records_until_completed_or_expired() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        assert!(store.feedback_receive(0, 1_000, 10).await?.is_none());
+        make_feedback(&store, 3).await?;
+
+        let t = 1_000_000;
+        let first = store
+            .feedback_receive(t, 1_000, 2)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        assert_eq!(ids(&first), ["f0", "f1"]);
+        assert_eq!(first.lock_token.len(), 32);
+        let second = store
+            .feedback_receive(t, 1_000, 10)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        assert_eq!(
+            ids(&second),
+            ["f2"],
+            "locked records are not received again"
+        );
+        assert_ne!(first.lock_token, second.lock_token);
+        assert!(store.feedback_receive(t + 999, 1_000, 10).await?.is_none());
+
+        store.feedback_complete(&second.lock_token, t + 999).await?;
+        assert!(matches!(
+            store.feedback_complete(&second.lock_token, t + 999).await,
+            Err(StoreError::LockLost)
+        ));
+
+        // The first lock expires at t + 1000: too late to complete, and receivable again.
+        assert!(matches!(
+            store.feedback_complete(&first.lock_token, t + 1_000).await,
+            Err(StoreError::LockLost)
+        ));
+        let again = store
+            .feedback_receive(t + 1_000, 1_000, 10)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        assert_eq!(ids(&again), ["f0", "f1"]);
+        assert!(matches!(
+            store.feedback_complete(&first.lock_token, t + 1_001).await,
+            Err(StoreError::LockLost)
+        ));
+        store
+            .feedback_complete(&again.lock_token, t + 1_001)
+            .await?;
+        assert!(store
+            .feedback_receive(t + 10_000, 1_000, 10)
+            .await?
+            .is_none());
+        assert!(matches!(
+            store.feedback_complete("unknown", 0).await,
+            Err(StoreError::LockLost)
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn abandoned_feedback_can_be_received_at_once() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        make_feedback(&store, 2).await?;
+        let t = 5_000;
+        let batch = store
+            .feedback_receive(t, 60_000, 10)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        assert!(store.feedback_receive(t, 60_000, 10).await?.is_none());
+        store.feedback_abandon(&batch.lock_token, t + 1).await?;
+        assert!(matches!(
+            store.feedback_abandon(&batch.lock_token, t + 1).await,
+            Err(StoreError::LockLost)
+        ));
+        assert!(matches!(
+            store.feedback_complete(&batch.lock_token, t + 1).await,
+            Err(StoreError::LockLost)
+        ));
+        let again = store
+            .feedback_receive(t + 1, 60_000, 10)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        assert_eq!(ids(&again), ["f0", "f1"]);
+        // An expired lock cannot be abandoned either.
+        assert!(matches!(
+            store
+                .feedback_abandon(&again.lock_token, t + 1 + 60_000)
+                .await,
+            Err(StoreError::LockLost)
+        ));
+        Ok(())
+    }
+
+    /// Throughput of the group commit: 5,000 concurrent enqueues over 1,000 queues. Run with
+    /// `cargo test -p ferrohub-store --release -- --ignored --nocapture enqueue_throughput`.
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore]
+    async fn enqueue_throughput() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        let start = std::time::Instant::now();
+        let tasks: Vec<_> = (0..5_000)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let m = msg(&format!("dev{}", i % 1_000), None, &format!("m{i}"));
+                    store.c2d_enqueue(m, 50).await
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.map_err(|e| StoreError::Task(e.to_string()))??;
+        }
+        let elapsed = start.elapsed();
+        println!(
+            "5000 concurrent c2d_enqueue over 1000 queues: {elapsed:?} ({:.0}/s)",
+            5_000.0 / elapsed.as_secs_f64()
+        );
+        assert_eq!(store.c2d_count("dev7", None).await?, 5);
+
+        // For scale: one caller at a time gets no batching, so each enqueue pays a full commit.
+        let start = std::time::Instant::now();
+        for i in 0..500 {
+            store
+                .c2d_enqueue(msg("serial", None, &format!("s{i}")), 1_000)
+                .await?;
+        }
+        let elapsed = start.elapsed();
+        println!(
+            "500 sequential c2d_enqueue: {elapsed:?} ({:.0}/s)",
+            500.0 / elapsed.as_secs_f64()
+        );
+        Ok(())
+    }
+}
