@@ -10,6 +10,7 @@ pub mod identity;
 pub mod sas;
 pub mod telemetry;
 pub mod topics;
+pub mod twin;
 
 pub use connect::{parse_connect, server_keep_alive, ConnectError, ConnectInfo};
 pub use connection_string::{ConnectionString, ConnectionStringError};
