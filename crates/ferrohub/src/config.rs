@@ -45,6 +45,22 @@ pub struct ServeArgs {
     /// Disk budget for telemetry in MiB; the oldest messages go first when it is exceeded.
     #[arg(long, env = "FERROHUB_TELEMETRY_MAX_MB")]
     pub telemetry_max_mb: Option<u64>,
+    /// Time to live of cloud-to-device messages sent without an expiry, in seconds (60 to
+    /// 172800; default 3600).
+    #[arg(long, env = "FERROHUB_C2D_TTL_SECS")]
+    pub c2d_ttl_secs: Option<u64>,
+    /// Deliveries of a cloud-to-device message before it is dead-lettered (1 to 100; default 10).
+    #[arg(long, env = "FERROHUB_C2D_MAX_DELIVERY_COUNT")]
+    pub c2d_max_delivery_count: Option<u32>,
+    /// Twin reads per second for the whole hub (device GETs and service reads); off by default.
+    #[arg(long, env = "FERROHUB_THROTTLE_TWIN_READS")]
+    pub throttle_twin_reads: Option<u32>,
+    /// Twin updates per second (reported patches and service updates); off by default.
+    #[arg(long, env = "FERROHUB_THROTTLE_TWIN_UPDATES")]
+    pub throttle_twin_updates: Option<u32>,
+    /// Direct method calls per second; off by default.
+    #[arg(long, env = "FERROHUB_THROTTLE_METHOD_CALLS")]
+    pub throttle_method_calls: Option<u32>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -62,6 +78,11 @@ struct FileConfig {
     partitions: Option<u32>,
     retention_hours: Option<u32>,
     telemetry_max_mb: Option<u64>,
+    c2d_ttl_secs: Option<u64>,
+    c2d_max_delivery_count: Option<u32>,
+    throttle_twin_reads: Option<u32>,
+    throttle_twin_updates: Option<u32>,
+    throttle_method_calls: Option<u32>,
 }
 
 /// The resolved configuration of a server.
@@ -86,6 +107,8 @@ pub struct ServerConfig {
     pub telemetry_max_bytes: u64,
     /// How often retention runs.
     pub retention_interval: std::time::Duration,
+    /// C2D limits and throttles of the device-facing features.
+    pub hub: crate::hub::HubSettings,
 }
 
 impl ServerConfig {
@@ -105,6 +128,7 @@ impl ServerConfig {
             retention: std::time::Duration::from_secs(24 * 3600),
             telemetry_max_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: std::time::Duration::from_secs(60),
+            hub: crate::hub::HubSettings::default(),
         }
     }
 
@@ -159,6 +183,26 @@ impl ServerConfig {
         if let Some(mb) = args.telemetry_max_mb.or(file.telemetry_max_mb) {
             cfg.telemetry_max_bytes = mb.saturating_mul(1024 * 1024);
         }
+        if let Some(t) = args.c2d_ttl_secs.or(file.c2d_ttl_secs) {
+            if !(60..=172_800).contains(&t) {
+                anyhow::bail!(
+                    "c2d_ttl_secs must be between 60 (1 minute) and 172800 (2 days), got {t}"
+                );
+            }
+            cfg.hub.c2d.default_ttl = std::time::Duration::from_secs(t);
+        }
+        if let Some(n) = args.c2d_max_delivery_count.or(file.c2d_max_delivery_count) {
+            if !(1..=100).contains(&n) {
+                anyhow::bail!("c2d_max_delivery_count must be between 1 and 100, got {n}");
+            }
+            cfg.hub.c2d.max_delivery_count = n;
+        }
+        let rate = |v: Option<u32>| v.and_then(std::num::NonZeroU32::new);
+        cfg.hub.throttle.twin_reads = rate(args.throttle_twin_reads.or(file.throttle_twin_reads));
+        cfg.hub.throttle.twin_updates =
+            rate(args.throttle_twin_updates.or(file.throttle_twin_updates));
+        cfg.hub.throttle.method_calls =
+            rate(args.throttle_method_calls.or(file.throttle_method_calls));
         Ok(cfg)
     }
 

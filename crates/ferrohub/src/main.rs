@@ -3,7 +3,8 @@
 
 use clap::{Parser, Subcommand};
 use ferrohub::cli::{
-    self, CertificateCommand, ClientArgs, DeviceCommand, ModuleCommand, MonitorArgs, SasTokenArgs,
+    self, C2dCommand, CertificateCommand, ClientArgs, DeviceCommand, InvokeArgs, ModuleCommand,
+    MonitorArgs, SasTokenArgs, TwinCommand,
 };
 use ferrohub::config::{ServeArgs, ServerConfig};
 use tracing_subscriber::EnvFilter;
@@ -56,6 +57,27 @@ enum Command {
         #[command(flatten)]
         args: MonitorArgs,
     },
+    /// Send cloud-to-device messages, purge queues, read delivery feedback.
+    C2d {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: C2dCommand,
+    },
+    /// Show and update device and module twins.
+    Twin {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: TwinCommand,
+    },
+    /// Invoke a direct method and print the device's answer.
+    Invoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: InvokeArgs,
+    },
     /// Generate a SAS token for a device, a module or a hub policy.
     SasToken {
         #[command(flatten)]
@@ -75,6 +97,9 @@ async fn main() -> std::process::ExitCode {
         Command::Certificate { client, cmd } => cli::run_certificate(&client, cmd).await,
         Command::SasToken { client, args } => cli::run_sas_token(&client, args).await,
         Command::Monitor { client, args } => cli::run_monitor(&client, args).await,
+        Command::C2d { client, cmd } => cli::run_c2d(&client, cmd).await,
+        Command::Twin { client, cmd } => cli::run_twin(&client, cmd).await,
+        Command::Invoke { client, args } => cli::run_invoke(&client, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

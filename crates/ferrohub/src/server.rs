@@ -218,7 +218,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             .with_context(|| format!("opening the telemetry log in {}", data_dir.display()))?,
     );
     let store: Arc<dyn Store> = Arc::new(store);
-    let hub = Hub::new(store.clone(), telemetry.clone(), cfg.accepted_hostnames());
+    let hub = Hub::new(
+        store.clone(),
+        telemetry.clone(),
+        cfg.accepted_hostnames(),
+        cfg.hub.clone(),
+    );
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let broker_cfg = BrokerConfig {
         max_packet_size: cfg.max_packet_size,
@@ -238,6 +243,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             max_bytes: cfg.telemetry_max_bytes,
         },
         cfg.retention_interval,
+        shutdown_rx.clone(),
+    ));
+    tracker.spawn(crate::hub::c2d::expiry_loop(
+        hub.clone(),
         shutdown_rx.clone(),
     ));
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));

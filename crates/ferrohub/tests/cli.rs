@@ -95,3 +95,161 @@ fn cli_without_a_hub_says_what_is_missing() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn c2d_twin_and_invoke_commands_work_as_a_user_runs_them() -> TestResult {
+    let hub = TestHub::start().await?;
+    let dir = hub.dir.path().to_path_buf();
+    let run = |args: Vec<String>| {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ferrohub(&dir, &args)
+            })
+            .await?
+        }
+    };
+    let a = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let (key, _) = hub.create_device("dev1").await?;
+
+    // C2D: send (with properties and feedback), receive on the device, read the feedback.
+    let (ok, out, err) = run(a(&[
+        "c2d",
+        "send",
+        "dev1",
+        "--data",
+        "hi there",
+        "--props",
+        "color=red",
+        "--props",
+        "flag",
+        "--message-id",
+        "cli-1",
+        "--ack",
+        "full",
+    ]))
+    .await?;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("sent message cli-1 to dev1"), "{out}");
+    let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
+    c.subscribe(
+        1,
+        &[(
+            "devices/dev1/messages/devicebound/#",
+            ferrohub_mqtt::QoS::AtLeastOnce,
+        )],
+    )
+    .await?;
+    let p = recv_publish(&mut c, WAIT)
+        .await?
+        .ok_or("C2D not delivered")?;
+    assert_eq!(&p.payload[..], b"hi there");
+    assert!(
+        p.topic.ends_with("&iothub-ack=full&color=red&flag"),
+        "{}",
+        p.topic
+    );
+    c.send(&ferrohub_mqtt::Packet::PubAck(p.packet_id)).await?;
+    let (ok, out, err) = run(a(&["c2d", "feedback", "--wait", "5"])).await?;
+    assert!(ok, "{err}");
+    assert!(out.contains("dev1  message cli-1  Success"), "{out}");
+
+    let (ok, _, _) = run(a(&["c2d", "send", "dev1", "--data", "x"])).await?;
+    assert!(ok);
+    // Unsubscribe first so the message stays queued for the purge.
+    drop(c);
+    let (ok, out, _) = run(a(&["c2d", "send", "dev1", "--data", "y"])).await?;
+    assert!(ok, "{out}");
+    let (ok, out, err) = run(a(&["c2d", "purge", "dev1"])).await?;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("purged "), "{out}");
+    let (ok, _, err) = run(a(&["c2d", "send", "ghost", "--data", "x"])).await?;
+    assert!(!ok);
+    assert!(err.contains("404 DeviceNotFound"), "{err}");
+
+    // Twins: update desired and tags, show, etag guard.
+    let (ok, out, err) = run(a(&[
+        "twin",
+        "update",
+        "dev1",
+        "--desired",
+        r#"{"fan": {"speed": 3}}"#,
+        "--tags",
+        r#"{"site": "lab"}"#,
+    ]))
+    .await?;
+    assert!(ok, "{err}");
+    let t: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(t["properties"]["desired"]["fan"]["speed"], 3);
+    assert_eq!(t["tags"]["site"], "lab");
+    let etag = t["etag"].as_str().ok_or("no etag")?.to_string();
+    let (ok, out, _) = run(a(&["twin", "show", "dev1"])).await?;
+    assert!(ok);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out)?["etag"],
+        etag.as_str()
+    );
+    let (ok, _, err) = run(a(&[
+        "twin",
+        "update",
+        "dev1",
+        "--tags",
+        r#"{"a":1}"#,
+        "--etag",
+        "stale",
+    ]))
+    .await?;
+    assert!(!ok);
+    assert!(err.contains("412 PreconditionFailed"), "{err}");
+    let (ok, _, err) = run(a(&["twin", "update", "dev1", "--desired", "[1]"])).await?;
+    assert!(!ok && err.contains("JSON object"), "{err}");
+
+    // Methods: the device answers, the CLI prints it.
+    let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
+    c.subscribe(
+        2,
+        &[("$iothub/methods/POST/#", ferrohub_mqtt::QoS::AtMostOnce)],
+    )
+    .await?;
+    let call = run(a(&[
+        "invoke",
+        "dev1",
+        "reboot",
+        "--payload",
+        r#"{"delay": 1}"#,
+        "--timeout",
+        "10",
+    ]));
+    let call = tokio::spawn(call);
+    let p = recv_publish(&mut c, WAIT)
+        .await?
+        .ok_or("no method request")?;
+    assert!(
+        p.topic.starts_with("$iothub/methods/POST/reboot/?$rid="),
+        "{}",
+        p.topic
+    );
+    let rid = p
+        .topic
+        .rsplit_once("$rid=")
+        .map(|(_, r)| r.to_string())
+        .ok_or("rid")?;
+    c.publish_qos1(
+        3,
+        &format!("$iothub/methods/res/200/?$rid={rid}"),
+        br#"{"rebooting":true}"#,
+    )
+    .await?;
+    let (ok, out, err) = call.await??;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("status: 200") && out.contains("\"rebooting\": true"),
+        "{out}"
+    );
+    drop(c);
+    let (ok, _, err) = run(a(&["invoke", "dev1", "reboot"])).await?;
+    assert!(!ok && err.contains("404 DeviceNotOnline"), "{err}");
+    hub.stop().await;
+    Ok(())
+}

@@ -363,22 +363,11 @@ async fn consumer_groups_read_independently_with_checkpoints() -> TestResult {
 
 #[tokio::test]
 async fn retention_removes_expired_messages() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let mut cfg = config(dir.path());
-    cfg.retention = Duration::from_millis(500);
-    cfg.retention_interval = Duration::from_millis(200);
-    let server = ferrohub::server::start(cfg).await?;
-    let ca = server.info.ca_file.clone().ok_or("ca")?;
-    let api = ferrohub::cli::ApiClient::new(
-        ferrohub_iothub::ConnectionString::parse(&server.info.owner_connection_string)?,
-        Some(&ca),
-    )?;
-    let hub = TestHub {
-        dir,
-        server: Some(server),
-        api,
-        ca,
-    };
+    let hub = TestHub::start_with(|cfg| {
+        cfg.retention = Duration::from_millis(500);
+        cfg.retention_interval = Duration::from_millis(200);
+    })
+    .await?;
     let (key, _) = hub.create_device("dev1").await?;
     let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
     c.publish_qos1(1, "devices/dev1/messages/events/", b"old")

@@ -131,11 +131,11 @@ async fn qos1_delivery_respects_the_inflight_limit_and_redelivers_with_dup() -> 
     // Push more than the in-flight limit (16) without acknowledging anything.
     let push = tokio::spawn(async move {
         for i in 0..20u8 {
-            let msg = ferrohub::broker::OutboundMessage {
-                topic: "devices/dev1/messages/devicebound/".into(),
-                payload: bytes::Bytes::from(vec![i]),
-                qos: QoS::AtLeastOnce,
-            };
+            let msg = ferrohub::broker::OutboundMessage::new(
+                "devices/dev1/messages/devicebound/".into(),
+                bytes::Bytes::from(vec![i]),
+                QoS::AtLeastOnce,
+            );
             if out.send(msg).await.is_err() {
                 break;
             }

@@ -165,23 +165,37 @@ fn live_state(state: &ApiState, id: &Identity) -> Option<(ConnectionState, Strin
     ))
 }
 
-fn with_presence_device(state: &ApiState, mut d: Device) -> Device {
+/// The registry record with what only the running hub knows: connection state and activity,
+/// and the depth of the C2D queue.
+async fn with_live_device(state: &ApiState, mut d: Device) -> Result<Device, ApiError> {
     if let Some((c, changed, active)) = live_state(state, &Identity::device(d.device_id.clone())) {
         d.connection_state = c;
         d.connection_state_updated_time = Some(changed);
         d.last_activity_time = Some(active);
     }
-    d
+    d.cloud_to_device_message_count = state
+        .hub
+        .store
+        .c2d_count(&d.device_id, None)
+        .await
+        .map_err(device_err(""))?;
+    Ok(d)
 }
 
-fn with_presence_module(state: &ApiState, mut m: Module) -> Module {
+async fn with_live_module(state: &ApiState, mut m: Module) -> Result<Module, ApiError> {
     let id = Identity::module(m.device_id.clone(), m.module_id.clone());
     if let Some((c, changed, active)) = live_state(state, &id) {
         m.connection_state = c;
         m.connection_state_updated_time = Some(changed);
         m.last_activity_time = Some(active);
     }
-    m
+    m.cloud_to_device_message_count = state
+        .hub
+        .store
+        .c2d_count(&m.device_id, Some(&m.module_id))
+        .await
+        .map_err(device_err(""))?;
+    Ok(m)
 }
 
 /// Maps a store failure on a device lookup (not found, or an engine error).
@@ -274,7 +288,7 @@ pub async fn put_device(
             saved
         }
     };
-    Ok(Json(with_presence_device(&state, saved)))
+    Ok(Json(with_live_device(&state, saved).await?))
 }
 
 pub async fn get_device(
@@ -292,7 +306,7 @@ pub async fn get_device(
         .await
         .map_err(device_err(&id))?
         .ok_or_else(|| device_not_found(&id))?;
-    Ok(Json(with_presence_device(&state, d)))
+    Ok(Json(with_live_device(&state, d).await?))
 }
 
 pub async fn delete_device(
@@ -342,12 +356,11 @@ pub async fn list_devices(
         .list_devices(top)
         .await
         .map_err(device_err(""))?;
-    Ok(Json(
-        devices
-            .into_iter()
-            .map(|d| with_presence_device(&state, d))
-            .collect(),
-    ))
+    let mut out = Vec::with_capacity(devices.len());
+    for d in devices {
+        out.push(with_live_device(&state, d).await?);
+    }
+    Ok(Json(out))
 }
 
 pub async fn put_module(
@@ -422,7 +435,7 @@ pub async fn put_module(
             saved
         }
     };
-    Ok(Json(with_presence_module(&state, saved)))
+    Ok(Json(with_live_module(&state, saved).await?))
 }
 
 pub async fn get_module(
@@ -440,7 +453,7 @@ pub async fn get_module(
         .await
         .map_err(module_err(&id, &mid))?
         .ok_or_else(|| module_not_found(&id, &mid))?;
-    Ok(Json(with_presence_module(&state, m)))
+    Ok(Json(with_live_module(&state, m).await?))
 }
 
 pub async fn delete_module(
@@ -484,12 +497,11 @@ pub async fn list_modules(
         return Err(device_not_found(&id));
     }
     let modules = store.list_modules(&id).await.map_err(device_err(&id))?;
-    Ok(Json(
-        modules
-            .into_iter()
-            .map(|m| with_presence_module(&state, m))
-            .collect(),
-    ))
+    let mut out = Vec::with_capacity(modules.len());
+    for m in modules {
+        out.push(with_live_module(&state, m).await?);
+    }
+    Ok(Json(out))
 }
 
 /// IoT Hub's generationId: distinguishes identities that reuse a deleted one's id.

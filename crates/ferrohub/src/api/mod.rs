@@ -6,13 +6,15 @@ mod certificates;
 mod devices;
 mod error;
 mod events;
+mod messaging;
+mod twins;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 
 use crate::broker::{serve_connection, Broker, PeerInfo, Transport};
@@ -43,6 +45,48 @@ pub fn router(state: ApiState) -> Router {
             get(devices::get_module)
                 .put(devices::put_module)
                 .delete(devices::delete_module),
+        )
+        .route(
+            "/devices/{id}/messages/deviceBound",
+            post(messaging::send_to_device),
+        )
+        .route(
+            "/devices/{id}/modules/{mid}/messages/deviceBound",
+            post(messaging::send_to_module),
+        )
+        .route("/devices/{id}/commands", delete(messaging::purge_device))
+        .route(
+            "/devices/{id}/modules/{mid}/commands",
+            delete(messaging::purge_module),
+        )
+        .route(
+            "/messages/serviceBound/feedback",
+            get(messaging::receive_feedback),
+        )
+        .route(
+            "/messages/serviceBound/feedback/{token}",
+            delete(messaging::complete_feedback),
+        )
+        .route(
+            "/messages/serviceBound/feedback/{token}/abandon",
+            post(messaging::abandon_feedback),
+        )
+        .route(
+            "/twins/{id}",
+            get(twins::get_device_twin)
+                .patch(twins::patch_device_twin)
+                .put(twins::put_device_twin),
+        )
+        .route(
+            "/twins/{id}/modules/{mid}",
+            get(twins::get_module_twin)
+                .patch(twins::patch_module_twin)
+                .put(twins::put_module_twin),
+        )
+        .route("/twins/{id}/methods", post(twins::invoke_device_method))
+        .route(
+            "/twins/{id}/modules/{mid}/methods",
+            post(twins::invoke_module_method),
         )
         .route("/events", get(events::stream))
         .route("/certificates", get(certificates::list))

@@ -196,9 +196,10 @@ async fn run_session<H, S>(
         wire.send(&connack(session_present, ConnectReturnCode::Accepted))
             .await
             .map_err(|e| DisconnectReason::ConnectionLost(e.to_string()))?;
+        let restored: Vec<String> = state.subscriptions.iter().map(|(f, _)| f.clone()).collect();
         broker
             .handler
-            .connected(&client, Outbound { tx: out_tx })
+            .connected(&client, Outbound { tx: out_tx }, &restored)
             .await;
         // Redeliver what the previous connection sent but never saw acknowledged.
         for (pid, msg) in state.inflight.iter() {
@@ -234,6 +235,7 @@ async fn run_session<H, S>(
         debug!(client = %client_id, ?reason, "closing connection");
     }
     let persistent = !connect.clean_session;
+    state.release_handler_messages();
     drop(state);
     if !persistent {
         broker.drop_memory_session(&client_id);
@@ -442,7 +444,12 @@ where
             }
         }
         Packet::PubAck(pid) => {
-            state.ack(pid);
+            if let Some(OutboundMessage {
+                on_ack: Some(hook), ..
+            }) = state.ack(pid)
+            {
+                (hook.0)();
+            }
         }
         Packet::Subscribe(sub) => {
             let mut codes = Vec::with_capacity(sub.filters.len());
@@ -475,6 +482,9 @@ where
             }))
             .await
             .map_err(lost)?;
+            if changed {
+                notify_subscriptions(broker, client, state).await;
+            }
         }
         Packet::Unsubscribe(u) => {
             let before = state.subscriptions.len();
@@ -484,6 +494,9 @@ where
             wire.send(&Packet::UnsubAck(u.packet_id))
                 .await
                 .map_err(lost)?;
+            if changed {
+                notify_subscriptions(broker, client, state).await;
+            }
         }
         Packet::PingReq => wire.send(&Packet::PingResp).await.map_err(lost)?,
         Packet::Disconnect => return Err(DisconnectReason::ClientDisconnect),
@@ -495,6 +508,15 @@ where
         }
     }
     Ok(())
+}
+
+async fn notify_subscriptions<H: Handler>(
+    broker: &Broker<H>,
+    client: &H::Client,
+    state: &SessionState,
+) {
+    let filters: Vec<String> = state.subscriptions.iter().map(|(f, _)| f.clone()).collect();
+    broker.handler.subscriptions_changed(client, &filters).await;
 }
 
 /// Writes the subscriptions of a persistent session before they are acknowledged.
@@ -577,10 +599,11 @@ mod tests {
         }
         /// Drops the outbound handle on purpose: a connection must keep serving without one
         /// (it once waited forever here, deaf to reads, keep-alive and takeover).
-        async fn connected(&self, _: &(), _: Outbound) {}
+        async fn connected(&self, _: &(), _: Outbound, _: &[String]) {}
         fn authorize_subscribe(&self, _: &(), _: &str) -> bool {
             true
         }
+        async fn subscriptions_changed(&self, _: &(), _: &[String]) {}
         async fn publish(&self, _: &(), _: Publish) -> PublishDecision {
             self.publishes.fetch_add(1, Ordering::SeqCst);
             PublishDecision::AcceptWhen(Box::pin(std::future::pending()))

@@ -150,11 +150,14 @@ pub trait Handler: Send + Sync + 'static {
     fn keep_alive(&self, client_keep_alive: u16) -> Duration;
 
     /// Called once the connection is registered and CONNACK sent, with a handle that can push
-    /// messages to this client.
-    async fn connected(&self, client: &Self::Client, outbound: Outbound);
+    /// messages to this client and the subscriptions a persistent session brought back.
+    async fn connected(&self, client: &Self::Client, outbound: Outbound, subscriptions: &[String]);
 
     /// Whether the client may subscribe to `filter`.
     fn authorize_subscribe(&self, client: &Self::Client, filter: &str) -> bool;
+
+    /// The client's subscriptions after a SUBSCRIBE or UNSUBSCRIBE was acknowledged.
+    async fn subscriptions_changed(&self, client: &Self::Client, subscriptions: &[String]);
 
     /// A PUBLISH from the client (QoS 0 or 1; QoS 2 is refused by the broker).
     async fn publish(&self, client: &Self::Client, publish: Publish) -> PublishDecision;
@@ -174,6 +177,31 @@ pub struct OutboundMessage {
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
+    /// Called when the client acknowledges this QoS 1 message. A message with a hook belongs
+    /// to the handler's own durable queue: the broker does not carry it over to the next
+    /// connection of a persistent session; the handler redelivers it from its queue instead.
+    pub on_ack: Option<AckHook>,
+}
+
+impl OutboundMessage {
+    pub fn new(topic: String, payload: Bytes, qos: QoS) -> Self {
+        Self {
+            topic,
+            payload,
+            qos,
+            on_ack: None,
+        }
+    }
+}
+
+/// See [`OutboundMessage::on_ack`].
+#[derive(Clone)]
+pub struct AckHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for AckHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckHook")
+    }
 }
 
 /// A handle to push messages to one connection. Sending waits when the connection is slow
@@ -188,6 +216,15 @@ impl Outbound {
         self.tx.send(Box::new(msg)).await.map_err(|_| NotConnected)
     }
 
+    /// Queues without waiting; a full queue hands the message back so the caller can decide
+    /// (the connection's own task must never wait on its own queue).
+    pub fn try_send(&self, msg: OutboundMessage) -> Result<(), TrySendError> {
+        self.tx.try_send(Box::new(msg)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(m) => TrySendError::Full(*m),
+            mpsc::error::TrySendError::Closed(_) => TrySendError::Closed,
+        })
+    }
+
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed()
     }
@@ -196,6 +233,12 @@ impl Outbound {
 #[derive(Debug, thiserror::Error)]
 #[error("client is not connected")]
 pub struct NotConnected;
+
+#[derive(Debug)]
+pub enum TrySendError {
+    Full(OutboundMessage),
+    Closed,
+}
 
 /// The live connection holding a client id: used to close it when a newer one arrives.
 struct LiveConnection {

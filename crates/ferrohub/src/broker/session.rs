@@ -65,6 +65,12 @@ impl SessionState {
         }
     }
 
+    /// Drops in-flight messages the handler redelivers itself (those with an ack hook), so a
+    /// persistent session does not send them twice.
+    pub fn release_handler_messages(&mut self) {
+        self.inflight.retain(|(_, m)| m.on_ack.is_none());
+    }
+
     /// Removes the acknowledged message; unknown ids (late or duplicate PUBACKs) are ignored.
     pub fn ack(&mut self, packet_id: u16) -> Option<OutboundMessage> {
         let pos = self.inflight.iter().position(|(p, _)| *p == packet_id)?;
@@ -78,11 +84,7 @@ mod tests {
     use bytes::Bytes;
 
     fn msg() -> OutboundMessage {
-        OutboundMessage {
-            topic: "t".into(),
-            payload: Bytes::new(),
-            qos: QoS::AtLeastOnce,
-        }
+        OutboundMessage::new("t".into(), Bytes::new(), QoS::AtLeastOnce)
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::{load_connection_string, ClientArgs};
 
 pub const API_VERSION: &str = "2021-04-12";
 
+#[derive(Clone)]
 pub struct ApiClient {
     http: reqwest::Client,
     /// Without a total timeout: an event stream lives as long as the reader wants.
@@ -102,6 +103,18 @@ impl ApiClient {
         body: Option<&Value>,
         if_match: Option<&str>,
     ) -> anyhow::Result<Option<Value>> {
+        self.call_with_timeout(method, path, body, if_match, None)
+            .await
+    }
+
+    async fn call_with_timeout(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        if_match: Option<&str>,
+        timeout: Option<std::time::Duration>,
+    ) -> anyhow::Result<Option<Value>> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
         let mut req = self
@@ -119,6 +132,9 @@ impl ApiClient {
         }
         if let Some(b) = body {
             req = req.json(b);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
         }
         let resp = req.send().await.with_context(|| format!("calling {url}"))?;
         let status = resp.status();
@@ -168,6 +184,73 @@ impl ApiClient {
         self.call(Method::PUT, path, Some(body), if_match)
             .await?
             .ok_or_else(|| anyhow!("the hub answered with an empty body"))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Option<Value>> {
+        self.call(Method::POST, path, Some(body), None).await
+    }
+
+    /// POST that may take longer than the client's usual limit (a method call waits for the
+    /// device).
+    pub async fn post_waiting(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Option<Value>> {
+        self.call_with_timeout(Method::POST, path, Some(body), None, Some(timeout))
+            .await
+    }
+
+    pub async fn patch(
+        &self,
+        path: &str,
+        body: &Value,
+        if_match: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        self.call(Method::PATCH, path, Some(body), if_match)
+            .await?
+            .ok_or_else(|| anyhow!("the hub answered with an empty body"))
+    }
+
+    /// DELETE that returns the response body, if any (e.g. a purge result).
+    pub async fn delete_with_body(&self, path: &str) -> anyhow::Result<Option<Value>> {
+        self.call(Method::DELETE, path, None, None).await
+    }
+
+    /// GET returning the body and one response header (e.g. a feedback lock token in ETag);
+    /// `None` on 204.
+    pub async fn get_with_header(
+        &self,
+        path: &str,
+        header: &str,
+    ) -> anyhow::Result<Option<(Value, Option<String>)>> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .header("Authorization", self.token()?)
+            .header("Accept", "application/json")
+            .send()
+            .await
+            .with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        let value = resp
+            .headers()
+            .get(header)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(anyhow!(describe_error(status, &text)));
+        }
+        if status == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let body = serde_json::from_str(&text)
+            .with_context(|| format!("the hub answered {status} with a body that is not JSON"))?;
+        Ok(Some((body, value)))
     }
 
     pub async fn delete(&self, path: &str, if_match: Option<&str>) -> anyhow::Result<()> {

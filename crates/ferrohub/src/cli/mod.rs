@@ -1,9 +1,11 @@
-//! The command line's client side: `device`, `module`, `certificate` and `sas-token`, all
-//! speaking the service REST API with the owner connection string, like `az iot hub`.
+//! The command line's client side: `device`, `module`, `certificate`, `sas-token`, `monitor`,
+//! `c2d`, `twin` and `invoke`, all speaking the service REST API with the owner connection
+//! string, like `az iot hub`.
 
 mod client;
 mod monitor;
 mod output;
+mod service;
 
 use std::path::PathBuf;
 
@@ -16,6 +18,7 @@ use serde_json::{json, Value};
 pub use client::ApiClient;
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
+pub use service::{run_c2d, run_invoke, run_twin, C2dCommand, InvokeArgs, TwinCommand};
 
 /// How the CLI finds and trusts the hub.
 #[derive(Debug, Clone, Args)]

@@ -161,6 +161,11 @@ impl Output {
         Ok(())
     }
 
+    /// Prints a document as pretty JSON whatever the format (twins are JSON in both).
+    pub fn json(&self, v: &Value) -> anyhow::Result<()> {
+        print_json(v)
+    }
+
     pub fn done(&self, what: &str) -> anyhow::Result<()> {
         if self.format == OutputFormat::Json {
             return print_json(&serde_json::json!({ "result": what }));

@@ -5,8 +5,12 @@
 //! topics, tracks presence, and logs every connect and disconnect with its IoT Hub error code.
 
 mod auth;
+pub mod c2d;
+pub mod methods;
 pub mod presence;
 mod telemetry;
+pub mod throttle;
+pub mod twins;
 pub mod x509;
 
 use std::collections::HashMap;
@@ -14,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic};
+use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic, SubscriptionKind};
 use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish};
 use ferrohub_store::telemetry::TelemetryLog;
 use ferrohub_store::Store;
@@ -42,16 +46,65 @@ pub struct HubClient {
     pub conn_seq: u64,
 }
 
+/// Hub-wide settings of the device-facing features.
+#[derive(Debug, Clone, Default)]
+pub struct HubSettings {
+    pub c2d: c2d::C2dSettings,
+    pub throttle: throttle::ThrottleSettings,
+}
+
+/// Which of the hub's push features a connection has subscribed to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Subscribed {
+    pub c2d: bool,
+    pub methods: bool,
+    pub desired: bool,
+}
+
+impl Subscribed {
+    fn of(identity: &Identity, filters: &[String]) -> Self {
+        let mut s = Subscribed::default();
+        for f in filters {
+            match ferrohub_iothub::authorize_subscribe(identity, f) {
+                Some(SubscriptionKind::C2d) | Some(SubscriptionKind::ModuleAll) => s.c2d = true,
+                Some(SubscriptionKind::Methods) => s.methods = true,
+                Some(SubscriptionKind::TwinDesired) => s.desired = true,
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+/// The live connection of an identity, as the hub's push features need it.
+pub(crate) struct Link {
+    pub conn_seq: u64,
+    pub outbound: Outbound,
+    pub subs: Subscribed,
+    /// The task draining the C2D queue to this connection, and its wake-up.
+    pub c2d: Option<(tokio::task::AbortHandle, Arc<tokio::sync::Notify>)>,
+}
+
 /// Shared state of the hub's device side.
 pub struct Hub {
+    /// Itself, for the tasks it spawns from `&self` handler calls.
+    me: std::sync::Weak<Hub>,
     pub store: Arc<dyn Store>,
     /// Where device-to-cloud messages go; a PUBACK waits for it.
     pub telemetry: Arc<dyn TelemetryLog>,
     /// Names the hub answers to: `sr` hosts in tokens must be one of them.
     pub hostnames: Vec<String>,
     pub presence: Presence,
-    /// Outbound handles of connected identities, for features that push to devices.
-    clients: Mutex<HashMap<Identity, (u64, Outbound)>>,
+    pub settings: HubSettings,
+    /// Live connections of identities, for features that push to devices.
+    clients: Mutex<HashMap<Identity, Link>>,
+    /// Bumped whenever a link appears, goes or changes subscriptions (method calls wait on it).
+    link_changes: tokio::sync::watch::Sender<u64>,
+    /// Wakes the C2D expiry loop when a message may expire sooner than it planned.
+    expiry_wake: tokio::sync::Notify,
+    methods: methods::PendingCalls,
+    twin_locks: twins::TwinLocks,
+    pub(crate) throttles: throttle::Throttles,
     next_seq: std::sync::atomic::AtomicU64,
 }
 
@@ -60,24 +113,66 @@ impl Hub {
         store: Arc<dyn Store>,
         telemetry: Arc<dyn TelemetryLog>,
         hostnames: Vec<String>,
+        settings: HubSettings,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             store,
             telemetry,
             hostnames,
             presence: Presence::default(),
+            throttles: throttle::Throttles::new(settings.throttle),
+            settings,
             clients: Mutex::new(HashMap::new()),
+            link_changes: tokio::sync::watch::channel(0).0,
+            expiry_wake: tokio::sync::Notify::new(),
+            methods: methods::PendingCalls::default(),
+            twin_locks: twins::TwinLocks::default(),
             next_seq: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
     /// The outbound handle of a connected identity.
     pub fn outbound(&self, identity: &Identity) -> Option<Outbound> {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.lock_clients()
             .get(identity)
-            .map(|(_, o)| o.clone())
+            .map(|l| l.outbound.clone())
+    }
+
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Link>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the connection's subscriptions and starts or stops what they switch on.
+    async fn apply_subscriptions(&self, client: &HubClient, filters: &[String]) {
+        let subs = Subscribed::of(&client.identity, filters);
+        {
+            let mut clients = self.lock_clients();
+            match clients.get_mut(&client.identity) {
+                Some(link) if link.conn_seq == client.conn_seq => link.subs = subs,
+                _ => return,
+            }
+        }
+        if subs.c2d {
+            self.c2d_start(&client.identity, client.conn_seq);
+        } else {
+            self.c2d_stop(&client.identity, client.conn_seq);
+        }
+        self.link_changes.send_modify(|v| *v += 1);
+    }
+
+    /// Sends a QoS 0 response to a connection from inside its own publish handling: the
+    /// connection's task is busy with us, so waiting on its queue could wait forever.
+    fn reply(&self, outbound: &Outbound, msg: crate::broker::OutboundMessage) {
+        match outbound.try_send(msg) {
+            Ok(()) | Err(crate::broker::TrySendError::Closed) => {}
+            Err(crate::broker::TrySendError::Full(msg)) => {
+                let o = outbound.clone();
+                tokio::spawn(async move {
+                    let _ = o.send(msg).await;
+                });
+            }
+        }
     }
 }
 
@@ -111,12 +206,24 @@ impl Handler for Hub {
         ferrohub_iothub::server_keep_alive(client_keep_alive)
     }
 
-    async fn connected(&self, client: &HubClient, outbound: Outbound) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client.identity.clone(), (client.conn_seq, outbound));
+    async fn connected(&self, client: &HubClient, outbound: Outbound, subscriptions: &[String]) {
+        let old = self.lock_clients().insert(
+            client.identity.clone(),
+            Link {
+                conn_seq: client.conn_seq,
+                outbound,
+                subs: Subscribed::default(),
+                c2d: None,
+            },
+        );
+        if let Some((task, _)) = old.and_then(|l| l.c2d) {
+            task.abort();
+        }
         self.presence.connected(&client.identity);
+        if let Some(model_id) = &client.model_id {
+            self.record_model_id(&client.identity, model_id).await;
+        }
+        self.apply_subscriptions(client, subscriptions).await;
         info!(
             identity = %client.identity,
             auth = %client.auth,
@@ -134,6 +241,10 @@ impl Handler for Hub {
             debug!(identity = %client.identity, filter, "subscription refused");
         }
         kind.is_some()
+    }
+
+    async fn subscriptions_changed(&self, client: &HubClient, subscriptions: &[String]) {
+        self.apply_subscriptions(client, subscriptions).await;
     }
 
     async fn publish(&self, client: &HubClient, publish: Publish) -> PublishDecision {
@@ -158,11 +269,18 @@ impl Handler for Hub {
                 )
                 .await
             }
-            // Twins and methods are built by later work; until then the topics are accepted so
-            // that SDKs which use them at start-up keep working.
-            PublishTopic::TwinGet { .. }
-            | PublishTopic::TwinPatchReported { .. }
-            | PublishTopic::MethodResponse { .. } => PublishDecision::Accept,
+            PublishTopic::TwinGet { rid } => {
+                self.device_twin_get(client, &rid).await;
+                PublishDecision::Accept
+            }
+            PublishTopic::TwinPatchReported { rid } => {
+                self.device_twin_patch(client, &rid, &publish.payload).await;
+                PublishDecision::Accept
+            }
+            PublishTopic::MethodResponse { status, rid } => {
+                self.method_response(&client.identity, i32::from(status), &rid, &publish.payload);
+                PublishDecision::Accept
+            }
         }
     }
 
@@ -176,10 +294,12 @@ impl Handler for Hub {
             self.publish_will(client, will).await;
         }
         let still_ours = {
-            let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            let mut clients = self.lock_clients();
             match clients.get(&client.identity) {
-                Some((seq, _)) if *seq == client.conn_seq => {
-                    clients.remove(&client.identity);
+                Some(link) if link.conn_seq == client.conn_seq => {
+                    if let Some((task, _)) = clients.remove(&client.identity).and_then(|l| l.c2d) {
+                        task.abort();
+                    }
                     true
                 }
                 // Never registered (failed before CONNACK) or already replaced by a newer one.
@@ -189,6 +309,7 @@ impl Handler for Hub {
         };
         if still_ours {
             self.presence.disconnected(&client.identity);
+            self.link_changes.send_modify(|v| *v += 1);
         }
         let (why, code) = describe(reason);
         match code {

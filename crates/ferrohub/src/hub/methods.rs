@@ -1,0 +1,219 @@
+//! Direct methods: a service call becomes `$iothub/methods/POST/{name}/?$rid=…` to the device,
+//! and the device's `$iothub/methods/res/{status}/?$rid=…` completes the call.
+//!
+//! Pending calls live in memory, keyed by identity and request id: a method call is only ever
+//! answered by a live connection, so there is nothing to persist. Late, duplicate or unknown
+//! responses find no entry and are dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferrohub_iothub::topics::method_request_topic;
+use ferrohub_iothub::Identity;
+use ferrohub_mqtt::QoS;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::Hub;
+use crate::broker::OutboundMessage;
+
+/// Request and response payloads up to 128 KB (IoT Hub's limit).
+pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// What the device answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodResult {
+    pub status: i32,
+    pub payload: Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MethodError {
+    #[error("device {0} is not registered")]
+    DeviceNotFound(String),
+    #[error("module {0} is not registered")]
+    ModuleNotFound(String),
+    #[error("{0} is not online (not connected, or not subscribed to methods)")]
+    NotOnline(Identity),
+    #[error("{0} did not answer within {1} s")]
+    Timeout(Identity, u64),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("store: {0}")]
+    Store(#[from] ferrohub_store::StoreError),
+}
+
+/// A method invocation as the service API receives it.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub method_name: String,
+    pub payload: Value,
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Default)]
+pub struct PendingCalls {
+    calls: Mutex<HashMap<(Identity, String), oneshot::Sender<MethodResult>>>,
+    next_rid: AtomicU64,
+}
+
+impl PendingCalls {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(Identity, String), oneshot::Sender<MethodResult>>> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a device's response to its waiting caller; false when nobody waits for it.
+    pub fn complete(&self, identity: &Identity, rid: &str, result: MethodResult) -> bool {
+        let waiter = self.lock().remove(&(identity.clone(), rid.to_string()));
+        match waiter {
+            Some(tx) => tx.send(result).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Removes the pending entry however the call ends (answer, timeout, caller gone).
+struct PendingGuard<'a> {
+    pending: &'a PendingCalls,
+    key: (Identity, String),
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.key);
+    }
+}
+
+impl Hub {
+    /// Invokes a method on a connected identity and waits for its answer.
+    pub async fn invoke_method(
+        &self,
+        identity: &Identity,
+        inv: Invocation,
+    ) -> Result<MethodResult, MethodError> {
+        if inv.method_name.is_empty()
+            || inv.method_name.len() > 1024
+            || inv.method_name.contains(['/', '?', '#', '+'])
+        {
+            return Err(MethodError::Invalid(format!(
+                "invalid method name {:?}",
+                inv.method_name
+            )));
+        }
+        let body = if inv.payload.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&inv.payload).map_err(|e| MethodError::Invalid(e.to_string()))?
+        };
+        if body.len() > MAX_PAYLOAD_BYTES {
+            return Err(MethodError::Invalid(format!(
+                "payload is {} bytes; the limit is {MAX_PAYLOAD_BYTES}",
+                body.len()
+            )));
+        }
+        self.require_identity(identity).await?;
+        let outbound = self
+            .wait_for_methods_subscriber(identity, inv.connect_timeout)
+            .await
+            .ok_or_else(|| MethodError::NotOnline(identity.clone()))?;
+        let rid = format!(
+            "{:x}",
+            self.methods.next_rid.fetch_add(1, Ordering::Relaxed) + 1
+        );
+        let (tx, rx) = oneshot::channel();
+        let key = (identity.clone(), rid.clone());
+        self.methods.lock().insert(key.clone(), tx);
+        let _guard = PendingGuard {
+            pending: &self.methods,
+            key,
+        };
+        let msg = OutboundMessage::new(
+            method_request_topic(&inv.method_name, &rid),
+            Bytes::from(body),
+            QoS::AtMostOnce,
+        );
+        if outbound.send(msg).await.is_err() {
+            return Err(MethodError::NotOnline(identity.clone()));
+        }
+        debug!(identity = %identity, method = %inv.method_name, rid, "method request sent");
+        match tokio::time::timeout(inv.response_timeout, rx).await {
+            Ok(Ok(result)) => Ok(result),
+            // The sender only goes away with the guard; treat it as no answer.
+            Ok(Err(_)) | Err(_) => Err(MethodError::Timeout(
+                identity.clone(),
+                inv.response_timeout.as_secs(),
+            )),
+        }
+    }
+
+    pub(super) async fn require_identity(&self, identity: &Identity) -> Result<(), MethodError> {
+        if self.store.get_device(&identity.device_id).await?.is_none() {
+            return Err(MethodError::DeviceNotFound(identity.device_id.clone()));
+        }
+        if let Some(mid) = &identity.module_id {
+            if self
+                .store
+                .get_module(&identity.device_id, mid)
+                .await?
+                .is_none()
+            {
+                return Err(MethodError::ModuleNotFound(mid.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The outbound handle of `identity` once it is connected and subscribed to method
+    /// requests, waiting up to `timeout` for that to happen.
+    async fn wait_for_methods_subscriber(
+        &self,
+        identity: &Identity,
+        timeout: Duration,
+    ) -> Option<crate::broker::Outbound> {
+        let mut changes = self.link_changes.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(o) = self.methods_outbound(identity) {
+                return Some(o);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .map_or(true, |r| r.is_err())
+            {
+                return self.methods_outbound(identity);
+            }
+        }
+    }
+
+    fn methods_outbound(&self, identity: &Identity) -> Option<crate::broker::Outbound> {
+        self.lock_clients()
+            .get(identity)
+            .filter(|l| l.subs.methods && !l.outbound.is_closed())
+            .map(|l| l.outbound.clone())
+    }
+
+    /// A `$iothub/methods/res/{status}/?$rid=…` from the device.
+    pub(super) fn method_response(&self, identity: &Identity, status: i32, rid: &str, body: &[u8]) {
+        let payload = if body.is_empty() {
+            Value::Null
+        } else {
+            // A device may answer with something that is not JSON; hand it back as a string
+            // rather than losing it.
+            serde_json::from_slice(body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+        };
+        if !self
+            .methods
+            .complete(identity, rid, MethodResult { status, payload })
+        {
+            debug!(identity = %identity, rid, "method response with no waiting call dropped");
+        }
+    }
+}
