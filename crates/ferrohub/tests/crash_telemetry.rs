@@ -4,64 +4,12 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::process::{free_port, spawn_server};
 use common::*;
-use ferrohub::server::HubInfo;
 use ferrohub_iothub::ConnectionString;
 use ferrohub_mqtt::{Packet, QoS};
-
-fn free_port() -> R<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-struct Server {
-    child: Child,
-    info: HubInfo,
-}
-
-/// The server is killed however the test ends, so a failing run leaves no process behind.
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn spawn_server(data: &Path, mqtt: u16, https: u16) -> R<Server> {
-    let _ = std::fs::remove_file(data.join("hub.json"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrohub"))
-        .args(["serve", "--hostname", HOST])
-        .arg("--data-dir")
-        .arg(data)
-        .arg("--mqtt-bind")
-        .arg(format!("127.0.0.1:{mqtt}"))
-        .arg("--https-bind")
-        .arg(format!("127.0.0.1:{https}"))
-        .env("FERROHUB_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    for _ in 0..200 {
-        if let Ok(info) = HubInfo::load(data) {
-            if info.pid == child.id()
-                && tokio::net::TcpStream::connect(("127.0.0.1", mqtt))
-                    .await
-                    .is_ok()
-            {
-                return Ok(Server { child, info });
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    Err("server did not start".into())
-}
 
 /// Publishes `topic/n=1,2,...` pipelined (up to 32 in flight) until the connection dies;
 /// returns the highest n acknowledged (PUBACKs come in order, so 1..=n were all acknowledged).

@@ -2,6 +2,8 @@
 //! a raw MQTT-over-TLS client built on the project's codec, and REST helpers.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
