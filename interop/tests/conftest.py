@@ -111,6 +111,9 @@ def hub(tmp_path_factory):
     # environment, and run it in the data dir so no stray ./ferrohub.toml is picked up.
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERROHUB_")}
     env.setdefault("RUST_LOG", "info,ferrohub=debug")
+    # The server's own log filter variable (RUST_LOG is not read by ferrohub); the caller's
+    # FERROHUB_LOG, if any, still wins.
+    env["FERROHUB_LOG"] = os.environ.get("FERROHUB_LOG") or env["RUST_LOG"]
     env.setdefault("RUST_BACKTRACE", "1")
     env.setdefault("NO_COLOR", "1")  # plain text in server.log
     log = open(log_path, "wb")

@@ -1,8 +1,12 @@
 """Small helpers shared by the interop tests and conftest.py (no pytest fixtures here)."""
 
 import base64
+import hashlib
+import hmac
 import secrets
 import threading
+import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +18,10 @@ import pytest
 CONNECT_TIMEOUT = 30
 SEND_TIMEOUT = 30
 SHUTDOWN_TIMEOUT = 15
+# How long a test waits for something the server pushes (C2D message, desired patch, feedback).
+RECEIVE_TIMEOUT = 15
+
+API_VERSION = "2021-04-12"
 
 
 @dataclass
@@ -81,3 +89,51 @@ def call_with_timeout(fn, timeout: float, what: str):
     if "error" in result:
         raise result["error"]
     return result.get("value")
+
+
+def service_token(hub: "Hub", ttl: int = 600) -> str:
+    """A service SAS token signed with the owner policy, built as the service SDKs build it."""
+    cs = parse_connection_string(hub.owner_connection_string)
+    sr = urllib.parse.quote_plus(cs["HostName"])
+    se = str(int(time.time()) + ttl)
+    sig = base64.b64encode(
+        hmac.new(base64.b64decode(cs["SharedAccessKey"]), f"{sr}\n{se}".encode(), hashlib.sha256).digest()
+    ).decode()
+    return (f"SharedAccessSignature sr={sr}&sig={urllib.parse.quote(sig, safe='')}&se={se}"
+            f"&skn={cs['SharedAccessKeyName']}")
+
+
+def service_request(hub: "Hub", method: str, path: str, *, json_body=None, headers=None,
+                    timeout: float = 20):
+    """One call to the service REST API as the owner (for what azure-iot-hub cannot do:
+    C2D over REST, feedback, fields its models drop such as the twin's modelId)."""
+    import requests
+
+    h = {"Authorization": service_token(hub)}
+    h.update(headers or {})
+    return requests.request(method, f"https://{hub.hostname}:{hub.https_port}{path}",
+                            params={"api-version": API_VERSION}, json=json_body, headers=h,
+                            verify=hub.ca_file, timeout=timeout)
+
+
+def send_c2d(hub: "Hub", device_id: str, body: dict, module_id: str = None) -> dict:
+    """POST .../messages/deviceBound; returns the hub's answer (messageId, sequenceNumber, ...)."""
+    q = urllib.parse.quote
+    path = f"/devices/{q(device_id, safe='')}"
+    if module_id is not None:
+        path += f"/modules/{q(module_id, safe='')}"
+    r = service_request(hub, "POST", path + "/messages/deviceBound", json_body=body)
+    assert r.status_code == 200, f"C2D send answered {r.status_code}: {r.text}"
+    return r.json()
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll predicate() until it returns something truthy (returned); fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout} s", pytrace=False)
+        time.sleep(interval)
