@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::auth::{authorize, Right};
-use super::{require_api_version, ApiError, ApiState};
+use super::{identity, require_api_version, ApiError, ApiState};
 use crate::hub::c2d::{ms_to_datetime, SendError, SendRequest};
 
 /// The send request: the payload and the message's properties in one JSON document, so that
@@ -59,13 +59,6 @@ fn send_error(e: SendError) -> ApiError {
         }
     };
     ApiError::new(code, e.to_string())
-}
-
-fn identity(id: String, mid: Option<String>) -> Identity {
-    match mid {
-        None => Identity::device(id),
-        Some(m) => Identity::module(id, m),
-    }
 }
 
 fn parse_send(body: &Bytes) -> Result<SendRequest, ApiError> {
@@ -260,21 +253,39 @@ fn lock_result(r: Result<(), StoreError>, token: &str) -> Result<StatusCode, Api
     }
 }
 
+/// What to do with a locked feedback batch.
+#[derive(Clone, Copy)]
+enum Settle {
+    Complete,
+    Abandon,
+}
+
+async fn settle_feedback(
+    state: ApiState,
+    token: String,
+    q: HashMap<String, String>,
+    headers: HeaderMap,
+    how: Settle,
+) -> Result<StatusCode, ApiError> {
+    require_api_version(&q)?;
+    authorize(&state, &headers, Right::ServiceConnect).await?;
+    let token = token.trim_matches('"').to_string();
+    let now = crate::hub::c2d::now_ms();
+    let store = &state.hub.store;
+    let r = match how {
+        Settle::Complete => store.feedback_complete(&token, now).await,
+        Settle::Abandon => store.feedback_abandon(&token, now).await,
+    };
+    lock_result(r, &token)
+}
+
 pub async fn complete_feedback(
     State(state): State<ApiState>,
     Path(token): Path<String>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    require_api_version(&q)?;
-    authorize(&state, &headers, Right::ServiceConnect).await?;
-    let token = token.trim_matches('"').to_string();
-    let r = state
-        .hub
-        .store
-        .feedback_complete(&token, crate::hub::c2d::now_ms())
-        .await;
-    lock_result(r, &token)
+    settle_feedback(state, token, q, headers, Settle::Complete).await
 }
 
 pub async fn abandon_feedback(
@@ -283,13 +294,5 @@ pub async fn abandon_feedback(
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
-    require_api_version(&q)?;
-    authorize(&state, &headers, Right::ServiceConnect).await?;
-    let token = token.trim_matches('"').to_string();
-    let r = state
-        .hub
-        .store
-        .feedback_abandon(&token, crate::hub::c2d::now_ms())
-        .await;
-    lock_result(r, &token)
+    settle_feedback(state, token, q, headers, Settle::Abandon).await
 }

@@ -108,6 +108,14 @@ async fn not_found() -> ApiError {
     .with_status(axum::http::StatusCode::NOT_FOUND)
 }
 
+/// The identity a `/devices/{id}[/modules/{mid}]` or `/twins/...` route names.
+pub(crate) fn identity(id: String, mid: Option<String>) -> ferrohub_iothub::Identity {
+    match mid {
+        None => ferrohub_iothub::Identity::device(id),
+        Some(m) => ferrohub_iothub::Identity::module(id, m),
+    }
+}
+
 /// IoT Hub requires `api-version` on every service call.
 pub(crate) fn require_api_version(q: &HashMap<String, String>) -> Result<(), ApiError> {
     match q.get("api-version") {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::auth::{authorize, Right};
-use super::{require_api_version, ApiError, ApiState};
+use super::{identity, require_api_version, ApiError, ApiState};
 use crate::hub::methods::{Invocation, MethodError};
 use crate::hub::throttle::Operation;
 use crate::hub::twins::TwinFailure;
@@ -24,13 +24,6 @@ fn twin_error(f: TwinFailure) -> ApiError {
         tracing::error!(error = %f, "twin operation failed");
     }
     ApiError::new(f.code(), f.to_string())
-}
-
-fn identity(id: String, mid: Option<String>) -> Identity {
-    match mid {
-        None => Identity::device(id),
-        Some(m) => Identity::module(id, m),
-    }
 }
 
 fn if_match(headers: &HeaderMap) -> IfMatch {
