@@ -5,6 +5,7 @@ mod hub;
 mod procfs;
 mod registry;
 mod scenario;
+mod service;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,16 @@ enum Scenario {
     /// Keep N connections publishing QoS 1 telemetry with K PUBLISHes in flight each; measure
     /// acknowledged messages per second, PUBACK latency and server CPU per message.
     Telemetry(scenario::telemetry::TelemetryArgs),
+    /// Send cloud-to-device messages through the service REST API at a fixed rate, round-robin
+    /// over N connected devices that PUBACK at once; measure REST-send-to-device latency, REST
+    /// send latency, achieved sends/s and server CPU per message.
+    C2d(scenario::c2d::C2dArgs),
+    /// Call a direct method through the service REST API at a fixed rate, round-robin over N
+    /// connected devices that answer at once; measure the round trip and server CPU per call.
+    Methods(scenario::methods::MethodsArgs),
+    /// Have N devices publish reported-property patches at a fixed total rate; measure the time
+    /// from PUBLISH to the hub's 204 (sent once the patch is durable) and server CPU per patch.
+    TwinReported(scenario::twin::TwinArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +62,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.scenario {
             Scenario::Connect(args) => scenario::connect::run(args).await,
             Scenario::Telemetry(args) => scenario::telemetry::run(args).await,
+            Scenario::C2d(args) => scenario::c2d::run(args).await,
+            Scenario::Methods(args) => scenario::methods::run(args).await,
+            Scenario::TwinReported(args) => scenario::twin::run(args).await,
         }
     })
 }

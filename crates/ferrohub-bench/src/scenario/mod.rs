@@ -1,8 +1,12 @@
 //! The benchmark scenarios, one module each, and what they share: run-time checks and summary
 //! statistics.
 
+pub mod c2d;
 pub mod connect;
+pub mod methods;
+pub mod push;
 pub mod telemetry;
+pub mod twin;
 
 use anyhow::{bail, Result};
 

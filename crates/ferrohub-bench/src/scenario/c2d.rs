@@ -1,0 +1,417 @@
+//! `c2d`: cloud-to-device messages sent through the service REST API at a fixed aggregate rate
+//! (open loop, round-robin over the devices) to connected devices subscribed at QoS 1 that
+//! PUBACK at once; measures the latency from the start of the REST send to the device holding the
+//! PUBLISH, the REST send latency (request to 200), achieved sends per second and server CPU per
+//! message.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use ferrohub_mqtt::{encode, Packet, QoS};
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+use tokio::sync::{watch, Semaphore};
+
+use super::push::{
+    self, histogram, lock, record, Connections, DeviceEnd, Failures, Latency, Progress, PushArgs,
+    Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT, LATE,
+};
+use crate::service::{Answer, Service};
+
+/// How long one REST send may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, clap::Args)]
+pub struct C2dArgs {
+    #[command(flatten)]
+    pub push: PushArgs,
+    /// Size of every message payload; its start is the sequence number and the send time.
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// REST sends in flight at most, each on its own keep-alive connection; a send due while
+    /// all are busy waits, and counts as late.
+    #[arg(long, default_value_t = 256)]
+    pub http_inflight: usize,
+    /// Keep-alive connections opened before the run, so handshakes stay out of it.
+    #[arg(long, default_value_t = 32)]
+    pub http_warm: usize,
+}
+
+impl C2dArgs {
+    fn validate(&self) -> Result<()> {
+        self.push.validate()?;
+        if self.http_inflight == 0 {
+            bail!("--http-inflight must be at least 1");
+        }
+        // IoT Hub's limit for a C2D message.
+        if self.payload_bytes > 64 * 1024 {
+            bail!("--payload-bytes must be at most 65536");
+        }
+        Ok(())
+    }
+}
+
+/// State every send task and every device shares.
+struct Shared {
+    schedule: Schedule,
+    service: Service,
+    prefix: String,
+    devices: u64,
+    payload_bytes: usize,
+    permits: Arc<Semaphore>,
+    /// REST sends answered 200 (completed) and under way.
+    progress: Progress,
+    /// Sends due in the window, and how many of them were answered 200.
+    offered: AtomicU64,
+    succeeded: AtomicU64,
+    /// Distinct messages the devices received, all phases.
+    delivered: AtomicU64,
+    late: AtomicU64,
+    rest: SharedHistogram,
+    lag: SharedHistogram,
+    failures: Mutex<Failures>,
+}
+
+/// The payload: `{seq} {send time, µs since the epoch} {1 if measured, else 0} ` and filler.
+fn payload_text(seq: u64, sent_us: u64, measured: bool, len: usize) -> String {
+    let mut s = format!("{seq} {sent_us} {} ", u8::from(measured));
+    while s.len() < len {
+        s.push('x');
+    }
+    s
+}
+
+fn parse_payload(payload: &[u8]) -> Option<(u64, u64, bool)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut fields = text.split_ascii_whitespace();
+    let seq = fields.next()?.parse().ok()?;
+    let sent_us = fields.next()?.parse().ok()?;
+    let measured = fields.next()? == "1";
+    Some((seq, sent_us, measured))
+}
+
+async fn send(shared: Arc<Shared>, seq: u64, due: Instant) {
+    // The semaphore is never closed.
+    let _permit = shared.permits.clone().acquire_owned().await;
+    let start = Instant::now();
+    let measured = shared.schedule.measured(due);
+    if measured {
+        let lag = start.saturating_duration_since(due);
+        if lag > LATE {
+            shared.late.fetch_add(1, Ordering::Relaxed);
+        }
+        record(&mut lock(&shared.lag), lag);
+    }
+    let id = format!("{}{}", shared.prefix, seq % shared.devices);
+    let payload = payload_text(
+        seq,
+        shared.schedule.micros(start),
+        measured,
+        shared.payload_bytes,
+    );
+    let message_id = seq.to_string();
+    let body = json!({"payload": payload, "messageId": message_id, "ack": "none"}).to_string();
+    let answer = shared
+        .service
+        .post(
+            &format!("/devices/{id}/messages/deviceBound"),
+            body.into_bytes(),
+        )
+        .await;
+    let elapsed = start.elapsed();
+    let failure = match answer {
+        Answer::Http { status, body, .. } if status.as_u16() == 200 => {
+            let echoed = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
+                v.get("messageId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+            if echoed.as_deref() == Some(message_id.as_str()) {
+                None
+            } else {
+                Some((
+                    "c2d send: 200 without our messageId".to_owned(),
+                    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+                ))
+            }
+        }
+        Answer::Http {
+            status,
+            error_code,
+            body,
+        } => Some((
+            format!(
+                "c2d send: HTTP {} {}",
+                status.as_u16(),
+                error_code.as_deref().unwrap_or("")
+            ),
+            String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+        )),
+        Answer::Transport(e) => Some((
+            format!("c2d send: {}", e.split(':').next().unwrap_or("transport")),
+            e,
+        )),
+    };
+    let ok = failure.is_none();
+    match failure {
+        None => {
+            if measured {
+                record(&mut lock(&shared.rest), elapsed);
+                shared.succeeded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Some((kind, example)) => {
+            lock(&shared.failures).add(kind, || format!("{id} message {seq}: {example}"))
+        }
+    }
+    shared.progress.finished(ok);
+}
+
+/// A device that PUBACKs every C2D message at once and records how long it took to arrive.
+struct C2dDevice {
+    shared: Arc<Shared>,
+    topic_prefix: String,
+    latency: Histogram<u64>,
+    seen: HashSet<u64>,
+    failures: Failures,
+}
+
+impl Role for C2dDevice {
+    fn on_packet(
+        &mut self,
+        packet: Packet,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> Result<(), String> {
+        let p = match packet {
+            Packet::Publish(p) if p.topic.starts_with(&self.topic_prefix) => p,
+            other => {
+                let what = format!("{other:?}");
+                self.failures.add("device: unexpected packet", || what);
+                return Ok(());
+            }
+        };
+        if p.qos == QoS::AtLeastOnce {
+            encode(&Packet::PubAck(p.packet_id), out)
+                .map_err(|e| format!("encoding PUBACK: {e}"))?;
+        } else {
+            self.failures
+                .add("device: C2D PUBLISH not at QoS 1", || p.topic.clone());
+        }
+        match parse_payload(&p.payload) {
+            Some((seq, sent_us, measured)) => {
+                if !self.seen.insert(seq) {
+                    self.failures.add("device: message delivered twice", || {
+                        format!("message {seq}")
+                    });
+                    return Ok(());
+                }
+                self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+                if measured {
+                    let now_us = self.shared.schedule.micros(now);
+                    record(
+                        &mut self.latency,
+                        Duration::from_micros(now_us.saturating_sub(sent_us)),
+                    );
+                }
+            }
+            None => self.failures.add("device: payload not ours", || {
+                String::from_utf8_lossy(&p.payload[..p.payload.len().min(100)]).into_owned()
+            }),
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(args: C2dArgs) -> Result<()> {
+    args.validate()?;
+    let push = &args.push;
+    println!(
+        "c2d: {} devices, {:.0} sends/s offered (open loop, round-robin), {}-byte payloads, \
+         at most {} REST sends in flight, warm-up {} s, measured {} s",
+        push.fleet.devices,
+        push.rate,
+        args.payload_bytes,
+        args.http_inflight,
+        push.warmup_secs,
+        push.secs,
+    );
+    let fleet = push::fleet(push, args.http_inflight, |id| {
+        vec![(
+            format!("devices/{id}/messages/devicebound/#"),
+            QoS::AtLeastOnce,
+        )]
+    })
+    .await?;
+    let service = Service::new(&fleet.hub, args.http_inflight, REQUEST_TIMEOUT)?;
+    service
+        .warm(
+            &format!("/devices/{}", push.fleet.device_id(0)),
+            args.http_warm.min(args.http_inflight),
+        )
+        .await
+        .context("opening the REST connections")?;
+
+    let schedule = Schedule::new(push);
+    let shared = Arc::new(Shared {
+        schedule,
+        service,
+        prefix: push.fleet.prefix.clone(),
+        devices: push.fleet.devices as u64,
+        payload_bytes: args.payload_bytes,
+        permits: Arc::new(Semaphore::new(args.http_inflight)),
+        progress: Progress::default(),
+        offered: AtomicU64::new(0),
+        succeeded: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        late: AtomicU64::new(0),
+        rest: Mutex::new(histogram()),
+        lag: Mutex::new(histogram()),
+        failures: Mutex::new(Failures::default()),
+    });
+    let (close_tx, close_rx) = watch::channel(false);
+    let devices: Vec<_> = fleet
+        .devices
+        .into_iter()
+        .map(|conn| {
+            let role = C2dDevice {
+                shared: Arc::clone(&shared),
+                topic_prefix: format!("devices/{}/messages/devicebound/", conn.id),
+                latency: histogram(),
+                seen: HashSet::new(),
+                failures: Failures::default(),
+            };
+            tokio::spawn(push::drive(conn, role, close_rx.clone()))
+        })
+        .collect();
+
+    let issuer = {
+        let shared = Arc::clone(&shared);
+        push::spawn_open_loop(schedule, push.rate, move |seq, due| {
+            if schedule.measured(due) {
+                shared.offered.fetch_add(1, Ordering::Relaxed);
+            }
+            shared.progress.started();
+            tokio::spawn(send(Arc::clone(&shared), seq, due));
+        })
+    };
+    let (issued, window) = tokio::join!(
+        issuer,
+        push::measure(
+            &schedule,
+            &shared.progress,
+            fleet.server_pid,
+            "sends answered 200"
+        ),
+    );
+    issued.context("the sending schedule panicked")?;
+    let window = window?;
+    let drained = push::drain(DRAIN_TIMEOUT, || {
+        shared.progress.outstanding.load(Ordering::Relaxed) == 0
+            && shared.delivered.load(Ordering::Relaxed)
+                >= shared.progress.completed.load(Ordering::Relaxed)
+    })
+    .await;
+    // Receivers only fail if every device has already ended, which is fine.
+    let _ = close_tx.send(true);
+
+    let mut latency = histogram();
+    let mut failures = Failures::default();
+    let mut connections = Connections::default();
+    for task in devices {
+        let end: DeviceEnd<C2dDevice> = task.await.context("device task panicked")?;
+        connections.add(&end);
+        latency
+            .add(&end.role.latency)
+            .context("merging latency histograms")?;
+        failures.merge(end.role.failures);
+    }
+    let accepted = shared.progress.completed.load(Ordering::Relaxed);
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let in_flight = shared.progress.outstanding.load(Ordering::Relaxed);
+    failures.merge(std::mem::take(&mut *lock(&shared.failures)));
+    failures.add_n(
+        "c2d: accepted (200) but never delivered",
+        accepted.saturating_sub(delivered),
+        format!(
+            "{} s after the run, {delivered} of {accepted} accepted messages had arrived",
+            DRAIN_TIMEOUT.as_secs()
+        ),
+    );
+    failures.add_n(
+        "c2d send: no answer by the end",
+        in_flight,
+        format!("{in_flight} sends still in flight"),
+    );
+    let mut extra = Map::new();
+    extra.insert("payload_bytes".into(), json!(args.payload_bytes));
+    extra.insert("http_inflight".into(), json!(args.http_inflight));
+    extra.insert("accepted_total".into(), json!(accepted));
+    extra.insert("delivered_total".into(), json!(delivered));
+    extra.insert("drained".into(), json!(drained));
+    let summary =
+        Summary {
+            scenario: "c2d",
+            unit: "sends",
+            one: "message",
+            devices: push.fleet.devices,
+            rate: push.rate,
+            warmup_secs: push.warmup_secs,
+            window,
+            offered: shared.offered.load(Ordering::Relaxed),
+            succeeded: shared.succeeded.load(Ordering::Relaxed),
+            late: shared.late.load(Ordering::Relaxed),
+            lag: lock(&shared.lag).clone(),
+            latencies: vec![
+                Latency {
+                    key: "delivery",
+                    label: "C2D latency (REST send start -> device has the PUBLISH)",
+                    histogram: latency,
+                },
+                Latency {
+                    key: "rest",
+                    label: "REST send latency (request -> 200)",
+                    histogram: lock(&shared.rest).clone(),
+                },
+            ],
+            failures,
+            connections,
+            server_pid: fleet.server_pid,
+            notes: vec![format!(
+            "deliveries: {delivered} distinct messages received of {accepted} accepted over the \
+             whole run{}",
+            if drained {
+                String::new()
+            } else {
+                format!(" (not all within {} s after the run)", DRAIN_TIMEOUT.as_secs())
+            }
+        )],
+            extra,
+        };
+    summary.print();
+    println!("RESULT {}", summary.json());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_round_trips_and_has_the_asked_length() {
+        let p = payload_text(12345, 987_654_321, true, 64);
+        assert_eq!(p.len(), 64);
+        assert_eq!(
+            parse_payload(p.as_bytes()),
+            Some((12345, 987_654_321, true))
+        );
+        // Shorter than the fields: the fields win.
+        let p = payload_text(7, 8, false, 0);
+        assert_eq!(parse_payload(p.as_bytes()), Some((7, 8, false)));
+        assert_eq!(parse_payload(b"hello"), None);
+    }
+}

@@ -1,0 +1,148 @@
+//! The back end's side of the push scenarios: service REST calls (C2D sends, direct method
+//! calls) over a pool of keep-alive HTTPS connections, authenticated with one SAS token made from
+//! the connection string's policy.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use ferrohub_iothub::sas::generate_token;
+use reqwest::StatusCode;
+use tokio::task::JoinSet;
+
+use crate::hub::Hub;
+use crate::registry::{now_epoch, TOKEN_LIFETIME_SECS};
+
+const API_VERSION: &str = "2021-04-12";
+
+/// What a REST call came back with, or why it did not come back.
+pub enum Answer {
+    /// The status, the `iothub-errorcode` header (IoT Hub's error name) and the body.
+    Http {
+        status: StatusCode,
+        error_code: Option<String>,
+        body: Bytes,
+    },
+    /// No HTTP answer: connect, TLS, timeout or a broken connection.
+    Transport(String),
+}
+
+/// A service client for one hub.
+pub struct Service {
+    client: reqwest::Client,
+    base: String,
+    auth: String,
+}
+
+impl Service {
+    /// `pool` bounds the idle keep-alive connections kept for reuse; it should be at least the
+    /// number of requests the caller keeps in flight, or connections get closed and reopened.
+    pub fn new(hub: &Hub, pool: usize, timeout: Duration) -> Result<Service> {
+        let certs = reqwest::Certificate::from_pem_bundle(&hub.ca_pem)
+            .with_context(|| format!("reading certificates from {}", hub.ca_file.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", hub.ca_file.display());
+        }
+        // HTTP/1.1 with keep-alive, as the service SDKs use the REST API: one request per
+        // connection at a time, so concurrency is the number of pooled connections.
+        let mut builder = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .http1_only()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(pool)
+            .pool_idle_timeout(Duration::from_secs(300))
+            .timeout(timeout);
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+        let auth = generate_token(
+            &hub.host_name,
+            &hub.policy_key,
+            now_epoch() + TOKEN_LIFETIME_SECS,
+            Some(&hub.policy_name),
+        )
+        .context("the connection string's SharedAccessKey is not valid base64")?;
+        Ok(Service {
+            client: builder.build().context("building the HTTPS client")?,
+            base: format!("https://{}", hub.rest_authority),
+            auth,
+        })
+    }
+
+    /// POSTs a JSON body to `path` (which starts with `/`).
+    pub async fn post(&self, path: &str, body: Vec<u8>) -> Answer {
+        let url = format!("{}{path}?api-version={API_VERSION}", self.base);
+        let request = self
+            .client
+            .post(url)
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        answer(request.send().await).await
+    }
+
+    /// Opens `connections` keep-alive connections before the measurement, so TLS handshakes
+    /// do not land in it: that many GETs of `path` at once, each on its own connection.
+    pub async fn warm(&self, path: &str, connections: usize) -> Result<()> {
+        let url = format!("{}{path}?api-version={API_VERSION}", self.base);
+        let mut calls = JoinSet::new();
+        for _ in 0..connections {
+            let request = self
+                .client
+                .get(&url)
+                .header(reqwest::header::AUTHORIZATION, &self.auth);
+            calls.spawn(async move { answer(request.send().await).await });
+        }
+        while let Some(joined) = calls.join_next().await {
+            match joined.context("warm-up request panicked")? {
+                Answer::Http { status, .. } if status.is_success() => {}
+                Answer::Http { status, body, .. } => bail!(
+                    "warm-up GET {path} answered {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(300)])
+                ),
+                Answer::Transport(e) => bail!("warm-up GET {path}: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn answer(sent: reqwest::Result<reqwest::Response>) -> Answer {
+    let response = match sent {
+        Ok(r) => r,
+        Err(e) => return Answer::Transport(transport_error(&e)),
+    };
+    let status = response.status();
+    let error_code = response
+        .headers()
+        .get("iothub-errorcode")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match response.bytes().await {
+        Ok(body) => Answer::Http {
+            status,
+            error_code,
+            body,
+        },
+        Err(e) => Answer::Transport(transport_error(&e)),
+    }
+}
+
+/// The kind of a reqwest failure and its innermost cause, which is where the useful part is
+/// ("connection reset by peer" rather than "error sending request").
+fn transport_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "request"
+    };
+    let mut cause: &dyn std::error::Error = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    format!("{kind}: {cause}")
+}
