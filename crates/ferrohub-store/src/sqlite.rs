@@ -135,6 +135,9 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
     open_conn_with(path, read_only, &[])
 }
 
+/// Bytes the WAL file is cut back to when the writer starts it over (see `open`).
+const WAL_SIZE_LIMIT: i64 = 4 * 1024 * 1024;
+
 /// Opens a connection as every Ferrohub SQLite file wants it (WAL, `synchronous=FULL`).
 /// `before_wal` pragmas are applied to writers first: some (e.g. `auto_vacuum`) only take
 /// effect on a new database before anything else is written.
@@ -174,6 +177,10 @@ impl SqliteStore {
         // Checkpoints normally run on their own thread (see `checkpoint_loop`); this only
         // bounds the WAL if that thread falls far behind (64 MiB).
         writer.pragma_update(None, "wal_autocheckpoint", 16384)?;
+        // A checkpointed WAL is reused from its start but keeps its size; a burst (registering
+        // a fleet) would otherwise hold its peak on disk for good. The writer trims it back to
+        // this when it starts over.
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         let readers = (0..READERS)
             .map(|_| {
                 let conn = open_conn(&path, true)?;
@@ -731,6 +738,44 @@ mod tests {
         assert_eq!(store.list_modules("dev1").await?.len(), 1);
         store.delete_device("dev1", IfMatch::Any).await?;
         assert!(store.get_module("dev1", "m1").await?.is_none());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_wal_shrinks_back_after_a_burst() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        let wal = dir.path().join(format!("{DB_FILE}-wal"));
+        let big = "x".repeat(8 * 1024);
+        for i in 0..1_000 {
+            store.create_device(device(&format!("d{i}"))).await?;
+            // Large rows grow the WAL quickly.
+            store
+                .ensure_policy(AccessPolicy {
+                    key_name: format!("p{i}"),
+                    primary_key: big.clone(),
+                    secondary_key: big.clone(),
+                    rights: Rights::ALL,
+                })
+                .await?;
+        }
+        let peak = std::fs::metadata(&wal)?.len();
+        assert!(
+            peak > WAL_SIZE_LIMIT as u64,
+            "the burst grew the WAL to {peak}"
+        );
+        // Once the checkpoint thread has caught up, the next commit starts the WAL over and
+        // trims it.
+        let mut size = peak;
+        for i in 0..40 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            store.create_device(device(&format!("after{i}"))).await?;
+            size = std::fs::metadata(&wal)?.len();
+            if size <= WAL_SIZE_LIMIT as u64 {
+                break;
+            }
+        }
+        assert!(size <= WAL_SIZE_LIMIT as u64, "WAL still {size} bytes");
         Ok(())
     }
 
