@@ -1,6 +1,10 @@
 //! Service API authentication: a SAS token signed with a hub policy key (`skn` names the
 //! policy), whose rights must cover the operation.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use axum::http::HeaderMap;
 use ferrohub_iothub::sas::host_matches;
 use ferrohub_iothub::{ErrorCode, SasToken};
@@ -20,6 +24,72 @@ fn unauthorized(why: &str) -> ApiError {
     ApiError::new(ErrorCode::IotHubUnauthorizedAccess, "Unauthorized")
 }
 
+/// How long a checked token is trusted without looking at its policy again.
+const TRUST_FOR: Duration = Duration::from_secs(30);
+/// Tokens remembered at most; back ends reuse one token for its lifetime, so few are live.
+const CACHE_CAPACITY: usize = 1024;
+
+/// Service tokens already checked: a back end reuses one token for many calls (the SDKs keep
+/// it for its whole lifetime), and a map lookup is much cheaper than a policy read and two
+/// HMACs per call. Policies do not change while the hub runs; the entries still lapse after
+/// `TRUST_FOR`, which bounds how long a rotated key would keep working once they can.
+#[derive(Default)]
+pub struct TokenCache {
+    checked: Mutex<HashMap<String, Checked>>,
+}
+
+struct Checked {
+    policy: AccessPolicy,
+    /// The token's own `se`, seconds since the Unix epoch.
+    expiry: u64,
+    until: Instant,
+}
+
+impl TokenCache {
+    fn get(&self, header: &str, now_secs: u64) -> Option<AccessPolicy> {
+        let checked = self.lock();
+        let c = checked.get(header)?;
+        (c.expiry > now_secs && c.until > Instant::now()).then(|| c.policy.clone())
+    }
+
+    fn put(&self, header: &str, policy: &AccessPolicy, expiry: u64, now_secs: u64) {
+        let mut checked = self.lock();
+        if checked.len() >= CACHE_CAPACITY {
+            let now = Instant::now();
+            checked.retain(|_, c| c.expiry > now_secs && c.until > now);
+            if checked.len() >= CACHE_CAPACITY {
+                checked.clear();
+            }
+        }
+        checked.insert(
+            header.to_owned(),
+            Checked {
+                policy: policy.clone(),
+                expiry,
+                until: Instant::now() + TRUST_FOR,
+            },
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Checked>> {
+        // The map holds no invariant a panicking holder could break.
+        self.checked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn permits(policy: &AccessPolicy, need: Right) -> Result<(), ApiError> {
+    let allowed = match need {
+        Right::RegistryRead => policy.rights.registry_read,
+        Right::RegistryWrite => policy.rights.registry_write,
+        Right::ServiceConnect => policy.rights.service_connect,
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(unauthorized("policy lacks the right for this operation"))
+    }
+}
+
 /// Checks the `Authorization` header and returns the policy it was signed with.
 pub async fn authorize(
     state: &ApiState,
@@ -30,11 +100,15 @@ pub async fn authorize(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| unauthorized("no Authorization header"))?;
-    let token = SasToken::parse(header).map_err(|_| unauthorized("malformed SAS token"))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    if let Some(policy) = state.tokens.get(header, now) {
+        permits(&policy, need)?;
+        return Ok(policy);
+    }
+    let token = SasToken::parse(header).map_err(|_| unauthorized("malformed SAS token"))?;
     if token.is_expired(now) {
         return Err(unauthorized("token expired"));
     }
@@ -66,13 +140,52 @@ pub async fn authorize(
     if !valid {
         return Err(unauthorized("signature does not match the policy key"));
     }
-    let allowed = match need {
-        Right::RegistryRead => policy.rights.registry_read,
-        Right::RegistryWrite => policy.rights.registry_write,
-        Right::ServiceConnect => policy.rights.service_connect,
-    };
-    if !allowed {
-        return Err(unauthorized("policy lacks the right for this operation"));
-    }
+    // Remembered before the rights check: the token is genuine whatever this call needs.
+    state.tokens.put(header, &policy, token.expiry, now);
+    permits(&policy, need)?;
     Ok(policy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrohub_store::Rights;
+
+    fn policy() -> AccessPolicy {
+        AccessPolicy {
+            key_name: "service".into(),
+            primary_key: "a2V5".into(),
+            secondary_key: "a2V5".into(),
+            rights: Rights {
+                service_connect: true,
+                ..Rights::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_remembered_token_lapses_with_its_own_expiry() {
+        let cache = TokenCache::default();
+        cache.put("SharedAccessSignature x", &policy(), 1_000, 900);
+        assert_eq!(cache.get("SharedAccessSignature x", 999), Some(policy()));
+        assert_eq!(cache.get("SharedAccessSignature x", 1_000), None);
+        assert_eq!(cache.get("SharedAccessSignature y", 999), None);
+    }
+
+    #[test]
+    fn a_full_cache_keeps_working() {
+        let cache = TokenCache::default();
+        for i in 0..CACHE_CAPACITY + 10 {
+            cache.put(&format!("t{i}"), &policy(), 1_000, 900);
+        }
+        assert!(cache.lock().len() <= CACHE_CAPACITY);
+        let last = format!("t{}", CACHE_CAPACITY + 9);
+        assert_eq!(cache.get(&last, 900), Some(policy()));
+    }
+
+    #[test]
+    fn rights_are_checked_on_every_call() {
+        assert!(permits(&policy(), Right::ServiceConnect).is_ok());
+        assert!(permits(&policy(), Right::RegistryWrite).is_err());
+    }
 }

@@ -27,6 +27,7 @@ pub use error::ApiError;
 pub struct ApiState {
     pub hub: Arc<Hub>,
     pub broker: Arc<Broker<Hub>>,
+    pub tokens: Arc<auth::TokenCache>,
 }
 
 pub fn router(state: ApiState) -> Router {
