@@ -155,14 +155,14 @@ pub trait C2dStore: Send + Sync + 'static {
         after: u64,
         limit: usize,
     ) -> Result<Vec<C2dMessage>>;
-    /// Counts one delivery attempt; returns the new delivery count. [`StoreError::NotFound`]
-    /// when the message is no longer queued.
-    async fn c2d_mark_delivered(
+    /// Counts one more delivery attempt for every message still queued up to and including
+    /// `up_to` (the ones a connection was handed and did not acknowledge); returns how many.
+    async fn c2d_count_deliveries(
         &self,
         device_id: &str,
         module_id: Option<&str>,
-        sequence_number: u64,
-    ) -> Result<u32>;
+        up_to: u64,
+    ) -> Result<u64>;
     /// Removes the message as `status`, and in the same transaction records feedback when its
     /// `ack` asks for that status. Returns the removed message, `None` if it was already gone.
     async fn c2d_settle(

@@ -138,25 +138,22 @@ impl C2dStore for SqliteStore {
         .await
     }
 
-    async fn c2d_mark_delivered(
+    async fn c2d_count_deliveries(
         &self,
         device_id: &str,
         module_id: Option<&str>,
-        sequence_number: u64,
-    ) -> Result<u32> {
+        up_to: u64,
+    ) -> Result<u64> {
         let (device, module) = (device_id.to_string(), module_key(module_id));
-        let seq = to_i64(sequence_number);
+        let up_to = to_i64(up_to);
         self.write(move |conn| {
-            let count: Option<i64> = conn
+            let n = conn
                 .prepare_cached(
                     "UPDATE c2d_messages SET delivery_count = delivery_count + 1 \
-                     WHERE device_id = ?1 AND module_id = ?2 AND seq = ?3 \
-                     RETURNING delivery_count",
+                     WHERE device_id = ?1 AND module_id = ?2 AND seq <= ?3",
                 )?
-                .query_row(params![device, module, seq], |r| r.get(0))
-                .optional()?;
-            let count = count.ok_or(StoreError::NotFound)?;
-            Ok(u32::try_from(count).unwrap_or(u32::MAX))
+                .execute(params![device, module, up_to])?;
+            Ok(n as u64)
         })
         .await
     }
@@ -512,49 +509,59 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn mark_delivered_counts_until_the_message_is_gone() -> Result<()> {
+    async fn deliveries_are_counted_up_to_the_mark_until_the_message_is_gone() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let store = SqliteStore::open(dir.path())?;
-        let m = store.c2d_enqueue(msg("d1", None, "a"), 10).await?;
+        let a = store.c2d_enqueue(msg("d1", None, "a"), 10).await?;
+        let b = store.c2d_enqueue(msg("d1", None, "b"), 10).await?;
+        let other = store.c2d_enqueue(msg("d2", None, "c"), 10).await?;
         assert_eq!(
             store
-                .c2d_mark_delivered("d1", None, m.sequence_number)
+                .c2d_count_deliveries("d1", None, a.sequence_number)
                 .await?,
             1
         );
         assert_eq!(
             store
-                .c2d_mark_delivered("d1", None, m.sequence_number)
+                .c2d_count_deliveries("d1", None, b.sequence_number)
                 .await?,
             2
         );
-        assert_eq!(store.c2d_peek("d1", None, 0, 1).await?[0].delivery_count, 2);
+        let counts: Vec<u32> = store
+            .c2d_peek("d1", None, 0, 10)
+            .await?
+            .iter()
+            .map(|m| m.delivery_count)
+            .collect();
+        assert_eq!(counts, vec![2, 1]);
+        assert_eq!(store.c2d_peek("d2", None, 0, 1).await?[0].delivery_count, 0);
         let settled = store
             .c2d_settle(
                 "d1",
                 None,
-                m.sequence_number,
+                a.sequence_number,
                 FeedbackStatus::Success,
                 NOW_UTC,
             )
             .await?;
         assert_eq!(settled.map(|m| m.delivery_count), Some(2));
-        assert!(matches!(
+        assert_eq!(
             store
-                .c2d_mark_delivered("d1", None, m.sequence_number)
-                .await,
-            Err(StoreError::NotFound)
-        ));
+                .c2d_count_deliveries("d1", None, a.sequence_number)
+                .await?,
+            0
+        );
         assert!(store
             .c2d_settle(
                 "d1",
                 None,
-                m.sequence_number,
+                a.sequence_number,
                 FeedbackStatus::Success,
                 NOW_UTC
             )
             .await?
             .is_none());
+        assert_eq!(other.delivery_count, 0);
         Ok(())
     }
 

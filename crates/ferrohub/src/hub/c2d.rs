@@ -7,6 +7,7 @@
 //! new connection, so whatever an earlier connection left unacknowledged is delivered again with
 //! its delivery count raised.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -171,7 +172,11 @@ impl Hub {
             Err(e) => return Err(e.into()),
         };
         self.c2d_wake(identity);
-        self.expiry_wake.notify_one();
+        // SeqCst pairs with the loop's stores: either the loop's next look at the queue sees this
+        // message, or this load sees the plan the loop made without it.
+        if stored.expiry_time_ms < self.expiry_planned.load(Ordering::SeqCst) {
+            self.expiry_wake.notify_one();
+        }
         Ok(stored)
     }
 
@@ -245,6 +250,11 @@ impl Hub {
         }
     }
 
+    fn c2d_handed(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Identity, u64>> {
+        // A plain map of numbers: a panicking holder cannot leave it half-changed.
+        self.c2d_handed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn c2d_wake(&self, identity: &Identity) {
         if let Some(link) = self.lock_clients().get(identity) {
             if let Some((_, notify)) = &link.c2d {
@@ -263,6 +273,15 @@ async fn deliver(
 ) {
     let device = identity.device_id.as_str();
     let module = identity.module_id.as_deref();
+    // What an earlier connection was handed and did not acknowledge is delivered again below:
+    // count that attempt first, so a message no device will take ends dead-lettered.
+    let handed = hub.c2d_handed().remove(&identity);
+    if let Some(up_to) = handed {
+        while let Err(e) = hub.store.c2d_count_deliveries(device, module, up_to).await {
+            warn!(identity = %identity, error = %e, "counting C2D deliveries failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
     // Everything up to here has been handed to this connection (or settled).
     let mut after = 0u64;
     loop {
@@ -277,10 +296,9 @@ async fn deliver(
                 continue;
             }
         };
-        if batch.is_empty() {
-            woken.await;
-            continue;
-        }
+        // A short batch was the whole queue as of the read: anything newer comes with a wake,
+        // so there is no need to read again before one.
+        let drained = batch.len() < PEEK_BATCH;
         for msg in batch {
             after = msg.sequence_number;
             let now = now_ms();
@@ -295,20 +313,6 @@ async fn deliver(
                 settle(&hub, &identity, msg.sequence_number, status).await;
                 continue;
             }
-            let count = match hub
-                .store
-                .c2d_mark_delivered(device, module, msg.sequence_number)
-                .await
-            {
-                Ok(c) => c,
-                Err(StoreError::NotFound) => continue,
-                Err(e) => {
-                    warn!(identity = %identity, error = %e, "recording a C2D delivery failed");
-                    after = msg.sequence_number.saturating_sub(1);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    break;
-                }
-            };
             let seq = msg.sequence_number;
             let hook_hub = hub.clone();
             let hook_identity = identity.clone();
@@ -321,13 +325,22 @@ async fn deliver(
                     let identity = hook_identity.clone();
                     tokio::spawn(async move {
                         settle(&hub, &identity, seq, FeedbackStatus::Success).await;
+                        let mut handed = hub.c2d_handed();
+                        if handed.get(&identity) == Some(&seq) {
+                            handed.remove(&identity);
+                        }
                     });
                 }))),
             };
-            debug!(identity = %identity, seq, delivery_count = count, "delivering C2D message");
+            let attempt = msg.delivery_count + 1;
+            debug!(identity = %identity, seq, attempt, "delivering C2D message");
             if outbound.send(out).await.is_err() {
                 return;
             }
+            hub.c2d_handed().insert(identity.clone(), seq);
+        }
+        if drained {
+            woken.await;
         }
     }
 }
@@ -420,6 +433,7 @@ pub fn uuid_like(b: [u8; 16]) -> String {
 pub async fn expiry_loop(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         let woken = hub.expiry_wake.notified();
+        hub.expiry_planned.store(i64::MAX, Ordering::SeqCst);
         let now = now_ms();
         match hub
             .store
@@ -433,11 +447,13 @@ pub async fn expiry_loop(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiv
             Ok(_) => {}
             Err(e) => warn!(error = %e, "C2D expiry failed"),
         }
-        let wait = match hub.store.c2d_next_expiry().await {
-            Ok(Some(t)) => Duration::from_millis(u64::try_from(t - now).unwrap_or(0).max(1)),
-            Ok(None) => Duration::from_secs(3600),
-            Err(_) => Duration::from_secs(5),
+        let next = match hub.store.c2d_next_expiry().await {
+            Ok(Some(t)) => t,
+            Ok(None) => now.saturating_add(3_600_000),
+            Err(_) => now.saturating_add(5_000),
         };
+        hub.expiry_planned.store(next, Ordering::SeqCst);
+        let wait = Duration::from_millis(u64::try_from(next - now).unwrap_or(0).max(1));
         tokio::select! {
             _ = woken => {}
             _ = tokio::time::sleep(wait) => {}

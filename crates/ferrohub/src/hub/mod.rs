@@ -102,6 +102,14 @@ pub struct Hub {
     link_changes: tokio::sync::watch::Sender<u64>,
     /// Wakes the C2D expiry loop when a message may expire sooner than it planned.
     expiry_wake: tokio::sync::Notify,
+    /// When (Unix ms) the expiry loop plans to look next, `i64::MAX` while it is deciding; a
+    /// send only wakes it for a sooner expiry, so a steady stream of sends costs it nothing.
+    expiry_planned: std::sync::atomic::AtomicI64,
+    /// Per identity, the newest C2D message handed to a connection and not yet acknowledged:
+    /// the next connection counts a delivery for everything up to it still queued. Kept here
+    /// rather than written per message, so a delivery costs no durable write of its own; a
+    /// crash forgets it, and those messages are redelivered without the count going up.
+    c2d_handed: Mutex<HashMap<Identity, u64>>,
     methods: methods::PendingCalls,
     twin_locks: twins::TwinLocks,
     pub(crate) throttles: throttle::Throttles,
@@ -126,6 +134,8 @@ impl Hub {
             clients: Mutex::new(HashMap::new()),
             link_changes: tokio::sync::watch::channel(0).0,
             expiry_wake: tokio::sync::Notify::new(),
+            expiry_planned: std::sync::atomic::AtomicI64::new(i64::MAX),
+            c2d_handed: Mutex::new(HashMap::new()),
             methods: methods::PendingCalls::default(),
             twin_locks: twins::TwinLocks::default(),
             next_seq: std::sync::atomic::AtomicU64::new(1),
