@@ -135,8 +135,8 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
     open_conn_with(path, read_only, &[])
 }
 
-/// Bytes the WAL file is cut back to when the writer starts it over (see `open`).
-const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+/// Bytes a WAL file is cut back to when its writer starts it over.
+pub(crate) const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
 /// Opens a connection as every Ferrohub SQLite file wants it (WAL, `synchronous=FULL`).
 /// `before_wal` pragmas are applied to writers first: some (e.g. `auto_vacuum`) only take
@@ -160,6 +160,9 @@ pub(crate) fn open_conn_with(
             conn.pragma_update(None, name, value)?;
         }
         conn.pragma_update(None, "journal_mode", "WAL")?;
+        // A rewound WAL is reused from its start but keeps its size; a burst would otherwise
+        // hold its peak on disk for good. The writer trims it back to this when it starts over.
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     }
     // FULL: the WAL is fsync'd at every commit, which is what makes "acknowledged" mean durable.
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -177,10 +180,6 @@ impl SqliteStore {
         // Checkpoints normally run on their own thread (see `checkpoint_loop`); this only
         // bounds the WAL if that thread falls far behind (64 MiB).
         writer.pragma_update(None, "wal_autocheckpoint", 16384)?;
-        // A checkpointed WAL is reused from its start but keeps its size; a burst (registering
-        // a fleet) would otherwise hold its peak on disk for good. The writer trims it back to
-        // this when it starts over.
-        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         let readers = (0..READERS)
             .map(|_| {
                 let conn = open_conn(&path, true)?;
@@ -239,6 +238,37 @@ impl SqliteStore {
         }
         let conn = lock(&inner.readers[start % n]);
         f(&conn)
+    }
+}
+
+/// Lets a WAL start over under steady load; kept by each writer thread and called after each
+/// commit. The checkpoint thread copies frames in the background, but SQLite only rewinds the
+/// WAL when a write transaction begins on a WAL that is fully copied, and with commits every
+/// millisecond there is always a newer frame by then: the file grew for as long as the load
+/// lasted (tens of MB a minute), and writing past its end made some fsyncs take 100 ms. Run by
+/// the writer between two commits, the checkpoint has only the last few frames to copy, and the
+/// next commit begins on a fully copied WAL.
+pub(crate) struct WalRewinder {
+    last: std::time::Instant,
+}
+
+impl WalRewinder {
+    const EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+    pub(crate) fn new() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn after_commit(&mut self, conn: &Connection) {
+        if self.last.elapsed() < Self::EVERY {
+            return;
+        }
+        self.last = std::time::Instant::now();
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "writer checkpoint failed");
+        }
     }
 }
 

@@ -274,6 +274,7 @@ fn writer_loop(
     commits: watch::Sender<u64>,
 ) {
     let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
+    let mut rewind = crate::sqlite::WalRewinder::new();
     while let Some(first) = rx.blocking_recv() {
         if let Command::Retention(r, now, reply) = first {
             let _ = reply.send(retention_step(&mut conn, partitions, r, now));
@@ -292,6 +293,7 @@ fn writer_loop(
             }
         }
         commit_batch(&mut conn, &mut batch, &mut next_seq, &commits);
+        rewind.after_commit(&conn);
     }
 }
 
@@ -645,6 +647,27 @@ mod tests {
         assert_eq!(all[0].event, ev("dev1", 1000, &all[0].event.body));
         let (_, seq) = log.append(ev("dev1", 1000, b"x")).await?;
         assert_eq!(seq, 200, "sequence numbers continue after reopen");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_wal_stays_bounded_under_steady_appends() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = SqliteTelemetry::open(dir.path(), 1)?;
+        let wal = dir.path().join(format!("{TELEMETRY_DB_FILE}-wal"));
+        let limit = crate::sqlite::WAL_SIZE_LIMIT as u64;
+        let body = vec![7u8; 32 * 1024];
+        let (mut written, mut peak) = (0u64, 0u64);
+        for t in 0..1_500 {
+            log.append(ev("d", t, &body)).await?;
+            written += body.len() as u64;
+            peak = peak.max(std::fs::metadata(&wal)?.len());
+        }
+        assert!(written > 2 * limit);
+        assert!(
+            peak <= limit,
+            "the WAL reached {peak} bytes after {written} written"
+        );
         Ok(())
     }
 

@@ -8,7 +8,6 @@
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -20,8 +19,6 @@ use crate::{Result, StoreError};
 const MAX_BATCH: usize = 256;
 /// Jobs waiting for the writer before `submit` makes callers wait.
 const QUEUE: usize = 1024;
-/// How often the writer itself finishes a checkpoint so the WAL can start over.
-const RESTART_EVERY: Duration = Duration::from_millis(250);
 
 /// A write waiting for the writer thread.
 trait Job: Send {
@@ -146,7 +143,7 @@ fn stopped() -> StoreError {
 
 fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
-    let mut last_checkpoint = Instant::now();
+    let mut rewind = crate::sqlite::WalRewinder::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -156,22 +153,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>) {
             }
         }
         commit_batch(&conn, &mut batch);
-        if last_checkpoint.elapsed() >= RESTART_EVERY {
-            last_checkpoint = Instant::now();
-            finish_checkpoint(&conn);
-        }
-    }
-}
-
-/// Lets the WAL start over under steady load. The checkpoint thread copies frames in the
-/// background, but SQLite only rewinds the WAL when a write transaction begins on a WAL that is
-/// fully copied, and with commits every millisecond there is always a newer frame by then: the
-/// file grew for as long as the load lasted (tens of MB a minute), and writing past its end made
-/// some fsyncs take 100 ms. Run here, between two batches, the checkpoint has only the last few
-/// frames to copy, and the next batch begins on a fully copied WAL.
-fn finish_checkpoint(conn: &Connection) {
-    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-        tracing::warn!(error = %e, "store writer checkpoint failed");
+        rewind.after_commit(&conn);
     }
 }
 
