@@ -781,7 +781,7 @@ mod tests {
         // Back-to-back commits for a few seconds: the checkpoint thread never sees the WAL
         // fully copied at the moment a write begins, so only the writer's own checkpoint lets
         // it start over.
-        for i in 0..1_500 {
+        for i in 0..3_000 {
             store
                 .ensure_policy(AccessPolicy {
                     key_name: format!("p{i}"),
@@ -793,9 +793,11 @@ mod tests {
             written += 2 * big.len() as u64;
             peak = peak.max(std::fs::metadata(&wal)?.len());
         }
-        assert!(written > 2 * WAL_SIZE_LIMIT as u64);
+        // Between two rewinds the WAL may pass the trim limit (a busy machine, or a rewind
+        // that found the checkpoint thread mid-way): bounded, not exact.
+        assert!(written > 4 * WAL_SIZE_LIMIT as u64);
         assert!(
-            peak <= WAL_SIZE_LIMIT as u64,
+            peak <= 2 * WAL_SIZE_LIMIT as u64,
             "the WAL reached {peak} bytes after {written} written"
         );
         Ok(())
