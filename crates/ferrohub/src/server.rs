@@ -82,6 +82,7 @@ impl RunningServer {
         {
             warn!("some connections did not close within 10 s of shutdown");
         }
+        self.hub.c2d_count_handed().await;
     }
 }
 

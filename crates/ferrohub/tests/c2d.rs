@@ -387,6 +387,37 @@ async fn queued_messages_survive_a_restart() -> TestResult {
 }
 
 #[tokio::test]
+async fn a_delivery_left_unacknowledged_at_shutdown_counts_after_the_restart() -> TestResult {
+    let mut hub = TestHub::start_with(|cfg| cfg.hub.c2d.max_delivery_count = 1).await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    send(
+        &hub,
+        "dev1",
+        json!({"payload": "x", "messageId": "once-only", "ack": "negative"}),
+    )
+    .await?;
+    let (mut c, _) = hub.connect_device("dev1", &key, false).await?;
+    c.subscribe(1, &[(C2D, QoS::AtLeastOnce)]).await?;
+    assert!(recv_publish(&mut c, WAIT).await?.is_some());
+    // No PUBACK; the server stops while the device still holds the message.
+    hub.restart().await?;
+    drop(c);
+    let (mut c, _) = hub.connect_device("dev1", &key, false).await?;
+    assert!(
+        recv_publish(&mut c, Duration::from_millis(700))
+            .await?
+            .is_none(),
+        "its one delivery was used before the restart"
+    );
+    let fb = feedback(&hub, 1, WAIT).await?;
+    assert_eq!(fb.len(), 1);
+    assert_eq!(fb[0]["statusCode"], "DeliveryCountExceeded");
+    assert_eq!(fb[0]["originalMessageId"], "once-only");
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn feedback_locks_can_be_abandoned_and_stale_tokens_are_refused() -> TestResult {
     let hub = TestHub::start().await?;
     let (key, _) = hub.create_device("dev1").await?;

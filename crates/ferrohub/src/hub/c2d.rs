@@ -250,6 +250,28 @@ impl Hub {
         }
     }
 
+    /// Counts a delivery for what connections still held unacknowledged, as their next
+    /// connection would have; run at shutdown, so a restart raises those counts like a
+    /// reconnect does (a crash cannot, and redelivers them without).
+    pub async fn c2d_count_handed(&self) {
+        let handed: Vec<(Identity, u64)> = self.c2d_handed().drain().collect();
+        let mut counts = tokio::task::JoinSet::new();
+        for (identity, up_to) in handed {
+            let store = self.store.clone();
+            counts.spawn(async move {
+                let r = store
+                    .c2d_count_deliveries(&identity.device_id, identity.module_id.as_deref(), up_to)
+                    .await;
+                (identity, r)
+            });
+        }
+        while let Some(done) = counts.join_next().await {
+            if let Ok((identity, Err(e))) = done {
+                warn!(identity = %identity, error = %e, "counting C2D deliveries at shutdown failed");
+            }
+        }
+    }
+
     fn c2d_handed(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Identity, u64>> {
         // A plain map of numbers: a panicking holder cannot leave it half-changed.
         self.c2d_handed.lock().unwrap_or_else(|e| e.into_inner())

@@ -107,8 +107,8 @@ pub struct Hub {
     expiry_planned: std::sync::atomic::AtomicI64,
     /// Per identity, the newest C2D message handed to a connection and not yet acknowledged:
     /// the next connection counts a delivery for everything up to it still queued. Kept here
-    /// rather than written per message, so a delivery costs no durable write of its own; a
-    /// crash forgets it, and those messages are redelivered without the count going up.
+    /// rather than written per message, so a delivery costs no durable write of its own;
+    /// shutdown writes it, a crash forgets it (those messages come again, count unchanged).
     c2d_handed: Mutex<HashMap<Identity, u64>>,
     methods: methods::PendingCalls,
     twin_locks: twins::TwinLocks,
