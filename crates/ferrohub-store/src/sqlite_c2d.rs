@@ -70,6 +70,21 @@ impl C2dStore for SqliteStore {
         let max_depth = limit_of(max_depth);
         self.write(move |conn| {
             let module = module_key(msg.module_id.as_deref());
+            // Checked inside the write: the hub looked before, but a delete committed since
+            // would leave these rows behind, for a later device of the same name to receive.
+            let exists: bool = match &msg.module_id {
+                None => conn
+                    .prepare_cached("SELECT EXISTS (SELECT 1 FROM devices WHERE device_id = ?1)")?
+                    .query_row(params![msg.device_id], |r| r.get(0))?,
+                Some(m) => conn
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM modules WHERE device_id = ?1 AND module_id = ?2)",
+                    )?
+                    .query_row(params![msg.device_id, m], |r| r.get(0))?,
+            };
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
             let depth: i64 = conn
                 .prepare_cached(
                     "SELECT COUNT(*) FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2",
@@ -387,6 +402,53 @@ mod tests {
     use super::*;
     use crate::{Device, FeedbackRequest, IfMatch, Module, RegistryStore, TwinStore};
 
+    /// A store whose registry holds every identity these tests send to.
+    async fn with_identities(dir: &std::path::Path) -> Result<SqliteStore> {
+        let store = SqliteStore::open(dir)?;
+        for device in ["d1", "d2", "serial"] {
+            if store.get_device(device).await?.is_none() {
+                store
+                    .create_device(Device {
+                        device_id: device.into(),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+        for (device, module) in [("d1", "m1"), ("d1", "m2"), ("d2", "m1")] {
+            if store.get_module(device, module).await?.is_none() {
+                store
+                    .create_module(Module {
+                        device_id: device.into(),
+                        module_id: module.into(),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+        Ok(store)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_queued_for_an_identity_the_registry_does_not_hold() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = with_identities(dir.path()).await?;
+        for (device, module) in [("ghost", None), ("d1", Some("ghost")), ("d2", Some("m2"))] {
+            assert!(matches!(
+                store.c2d_enqueue(msg(device, module, "x"), 10).await,
+                Err(StoreError::NotFound)
+            ));
+            assert_eq!(store.c2d_count(device, module).await?, 0);
+        }
+        store.delete_device("d2", IfMatch::Any).await?;
+        assert!(matches!(
+            store.c2d_enqueue(msg("d2", None, "late"), 10).await,
+            Err(StoreError::NotFound)
+        ));
+        assert_eq!(store.c2d_count("d2", None).await?, 0);
+        Ok(())
+    }
+
     fn msg(device: &str, module: Option<&str>, id: &str) -> C2dMessage {
         C2dMessage {
             device_id: device.into(),
@@ -432,7 +494,7 @@ mod tests {
     async fn sequence_numbers_increase_per_queue_and_survive_emptying_and_reopen() -> Result<()> {
         let dir = tempfile::tempdir()?;
         {
-            let store = SqliteStore::open(dir.path())?;
+            let store = with_identities(dir.path()).await?;
             let a = store.c2d_enqueue(msg("d1", None, "a"), 10).await?;
             let b = store.c2d_enqueue(msg("d1", None, "b"), 10).await?;
             let other = store.c2d_enqueue(msg("d2", None, "x"), 10).await?;
@@ -448,7 +510,7 @@ mod tests {
             let c = store.c2d_enqueue(msg("d1", None, "c"), 10).await?;
             assert_eq!(c.sequence_number, 3);
         }
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         store
             .c2d_settle("d1", None, 3, FeedbackStatus::Success, NOW_UTC)
             .await?;
@@ -462,7 +524,7 @@ mod tests {
     #[tokio::test]
     async fn enqueue_fails_with_queue_full_at_max_depth() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         for i in 0..3 {
             store
                 .c2d_enqueue(msg("d1", None, &format!("m{i}")), 3)
@@ -485,7 +547,7 @@ mod tests {
     #[tokio::test]
     async fn peek_returns_messages_after_a_sequence_in_order_up_to_limit() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         let mut sent = Vec::new();
         for i in 0..5 {
             sent.push(
@@ -511,7 +573,7 @@ mod tests {
     #[tokio::test]
     async fn deliveries_are_counted_up_to_the_mark_until_the_message_is_gone() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         let a = store.c2d_enqueue(msg("d1", None, "a"), 10).await?;
         let b = store.c2d_enqueue(msg("d1", None, "b"), 10).await?;
         let other = store.c2d_enqueue(msg("d2", None, "c"), 10).await?;
@@ -568,7 +630,7 @@ mod tests {
     #[tokio::test]
     async fn settle_records_feedback_exactly_when_the_ack_asks_for_it() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         let acks = [
             FeedbackRequest::None,
             FeedbackRequest::Positive,
@@ -617,7 +679,7 @@ mod tests {
     #[tokio::test]
     async fn purge_settles_every_message_with_the_feedback_each_asks_for() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         store
             .c2d_enqueue(with_ack(msg("d1", None, "full"), FeedbackRequest::Full), 10)
             .await?;
@@ -653,7 +715,7 @@ mod tests {
     #[tokio::test]
     async fn expire_settles_only_expired_messages_and_names_their_queues() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         assert_eq!(store.c2d_next_expiry().await?, None);
         let neg = FeedbackRequest::Negative;
         store
@@ -698,7 +760,7 @@ mod tests {
     #[tokio::test]
     async fn module_queues_are_separate_from_the_device_queue() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         store.c2d_enqueue(msg("d1", None, "dev"), 10).await?;
         let m1 = store.c2d_enqueue(msg("d1", Some("m1"), "mod1"), 10).await?;
         store.c2d_enqueue(msg("d1", Some("m2"), "mod2"), 10).await?;
@@ -764,6 +826,19 @@ mod tests {
         }
         assert!(store.get_twin("d1", None).await?.is_some());
         // Sequences went with the identities, and deletion leaves no feedback.
+        store
+            .create_device(Device {
+                device_id: "d2".into(),
+                ..Default::default()
+            })
+            .await?;
+        store
+            .create_module(Module {
+                device_id: "d2".into(),
+                module_id: "m1".into(),
+                ..Default::default()
+            })
+            .await?;
         let again = store.c2d_enqueue(msg("d2", Some("m1"), "y"), 10).await?;
         assert_eq!(again.sequence_number, 1);
         assert!(drain_feedback(&store).await?.is_empty());
@@ -803,7 +878,7 @@ mod tests {
     #[tokio::test]
     async fn feedback_locks_hide_records_until_completed_or_expired() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         assert!(store.feedback_receive(0, 1_000, 10).await?.is_none());
         make_feedback(&store, 3).await?;
 
@@ -863,7 +938,7 @@ mod tests {
     #[tokio::test]
     async fn abandoned_feedback_can_be_received_at_once() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         make_feedback(&store, 2).await?;
         let t = 5_000;
         let batch = store
@@ -901,7 +976,7 @@ mod tests {
     #[ignore]
     async fn enqueue_throughput() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
+        let store = with_identities(dir.path()).await?;
         let start = std::time::Instant::now();
         let tasks: Vec<_> = (0..5_000)
             .map(|i| {

@@ -169,6 +169,13 @@ impl Hub {
             Err(StoreError::QueueFull) => {
                 return Err(SendError::QueueFull(identity.clone(), depth))
             }
+            // Deleted since `generation_id` found it.
+            Err(StoreError::NotFound) => {
+                return Err(match &identity.module_id {
+                    None => SendError::DeviceNotFound(identity.device_id.clone()),
+                    Some(m) => SendError::ModuleNotFound(m.clone()),
+                })
+            }
             Err(e) => return Err(e.into()),
         };
         self.c2d_wake(identity);
