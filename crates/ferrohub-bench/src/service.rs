@@ -27,6 +27,37 @@ pub enum Answer {
     Transport(String),
 }
 
+impl Answer {
+    /// The body of a 200, or the failure to count: a kind named after `what` (the HTTP status
+    /// and IoT Hub error, or the transport error's first word) and an example.
+    pub fn ok_body(self, what: &str) -> Result<Bytes, (String, String)> {
+        match self {
+            Answer::Http { status, body, .. } if status.as_u16() == 200 => Ok(body),
+            Answer::Http {
+                status,
+                error_code,
+                body,
+            } => Err((
+                format!(
+                    "{what}: HTTP {} {}",
+                    status.as_u16(),
+                    error_code.as_deref().unwrap_or("")
+                ),
+                excerpt(&body),
+            )),
+            Answer::Transport(e) => Err((
+                format!("{what}: {}", e.split(':').next().unwrap_or("transport")),
+                e,
+            )),
+        }
+    }
+}
+
+/// The start of a body, for failure examples.
+pub fn excerpt(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
+}
+
 /// A service client for one hub.
 pub struct Service {
     client: reqwest::Client,

@@ -18,9 +18,9 @@ use tokio::sync::{watch, Semaphore};
 
 use super::push::{
     self, histogram, lock, record, Connections, DeviceEnd, Failures, Latency, Progress, PushArgs,
-    Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT, LATE,
+    Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT,
 };
-use crate::service::{Answer, Service};
+use crate::service::{excerpt, Service};
 
 /// How long one REST send may take before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -76,6 +76,16 @@ struct Shared {
     failures: Mutex<Failures>,
 }
 
+impl push::OpenLoopState for Shared {
+    fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    fn offered(&self) -> &AtomicU64 {
+        &self.offered
+    }
+}
+
 /// The payload: `{seq} {send time, µs since the epoch} {1 if measured, else 0} ` and filler.
 fn payload_text(seq: u64, sent_us: u64, measured: bool, len: usize) -> String {
     let mut s = format!("{seq} {sent_us} {} ", u8::from(measured));
@@ -95,17 +105,14 @@ fn parse_payload(payload: &[u8]) -> Option<(u64, u64, bool)> {
 }
 
 async fn send(shared: Arc<Shared>, seq: u64, due: Instant) {
-    // The semaphore is never closed.
-    let _permit = shared.permits.clone().acquire_owned().await;
-    let start = Instant::now();
-    let measured = shared.schedule.measured(due);
-    if measured {
-        let lag = start.saturating_duration_since(due);
-        if lag > LATE {
-            shared.late.fetch_add(1, Ordering::Relaxed);
-        }
-        record(&mut lock(&shared.lag), lag);
-    }
+    let (_permit, start, measured) = push::start_slot(
+        &shared.permits,
+        &shared.schedule,
+        due,
+        &shared.late,
+        &shared.lag,
+    )
+    .await;
     let id = format!("{}{}", shared.prefix, seq % shared.devices);
     let payload = payload_text(
         seq,
@@ -123,38 +130,21 @@ async fn send(shared: Arc<Shared>, seq: u64, due: Instant) {
         )
         .await;
     let elapsed = start.elapsed();
-    let failure = match answer {
-        Answer::Http { status, body, .. } if status.as_u16() == 200 => {
+    let failure = match answer.ok_body("c2d send") {
+        Ok(body) => {
             let echoed = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
                 v.get("messageId")
                     .and_then(Value::as_str)
                     .map(str::to_owned)
             });
-            if echoed.as_deref() == Some(message_id.as_str()) {
-                None
-            } else {
-                Some((
+            (echoed.as_deref() != Some(message_id.as_str())).then(|| {
+                (
                     "c2d send: 200 without our messageId".to_owned(),
-                    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-                ))
-            }
+                    excerpt(&body),
+                )
+            })
         }
-        Answer::Http {
-            status,
-            error_code,
-            body,
-        } => Some((
-            format!(
-                "c2d send: HTTP {} {}",
-                status.as_u16(),
-                error_code.as_deref().unwrap_or("")
-            ),
-            String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-        )),
-        Answer::Transport(e) => Some((
-            format!("c2d send: {}", e.split(':').next().unwrap_or("transport")),
-            e,
-        )),
+        Err(failure) => Some(failure),
     };
     let ok = failure.is_none();
     match failure {
@@ -289,27 +279,15 @@ pub async fn run(args: C2dArgs) -> Result<()> {
         })
         .collect();
 
-    let issuer = {
-        let shared = Arc::clone(&shared);
-        push::spawn_open_loop(schedule, push.rate, move |seq, due| {
-            if schedule.measured(due) {
-                shared.offered.fetch_add(1, Ordering::Relaxed);
-            }
-            shared.progress.started();
-            tokio::spawn(send(Arc::clone(&shared), seq, due));
-        })
-    };
-    let (issued, window) = tokio::join!(
-        issuer,
-        push::measure(
-            &schedule,
-            &shared.progress,
-            fleet.server_pid,
-            "sends answered 200"
-        ),
-    );
-    issued.context("the sending schedule panicked")?;
-    let window = window?;
+    let window = push::run_open_loop(
+        &shared,
+        schedule,
+        push.rate,
+        send,
+        fleet.server_pid,
+        "sends answered 200",
+    )
+    .await?;
     let drained = push::drain(DRAIN_TIMEOUT, || {
         shared.progress.outstanding.load(Ordering::Relaxed) == 0
             && shared.delivered.load(Ordering::Relaxed)

@@ -16,9 +16,9 @@ use tokio::sync::{watch, Semaphore};
 
 use super::push::{
     self, histogram, lock, record, topic_param, Connections, DeviceEnd, Failures, Latency,
-    Progress, PushArgs, Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT, LATE,
+    Progress, PushArgs, Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT,
 };
-use crate::service::{Answer, Service};
+use crate::service::{excerpt, Service};
 
 /// What the hub is told to wait for the device; far above any latency worth measuring.
 const RESPONSE_TIMEOUT_SECS: u64 = 30;
@@ -78,6 +78,16 @@ struct Shared {
     unacked: Arc<AtomicU64>,
 }
 
+impl push::OpenLoopState for Shared {
+    fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    fn offered(&self) -> &AtomicU64 {
+        &self.offered
+    }
+}
+
 /// Why an answer is not the device's echo of `{"seq": seq}` with status 200.
 fn check_answer(body: &[u8], seq: u64) -> Result<(), String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
@@ -91,17 +101,14 @@ fn check_answer(body: &[u8], seq: u64) -> Result<(), String> {
 }
 
 async fn call(shared: Arc<Shared>, seq: u64, due: Instant) {
-    // The semaphore is never closed.
-    let _permit = shared.permits.clone().acquire_owned().await;
-    let start = Instant::now();
-    let measured = shared.schedule.measured(due);
-    if measured {
-        let lag = start.saturating_duration_since(due);
-        if lag > LATE {
-            shared.late.fetch_add(1, Ordering::Relaxed);
-        }
-        record(&mut lock(&shared.lag), lag);
-    }
+    let (_permit, start, measured) = push::start_slot(
+        &shared.permits,
+        &shared.schedule,
+        due,
+        &shared.late,
+        &shared.lag,
+    )
+    .await;
     let id = format!("{}{}", shared.prefix, seq % shared.devices);
     let body = json!({
         "methodName": METHOD_NAME,
@@ -114,34 +121,11 @@ async fn call(shared: Arc<Shared>, seq: u64, due: Instant) {
         .post(&format!("/twins/{id}/methods"), body.into_bytes())
         .await;
     let elapsed = start.elapsed();
-    let failure = match answer {
-        Answer::Http { status, body, .. } if status.as_u16() == 200 => {
-            check_answer(&body, seq).err().map(|why| {
-                (
-                    format!("method call: 200 but {why}"),
-                    String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-                )
-            })
-        }
-        Answer::Http {
-            status,
-            error_code,
-            body,
-        } => Some((
-            format!(
-                "method call: HTTP {} {}",
-                status.as_u16(),
-                error_code.as_deref().unwrap_or("")
-            ),
-            String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
-        )),
-        Answer::Transport(e) => Some((
-            format!(
-                "method call: {}",
-                e.split(':').next().unwrap_or("transport")
-            ),
-            e,
-        )),
+    let failure = match answer.ok_body("method call") {
+        Ok(body) => check_answer(&body, seq)
+            .err()
+            .map(|why| (format!("method call: 200 but {why}"), excerpt(&body))),
+        Err(failure) => Some(failure),
     };
     let ok = failure.is_none();
     match failure {
@@ -172,12 +156,7 @@ struct MethodDevice {
 
 impl MethodDevice {
     fn next_id(&mut self) -> u16 {
-        loop {
-            self.last_id = self.last_id.checked_add(1).unwrap_or(1);
-            if !self.unacked.contains(&self.last_id) {
-                return self.last_id;
-            }
-        }
+        push::next_packet_id(&mut self.last_id, &self.unacked)
     }
 }
 
@@ -294,27 +273,15 @@ pub async fn run(args: MethodsArgs) -> Result<()> {
         })
         .collect();
 
-    let issuer = {
-        let shared = Arc::clone(&shared);
-        push::spawn_open_loop(schedule, push.rate, move |seq, due| {
-            if schedule.measured(due) {
-                shared.offered.fetch_add(1, Ordering::Relaxed);
-            }
-            shared.progress.started();
-            tokio::spawn(call(Arc::clone(&shared), seq, due));
-        })
-    };
-    let (issued, window) = tokio::join!(
-        issuer,
-        push::measure(
-            &schedule,
-            &shared.progress,
-            fleet.server_pid,
-            "calls answered"
-        ),
-    );
-    issued.context("the calling schedule panicked")?;
-    let window = window?;
+    let window = push::run_open_loop(
+        &shared,
+        schedule,
+        push.rate,
+        call,
+        fleet.server_pid,
+        "calls answered",
+    )
+    .await?;
     // A QoS 1 response's PUBACK may come after the call's 200.
     let drained = push::drain(DRAIN_TIMEOUT, || {
         shared.progress.outstanding.load(Ordering::Relaxed) == 0

@@ -141,6 +141,78 @@ pub fn spawn_open_loop(
     tokio::spawn(async move { open_loop(&schedule, rate, issue).await })
 }
 
+/// The counters an open-loop scenario keeps for its operations.
+pub trait OpenLoopState: Send + Sync + 'static {
+    fn progress(&self) -> &Progress;
+    /// Operations due inside the measured window.
+    fn offered(&self) -> &AtomicU64;
+}
+
+/// Runs a scenario's open-loop load to the end of its schedule: each due slot starts `op` on
+/// its own task, whether or not earlier ones finished. Returns the measured window's figures.
+pub async fn run_open_loop<S, Fut>(
+    state: &Arc<S>,
+    schedule: Schedule,
+    rate: f64,
+    op: fn(Arc<S>, u64, Instant) -> Fut,
+    server_pid: Option<u32>,
+    unit: &str,
+) -> Result<Window>
+where
+    S: OpenLoopState,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let issuer = {
+        let state = Arc::clone(state);
+        spawn_open_loop(schedule, rate, move |seq, due| {
+            if schedule.measured(due) {
+                state.offered().fetch_add(1, Ordering::Relaxed);
+            }
+            state.progress().started();
+            tokio::spawn(op(Arc::clone(&state), seq, due));
+        })
+    };
+    let (issued, window) = tokio::join!(
+        issuer,
+        measure(&schedule, state.progress(), server_pid, unit)
+    );
+    issued.context("the schedule panicked")?;
+    window
+}
+
+/// The next MQTT packet identifier after `last` that no unacknowledged packet holds.
+pub fn next_packet_id(last: &mut u16, unacked: &std::collections::HashSet<u16>) -> u16 {
+    loop {
+        *last = last.checked_add(1).unwrap_or(1);
+        if !unacked.contains(last) {
+            return *last;
+        }
+    }
+}
+
+/// Starts an open-loop slot: waits for a request permit, then counts how late the slot began
+/// if it lies in the measured window. Returns the permit, the start and whether it is measured.
+pub async fn start_slot(
+    permits: &Arc<tokio::sync::Semaphore>,
+    schedule: &Schedule,
+    due: Instant,
+    late: &AtomicU64,
+    lag: &Mutex<Histogram<u64>>,
+) -> (Option<tokio::sync::OwnedSemaphorePermit>, Instant, bool) {
+    // The semaphores are never closed; without a permit the slot just runs unbounded.
+    let permit = permits.clone().acquire_owned().await.ok();
+    let start = Instant::now();
+    let measured = schedule.measured(due);
+    if measured {
+        let behind = start.saturating_duration_since(due);
+        if behind > LATE {
+            late.fetch_add(1, Ordering::Relaxed);
+        }
+        record(&mut lock(lag), behind);
+    }
+    (permit, start, measured)
+}
+
 /// A latency histogram in microseconds that grows to fit what it is given.
 pub fn histogram() -> Histogram<u64> {
     Histogram::new(3).expect("3 significant figures are supported")

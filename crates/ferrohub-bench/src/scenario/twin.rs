@@ -71,12 +71,7 @@ struct TwinDevice {
 
 impl TwinDevice {
     fn next_id(&mut self) -> u16 {
-        loop {
-            self.last_id = self.last_id.checked_add(1).unwrap_or(1);
-            if !self.unacked.contains(&self.last_id) {
-                return self.last_id;
-            }
-        }
+        push::next_packet_id(&mut self.last_id, &self.unacked)
     }
 
     fn answer(&mut self, topic: &str, body: &[u8], now: Instant) {
