@@ -136,7 +136,7 @@ fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
 }
 
 /// Bytes a WAL file is cut back to when its writer starts it over.
-pub(crate) const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
+const WAL_SIZE_LIMIT: i64 = 16 * 1024 * 1024;
 
 /// Opens a connection as every Ferrohub SQLite file wants it (WAL, `synchronous=FULL`).
 /// `before_wal` pragmas are applied to writers first: some (e.g. `auto_vacuum`) only take
@@ -160,9 +160,6 @@ pub(crate) fn open_conn_with(
             conn.pragma_update(None, name, value)?;
         }
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // A rewound WAL is reused from its start but keeps its size; a burst would otherwise
-        // hold its peak on disk for good. The writer trims it back to this when it starts over.
-        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     }
     // FULL: the WAL is fsync'd at every commit, which is what makes "acknowledged" mean durable.
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -177,9 +174,12 @@ impl SqliteStore {
         let path = data_dir.join(DB_FILE);
         let writer = open_conn(&path, false)?;
         writer.execute_batch(SCHEMA)?;
-        // Checkpoints normally run on their own thread (see `checkpoint_loop`); this only
+        // Checkpoints normally run on their own thread (see `Checkpoints`); this only
         // bounds the WAL if that thread falls far behind (64 MiB).
         writer.pragma_update(None, "wal_autocheckpoint", 16384)?;
+        // A rewound WAL is reused from its start but keeps its size; a burst would otherwise
+        // hold its peak on disk for good. The writer trims it back to this when it starts over.
+        writer.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
         let readers = (0..READERS)
             .map(|_| {
                 let conn = open_conn(&path, true)?;
@@ -190,19 +190,16 @@ impl SqliteStore {
             })
             .collect::<Result<Vec<_>>>()?;
         let checkpointer = open_conn(&path, false)?;
-        let writer = Writer::spawn(writer)?;
+        let checkpoints = Checkpoints::new();
+        let writer = Writer::spawn(writer, checkpoints.rewinder())?;
         // Spawned last: nothing can fail after it, so the thread never outlives a failed open.
-        let stop_checkpoints = Arc::new(AtomicBool::new(false));
-        let stop = stop_checkpoints.clone();
-        std::thread::Builder::new()
-            .name("store-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, stop))?;
+        checkpoints.spawn(checkpointer, "store-checkpoint")?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
                 readers,
                 next_reader: AtomicUsize::new(0),
-                stop_checkpoints,
+                stop_checkpoints: checkpoints.stop,
             }),
         })
     }
@@ -241,45 +238,68 @@ impl SqliteStore {
     }
 }
 
-/// Lets a WAL start over under steady load; kept by each writer thread and called after each
+/// Lets a WAL start over under steady load; kept by the writer thread, called after each
 /// commit. The checkpoint thread copies frames in the background, but SQLite only rewinds the
 /// WAL when a write transaction begins on a WAL that is fully copied, and with commits every
 /// millisecond there is always a newer frame by then: the file grew for as long as the load
-/// lasted (tens of MB a minute), and writing past its end made some fsyncs take 100 ms. Run by
-/// the writer between two commits, the checkpoint has only the last few frames to copy, and the
-/// next commit begins on a fully copied WAL.
+/// lasted (tens of MB a minute), and writing past its end made some fsyncs take 100 ms. So after
+/// each background checkpoint the writer runs one itself, between two commits: it has only the
+/// frames committed since to copy, and its next commit begins on a fully copied WAL.
 pub(crate) struct WalRewinder {
-    last: std::time::Instant,
+    caught_up: Arc<AtomicBool>,
 }
 
 impl WalRewinder {
-    const EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
-    pub(crate) fn new() -> Self {
-        Self {
-            last: std::time::Instant::now(),
-        }
-    }
-
     pub(crate) fn after_commit(&mut self, conn: &Connection) {
-        if self.last.elapsed() < Self::EVERY {
+        if !self.caught_up.swap(false, Ordering::AcqRel) {
             return;
         }
-        self.last = std::time::Instant::now();
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
             tracing::warn!(error = %e, "writer checkpoint failed");
         }
     }
 }
 
+/// The background checkpoints of one database file: the thread's stop flag, and the rewinder
+/// its writer thread keeps.
+pub(crate) struct Checkpoints {
+    pub stop: Arc<AtomicBool>,
+    caught_up: Arc<AtomicBool>,
+}
+
+impl Checkpoints {
+    pub(crate) fn new() -> Self {
+        Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            caught_up: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub(crate) fn rewinder(&self) -> WalRewinder {
+        WalRewinder {
+            caught_up: self.caught_up.clone(),
+        }
+    }
+
+    /// Starts the checkpoint thread on `conn` (a read-write connection of its own).
+    pub(crate) fn spawn(&self, conn: Connection, name: &str) -> Result<()> {
+        let (stop, caught_up) = (self.stop.clone(), self.caught_up.clone());
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || checkpoint_loop(conn, stop, caught_up))?;
+        Ok(())
+    }
+}
+
 /// Copies committed WAL frames into the database file in the background. A PASSIVE checkpoint
 /// never blocks the writer; left to SQLite's autocheckpoint it would run inside a commit and
 /// add the database file's writes and fsync to the latency of every write in that batch.
-fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>) {
+fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>, caught_up: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(250));
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "store checkpoint failed");
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => caught_up.store(true, Ordering::Release),
+            Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
         }
     }
 }

@@ -125,7 +125,7 @@ fn open(path: &Path, read_only: bool) -> Result<Connection> {
     // auto_vacuum: lets retention give space back to the file system.
     let conn = crate::sqlite::open_conn_with(path, read_only, &[("auto_vacuum", "INCREMENTAL")])?;
     if !read_only {
-        // Checkpoints normally run on their own thread (see `checkpoint_loop`) so appends never
+        // Checkpoints normally run on their own thread (see `sqlite::Checkpoints`) so appends never
         // wait for one; this only bounds the WAL if that thread falls far behind (64 MiB).
         conn.pragma_update(None, "wal_autocheckpoint", 16384)?;
     }
@@ -189,18 +189,18 @@ impl SqliteTelemetry {
             .collect::<Result<Vec<_>>>()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let (commit_tx, commit_rx) = watch::channel(0u64);
+        // No `WalRewinder` here, unlike the registry database: under full telemetry load the
+        // writer's own checkpoint every 250 ms raised PUBACK p99 (6-7 -> 9-23 ms in
+        // 10x10 runs) for a better p999; the WAL stays bounded by the autocheckpoint above.
+        let checkpoints = crate::sqlite::Checkpoints::new();
         std::thread::Builder::new()
             .name("telemetry-writer".into())
             .spawn(move || writer_loop(writer, rx, next_seq, partitions, commit_tx))?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let checkpointer = open(&path, false)?;
-        let stop_flag = stop.clone();
-        std::thread::Builder::new()
-            .name("telemetry-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, stop_flag))?;
+        checkpoints.spawn(checkpointer, "telemetry-checkpoint")?;
         Ok(Self {
             inner: Arc::new(Inner {
-                stop,
+                stop: checkpoints.stop,
                 tx,
                 readers,
                 next_reader: AtomicUsize::new(0),
@@ -254,18 +254,6 @@ impl Drop for Inner {
     }
 }
 
-/// Copies committed WAL frames into the database file in the background. A PASSIVE checkpoint
-/// never blocks the writer, so the fsync of the database file no longer lands inside a commit
-/// (where it stalled every PUBACK waiting on that commit).
-fn checkpoint_loop(conn: Connection, stop: Arc<std::sync::atomic::AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(std::time::Duration::from_millis(250));
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "telemetry checkpoint failed");
-        }
-    }
-}
-
 fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Command>,
@@ -274,7 +262,6 @@ fn writer_loop(
     commits: watch::Sender<u64>,
 ) {
     let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
-    let mut rewind = crate::sqlite::WalRewinder::new();
     while let Some(first) = rx.blocking_recv() {
         if let Command::Retention(r, now, reply) = first {
             let _ = reply.send(retention_step(&mut conn, partitions, r, now));
@@ -293,7 +280,6 @@ fn writer_loop(
             }
         }
         commit_batch(&mut conn, &mut batch, &mut next_seq, &commits);
-        rewind.after_commit(&conn);
     }
 }
 
@@ -647,29 +633,6 @@ mod tests {
         assert_eq!(all[0].event, ev("dev1", 1000, &all[0].event.body));
         let (_, seq) = log.append(ev("dev1", 1000, b"x")).await?;
         assert_eq!(seq, 200, "sequence numbers continue after reopen");
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn the_wal_stays_bounded_under_steady_appends() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let log = SqliteTelemetry::open(dir.path(), 1)?;
-        let wal = dir.path().join(format!("{TELEMETRY_DB_FILE}-wal"));
-        let limit = crate::sqlite::WAL_SIZE_LIMIT as u64;
-        let body = vec![7u8; 32 * 1024];
-        let (mut written, mut peak) = (0u64, 0u64);
-        for t in 0..3_000 {
-            log.append(ev("d", t, &body)).await?;
-            written += body.len() as u64;
-            peak = peak.max(std::fs::metadata(&wal)?.len());
-        }
-        // Between two rewinds the WAL may pass the trim limit (a busy machine, or a rewind
-        // that found the checkpoint thread mid-way): bounded, not exact.
-        assert!(written > 4 * limit);
-        assert!(
-            peak <= 2 * limit,
-            "the WAL reached {peak} bytes after {written} written"
-        );
         Ok(())
     }
 

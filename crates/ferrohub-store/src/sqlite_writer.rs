@@ -105,14 +105,14 @@ pub(crate) struct Writer {
 
 impl Writer {
     /// Starts the writer thread on `conn`, which must have its schema in place.
-    pub(crate) fn spawn(conn: Connection) -> Result<Self> {
+    pub(crate) fn spawn(conn: Connection, rewind: crate::sqlite::WalRewinder) -> Result<Self> {
         // Every write path prepares its statements through the cache; the default 16 entries
         // would evict them between batches once C2D, twins and registry writes interleave.
         conn.set_prepared_statement_cache_capacity(crate::sqlite::STATEMENT_CACHE);
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx))?;
+            .spawn(move || writer_loop(conn, rx, rewind))?;
         Ok(Self { tx })
     }
 
@@ -141,9 +141,12 @@ fn stopped() -> StoreError {
     StoreError::Task("store writer thread stopped".into())
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>) {
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Box<dyn Job>>,
+    mut rewind: crate::sqlite::WalRewinder,
+) {
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
-    let mut rewind = crate::sqlite::WalRewinder::new();
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
