@@ -225,7 +225,6 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
         Some(e) => Some(e),
         None => exec(conn, "COMMIT").err().map(StoreError::Database),
     };
-
     if let Some(e) = &batch_err {
         tracing::error!(error = %e, "store write batch failed");
         if !conn.is_autocommit() {

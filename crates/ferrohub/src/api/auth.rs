@@ -53,9 +53,9 @@ impl TokenCache {
     }
 
     fn put(&self, header: &str, policy: &AccessPolicy, expiry: u64, now_secs: u64) {
+        let now = Instant::now();
         let mut checked = self.lock();
         if checked.len() >= CACHE_CAPACITY {
-            let now = Instant::now();
             checked.retain(|_, c| c.expiry > now_secs && c.until > now);
             if checked.len() >= CACHE_CAPACITY {
                 checked.clear();
@@ -66,7 +66,7 @@ impl TokenCache {
             Checked {
                 policy: policy.clone(),
                 expiry,
-                until: Instant::now() + TRUST_FOR,
+                until: now + TRUST_FOR,
             },
         );
     }
