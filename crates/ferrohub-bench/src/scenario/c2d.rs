@@ -84,6 +84,14 @@ impl push::OpenLoopState for Shared {
     fn offered(&self) -> &AtomicU64 {
         &self.offered
     }
+
+    fn succeeded(&self) -> &AtomicU64 {
+        &self.succeeded
+    }
+
+    fn failures(&self) -> &Mutex<Failures> {
+        &self.failures
+    }
 }
 
 /// The payload: `{seq} {send time, µs since the epoch} {1 if measured, else 0} ` and filler.
@@ -146,19 +154,9 @@ async fn send(shared: Arc<Shared>, seq: u64, due: Instant) {
         }
         Err(failure) => Some(failure),
     };
-    let ok = failure.is_none();
-    match failure {
-        None => {
-            if measured {
-                record(&mut lock(&shared.rest), elapsed);
-                shared.succeeded.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Some((kind, example)) => {
-            lock(&shared.failures).add(kind, || format!("{id} message {seq}: {example}"))
-        }
-    }
-    shared.progress.finished(ok);
+    push::finish_slot(&*shared, &shared.rest, measured, elapsed, failure, || {
+        format!("{id} message {seq}")
+    });
 }
 
 /// A device that PUBACKs every C2D message at once and records how long it took to arrive.
@@ -371,7 +369,6 @@ pub async fn run(args: C2dArgs) -> Result<()> {
             extra,
         };
     summary.print();
-    println!("RESULT {}", summary.json());
     Ok(())
 }
 

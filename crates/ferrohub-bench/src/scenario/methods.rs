@@ -15,8 +15,8 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{watch, Semaphore};
 
 use super::push::{
-    self, histogram, lock, record, topic_param, Connections, DeviceEnd, Failures, Latency,
-    Progress, PushArgs, Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT,
+    self, histogram, lock, topic_param, Connections, DeviceEnd, Failures, Latency, Progress,
+    PushArgs, Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT,
 };
 use crate::service::{excerpt, Service};
 
@@ -86,6 +86,14 @@ impl push::OpenLoopState for Shared {
     fn offered(&self) -> &AtomicU64 {
         &self.offered
     }
+
+    fn succeeded(&self) -> &AtomicU64 {
+        &self.succeeded
+    }
+
+    fn failures(&self) -> &Mutex<Failures> {
+        &self.failures
+    }
 }
 
 /// Why an answer is not the device's echo of `{"seq": seq}` with status 200.
@@ -127,19 +135,14 @@ async fn call(shared: Arc<Shared>, seq: u64, due: Instant) {
             .map(|why| (format!("method call: 200 but {why}"), excerpt(&body))),
         Err(failure) => Some(failure),
     };
-    let ok = failure.is_none();
-    match failure {
-        None => {
-            if measured {
-                record(&mut lock(&shared.round_trip), elapsed);
-                shared.succeeded.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        Some((kind, example)) => {
-            lock(&shared.failures).add(kind, || format!("{id} call {seq}: {example}"))
-        }
-    }
-    shared.progress.finished(ok);
+    push::finish_slot(
+        &*shared,
+        &shared.round_trip,
+        measured,
+        elapsed,
+        failure,
+        || format!("{id} call {seq}"),
+    );
 }
 
 /// A device that answers every method request at once with status 200 and the request's
@@ -155,6 +158,17 @@ struct MethodDevice {
 }
 
 impl MethodDevice {
+    fn new(qos: QoS, all_unacked: Arc<AtomicU64>) -> Self {
+        Self {
+            qos,
+            all_unacked,
+            last_id: 0,
+            unacked: HashSet::new(),
+            answered: 0,
+            failures: Failures::default(),
+        }
+    }
+
     fn next_id(&mut self) -> u16 {
         push::next_packet_id(&mut self.last_id, &self.unacked)
     }
@@ -261,14 +275,7 @@ pub async fn run(args: MethodsArgs) -> Result<()> {
         .devices
         .into_iter()
         .map(|conn| {
-            let role = MethodDevice {
-                qos,
-                all_unacked: Arc::clone(&shared.unacked),
-                last_id: 0,
-                unacked: HashSet::new(),
-                answered: 0,
-                failures: Failures::default(),
-            };
+            let role = MethodDevice::new(qos, Arc::clone(&shared.unacked));
             tokio::spawn(push::drive(conn, role, close_rx.clone()))
         })
         .collect();
@@ -344,7 +351,6 @@ pub async fn run(args: MethodsArgs) -> Result<()> {
         extra,
     };
     summary.print();
-    println!("RESULT {}", summary.json());
     Ok(())
 }
 
@@ -362,14 +368,7 @@ mod tests {
 
     #[test]
     fn devices_echo_requests_to_the_response_topic() -> Result<(), String> {
-        let mut device = MethodDevice {
-            qos: QoS::AtLeastOnce,
-            all_unacked: Arc::new(AtomicU64::new(0)),
-            last_id: 0,
-            unacked: HashSet::new(),
-            answered: 0,
-            failures: Failures::default(),
-        };
+        let mut device = MethodDevice::new(QoS::AtLeastOnce, Arc::new(AtomicU64::new(0)));
         let mut out = BytesMut::new();
         let request = Packet::Publish(Publish {
             dup: false,

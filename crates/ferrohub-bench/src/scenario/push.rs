@@ -146,6 +146,34 @@ pub trait OpenLoopState: Send + Sync + 'static {
     fn progress(&self) -> &Progress;
     /// Operations due inside the measured window.
     fn offered(&self) -> &AtomicU64;
+    /// Operations of the measured window that succeeded.
+    fn succeeded(&self) -> &AtomicU64;
+    fn failures(&self) -> &Mutex<Failures>;
+}
+
+/// Ends an open-loop slot: a success of the measured window adds `elapsed` to `latency`; a
+/// failure `(kind, example)` is counted, its example prefixed with `which()` (what failed).
+pub fn finish_slot<S: OpenLoopState>(
+    state: &S,
+    latency: &Mutex<Histogram<u64>>,
+    measured: bool,
+    elapsed: Duration,
+    failure: Option<(String, String)>,
+    which: impl FnOnce() -> String,
+) {
+    let ok = failure.is_none();
+    match failure {
+        None => {
+            if measured {
+                record(&mut lock(latency), elapsed);
+                state.succeeded().fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Some((kind, example)) => {
+            lock(state.failures()).add(kind, || format!("{}: {example}", which()))
+        }
+    }
+    state.progress().finished(ok);
 }
 
 /// Runs a scenario's open-loop load to the end of its schedule: each due slot starts `op` on
@@ -834,6 +862,8 @@ impl Summary {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!("closing: DISCONNECT sent, {}", closed.join(", "));
+        // The one line scripts read.
+        println!("RESULT {}", self.json());
     }
 
     pub fn json(&self) -> Value {

@@ -70,6 +70,23 @@ struct TwinDevice {
 }
 
 impl TwinDevice {
+    /// A device sending its first patch at `next_due`, then one every `interval`.
+    fn new(shared: Arc<Shared>, interval: Duration, next_due: Instant) -> Self {
+        Self {
+            shared,
+            interval,
+            next_due,
+            last_rid: 0,
+            pending: HashMap::new(),
+            last_id: 0,
+            unacked: HashSet::new(),
+            latency: histogram(),
+            lag: histogram(),
+            late: 0,
+            failures: Failures::default(),
+        }
+    }
+
     fn next_id(&mut self) -> u16 {
         push::next_packet_id(&mut self.last_id, &self.unacked)
     }
@@ -227,19 +244,7 @@ pub async fn run(args: TwinArgs) -> Result<()> {
             if next_due < schedule.window_end {
                 shared.issuing.fetch_add(1, Ordering::Relaxed);
             }
-            let role = TwinDevice {
-                shared: Arc::clone(&shared),
-                interval,
-                next_due,
-                last_rid: 0,
-                pending: HashMap::new(),
-                last_id: 0,
-                unacked: HashSet::new(),
-                latency: histogram(),
-                lag: histogram(),
-                late: 0,
-                failures: Failures::default(),
-            };
+            let role = TwinDevice::new(Arc::clone(&shared), interval, next_due);
             tokio::spawn(push::drive(conn, role, close_rx.clone()))
         })
         .collect();
@@ -314,7 +319,6 @@ pub async fn run(args: TwinArgs) -> Result<()> {
         extra,
     };
     summary.print();
-    println!("RESULT {}", summary.json());
     Ok(())
 }
 
@@ -336,19 +340,7 @@ mod tests {
             issuing: AtomicUsize::new(1),
             unacked: AtomicU64::new(0),
         });
-        TwinDevice {
-            shared,
-            interval: Duration::from_millis(200),
-            next_due: now,
-            last_rid: 0,
-            pending: HashMap::new(),
-            last_id: 0,
-            unacked: HashSet::new(),
-            latency: histogram(),
-            lag: histogram(),
-            late: 0,
-            failures: Failures::default(),
-        }
+        TwinDevice::new(shared, Duration::from_millis(200), now)
     }
 
     #[test]
