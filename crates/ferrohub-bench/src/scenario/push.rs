@@ -202,7 +202,13 @@ where
     };
     let (issued, window) = tokio::join!(
         issuer,
-        measure(&schedule, state.progress(), server_pid, unit)
+        measure(
+            schedule.window_start,
+            schedule.window_end,
+            &state.progress().completed,
+            server_pid,
+            unit
+        )
     );
     issued.context("the schedule panicked")?;
     window
@@ -644,29 +650,28 @@ pub struct Window {
     pub machine_busy_secs: f64,
 }
 
-/// Waits for the window to open, then counts completions and CPU time until it closes.
+/// Waits for the window `[start, end)` to open, then counts `completed` and CPU time until it
+/// closes. `unit` names what is counted in the progress lines.
 pub async fn measure(
-    schedule: &Schedule,
-    progress: &Progress,
+    start: Instant,
+    end: Instant,
+    completed: &AtomicU64,
     server_pid: Option<u32>,
     unit: &str,
 ) -> Result<Window> {
     let ticks_per_sec = procfs::clock_ticks_per_sec() as f64;
-    sleep_until(schedule.window_start.into()).await;
+    sleep_until(start.into()).await;
     let t0 = Instant::now();
-    let done0 = progress.completed.load(Ordering::Relaxed);
+    let done0 = completed.load(Ordering::Relaxed);
     let server0 = server_pid.map(procfs::sample).transpose()?;
     let bench0 = procfs::self_cpu_secs();
     let machine0 = procfs::machine_busy_ticks()?;
-    let seconds = schedule
-        .window_end
-        .saturating_duration_since(schedule.window_start)
-        .as_secs();
+    let seconds = end.saturating_duration_since(start).as_secs();
     let mut per_second = Vec::with_capacity(seconds as usize);
     let mut last = done0;
     for s in 1..=seconds {
-        sleep_until((schedule.window_start + Duration::from_secs(s)).into()).await;
-        let now = progress.completed.load(Ordering::Relaxed);
+        sleep_until((start + Duration::from_secs(s)).into()).await;
+        let now = completed.load(Ordering::Relaxed);
         per_second.push(now - last);
         if s % 5 == 0 && s < seconds {
             eprintln!("  … {s} s: {} {unit} in the last second", now - last);
@@ -674,7 +679,7 @@ pub async fn measure(
         last = now;
     }
     let t1 = Instant::now();
-    let done1 = progress.completed.load(Ordering::Relaxed);
+    let done1 = completed.load(Ordering::Relaxed);
     let server1 = server_pid.map(procfs::sample).transpose()?;
     let bench1 = procfs::self_cpu_secs();
     let machine1 = procfs::machine_busy_ticks()?;

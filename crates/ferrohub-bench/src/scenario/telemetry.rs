@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::sleep_until;
 
 use super::ensure_descriptors;
+use super::push::{self, Window};
 use crate::device::{self, CloseOutcome, Connector, Credentials, Endpoint, MqttStream};
 use crate::hub::{Hub, HubArgs};
 use crate::procfs;
@@ -617,63 +618,27 @@ fn spawn_publishers(
     Ok(tasks)
 }
 
-/// What happened during the measured window.
-struct Window {
-    secs: f64,
-    acked: u64,
-    /// PUBACKs in each whole second of the window, to show whether the rate was steady.
-    per_second: Vec<u64>,
-    /// Server CPU time in the window, and its memory at the end.
-    server: Option<(f64, u64)>,
-    bench_cpu_secs: f64,
-    machine_busy_secs: f64,
-}
-
-/// Waits for the warm-up to end, then counts PUBACKs and CPU time for `seconds`.
+/// Waits for the warm-up to end, then counts PUBACKs and CPU time for `seconds`; latencies are
+/// recorded only meanwhile.
 async fn measure(
     shared: &Shared,
     server_pid: Option<u32>,
     window_start: Instant,
     seconds: u64,
 ) -> Result<Window> {
-    let ticks_per_sec = procfs::clock_ticks_per_sec() as f64;
     sleep_until(window_start.into()).await;
     shared.measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    let acked0 = shared.acked.load(Ordering::Relaxed);
-    let server0 = server_pid.map(procfs::sample).transpose()?;
-    let bench0 = procfs::self_cpu_secs();
-    let machine0 = procfs::machine_busy_ticks()?;
-    let mut per_second = Vec::with_capacity(seconds as usize);
-    let mut last = acked0;
-    for s in 1..=seconds {
-        sleep_until((t0 + Duration::from_secs(s)).into()).await;
-        let now = shared.acked.load(Ordering::Relaxed);
-        per_second.push(now - last);
-        if s % 5 == 0 && s < seconds {
-            eprintln!("  … {s} s: {} msgs/s in the last second", now - last);
-        }
-        last = now;
-    }
-    let t1 = Instant::now();
-    let acked1 = shared.acked.load(Ordering::Relaxed);
-    let server1 = server_pid.map(procfs::sample).transpose()?;
-    let bench1 = procfs::self_cpu_secs();
-    let machine1 = procfs::machine_busy_ticks()?;
+    let start = Instant::now();
+    let window = push::measure(
+        start,
+        start + Duration::from_secs(seconds),
+        &shared.acked,
+        server_pid,
+        "msgs/s",
+    )
+    .await;
     shared.measuring.store(false, Ordering::Relaxed);
-    Ok(Window {
-        secs: (t1 - t0).as_secs_f64(),
-        acked: acked1 - acked0,
-        per_second,
-        server: server0.zip(server1).map(|(a, b)| {
-            (
-                b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / ticks_per_sec,
-                b.rss_kib,
-            )
-        }),
-        bench_cpu_secs: bench1 - bench0,
-        machine_busy_secs: machine1.saturating_sub(machine0) as f64 / ticks_per_sec,
-    })
+    window
 }
 
 /// All connections' reports, summed.
@@ -737,7 +702,7 @@ struct Figures {
 
 impl Figures {
     fn acked_per_sec(&self) -> f64 {
-        self.window.acked as f64 / self.window.secs.max(1e-9)
+        self.window.completed as f64 / self.window.secs.max(1e-9)
     }
 
     fn latency_ms(&self, p: f64) -> f64 {
@@ -756,7 +721,7 @@ impl Figures {
     fn per_server_cpu_sec(&self) -> Option<f64> {
         self.server_cpu_secs()
             .filter(|&cpu| cpu > 0.0)
-            .map(|cpu| self.window.acked as f64 / cpu)
+            .map(|cpu| self.window.completed as f64 / cpu)
     }
 
     /// Busy CPU time in the window that was neither the server's nor the bench's.
@@ -779,7 +744,7 @@ impl Figures {
         let (w, t) = (&self.window, &self.totals);
         println!(
             "acked: {} msgs in {:.2} s: {:.0} msgs/s (per second: min {}, max {})",
-            w.acked,
+            w.completed,
             w.secs,
             self.acked_per_sec(),
             w.per_second.iter().min().unwrap_or(&0),
@@ -850,7 +815,7 @@ impl Figures {
             "rate_target": args.rate,
             "warmup_secs": args.warmup_secs,
             "measured_secs": round3(w.secs),
-            "acked": w.acked,
+            "acked": w.completed,
             "acked_per_sec": round3(self.acked_per_sec()),
             "per_second": w.per_second,
             "latency_ms": {

@@ -250,8 +250,9 @@ pub async fn run(args: TwinArgs) -> Result<()> {
         .collect();
 
     let window = push::measure(
-        &schedule,
-        &shared.progress,
+        schedule.window_start,
+        schedule.window_end,
+        &shared.progress.completed,
         fleet.server_pid,
         "patches answered 204",
     )
