@@ -146,6 +146,31 @@ impl Hub {
             server_pid: args.server_pid.or(json.pid),
         })
     }
+
+    /// An HTTPS client builder that trusts only the hub's CA.
+    pub fn https_builder(&self) -> Result<reqwest::ClientBuilder> {
+        let certs = reqwest::Certificate::from_pem_bundle(&self.ca_pem)
+            .with_context(|| format!("reading certificates from {}", self.ca_file.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", self.ca_file.display());
+        }
+        let mut builder = reqwest::Client::builder().tls_built_in_root_certs(false);
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+        Ok(builder)
+    }
+
+    /// A service SAS token signed with the connection string's policy key, valid for an hour.
+    pub fn service_token(&self) -> Result<String> {
+        ferrohub_iothub::sas::generate_token(
+            &self.host_name,
+            &self.policy_key,
+            crate::registry::now_epoch() + crate::registry::TOKEN_LIFETIME_SECS,
+            Some(&self.policy_name),
+        )
+        .context("the connection string's SharedAccessKey is not valid base64")
+    }
 }
 
 /// Splits `host:port`, `[v6]:port`, or a bare host. A colon not followed by only digits is part

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ferrohub_iothub::sas::generate_token;
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -67,34 +66,16 @@ pub fn now_epoch() -> u64 {
         .unwrap_or(0)
 }
 
-/// An HTTPS client that trusts only the hub's CA.
-fn http_client(hub: &Hub, pool: usize) -> Result<reqwest::Client> {
-    let certs = reqwest::Certificate::from_pem_bundle(&hub.ca_pem)
-        .with_context(|| format!("reading certificates from {}", hub.ca_file.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no PEM certificate", hub.ca_file.display());
-    }
-    let mut builder = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .pool_max_idle_per_host(pool)
-        .timeout(Duration::from_secs(60));
-    for cert in certs {
-        builder = builder.add_root_certificate(cert);
-    }
-    builder.build().context("building the HTTPS client")
-}
-
 /// Makes sure every fleet device exists with `device_key` as both its keys.
 pub async fn register(hub: &Hub, fleet: &FleetArgs, device_key: &str) -> Result<Registration> {
     let workers = fleet.register_concurrency.clamp(1, fleet.devices);
-    let client = http_client(hub, workers)?;
-    let auth = generate_token(
-        &hub.host_name,
-        &hub.policy_key,
-        now_epoch() + TOKEN_LIFETIME_SECS,
-        Some(&hub.policy_name),
-    )
-    .context("the connection string's SharedAccessKey is not valid base64")?;
+    let client = hub
+        .https_builder()?
+        .pool_max_idle_per_host(workers)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("building the HTTPS client")?;
+    let auth = hub.service_token()?;
     let shared = Arc::new(Shared {
         client,
         base: format!("https://{}/devices/", hub.rest_authority),

@@ -6,12 +6,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use ferrohub_iothub::sas::generate_token;
 use reqwest::StatusCode;
 use tokio::task::JoinSet;
 
 use crate::hub::Hub;
-use crate::registry::{now_epoch, TOKEN_LIFETIME_SECS};
 
 const API_VERSION: &str = "2021-04-12";
 
@@ -69,32 +67,20 @@ impl Service {
     /// `pool` bounds the idle keep-alive connections kept for reuse; it should be at least the
     /// number of requests the caller keeps in flight, or connections get closed and reopened.
     pub fn new(hub: &Hub, pool: usize, timeout: Duration) -> Result<Service> {
-        let certs = reqwest::Certificate::from_pem_bundle(&hub.ca_pem)
-            .with_context(|| format!("reading certificates from {}", hub.ca_file.display()))?;
-        if certs.is_empty() {
-            bail!("{} holds no PEM certificate", hub.ca_file.display());
-        }
         // HTTP/1.1 with keep-alive, as the service SDKs use the REST API: one request per
         // connection at a time, so concurrency is the number of pooled connections.
-        let mut builder = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
+        let client = hub
+            .https_builder()?
             .http1_only()
             .tcp_nodelay(true)
             .pool_max_idle_per_host(pool)
             .pool_idle_timeout(Duration::from_secs(300))
-            .timeout(timeout);
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
-        let auth = generate_token(
-            &hub.host_name,
-            &hub.policy_key,
-            now_epoch() + TOKEN_LIFETIME_SECS,
-            Some(&hub.policy_name),
-        )
-        .context("the connection string's SharedAccessKey is not valid base64")?;
+            .timeout(timeout)
+            .build()
+            .context("building the HTTPS client")?;
+        let auth = hub.service_token()?;
         Ok(Service {
-            client: builder.build().context("building the HTTPS client")?,
+            client,
             base: format!("https://{}", hub.rest_authority),
             auth,
         })
