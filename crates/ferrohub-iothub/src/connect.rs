@@ -251,7 +251,7 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        serde_json::from_str(include_str!("../../../../shared/vectors/sdk-connect.json")).unwrap()
+        serde_json::from_str(include_str!("../tests/vectors/sdk-connect.json")).unwrap()
     }
 
     #[test]

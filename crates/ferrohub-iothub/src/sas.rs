@@ -324,7 +324,7 @@ mod tests {
 
     fn captured() -> Vec<Captured> {
         let v: Value =
-            serde_json::from_str(include_str!("../../../../shared/vectors/sdk-connect.json"))
+            serde_json::from_str(include_str!("../tests/vectors/sdk-connect.json"))
                 .unwrap();
         let out: Vec<Captured> = v["connects"]
             .as_array()

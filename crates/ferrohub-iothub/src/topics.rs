@@ -294,7 +294,7 @@ mod tests {
     use serde_json::Value;
 
     fn vectors() -> Value {
-        serde_json::from_str(include_str!("../../../../shared/vectors/sdk-topics.json")).unwrap()
+        serde_json::from_str(include_str!("../tests/vectors/sdk-topics.json")).unwrap()
     }
 
     /// The captures do not say which identity sent a `$iothub` topic; any identity will do.
