@@ -13,6 +13,12 @@ pub const MIN_API_VERSION: &str = "2016-11-14";
 /// IoT Hub never waits longer than this for traffic, whatever keep-alive the client asked for.
 pub const MAX_SERVER_KEEP_ALIVE: Duration = Duration::from_secs(1767);
 
+/// Subscriptions one MQTT session may hold (IoT Hub refuses more).
+pub const MAX_SUBSCRIPTIONS: usize = 5;
+
+/// Largest MQTT packet IoT Hub takes: a 256 KB message plus room for a long topic and header.
+pub const MAX_MQTT_PACKET_SIZE: usize = crate::telemetry::MAX_MESSAGE_SIZE + 8 * 1024;
+
 /// DTDL v3 caps a DTMI at 4096 characters; the bound matters because the model id is stamped on
 /// every telemetry message of the connection.
 pub const MAX_MODEL_ID_LEN: usize = 4096;

@@ -123,7 +123,7 @@ impl ServerConfig {
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
-            max_packet_size: crate::broker::BrokerConfig::default().max_packet_size,
+            max_packet_size: ferrohub_iothub::connect::MAX_MQTT_PACKET_SIZE,
             partitions: 4,
             retention: std::time::Duration::from_secs(24 * 3600),
             telemetry_max_bytes: 10 * 1024 * 1024 * 1024,

@@ -1,11 +1,10 @@
 //! Ferrohub: a self-hosted server that speaks the Azure IoT Hub device protocol.
 //!
-//! Parts: [`broker`] (generic MQTT server), [`hub`] (IoT Hub runtime on top of it), [`api`]
+//! Parts: [`hub`] (IoT Hub runtime on top of it), [`api`]
 //! (service REST API and the WebSocket endpoint), [`server`] (listeners and start-up), [`tls`],
 //! [`config`], and [`cli`] (the command line, a client of the REST API).
 
 pub mod api;
-pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod hub;

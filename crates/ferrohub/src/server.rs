@@ -21,10 +21,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::broker::{serve_connection, Broker, BrokerConfig, PeerInfo, Transport};
 use crate::config::ServerConfig;
 use crate::hub::Hub;
 use crate::{api, tls};
+use ferrohub_broker::{serve_connection, Broker, BrokerConfig, PeerInfo, Transport};
 
 /// Written to the data directory at start-up so the CLI, tests and tools find the running hub.
 pub const HUB_FILE: &str = "hub.json";
@@ -228,9 +228,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let broker_cfg = BrokerConfig {
         max_packet_size: cfg.max_packet_size,
+        max_subscriptions: ferrohub_iothub::connect::MAX_SUBSCRIPTIONS,
+        maximum_qos: ferrohub_mqtt::QoS::AtLeastOnce,
         ..BrokerConfig::default()
     };
-    let broker = Broker::new(hub.clone(), broker_cfg, store.clone(), shutdown_rx.clone());
+    let sessions = Arc::new(crate::hub::StoreSessions(store.clone()));
+    let broker = Broker::new(hub.clone(), broker_cfg, sessions, shutdown_rx.clone());
     let router = api::router(api::ApiState {
         hub: hub.clone(),
         broker: broker.clone(),
@@ -320,7 +323,7 @@ async fn retention_loop(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = crate::broker::until_shutdown(&mut shutdown) => return,
+            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
         }
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
         match log
@@ -368,7 +371,7 @@ async fn accept_loop(
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = crate::broker::until_shutdown(&mut shutdown) => return,
+            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
         };
         let (socket, addr) = tokio::select! {
             r = listener.accept() => match r {
@@ -380,7 +383,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = crate::broker::until_shutdown(&mut shutdown) => return,
+            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
         };
         let _ = socket.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -475,6 +478,6 @@ async fn serve_https(
                 debug!(peer = %addr, error = %e, "HTTPS connection ended with an error");
             }
         }
-        _ = crate::broker::until_shutdown(&mut shutdown) => {}
+        _ = ferrohub_broker::until_shutdown(&mut shutdown) => {}
     }
 }

@@ -17,11 +17,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 
-use crate::broker::{serve_connection, Broker, PeerInfo, Transport};
 use crate::hub::Hub;
 use crate::server::HttpsConn;
 use crate::ws::WsByteStream;
 pub use error::ApiError;
+use ferrohub_broker::{serve_connection, Broker, PeerInfo, Transport};
 
 #[derive(Clone)]
 pub struct ApiState {

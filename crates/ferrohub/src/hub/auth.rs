@@ -13,7 +13,7 @@ use ferrohub_store::{AuthType, Authentication, Status};
 use tracing::{info, warn};
 
 use super::{x509, Hub};
-use crate::broker::PeerInfo;
+use ferrohub_broker::PeerInfo;
 
 /// How a connection authenticated; stamped on telemetry as `iothub-connection-auth-method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::Hub;
-use crate::broker::{AckHook, OutboundMessage};
+use ferrohub_broker::{AckHook, OutboundMessage};
 
 /// Messages read from the queue per store call.
 const PEEK_BATCH: usize = 16;
@@ -297,7 +297,7 @@ impl Hub {
 async fn deliver(
     hub: Arc<Hub>,
     identity: Identity,
-    outbound: crate::broker::Outbound,
+    outbound: ferrohub_broker::Outbound,
     notify: Arc<Notify>,
 ) {
     let device = identity.device_id.as_str();
@@ -486,7 +486,7 @@ pub async fn expiry_loop(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiv
         tokio::select! {
             _ = woken => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = crate::broker::until_shutdown(&mut shutdown) => return,
+            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::Hub;
-use crate::broker::OutboundMessage;
+use ferrohub_broker::OutboundMessage;
 
 /// Request and response payloads up to 128 KB (IoT Hub's limit).
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
@@ -176,7 +176,7 @@ impl Hub {
         &self,
         identity: &Identity,
         timeout: Duration,
-    ) -> Option<crate::broker::Outbound> {
+    ) -> Option<ferrohub_broker::Outbound> {
         let mut changes = self.link_changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -192,7 +192,7 @@ impl Hub {
         }
     }
 
-    fn methods_outbound(&self, identity: &Identity) -> Option<crate::broker::Outbound> {
+    fn methods_outbound(&self, identity: &Identity) -> Option<ferrohub_broker::Outbound> {
         self.lock_clients()
             .get(identity)
             .filter(|l| l.subs.methods && !l.outbound.is_closed())

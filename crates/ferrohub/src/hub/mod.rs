@@ -19,13 +19,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic, SubscriptionKind};
-use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish};
+use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish, QoS};
 use ferrohub_store::telemetry::TelemetryLog;
 use ferrohub_store::Store;
 use tracing::{debug, info};
 
-use crate::broker::{DisconnectReason, Handler, Outbound, PeerInfo, PublishDecision, Transport};
 pub use auth::AuthMethod;
+use ferrohub_broker::{DisconnectReason, Handler, Outbound, PeerInfo, PublishDecision, Transport};
 use presence::Presence;
 
 /// One authenticated connection, as the IoT Hub layer sees it.
@@ -173,10 +173,10 @@ impl Hub {
 
     /// Sends a QoS 0 response to a connection from inside its own publish handling: the
     /// connection's task is busy with us, so waiting on its queue could wait forever.
-    fn reply(&self, outbound: &Outbound, msg: crate::broker::OutboundMessage) {
+    fn reply(&self, outbound: &Outbound, msg: ferrohub_broker::OutboundMessage) {
         match outbound.try_send(msg) {
-            Ok(()) | Err(crate::broker::TrySendError::Closed) => {}
-            Err(crate::broker::TrySendError::Full(msg)) => {
+            Ok(()) | Err(ferrohub_broker::TrySendError::Closed) => {}
+            Err(ferrohub_broker::TrySendError::Full(msg)) => {
                 let o = outbound.clone();
                 tokio::spawn(async move {
                     let _ = o.send(msg).await;
@@ -245,12 +245,14 @@ impl Handler for Hub {
         );
     }
 
-    fn authorize_subscribe(&self, client: &HubClient, filter: &str) -> bool {
+    fn authorize_subscribe(&self, client: &HubClient, filter: &str, requested: QoS) -> Option<QoS> {
         let kind = ferrohub_iothub::authorize_subscribe(&client.identity, filter);
         if kind.is_none() {
             debug!(identity = %client.identity, filter, "subscription refused");
+            return None;
         }
-        kind.is_some()
+        // IoT Hub supports QoS 0 and 1: a QoS 2 request is granted 1.
+        Some(requested.min(QoS::AtLeastOnce))
     }
 
     async fn subscriptions_changed(&self, client: &HubClient, subscriptions: &[String]) {
@@ -363,6 +365,73 @@ fn describe(reason: &DisconnectReason) -> (String, Option<ErrorCode>) {
             format!("protocol violation: {e}"),
             Some(ErrorCode::ArgumentInvalid),
         ),
+        DisconnectReason::SessionStore(e) => (
+            format!("session store failed: {e}"),
+            Some(ErrorCode::ServerError),
+        ),
         DisconnectReason::ServerShutdown => ("server shutting down".into(), None),
+    }
+}
+
+/// The broker's persistent sessions, kept in the hub's store.
+pub struct StoreSessions(pub Arc<dyn Store>);
+
+fn persistence_error(e: ferrohub_store::StoreError) -> ferrohub_broker::PersistenceError {
+    ferrohub_broker::PersistenceError(Box::new(e))
+}
+
+#[async_trait]
+impl ferrohub_broker::SessionPersistence for StoreSessions {
+    async fn load(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<ferrohub_broker::PersistedSession>, ferrohub_broker::PersistenceError> {
+        let stored = self
+            .0
+            .load_session(client_id)
+            .await
+            .map_err(persistence_error)?;
+        Ok(stored.map(|s| ferrohub_broker::PersistedSession {
+            subscriptions: s
+                .subscriptions
+                .into_iter()
+                .map(|sub| {
+                    let qos = if sub.qos == 0 {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    (sub.filter, qos)
+                })
+                .collect(),
+        }))
+    }
+
+    async fn save(
+        &self,
+        client_id: &str,
+        session: &ferrohub_broker::PersistedSession,
+    ) -> Result<(), ferrohub_broker::PersistenceError> {
+        let stored = ferrohub_store::StoredSession {
+            subscriptions: session
+                .subscriptions
+                .iter()
+                .map(|(filter, qos)| ferrohub_store::StoredSubscription {
+                    filter: filter.clone(),
+                    qos: *qos as u8,
+                })
+                .collect(),
+        };
+        self.0
+            .save_session(client_id, &stored)
+            .await
+            .map_err(persistence_error)
+    }
+
+    async fn delete(&self, client_id: &str) -> Result<(), ferrohub_broker::PersistenceError> {
+        self.0
+            .delete_session(client_id)
+            .await
+            .map_err(persistence_error)
     }
 }

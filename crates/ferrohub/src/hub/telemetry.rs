@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use super::{Hub, HubClient};
-use crate::broker::PublishDecision;
+use ferrohub_broker::PublishDecision;
 
 impl Hub {
     /// Builds the stored event for a telemetry publish, or says why it is refused.

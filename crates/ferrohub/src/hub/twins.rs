@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use super::throttle::Operation;
 use super::{Hub, HubClient};
-use crate::broker::OutboundMessage;
+use ferrohub_broker::OutboundMessage;
 
 /// What the store keeps for a twin: the document plus the model id the identity announced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,7 +173,7 @@ impl Hub {
     }
 
     /// The outbound of this very connection (not a newer one of the same identity).
-    fn outbound_of(&self, client: &HubClient) -> Option<crate::broker::Outbound> {
+    fn outbound_of(&self, client: &HubClient) -> Option<ferrohub_broker::Outbound> {
         self.lock_clients()
             .get(&client.identity)
             .filter(|l| l.conn_seq == client.conn_seq)

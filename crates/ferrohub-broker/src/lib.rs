@@ -2,9 +2,15 @@
 //! takeover. It knows nothing of IoT Hub; the semantics plug in through [`Handler`].
 //!
 //! Layers, as in mini-redis: bytes -> [`ferrohub_mqtt::Packet`] (the codec crate) -> calls on
-//! [`Handler`] (the IoT Hub layer) -> storage (behind the store traits).
+//! [`Handler`] (whatever semantics the server plugs in) -> storage. The broker's own durable
+//! state (persistent sessions) goes through [`SessionPersistence`], which the composer adapts to
+//! a real store: this crate depends on no storage engine and no IoT Hub rules.
+//!
+//! The broker implements QoS 0 and 1 (no QoS 2 flow); [`BrokerConfig::maximum_qos`] can lower
+//! that, and [`Handler::authorize_subscribe`] chooses each grant below it.
 
 mod connection;
+mod persistence;
 mod session;
 
 use std::collections::HashMap;
@@ -15,11 +21,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use ferrohub_mqtt::{ConnectReturnCode, LastWill, Publish, QoS};
-use ferrohub_store::SessionStore;
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 pub use connection::serve_connection;
+pub use persistence::{NoPersistence, PersistedSession, PersistenceError, SessionPersistence};
 pub use session::SessionState;
 
 /// How a connection reached us; the handler may care (telemetry stamping, logs).
@@ -61,6 +67,9 @@ pub enum DisconnectReason {
     TakenOver,
     /// The client broke the protocol or the handler's rules (the text says how).
     ProtocolViolation(String),
+    /// The broker could not read or write the session's durable state: the server's fault,
+    /// not the client's.
+    SessionStore(String),
     /// The server is shutting down.
     ServerShutdown,
 }
@@ -101,11 +110,16 @@ impl std::fmt::Debug for PublishDecision {
     }
 }
 
-/// Broker-wide limits. Each bounds memory or work per connection.
+/// Broker-wide limits. Each bounds memory or work per connection. The defaults are a generic
+/// broker's; a server with rules of its own (IoT Hub's 256 KB messages, 5 subscriptions) sets
+/// them when it composes the broker.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
     /// Largest packet accepted, checked from the fixed header before the body is read.
     pub max_packet_size: usize,
+    /// Highest QoS accepted on PUBLISH and granted on SUBSCRIBE. The broker has no QoS 2 flow,
+    /// so anything above QoS 1 is treated as QoS 1 here.
+    pub maximum_qos: QoS,
     /// Server-to-client QoS 1 messages awaiting PUBACK per connection; past it, delivery waits.
     pub max_inflight: usize,
     /// Subscriptions per session.
@@ -122,10 +136,10 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
-            // IoT Hub's 256 KB message limit plus room for a long topic and the header.
-            max_packet_size: 256 * 1024 + 8 * 1024,
+            max_packet_size: 1024 * 1024,
+            maximum_qos: QoS::AtLeastOnce,
             max_inflight: 16,
-            max_subscriptions: 5,
+            max_subscriptions: 64,
             connect_timeout: Duration::from_secs(30),
             outbound_queue: 64,
             max_pending_acks: 64,
@@ -153,13 +167,20 @@ pub trait Handler: Send + Sync + 'static {
     /// messages to this client and the subscriptions a persistent session brought back.
     async fn connected(&self, client: &Self::Client, outbound: Outbound, subscriptions: &[String]);
 
-    /// Whether the client may subscribe to `filter`.
-    fn authorize_subscribe(&self, client: &Self::Client, filter: &str) -> bool;
+    /// Whether the client may subscribe to `filter` at `requested` QoS: the QoS to grant, or
+    /// `None` to refuse. The broker lowers a grant above [`BrokerConfig::maximum_qos`].
+    fn authorize_subscribe(
+        &self,
+        client: &Self::Client,
+        filter: &str,
+        requested: QoS,
+    ) -> Option<QoS>;
 
     /// The client's subscriptions after a SUBSCRIBE or UNSUBSCRIBE was acknowledged.
     async fn subscriptions_changed(&self, client: &Self::Client, subscriptions: &[String]);
 
-    /// A PUBLISH from the client (QoS 0 or 1; QoS 2 is refused by the broker).
+    /// A PUBLISH from the client, at most at [`BrokerConfig::maximum_qos`] (the broker refuses
+    /// higher QoS itself).
     async fn publish(&self, client: &Self::Client, publish: Publish) -> PublishDecision;
 
     /// The connection ended. `will` is set when the Will must be published.
@@ -253,7 +274,7 @@ struct LiveConnection {
 pub struct Broker<H: Handler> {
     pub(crate) handler: Arc<H>,
     pub(crate) config: BrokerConfig,
-    pub(crate) sessions_store: Arc<dyn SessionStore>,
+    pub(crate) sessions_store: Arc<dyn SessionPersistence>,
     live: std::sync::Mutex<HashMap<String, LiveConnection>>,
     /// CleanSession=0 sessions of this process (subscriptions + unacknowledged outbound
     /// messages), so a reconnect finds its in-flight messages. Subscriptions are also in the
@@ -267,7 +288,7 @@ impl<H: Handler> Broker<H> {
     pub fn new(
         handler: Arc<H>,
         config: BrokerConfig,
-        sessions_store: Arc<dyn SessionStore>,
+        sessions_store: Arc<dyn SessionPersistence>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -360,9 +381,9 @@ impl<H: Handler> Broker<H> {
 
     /// Forgets the persistent session of `client_id` (memory and store), e.g. when the identity
     /// is deleted.
-    pub async fn forget_session(&self, client_id: &str) -> Result<(), ferrohub_store::StoreError> {
+    pub async fn forget_session(&self, client_id: &str) -> Result<(), PersistenceError> {
         self.drop_memory_session(client_id);
-        self.sessions_store.delete_session(client_id).await
+        self.sessions_store.delete(client_id).await
     }
 }
 

@@ -180,7 +180,7 @@ async fn run_session<H, S>(
                 .handler
                 .disconnected(
                     &client,
-                    &DisconnectReason::ProtocolViolation("session store unavailable".into()),
+                    &DisconnectReason::SessionStore(e.to_string()),
                     None,
                 )
                 .await;
@@ -256,31 +256,28 @@ async fn run_session<H, S>(
 async fn open_session<H: Handler>(
     broker: &Broker<H>,
     connect: &Connect,
-) -> Result<(Arc<Mutex<SessionState>>, bool), ferrohub_store::StoreError> {
+) -> Result<(Arc<Mutex<SessionState>>, bool), crate::PersistenceError> {
     let id = &connect.client_id;
     if connect.clean_session {
         // Discard any earlier persistent session (MQTT 3.1.1 section 3.1.2.4). Only touch the
         // disk when there is something to delete: clean connects are the fast path.
         let had_memory = broker.memory_session(id).is_some();
         broker.drop_memory_session(id);
-        if had_memory || broker.sessions_store.load_session(id).await?.is_some() {
-            broker.sessions_store.delete_session(id).await?;
+        if had_memory || broker.sessions_store.load(id).await?.is_some() {
+            broker.sessions_store.delete(id).await?;
         }
         return Ok((Arc::new(Mutex::new(SessionState::default())), false));
     }
     if let Some(s) = broker.memory_session(id) {
         return Ok((s, true));
     }
-    let (state, present) = match broker.sessions_store.load_session(id).await? {
-        Some(stored) => (SessionState::from_stored(&stored), true),
+    let (state, present) = match broker.sessions_store.load(id).await? {
+        Some(stored) => (SessionState::from_persisted(&stored), true),
         None => {
             // Record the session now so that session-present is right after a restart even
             // if the client never subscribes.
             let s = SessionState::default();
-            broker
-                .sessions_store
-                .save_session(id, &s.to_stored())
-                .await?;
+            broker.sessions_store.save(id, &s.to_persisted()).await?;
             (s, false)
         }
     };
@@ -342,7 +339,7 @@ where
         let event = tokio::select! {
             biased;
             _ = &mut *kicked => Event::Kicked,
-            _ = crate::broker::until_shutdown(&mut shutdown) => Event::Shutdown,
+            _ = crate::until_shutdown(&mut shutdown) => Event::Shutdown,
             Some(done) = pending.next(), if !pending.is_empty() => Event::Completed(done),
             r = wire.read_more(), if can_read => Event::Read(r),
             m = out_rx.recv(), if can_send => Event::Outbound(m),
@@ -418,10 +415,11 @@ where
 {
     match packet {
         Packet::Publish(p) => {
-            if p.qos == QoS::ExactlyOnce {
-                return Err(DisconnectReason::ProtocolViolation(
-                    "QoS 2 PUBLISH is not supported".into(),
-                ));
+            if p.qos > broker.config.maximum_qos {
+                return Err(DisconnectReason::ProtocolViolation(format!(
+                    "PUBLISH at QoS {} is above the maximum of {}",
+                    p.qos as u8, broker.config.maximum_qos as u8
+                )));
             }
             let (qos, pid) = (p.qos, p.packet_id);
             match broker.handler.publish(client, p).await {
@@ -458,16 +456,14 @@ where
                 let existing = state.subscriptions.iter().position(|(f, _)| *f == filter);
                 let room = existing.is_some()
                     || state.subscriptions.len() < broker.config.max_subscriptions;
-                if !room || !broker.handler.authorize_subscribe(client, &filter) {
+                let grant = room
+                    .then(|| broker.handler.authorize_subscribe(client, &filter, qos))
+                    .flatten();
+                let Some(granted) = grant else {
                     codes.push(SubscribeReturnCode::Failure);
                     continue;
-                }
-                // Nothing is ever delivered at QoS 2: grant at most 1.
-                let granted = if qos == QoS::AtMostOnce {
-                    QoS::AtMostOnce
-                } else {
-                    QoS::AtLeastOnce
                 };
+                let granted = granted.min(broker.config.maximum_qos).min(QoS::AtLeastOnce);
                 match existing {
                     Some(i) => state.subscriptions[i].1 = granted,
                     None => state.subscriptions.push((filter, granted)),
@@ -531,9 +527,9 @@ async fn persist<H: Handler>(
     }
     broker
         .sessions_store
-        .save_session(&connect.client_id, &state.to_stored())
+        .save(&connect.client_id, &state.to_persisted())
         .await
-        .map_err(|e| DisconnectReason::ProtocolViolation(format!("session store failed: {e}")))
+        .map_err(|e| DisconnectReason::SessionStore(e.to_string()))
 }
 
 fn connack(session_present: bool, code: ConnectReturnCode) -> Packet {
@@ -574,12 +570,11 @@ mod tests {
     use async_trait::async_trait;
     use bytes::{Bytes, BytesMut};
     use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Packet, Publish, QoS};
-    use ferrohub_store::{SessionStore, StoredSession};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use crate::broker::{
-        Broker, BrokerConfig, DisconnectReason, Handler, Outbound, PeerInfo, PublishDecision,
-        Transport,
+    use crate::{
+        Broker, BrokerConfig, DisconnectReason, Handler, NoPersistence, Outbound, PeerInfo,
+        PublishDecision, Transport,
     };
 
     /// Counts publishes and never lets one become durable: a store that has stopped.
@@ -600,8 +595,8 @@ mod tests {
         /// Drops the outbound handle on purpose: a connection must keep serving without one
         /// (it once waited forever here, deaf to reads, keep-alive and takeover).
         async fn connected(&self, _: &(), _: Outbound, _: &[String]) {}
-        fn authorize_subscribe(&self, _: &(), _: &str) -> bool {
-            true
+        fn authorize_subscribe(&self, _: &(), _: &str, qos: QoS) -> Option<QoS> {
+            Some(qos)
         }
         async fn subscriptions_changed(&self, _: &(), _: &[String]) {}
         async fn publish(&self, _: &(), _: Publish) -> PublishDecision {
@@ -611,28 +606,13 @@ mod tests {
         async fn disconnected(&self, _: &(), _: &DisconnectReason, _: Option<LastWill>) {}
     }
 
-    struct NoSessions;
-
-    #[async_trait]
-    impl SessionStore for NoSessions {
-        async fn load_session(&self, _: &str) -> ferrohub_store::Result<Option<StoredSession>> {
-            Ok(None)
-        }
-        async fn save_session(&self, _: &str, _: &StoredSession) -> ferrohub_store::Result<()> {
-            Ok(())
-        }
-        async fn delete_session(&self, _: &str) -> ferrohub_store::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test]
     async fn a_stalled_store_stops_the_connection_reading_at_the_pending_limit() {
         let handler = Arc::new(StuckStore::default());
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let config = BrokerConfig::default();
         let limit = config.max_pending_acks;
-        let broker = Broker::new(handler.clone(), config, Arc::new(NoSessions), shutdown);
+        let broker = Broker::new(handler.clone(), config, Arc::new(NoPersistence), shutdown);
         // A small pipe: once the server stops reading, the client's writes stop too.
         let (mut client, server) = tokio::io::duplex(16 * 1024);
         let peer = PeerInfo {
@@ -690,5 +670,103 @@ mod tests {
             "the client is held back: nothing is buffered without bound"
         );
         writer.abort();
+    }
+
+    /// Remembers why each connection ended.
+    #[derive(Default)]
+    struct Recorder {
+        reasons: std::sync::Mutex<Vec<DisconnectReason>>,
+    }
+
+    #[async_trait]
+    impl Handler for Recorder {
+        type Client = ();
+        async fn connect(&self, _: &Connect, _: &PeerInfo) -> Result<(), ConnectReturnCode> {
+            Ok(())
+        }
+        fn keep_alive(&self, _: u16) -> Duration {
+            Duration::from_secs(60)
+        }
+        async fn connected(&self, _: &(), _: Outbound, _: &[String]) {}
+        fn authorize_subscribe(&self, _: &(), _: &str, qos: QoS) -> Option<QoS> {
+            Some(qos)
+        }
+        async fn subscriptions_changed(&self, _: &(), _: &[String]) {}
+        async fn publish(&self, _: &(), _: Publish) -> PublishDecision {
+            PublishDecision::Accept
+        }
+        async fn disconnected(&self, _: &(), reason: &DisconnectReason, _: Option<LastWill>) {
+            self.reasons
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(reason.clone());
+        }
+    }
+
+    /// A session store whose disk has failed.
+    struct BrokenPersistence;
+
+    #[async_trait]
+    impl crate::SessionPersistence for BrokenPersistence {
+        async fn load(
+            &self,
+            _: &str,
+        ) -> Result<Option<crate::PersistedSession>, crate::PersistenceError> {
+            Err(crate::PersistenceError("disk I/O error".into()))
+        }
+        async fn save(
+            &self,
+            _: &str,
+            _: &crate::PersistedSession,
+        ) -> Result<(), crate::PersistenceError> {
+            Err(crate::PersistenceError("disk I/O error".into()))
+        }
+        async fn delete(&self, _: &str) -> Result<(), crate::PersistenceError> {
+            Err(crate::PersistenceError("disk I/O error".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_session_store_is_the_servers_fault_not_a_protocol_violation() {
+        let handler = Arc::new(Recorder::default());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let broker = Broker::new(
+            handler.clone(),
+            BrokerConfig::default(),
+            Arc::new(BrokenPersistence),
+            shutdown,
+        );
+        let (mut client, server) = tokio::io::duplex(16 * 1024);
+        let peer = PeerInfo {
+            addr: "127.0.0.1:1".parse().expect("literal address"),
+            transport: Transport::Tls,
+            client_certs: Arc::new(Vec::new()),
+        };
+        let task = tokio::spawn(super::serve_connection(broker, server, peer));
+        let mut out = BytesMut::new();
+        let connect = Packet::Connect(Connect {
+            protocol_name: "MQTT".into(),
+            protocol_level: 4,
+            clean_session: false,
+            keep_alive: 60,
+            client_id: "c".into(),
+            will: None,
+            username: None,
+            password: None,
+        });
+        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
+        client.write_all(&out).await.expect("write CONNECT");
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 0, 3], "CONNACK: server unavailable");
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the connection ends")
+            .expect("no panic");
+        let reasons = handler.reasons.lock().expect("not poisoned").clone();
+        assert!(
+            matches!(reasons.as_slice(), [DisconnectReason::SessionStore(e)] if e.contains("disk I/O error")),
+            "{reasons:?}"
+        );
     }
 }

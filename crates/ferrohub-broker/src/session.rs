@@ -3,9 +3,8 @@
 use std::collections::VecDeque;
 
 use ferrohub_mqtt::QoS;
-use ferrohub_store::{StoredSession, StoredSubscription};
 
-use super::OutboundMessage;
+use crate::{OutboundMessage, PersistedSession};
 
 /// The state MQTT keeps for a client id between packets, and (CleanSession=0) between
 /// connections.
@@ -20,34 +19,16 @@ pub struct SessionState {
 }
 
 impl SessionState {
-    pub fn from_stored(stored: &StoredSession) -> Self {
+    pub fn from_persisted(stored: &PersistedSession) -> Self {
         Self {
-            subscriptions: stored
-                .subscriptions
-                .iter()
-                .map(|s| {
-                    let qos = if s.qos == 0 {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
-                    (s.filter.clone(), qos)
-                })
-                .collect(),
+            subscriptions: stored.subscriptions.clone(),
             ..Default::default()
         }
     }
 
-    pub fn to_stored(&self) -> StoredSession {
-        StoredSession {
-            subscriptions: self
-                .subscriptions
-                .iter()
-                .map(|(f, q)| StoredSubscription {
-                    filter: f.clone(),
-                    qos: *q as u8,
-                })
-                .collect(),
+    pub fn to_persisted(&self) -> PersistedSession {
+        PersistedSession {
+            subscriptions: self.subscriptions.clone(),
         }
     }
 
@@ -109,7 +90,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let back = SessionState::from_stored(&s.to_stored());
+        let back = SessionState::from_persisted(&s.to_persisted());
         assert_eq!(back.subscriptions, s.subscriptions);
     }
 }
