@@ -108,7 +108,7 @@ pub struct ServerConfig {
     /// How often retention runs.
     pub retention_interval: std::time::Duration,
     /// C2D limits and throttles of the device-facing features.
-    pub hub: crate::hub::HubSettings,
+    pub hub: ferrohub_hub::HubSettings,
 }
 
 impl ServerConfig {
@@ -128,7 +128,7 @@ impl ServerConfig {
             retention: std::time::Duration::from_secs(24 * 3600),
             telemetry_max_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: std::time::Duration::from_secs(60),
-            hub: crate::hub::HubSettings::default(),
+            hub: ferrohub_hub::HubSettings::default(),
         }
     }
 

@@ -1,14 +1,13 @@
 //! Ferrohub: a self-hosted server that speaks the Azure IoT Hub device protocol.
 //!
-//! Parts: [`hub`] (IoT Hub runtime on top of it), [`api`]
+//! Parts: [`mqtt`] (the MQTT front end over the broker), [`api`]
 //! (service REST API and the WebSocket endpoint), [`server`] (listeners and start-up), [`tls`],
 //! [`config`], and [`cli`] (the command line, a client of the REST API).
 
 pub mod api;
 pub mod cli;
 pub mod config;
-pub mod hub;
+pub mod mqtt;
 pub mod server;
-pub mod timefmt;
 pub mod tls;
 pub mod ws;

@@ -22,9 +22,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
-use crate::hub::Hub;
 use crate::{api, tls};
 use ferrohub_broker::{serve_connection, Broker, BrokerConfig, PeerInfo, Transport};
+use ferrohub_hub::Hub;
 
 /// Written to the data directory at start-up so the CLI, tests and tools find the running hub.
 pub const HUB_FILE: &str = "hub.json";
@@ -58,7 +58,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent connections; past this, new sockets wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 200_000;
 
-type HubBroker = Broker<Hub>;
+type HubBroker = Broker<crate::mqtt::MqttFrontEnd>;
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
@@ -232,8 +232,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         maximum_qos: ferrohub_mqtt::QoS::AtLeastOnce,
         ..BrokerConfig::default()
     };
-    let sessions = Arc::new(crate::hub::StoreSessions(store.clone()));
-    let broker = Broker::new(hub.clone(), broker_cfg, sessions, shutdown_rx.clone());
+    let sessions = Arc::new(crate::mqtt::StoreSessions(store.clone()));
+    let front_end = Arc::new(crate::mqtt::MqttFrontEnd { hub: hub.clone() });
+    let broker = Broker::new(front_end, broker_cfg, sessions, shutdown_rx.clone());
+    hub.set_connection_control(Arc::new(crate::mqtt::BrokerControl(Arc::downgrade(
+        &broker,
+    ))));
     let router = api::router(api::ApiState {
         hub: hub.clone(),
         broker: broker.clone(),
@@ -250,7 +254,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         cfg.retention_interval,
         shutdown_rx.clone(),
     ));
-    tracker.spawn(crate::hub::c2d::expiry_loop(
+    tracker.spawn(ferrohub_hub::c2d::expiry_loop(
         hub.clone(),
         shutdown_rx.clone(),
     ));

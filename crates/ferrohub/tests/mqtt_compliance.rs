@@ -131,7 +131,7 @@ async fn qos1_delivery_respects_the_inflight_limit_and_redelivers_with_dup() -> 
     // Push more than the in-flight limit (16) without acknowledging anything.
     let push = tokio::spawn(async move {
         for i in 0..20u8 {
-            let msg = ferrohub_broker::OutboundMessage::new(
+            let msg = ferrohub_hub::link::OutboundMessage::new(
                 "devices/dev1/messages/devicebound/".into(),
                 bytes::Bytes::from(vec![i]),
                 QoS::AtLeastOnce,

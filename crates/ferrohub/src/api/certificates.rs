@@ -13,8 +13,8 @@ use serde_json::{json, Value};
 
 use super::auth::{authorize, Right};
 use super::{require_api_version, ApiError, ApiState};
-use crate::hub::x509;
-use crate::timefmt;
+use ferrohub_hub::timefmt;
+use ferrohub_hub::x509;
 
 fn not_found(name: &str) -> ApiError {
     ApiError::new(

@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use super::auth::{authorize, Right};
 use super::{require_api_version, ApiError, ApiState};
-use crate::timefmt;
+use ferrohub_hub::timefmt;
 
 /// Most devices one list call returns (IoT Hub's cap for `GET /devices`).
 const MAX_TOP: usize = 1000;

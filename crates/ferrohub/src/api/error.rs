@@ -60,12 +60,12 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let now = time::OffsetDateTime::now_utc();
-        let stamp = crate::timefmt::iso(now);
+        let stamp = ferrohub_hub::timefmt::iso(now);
         let body = serde_json::json!({
             "Message": format!("ErrorCode:{};{}", self.code.name(), self.message),
             "ExceptionMessage": format!(
                 "Tracking ID:{}-G:0-TimeStamp:{}",
-                crate::timefmt::tracking_id(),
+                ferrohub_hub::timefmt::tracking_id(),
                 stamp
             ),
         });

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use super::auth::{authorize, Right};
 use super::{require_api_version, ApiError, ApiState};
-use crate::timefmt;
+use ferrohub_hub::timefmt;
 
 /// Events read from one partition per store call.
 const READ_BATCH: usize = 256;

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::auth::{authorize, Right};
 use super::{identity, require_api_version, ApiError, ApiState};
-use crate::hub::c2d::{ms_to_datetime, SendError, SendRequest};
+use ferrohub_hub::c2d::{ms_to_datetime, SendError, SendRequest};
 
 /// The send request: the payload and the message's properties in one JSON document, so that
 /// property names keep their case and null values survive (HTTP headers would lose both).
@@ -77,7 +77,7 @@ fn parse_send(body: &Bytes) -> Result<SendRequest, ApiError> {
             .map_err(|e| ApiError::argument(format!("payloadBase64: {e}")))?,
         (None, None) => Vec::new(),
     };
-    let now = crate::hub::c2d::now_ms();
+    let now = ferrohub_hub::c2d::now_ms();
     let expiry_time_ms = match (b.expiry_time_utc, b.ttl_seconds) {
         (Some(_), Some(_)) => {
             return Err(ApiError::argument(
@@ -138,8 +138,8 @@ async fn send(
         "moduleId": m.module_id,
         "messageId": m.message_id,
         "sequenceNumber": m.sequence_number,
-        "enqueuedTimeUtc": crate::timefmt::iso(ms_to_datetime(m.enqueued_time_ms)),
-        "expiryTimeUtc": crate::timefmt::iso(ms_to_datetime(m.expiry_time_ms)),
+        "enqueuedTimeUtc": ferrohub_hub::timefmt::iso(ms_to_datetime(m.enqueued_time_ms)),
+        "expiryTimeUtc": ferrohub_hub::timefmt::iso(ms_to_datetime(m.expiry_time_ms)),
     })))
 }
 
@@ -229,7 +229,7 @@ pub async fn receive_feedback(
     let batch = state
         .hub
         .store
-        .feedback_receive(crate::hub::c2d::now_ms(), lock_ms, max)
+        .feedback_receive(ferrohub_hub::c2d::now_ms(), lock_ms, max)
         .await
         .map_err(|e| ApiError::from_store(e, lock_lost(""), lock_lost("")))?;
     let Some(batch) = batch else {
@@ -270,7 +270,7 @@ async fn settle_feedback(
     require_api_version(&q)?;
     authorize(&state, &headers, Right::ServiceConnect).await?;
     let token = token.trim_matches('"').to_string();
-    let now = crate::hub::c2d::now_ms();
+    let now = ferrohub_hub::c2d::now_ms();
     let store = &state.hub.store;
     let r = match how {
         Settle::Complete => store.feedback_complete(&token, now).await,

@@ -17,16 +17,17 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 
-use crate::hub::Hub;
+use crate::mqtt::MqttFrontEnd;
 use crate::server::HttpsConn;
 use crate::ws::WsByteStream;
 pub use error::ApiError;
 use ferrohub_broker::{serve_connection, Broker, PeerInfo, Transport};
+use ferrohub_hub::Hub;
 
 #[derive(Clone)]
 pub struct ApiState {
     pub hub: Arc<Hub>,
-    pub broker: Arc<Broker<Hub>>,
+    pub broker: Arc<Broker<MqttFrontEnd>>,
     pub tokens: Arc<auth::TokenCache>,
 }
 
@@ -152,6 +153,6 @@ async fn websocket(
         .into_response()
 }
 
-fn broker_max_packet(broker: &Broker<Hub>) -> usize {
+fn broker_max_packet(broker: &Broker<MqttFrontEnd>) -> usize {
     broker.max_packet_size()
 }

@@ -2,7 +2,6 @@
 //! (direct method invocation), in IoT Hub's shape.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -15,9 +14,8 @@ use serde_json::Value;
 
 use super::auth::{authorize, Right};
 use super::{identity, require_api_version, ApiError, ApiState};
-use crate::hub::methods::{Invocation, MethodError};
-use crate::hub::throttle::Operation;
-use crate::hub::twins::TwinFailure;
+use ferrohub_hub::methods::{Invocation, MethodError};
+use ferrohub_hub::twins::TwinFailure;
 
 fn twin_error(f: TwinFailure) -> ApiError {
     if matches!(f, TwinFailure::Store(_) | TwinFailure::Corrupt(_)) {
@@ -148,34 +146,11 @@ async fn invoke(
     authorize(&state, &headers, Right::ServiceConnect).await?;
     let req: MethodRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::argument(format!("invalid method request: {e}")))?;
-    let response_timeout = req.response_timeout_in_seconds.unwrap_or(30);
-    if !(5..=300).contains(&response_timeout) {
-        return Err(ApiError::argument(format!(
-            "responseTimeoutInSeconds must be between 5 and 300, got {response_timeout}"
-        )));
-    }
-    let connect_timeout = req.connect_timeout_in_seconds.unwrap_or(0);
-    if connect_timeout > 300 {
-        return Err(ApiError::argument(format!(
-            "connectTimeoutInSeconds must be between 0 and 300, got {connect_timeout}"
-        )));
-    }
-    if !state.hub.throttles.allow(Operation::MethodCall) {
-        return Err(ApiError::new(
-            ErrorCode::ThrottlingException,
-            "over the hub's rate for method calls",
-        ));
-    }
-    // The Python service SDK sends a missing payload as "".
-    let payload = match req.payload {
-        Value::String(s) if s.is_empty() => Value::Null,
-        other => other,
-    };
     let inv = Invocation {
         method_name: req.method_name,
-        payload,
-        response_timeout: Duration::from_secs(response_timeout),
-        connect_timeout: Duration::from_secs(connect_timeout),
+        payload: req.payload,
+        response_timeout_secs: req.response_timeout_in_seconds,
+        connect_timeout_secs: req.connect_timeout_in_seconds,
     };
     match state.hub.invoke_method(&id, inv).await {
         Ok(r) => Ok(Json(
@@ -188,6 +163,7 @@ async fn invoke(
                 MethodError::NotOnline(_) => ErrorCode::DeviceNotOnline,
                 MethodError::Timeout(..) => ErrorCode::GatewayTimeout,
                 MethodError::Invalid(_) => ErrorCode::ArgumentInvalid,
+                MethodError::Throttled => ErrorCode::ThrottlingException,
                 MethodError::Store(_) => ErrorCode::ServerError,
             };
             Err(ApiError::new(code, e.to_string()))

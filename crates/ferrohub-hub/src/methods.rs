@@ -18,8 +18,8 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::Hub;
-use ferrohub_broker::OutboundMessage;
+use crate::link::OutboundMessage;
+use crate::Hub;
 
 /// Request and response payloads up to 128 KB (IoT Hub's limit).
 pub const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
@@ -43,17 +43,38 @@ pub enum MethodError {
     Timeout(Identity, u64),
     #[error("{0}")]
     Invalid(String),
+    #[error("over the hub's rate for method calls")]
+    Throttled,
     #[error("store: {0}")]
     Store(#[from] ferrohub_store::StoreError),
 }
 
-/// A method invocation as the service API receives it.
+/// A method invocation as the service API receives it (IoT Hub's `CloudToDeviceMethod`).
 #[derive(Debug, Clone)]
 pub struct Invocation {
     pub method_name: String,
     pub payload: Value,
-    pub response_timeout: Duration,
-    pub connect_timeout: Duration,
+    /// How long to wait for the device's answer: 5 to 300 s, 30 when absent.
+    pub response_timeout_secs: Option<u64>,
+    /// How long to wait for the device to connect and subscribe: 0 to 300 s, 0 when absent.
+    pub connect_timeout_secs: Option<u64>,
+}
+
+/// The timeouts of an invocation, checked against IoT Hub's ranges.
+fn timeouts(inv: &Invocation) -> Result<(Duration, Duration), MethodError> {
+    let response = inv.response_timeout_secs.unwrap_or(30);
+    if !(5..=300).contains(&response) {
+        return Err(MethodError::Invalid(format!(
+            "responseTimeoutInSeconds must be between 5 and 300, got {response}"
+        )));
+    }
+    let connect = inv.connect_timeout_secs.unwrap_or(0);
+    if connect > 300 {
+        return Err(MethodError::Invalid(format!(
+            "connectTimeoutInSeconds must be between 0 and 300, got {connect}"
+        )));
+    }
+    Ok((Duration::from_secs(response), Duration::from_secs(connect)))
 }
 
 #[derive(Default)]
@@ -98,6 +119,15 @@ impl Hub {
         identity: &Identity,
         inv: Invocation,
     ) -> Result<MethodResult, MethodError> {
+        let (response_timeout, connect_timeout) = timeouts(&inv)?;
+        if !self.throttles.allow(crate::throttle::Operation::MethodCall) {
+            return Err(MethodError::Throttled);
+        }
+        // The Python service SDK sends a missing payload as "".
+        let mut inv = inv;
+        if inv.payload.as_str() == Some("") {
+            inv.payload = Value::Null;
+        }
         if inv.method_name.is_empty()
             || inv.method_name.len() > 1024
             || inv.method_name.contains(['/', '?', '#', '+'])
@@ -120,7 +150,7 @@ impl Hub {
         }
         self.require_identity(identity).await?;
         let outbound = self
-            .wait_for_methods_subscriber(identity, inv.connect_timeout)
+            .wait_for_methods_subscriber(identity, connect_timeout)
             .await
             .ok_or_else(|| MethodError::NotOnline(identity.clone()))?;
         let rid = format!(
@@ -143,12 +173,12 @@ impl Hub {
             return Err(MethodError::NotOnline(identity.clone()));
         }
         debug!(identity = %identity, method = %inv.method_name, rid, "method request sent");
-        match tokio::time::timeout(inv.response_timeout, rx).await {
+        match tokio::time::timeout(response_timeout, rx).await {
             Ok(Ok(result)) => Ok(result),
             // The sender only goes away with the guard; treat it as no answer.
             Ok(Err(_)) | Err(_) => Err(MethodError::Timeout(
                 identity.clone(),
-                inv.response_timeout.as_secs(),
+                response_timeout.as_secs(),
             )),
         }
     }
@@ -176,7 +206,7 @@ impl Hub {
         &self,
         identity: &Identity,
         timeout: Duration,
-    ) -> Option<ferrohub_broker::Outbound> {
+    ) -> Option<crate::link::Outbound> {
         let mut changes = self.link_changes.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -192,7 +222,7 @@ impl Hub {
         }
     }
 
-    fn methods_outbound(&self, identity: &Identity) -> Option<ferrohub_broker::Outbound> {
+    fn methods_outbound(&self, identity: &Identity) -> Option<crate::link::Outbound> {
         self.lock_clients()
             .get(identity)
             .filter(|l| l.subs.methods && !l.outbound.is_closed())

@@ -12,8 +12,7 @@ use ferrohub_mqtt::{Connect, ConnectReturnCode};
 use ferrohub_store::{AuthType, Authentication, Status};
 use tracing::{info, warn};
 
-use super::{x509, Hub};
-use ferrohub_broker::PeerInfo;
+use crate::{x509, Hub};
 
 /// How a connection authenticated; stamped on telemetry as `iothub-connection-auth-method`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +117,7 @@ impl Hub {
     pub(super) async fn authenticate(
         &self,
         connect: &Connect,
-        peer: &PeerInfo,
+        peer: &crate::Peer,
     ) -> Result<Authenticated, ConnectReturnCode> {
         let info = match parse_connect(&connect.client_id, connect.username.as_deref()) {
             Ok(i) => i,
@@ -196,7 +195,7 @@ impl Hub {
         &self,
         identity: &Identity,
         connect: &Connect,
-        peer: &PeerInfo,
+        peer: &crate::Peer,
     ) -> Result<(AuthMethod, String), Refusal> {
         let scope = if identity.module_id.is_some() {
             AuthScope::Module

@@ -19,8 +19,8 @@ use ferrohub_store::{C2dMessage, FeedbackStatus, StoreError};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use super::Hub;
-use ferrohub_broker::{AckHook, OutboundMessage};
+use crate::link::{AckHook, OutboundMessage};
+use crate::Hub;
 
 /// Messages read from the queue per store call.
 const PEEK_BATCH: usize = 16;
@@ -297,7 +297,7 @@ impl Hub {
 async fn deliver(
     hub: Arc<Hub>,
     identity: Identity,
-    outbound: ferrohub_broker::Outbound,
+    outbound: crate::link::Outbound,
     notify: Arc<Notify>,
 ) {
     let device = identity.device_id.as_str();
@@ -486,7 +486,7 @@ pub async fn expiry_loop(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiv
         tokio::select! {
             _ = woken => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
+            _ = crate::until_shutdown(&mut shutdown) => return,
         }
     }
 }

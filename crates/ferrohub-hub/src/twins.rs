@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::{debug, warn};
 
-use super::throttle::Operation;
-use super::{Hub, HubClient};
-use ferrohub_broker::OutboundMessage;
+use crate::link::OutboundMessage;
+use crate::throttle::Operation;
+use crate::{Hub, HubClient};
 
 /// What the store keeps for a twin: the document plus the model id the identity announced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,7 +173,7 @@ impl Hub {
     }
 
     /// The outbound of this very connection (not a newer one of the same identity).
-    fn outbound_of(&self, client: &HubClient) -> Option<ferrohub_broker::Outbound> {
+    fn outbound_of(&self, client: &HubClient) -> Option<crate::link::Outbound> {
         self.lock_clients()
             .get(&client.identity)
             .filter(|l| l.conn_seq == client.conn_seq)

@@ -1,15 +1,20 @@
-//! The IoT Hub runtime: what a connected device may do, on top of the generic broker.
+//! The IoT Hub services: every IoT Hub operation, whatever front end (MQTT, REST, later AMQP)
+//! asks for it.
 //!
-//! The pure rules (username, SAS, topics, error codes) live in the `ferrohub-iothub` crate; this
-//! module applies them to live connections and the store: it authenticates CONNECT, authorizes
-//! topics, tracks presence, and logs every connect and disconnect with its IoT Hub error code.
+//! The pure rules (username, SAS, topics, error codes, twin documents) live in the
+//! `ferrohub-iothub` crate; this crate applies them to live connections and the store: it
+//! authenticates devices, authorizes topics, ingests telemetry, delivers C2D messages, runs
+//! twins and methods, tracks presence, and logs every connect and disconnect with its IoT Hub
+//! error code. It holds no sockets: front ends reach devices through [`link`].
 
 mod auth;
 pub mod c2d;
+pub mod link;
 pub mod methods;
 pub mod presence;
 mod telemetry;
 pub mod throttle;
+pub mod timefmt;
 pub mod twins;
 pub mod x509;
 
@@ -17,16 +22,60 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic, SubscriptionKind};
 use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish, QoS};
 use ferrohub_store::telemetry::TelemetryLog;
 use ferrohub_store::Store;
+use rustls::pki_types::CertificateDer;
 use tracing::{debug, info};
 
 pub use auth::AuthMethod;
-use ferrohub_broker::{DisconnectReason, Handler, Outbound, PeerInfo, PublishDecision, Transport};
+use link::{ConnectionControl, Outbound};
 use presence::Presence;
+
+/// An error from a caller-supplied component, passed through untouched.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// How a device connection reached us (telemetry stamping, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    MqttTls,
+    MqttWebSocket,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::MqttTls => "mqtt-tls",
+            Transport::MqttWebSocket => "mqtt-ws",
+        })
+    }
+}
+
+/// What the transport knows about a device before it authenticates.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub transport: Transport,
+    /// The TLS client certificate chain, leaf first, when the client sent one. Possession of
+    /// the leaf's key was proven in the handshake; whether it is trusted is decided here.
+    pub client_certs: Arc<Vec<CertificateDer<'static>>>,
+}
+
+/// Work that must finish before a device message may be acknowledged (the message reaching
+/// disk). `Err` closes the connection without acknowledging.
+pub type Completion =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// The hub's answer to a device message.
+pub enum PublishOutcome {
+    /// Acknowledge now: the hub has done what it must.
+    Accept,
+    /// Acknowledge once the completion resolves.
+    AcceptWhen(Completion),
+    /// Close the connection without acknowledging; the text goes to the log.
+    Reject(String),
+}
 
 /// One authenticated connection, as the IoT Hub layer sees it.
 #[derive(Debug)]
@@ -114,6 +163,8 @@ pub struct Hub {
     twin_locks: twins::TwinLocks,
     pub(crate) throttles: throttle::Throttles,
     next_seq: std::sync::atomic::AtomicU64,
+    /// The front end that holds device connections, once it is composed.
+    control: std::sync::OnceLock<Arc<dyn ConnectionControl>>,
 }
 
 impl Hub {
@@ -139,7 +190,18 @@ impl Hub {
             methods: methods::PendingCalls::default(),
             twin_locks: twins::TwinLocks::default(),
             next_seq: std::sync::atomic::AtomicU64::new(1),
+            control: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Tells the hub who holds device connections (called once while composing the server).
+    pub fn set_connection_control(&self, control: Arc<dyn ConnectionControl>) {
+        let _ = self.control.set(control);
+    }
+
+    #[allow(dead_code)] // the registry service (next) kicks connections through it
+    pub(crate) fn connection_control(&self) -> Option<&Arc<dyn ConnectionControl>> {
+        self.control.get()
     }
 
     /// The outbound handle of a connected identity.
@@ -173,10 +235,10 @@ impl Hub {
 
     /// Sends a QoS 0 response to a connection from inside its own publish handling: the
     /// connection's task is busy with us, so waiting on its queue could wait forever.
-    fn reply(&self, outbound: &Outbound, msg: ferrohub_broker::OutboundMessage) {
+    fn reply(&self, outbound: &Outbound, msg: link::OutboundMessage) {
         match outbound.try_send(msg) {
-            Ok(()) | Err(ferrohub_broker::TrySendError::Closed) => {}
-            Err(ferrohub_broker::TrySendError::Full(msg)) => {
+            Ok(()) | Err(link::TrySendError::Closed) => {}
+            Err(link::TrySendError::Full(msg)) => {
                 let o = outbound.clone();
                 tokio::spawn(async move {
                     let _ = o.send(msg).await;
@@ -186,14 +248,13 @@ impl Hub {
     }
 }
 
-#[async_trait]
-impl Handler for Hub {
-    type Client = HubClient;
-
-    async fn connect(
+/// The device side, as a front end drives it: one call per step of a connection's life.
+impl Hub {
+    /// Authenticates a device's CONNECT.
+    pub async fn device_connect(
         &self,
         connect: &Connect,
-        peer: &PeerInfo,
+        peer: &Peer,
     ) -> Result<HubClient, ConnectReturnCode> {
         let a = self.authenticate(connect, peer).await?;
         let conn_seq = self
@@ -212,11 +273,19 @@ impl Handler for Hub {
         })
     }
 
-    fn keep_alive(&self, client_keep_alive: u16) -> Duration {
+    /// The keep-alive the hub enforces for a client's keep-alive (seconds).
+    pub fn keep_alive(&self, client_keep_alive: u16) -> Duration {
         ferrohub_iothub::server_keep_alive(client_keep_alive)
     }
 
-    async fn connected(&self, client: &HubClient, outbound: Outbound, subscriptions: &[String]) {
+    /// The connection is established: `outbound` reaches it, `subscriptions` came back with a
+    /// persistent session.
+    pub async fn device_connected(
+        &self,
+        client: &HubClient,
+        outbound: Outbound,
+        subscriptions: &[String],
+    ) {
         let old = self.lock_clients().insert(
             client.identity.clone(),
             Link {
@@ -245,7 +314,13 @@ impl Handler for Hub {
         );
     }
 
-    fn authorize_subscribe(&self, client: &HubClient, filter: &str, requested: QoS) -> Option<QoS> {
+    /// The QoS to grant a subscription to `filter`, or `None` to refuse it.
+    pub fn authorize_subscribe(
+        &self,
+        client: &HubClient,
+        filter: &str,
+        requested: QoS,
+    ) -> Option<QoS> {
         let kind = ferrohub_iothub::authorize_subscribe(&client.identity, filter);
         if kind.is_none() {
             debug!(identity = %client.identity, filter, "subscription refused");
@@ -255,15 +330,17 @@ impl Handler for Hub {
         Some(requested.min(QoS::AtLeastOnce))
     }
 
-    async fn subscriptions_changed(&self, client: &HubClient, subscriptions: &[String]) {
+    /// The connection's subscriptions after a SUBSCRIBE or UNSUBSCRIBE.
+    pub async fn device_subscriptions_changed(&self, client: &HubClient, subscriptions: &[String]) {
         self.apply_subscriptions(client, subscriptions).await;
     }
 
-    async fn publish(&self, client: &HubClient, publish: Publish) -> PublishDecision {
+    /// A message from the device.
+    pub async fn device_publish(&self, client: &HubClient, publish: Publish) -> PublishOutcome {
         let topic = match classify_publish(&client.identity, &publish.topic) {
             Ok(t) => t,
             Err(e) => {
-                return PublishDecision::Reject(format!(
+                return PublishOutcome::Reject(format!(
                     "publish to {:?} refused: {e}",
                     publish.topic
                 ))
@@ -283,23 +360,26 @@ impl Handler for Hub {
             }
             PublishTopic::TwinGet { rid } => {
                 self.device_twin_get(client, &rid).await;
-                PublishDecision::Accept
+                PublishOutcome::Accept
             }
             PublishTopic::TwinPatchReported { rid } => {
                 self.device_twin_patch(client, &rid, &publish.payload).await;
-                PublishDecision::Accept
+                PublishOutcome::Accept
             }
             PublishTopic::MethodResponse { status, rid } => {
                 self.method_response(&client.identity, i32::from(status), &rid, &publish.payload);
-                PublishDecision::Accept
+                PublishOutcome::Accept
             }
         }
     }
 
-    async fn disconnected(
+    /// The connection ended, for the reason `why` (an IoT Hub `code` when it was not a clean
+    /// close). `will` is set when the Will must be published.
+    pub async fn device_disconnected(
         &self,
         client: &HubClient,
-        reason: &DisconnectReason,
+        why: &str,
+        code: Option<ErrorCode>,
         will: Option<LastWill>,
     ) {
         if let Some(will) = will {
@@ -323,7 +403,6 @@ impl Handler for Hub {
             self.presence.disconnected(&client.identity);
             self.link_changes.send_modify(|v| *v += 1);
         }
-        let (why, code) = describe(reason);
         match code {
             Some(code) => info!(
                 identity = %client.identity,
@@ -345,93 +424,8 @@ impl Handler for Hub {
     }
 }
 
-/// The log text and IoT Hub error code for a disconnect.
-fn describe(reason: &DisconnectReason) -> (String, Option<ErrorCode>) {
-    match reason {
-        DisconnectReason::ClientDisconnect => ("client sent DISCONNECT".into(), None),
-        DisconnectReason::ConnectionLost(e) => (
-            format!("connection lost: {e}"),
-            Some(ErrorCode::DeviceConnectionClosedRemotely),
-        ),
-        DisconnectReason::KeepAliveTimeout => (
-            "keep-alive expired".into(),
-            Some(ErrorCode::DeviceConnectionClosedRemotely),
-        ),
-        DisconnectReason::TakenOver => (
-            "a new connection of the same identity took over".into(),
-            Some(ErrorCode::ConnectionForcefullyClosedOnNewConnection),
-        ),
-        DisconnectReason::ProtocolViolation(e) => (
-            format!("protocol violation: {e}"),
-            Some(ErrorCode::ArgumentInvalid),
-        ),
-        DisconnectReason::SessionStore(e) => (
-            format!("session store failed: {e}"),
-            Some(ErrorCode::ServerError),
-        ),
-        DisconnectReason::ServerShutdown => ("server shutting down".into(), None),
-    }
-}
-
-/// The broker's persistent sessions, kept in the hub's store.
-pub struct StoreSessions(pub Arc<dyn Store>);
-
-fn persistence_error(e: ferrohub_store::StoreError) -> ferrohub_broker::PersistenceError {
-    ferrohub_broker::PersistenceError(Box::new(e))
-}
-
-#[async_trait]
-impl ferrohub_broker::SessionPersistence for StoreSessions {
-    async fn load(
-        &self,
-        client_id: &str,
-    ) -> Result<Option<ferrohub_broker::PersistedSession>, ferrohub_broker::PersistenceError> {
-        let stored = self
-            .0
-            .load_session(client_id)
-            .await
-            .map_err(persistence_error)?;
-        Ok(stored.map(|s| ferrohub_broker::PersistedSession {
-            subscriptions: s
-                .subscriptions
-                .into_iter()
-                .map(|sub| {
-                    let qos = if sub.qos == 0 {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    };
-                    (sub.filter, qos)
-                })
-                .collect(),
-        }))
-    }
-
-    async fn save(
-        &self,
-        client_id: &str,
-        session: &ferrohub_broker::PersistedSession,
-    ) -> Result<(), ferrohub_broker::PersistenceError> {
-        let stored = ferrohub_store::StoredSession {
-            subscriptions: session
-                .subscriptions
-                .iter()
-                .map(|(filter, qos)| ferrohub_store::StoredSubscription {
-                    filter: filter.clone(),
-                    qos: *qos as u8,
-                })
-                .collect(),
-        };
-        self.0
-            .save_session(client_id, &stored)
-            .await
-            .map_err(persistence_error)
-    }
-
-    async fn delete(&self, client_id: &str) -> Result<(), ferrohub_broker::PersistenceError> {
-        self.0
-            .delete_session(client_id)
-            .await
-            .map_err(persistence_error)
-    }
+/// Resolves once the shutdown flag is set (or its sender is gone). Holds no watch guard, so it
+/// can sit in a `select!` whose other branches await.
+pub async fn until_shutdown(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
 }

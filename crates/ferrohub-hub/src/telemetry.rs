@@ -10,8 +10,8 @@ use ferrohub_store::telemetry::NewEvent;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use super::{Hub, HubClient};
-use ferrohub_broker::PublishDecision;
+use crate::PublishOutcome;
+use crate::{Hub, HubClient};
 
 impl Hub {
     /// Builds the stored event for a telemetry publish, or says why it is refused.
@@ -65,19 +65,19 @@ impl Hub {
         body: Bytes,
         retain: bool,
         is_will: bool,
-    ) -> PublishDecision {
+    ) -> PublishOutcome {
         let event = match self.telemetry_event(client, property_bag, body, retain, is_will) {
             Ok(e) => e,
-            Err(why) => return PublishDecision::Reject(why),
+            Err(why) => return PublishOutcome::Reject(why),
         };
         match self.telemetry.enqueue(event).await {
-            Ok(durable) => PublishDecision::AcceptWhen(Box::pin(async move {
+            Ok(durable) => PublishOutcome::AcceptWhen(Box::pin(async move {
                 durable
                     .await
                     .map(|_| ())
                     .map_err(|e| format!("telemetry store failed: {e}"))
             })),
-            Err(e) => PublishDecision::Reject(format!("telemetry store failed: {e}")),
+            Err(e) => PublishOutcome::Reject(format!("telemetry store failed: {e}")),
         }
     }
 
