@@ -1,6 +1,7 @@
 //! `connect`: how fast the hub accepts new device connections, how much server CPU each costs,
 //! and how much server memory an idle connection holds.
 
+use crate::scenario::round3;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -492,8 +493,4 @@ impl Figures<'_> {
             "bench_rss_per_conn_kib": self.bench_rss_per_conn_kib().map(round3),
         })
     }
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }

@@ -1,6 +1,7 @@
 //! What a push scenario reports: latency histograms, failures by kind, and the summary printed
 //! for people and as the RESULT line the scripts parse.
 
+use crate::scenario::{num_cpus, round3};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -285,14 +286,6 @@ pub type SharedHistogram = Mutex<Histogram<u64>>;
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panicking recorder leaves a histogram that is still a valid histogram.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-pub fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-pub fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! What a telemetry run reports: the connections' reports summed, and the figures printed for
 //! people and as the RESULT line the scripts parse.
 
+use crate::scenario::{num_cpus, round3};
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
@@ -220,12 +221,4 @@ impl Figures {
             "close": t.closes,
         })
     }
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
