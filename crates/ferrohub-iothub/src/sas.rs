@@ -324,8 +324,7 @@ mod tests {
 
     fn captured() -> Vec<Captured> {
         let v: Value =
-            serde_json::from_str(include_str!("../tests/vectors/sdk-connect.json"))
-                .unwrap();
+            serde_json::from_str(include_str!("../tests/vectors/sdk-connect.json")).unwrap();
         let out: Vec<Captured> = v["connects"]
             .as_array()
             .unwrap()

@@ -502,8 +502,7 @@ mod tests {
     #[test]
     fn every_captured_telemetry_publish_parses() {
         let v: Value =
-            serde_json::from_str(include_str!("../tests/vectors/sdk-topics.json"))
-                .unwrap();
+            serde_json::from_str(include_str!("../tests/vectors/sdk-topics.json")).unwrap();
         let mut telemetry = 0;
         for p in v["publishes"].as_array().unwrap() {
             let topic = p["topic"].as_str().unwrap();

@@ -1,16 +1,11 @@
-//! Ferrohub storage: the records the hub keeps, one trait per concern (registry, access
-//! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins), and the
-//! embedded SQLite engine behind them.
+//! Ferrohub storage: the records the hub keeps and one trait per concern (registry, access
+//! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins),
+//! independent of any engine.
 //!
-//! The semantics layer only ever sees the traits, so a clustered implementation (PostgreSQL for
-//! registry and sessions) can replace [`sqlite::SqliteStore`] without touching it.
+//! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
+//! `ferrohub-sqlite`, a clustered one later) can be swapped without touching it.
 
 pub mod model;
-pub mod sqlite;
-mod sqlite_c2d;
-pub mod sqlite_telemetry;
-mod sqlite_twins;
-mod sqlite_writer;
 pub mod telemetry;
 
 use async_trait::async_trait;
@@ -28,8 +23,9 @@ pub enum StoreError {
     AlreadyExists,
     #[error("etag does not match")]
     PreconditionFailed,
-    #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
+    /// The engine failed; its own error is the source (a SQLite crate's, a network client's).
+    #[error("storage backend error: {0}")]
+    Backend(#[source] BoxError),
     #[error("stored record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
     #[error("storage task failed: {0}")]
@@ -47,7 +43,7 @@ pub enum StoreError {
     Rejected(BoxError),
 }
 
-/// An error raised by a caller-supplied update function, passed through untouched.
+/// An engine's error, carried untouched so callers can downcast it when they must.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
 
 use crate::sqlite::{module_key, SqliteStore};
-use crate::{Result, StoreError, TwinStore, TwinUpdate};
+use ferrohub_store::{Result, StoreError, TwinStore, TwinUpdate};
 
 #[async_trait]
 impl TwinStore for SqliteStore {
@@ -53,7 +53,7 @@ impl TwinStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{SessionStore, StoredSession, TwinUpdateOutput};
+    use ferrohub_store::{SessionStore, StoredSession, TwinUpdateOutput};
 
     /// An update that appends `n` to the JSON array `doc.seen` and returns the array's new
     /// length.
@@ -139,7 +139,7 @@ mod tests {
         store.update_twin("d1", None, append(1)).await?;
         let before = store.get_twin("d1", None).await?;
         let reject: TwinUpdate = Box::new(
-            |_| -> std::result::Result<TwinUpdateOutput, crate::BoxError> {
+            |_| -> std::result::Result<TwinUpdateOutput, ferrohub_store::BoxError> {
                 Err("version conflict".into())
             },
         );
@@ -158,7 +158,7 @@ mod tests {
     }
 
     /// Latency of twin updates offered at 5,000/s over 1,000 twins of about 1 KB. Run with
-    /// `cargo test -p ferrohub-store --release -- --ignored --nocapture twin_update_latency`.
+    /// `cargo test -p ferrohub-sqlite --release -- --ignored --nocapture twin_update_latency`.
     #[tokio::test(flavor = "multi_thread")]
     #[ignore]
     async fn twin_update_latency() -> Result<()> {

@@ -15,8 +15,12 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::telemetry::{Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog};
-use crate::{Result, StoreError};
+use ferrohub_store::telemetry::{
+    Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog,
+};
+use ferrohub_store::{Result, StoreError};
+
+use crate::error::SqlResult;
 
 pub const TELEMETRY_DB_FILE: &str = "telemetry.db";
 
@@ -121,7 +125,7 @@ pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
     h % partitions.max(1)
 }
 
-fn open(path: &Path, read_only: bool) -> Result<Connection> {
+fn open(path: &Path, read_only: bool) -> SqlResult<Connection> {
     // auto_vacuum: lets retention give space back to the file system.
     let conn = crate::sqlite::open_conn_with(path, read_only, &[("auto_vacuum", "INCREMENTAL")])?;
     if !read_only {
@@ -136,6 +140,10 @@ impl SqliteTelemetry {
     /// Opens the log in `data_dir`. The partition count is fixed when the log is created; a
     /// different `partitions` later is ignored (and logged) so devices keep their partition.
     pub fn open(data_dir: &Path, partitions: u32) -> Result<Self> {
+        Ok(Self::open_sql(data_dir, partitions)?)
+    }
+
+    fn open_sql(data_dir: &Path, partitions: u32) -> SqlResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join(TELEMETRY_DB_FILE);
         let mut writer = open(&path, false)?;
@@ -186,7 +194,7 @@ impl SqliteTelemetry {
         }
         let readers = (0..READERS)
             .map(|_| open(&path, true).map(Mutex::new))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<SqlResult<Vec<_>>>()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let (commit_tx, commit_rx) = watch::channel(0u64);
         // No `WalRewinder` here, unlike the registry database: under full telemetry load the
@@ -213,7 +221,7 @@ impl SqliteTelemetry {
     async fn read_with<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> SqlResult<R> + Send + 'static,
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -221,13 +229,13 @@ impl SqliteTelemetry {
             let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
             for i in 0..n {
                 if let Ok(conn) = inner.readers[(start + i) % n].try_lock() {
-                    return f(&conn);
+                    return f(&conn).map_err(StoreError::from);
                 }
             }
             let conn = inner.readers[start % n]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            f(&conn)
+            f(&conn).map_err(StoreError::from)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -264,7 +272,8 @@ fn writer_loop(
     let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         if let Command::Retention(r, now, reply) = first {
-            let _ = reply.send(retention_step(&mut conn, partitions, r, now));
+            let _ =
+                reply.send(retention_step(&mut conn, partitions, r, now).map_err(StoreError::from));
             continue;
         }
         batch.push(first);
@@ -273,7 +282,9 @@ fn writer_loop(
                 // Retention runs alone, after this batch.
                 Ok(Command::Retention(r, now, reply)) => {
                     commit_batch(&mut conn, &mut batch, &mut next_seq, &commits);
-                    let _ = reply.send(retention_step(&mut conn, partitions, r, now));
+                    let _ = reply.send(
+                        retention_step(&mut conn, partitions, r, now).map_err(StoreError::from),
+                    );
                 }
                 Ok(c) => batch.push(c),
                 Err(_) => break,
@@ -293,7 +304,7 @@ fn commit_batch(
         return;
     }
     let before = next_seq.to_vec();
-    let result = (|| -> Result<Vec<Option<(u32, u64)>>> {
+    let result = (|| -> SqlResult<Vec<Option<(u32, u64)>>> {
         let tx = conn.transaction()?;
         let mut assigned = Vec::with_capacity(batch.len());
         {
@@ -388,7 +399,7 @@ fn retention_step(
     partitions: u32,
     r: Retention,
     now_ms: i64,
-) -> Result<u64> {
+) -> SqlResult<u64> {
     let cutoff = now_ms.saturating_sub(r.max_age_ms);
     let per_partition = (RETENTION_CHUNK / partitions.max(1) as usize).max(1) as i64;
     let mut deleted = 0u64;
@@ -520,7 +531,7 @@ impl TelemetryLog for SqliteTelemetry {
                 .optional()?
                 .unwrap_or(0);
             let (lo, hi) = (pos_of(partition, 0), pos_of(partition + 1, 0));
-            let first = |sql: &str, arg: i64| -> Result<i64> {
+            let first = |sql: &str, arg: i64| -> SqlResult<i64> {
                 Ok(conn
                     .query_row(sql, params![lo, hi, arg], |r| r.get::<_, i64>(0))
                     .optional()?
@@ -692,11 +703,9 @@ mod tests {
         for t in 0..50 {
             log.append(ev("d", 100 + t, &[0u8; 4096])).await?;
         }
-        let mode: i64 = Connection::open(dir.path().join(TELEMETRY_DB_FILE))?.query_row(
-            "PRAGMA auto_vacuum",
-            [],
-            |r| r.get(0),
-        )?;
+        let mode: i64 = Connection::open(dir.path().join(TELEMETRY_DB_FILE))
+            .and_then(|c| c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)))
+            .map_err(crate::error::SqlError::from)?;
         assert_eq!(
             mode, 2,
             "incremental auto-vacuum, so retention can shrink the file"

@@ -14,8 +14,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use crate::error::SqlResult;
 use crate::sqlite_writer::Writer;
-use crate::{
+use ferrohub_store::{
     AccessPolicy, CaCertificate, CertificateStore, Device, IfMatch, Module, PolicyStore,
     RegistryStore, Result, SessionStore, StoreError, StoredSession,
 };
@@ -131,7 +132,7 @@ fn etag_of(version: i64) -> String {
     base64::engine::general_purpose::STANDARD.encode(version.to_string())
 }
 
-fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
+fn open_conn(path: &Path, read_only: bool) -> SqlResult<Connection> {
     open_conn_with(path, read_only, &[])
 }
 
@@ -145,7 +146,7 @@ pub(crate) fn open_conn_with(
     path: &Path,
     read_only: bool,
     before_wal: &[(&str, &str)],
-) -> Result<Connection> {
+) -> SqlResult<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -170,6 +171,10 @@ pub(crate) fn open_conn_with(
 impl SqliteStore {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self> {
+        Ok(Self::open_sql(data_dir)?)
+    }
+
+    fn open_sql(data_dir: &Path) -> SqlResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join(DB_FILE);
         let writer = open_conn(&path, false)?;
@@ -188,7 +193,7 @@ impl SqliteStore {
                 conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
                 Ok(Mutex::new(conn))
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<SqlResult<Vec<_>>>()?;
         let checkpointer = open_conn(&path, false)?;
         let checkpoints = Checkpoints::new();
         let writer = Writer::spawn(writer, checkpoints.rewinder())?;
@@ -211,9 +216,9 @@ impl SqliteStore {
     pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> SqlResult<R> + Send + 'static,
     {
-        self.inner.writer.submit(f).await
+        Ok(self.inner.writer.submit(f).await?)
     }
 
     /// Runs a read on the calling task. Registry and session reads are point lookups served
@@ -222,7 +227,7 @@ impl SqliteStore {
     pub(crate) async fn read<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> SqlResult<R> + Send + 'static,
     {
         let inner = &self.inner;
         let n = inner.readers.len();
@@ -230,11 +235,11 @@ impl SqliteStore {
         // Prefer a reader nobody holds; if all are busy, wait on the one our turn points at.
         for i in 0..n {
             if let Ok(conn) = inner.readers[(start + i) % n].try_lock() {
-                return f(&conn);
+                return Ok(f(&conn)?);
             }
         }
         let conn = lock(&inner.readers[start % n]);
-        f(&conn)
+        Ok(f(&conn)?)
     }
 }
 
@@ -282,7 +287,7 @@ impl Checkpoints {
     }
 
     /// Starts the checkpoint thread on `conn` (a read-write connection of its own).
-    pub(crate) fn spawn(&self, conn: Connection, name: &str) -> Result<()> {
+    pub(crate) fn spawn(&self, conn: Connection, name: &str) -> SqlResult<()> {
         let (stop, caught_up) = (self.stop.clone(), self.caught_up.clone());
         std::thread::Builder::new()
             .name(name.into())
@@ -304,30 +309,30 @@ fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>, caught_up: Arc<Atomi
     }
 }
 
-fn device_from_row(version: i64, doc: &str) -> Result<Device> {
+fn device_from_row(version: i64, doc: &str) -> SqlResult<Device> {
     let mut d: Device = serde_json::from_str(doc)?;
     d.etag = etag_of(version);
     Ok(d)
 }
 
-fn module_from_row(version: i64, doc: &str) -> Result<Module> {
+fn module_from_row(version: i64, doc: &str) -> SqlResult<Module> {
     let mut m: Module = serde_json::from_str(doc)?;
     m.etag = etag_of(version);
     Ok(m)
 }
 
-fn cert_from_row(version: i64, doc: &str) -> Result<CaCertificate> {
+fn cert_from_row(version: i64, doc: &str) -> SqlResult<CaCertificate> {
     let mut c: CaCertificate = serde_json::from_str(doc)?;
     c.etag = etag_of(version);
     Ok(c)
 }
 
 /// Checks `if_match` against the current version of a row; `None` means the row is absent.
-fn check_if_match(current: Option<i64>, if_match: &IfMatch) -> Result<i64> {
+fn check_if_match(current: Option<i64>, if_match: &IfMatch) -> SqlResult<i64> {
     match current {
-        None => Err(StoreError::NotFound),
+        None => Err(StoreError::NotFound.into()),
         Some(v) if if_match.matches(&etag_of(v)) => Ok(v),
-        Some(_) => Err(StoreError::PreconditionFailed),
+        Some(_) => Err(StoreError::PreconditionFailed.into()),
     }
 }
 
@@ -342,7 +347,7 @@ impl RegistryStore for SqliteStore {
                 params![device.device_id, doc],
             )?;
             if n == 0 {
-                return Err(StoreError::AlreadyExists);
+                return Err(StoreError::AlreadyExists.into());
             }
             device.etag = etag_of(1);
             Ok(device)
@@ -447,7 +452,7 @@ impl RegistryStore for SqliteStore {
                 )
                 .optional()?;
             if exists.is_none() {
-                return Err(StoreError::NotFound);
+                return Err(StoreError::NotFound.into());
             }
             module.etag.clear();
             let doc = serde_json::to_string(&module)?;
@@ -456,7 +461,7 @@ impl RegistryStore for SqliteStore {
                 params![module.device_id, module.module_id, doc],
             )?;
             if n == 0 {
-                return Err(StoreError::AlreadyExists);
+                return Err(StoreError::AlreadyExists.into());
             }
             module.etag = etag_of(1);
             Ok(module)
@@ -616,7 +621,7 @@ impl CertificateStore for SqliteStore {
             let version = match current {
                 None => 1,
                 Some(v) if if_match.matches(&etag_of(v)) => v + 1,
-                Some(_) => return Err(StoreError::PreconditionFailed),
+                Some(_) => return Err(StoreError::PreconditionFailed.into()),
             };
             cert.etag.clear();
             conn.execute(
@@ -715,7 +720,7 @@ impl SessionStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Rights, StoredSubscription};
+    use ferrohub_store::{Rights, StoredSubscription};
 
     fn device(id: &str) -> Device {
         Device {
@@ -976,7 +981,7 @@ mod tests {
             assert!(matches!(results[1], Err(StoreError::AlreadyExists)));
             assert!(matches!(results[3], Err(StoreError::AlreadyExists)));
             join(session).await??;
-            assert!(matches!(join(partial).await?, Err(StoreError::Database(_))));
+            assert!(matches!(join(partial).await?, Err(StoreError::Backend(_))));
         }
         let store = SqliteStore::open(dir.path())?;
         let ids: Vec<_> = store
@@ -1025,7 +1030,7 @@ mod tests {
         let _ = release.send(());
         join(holder).await??;
         for task in [before, orphan, after] {
-            assert!(matches!(join(task).await?, Err(StoreError::Database(_))));
+            assert!(matches!(join(task).await?, Err(StoreError::Backend(_))));
         }
         assert!(store.load_session("k1").await?.is_none());
         assert!(store.load_session("k2").await?.is_none());

@@ -11,8 +11,9 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::error::SqlResult;
 use crate::sqlite::{module_key, SqliteStore};
-use crate::{
+use ferrohub_store::{
     C2dMessage, C2dStore, FeedbackBatch, FeedbackRecord, FeedbackStatus, Result, StoreError,
 };
 
@@ -26,7 +27,7 @@ fn limit_of(n: usize) -> i64 {
 
 /// Rebuilds a message from its row. The columns are authoritative for what changes after
 /// enqueue (delivery count) or is assigned by it (sequence); the doc holds the rest.
-fn decode(seq: i64, delivery_count: i64, doc: &str, payload: Vec<u8>) -> Result<C2dMessage> {
+fn decode(seq: i64, delivery_count: i64, doc: &str, payload: Vec<u8>) -> SqlResult<C2dMessage> {
     let mut msg: C2dMessage = serde_json::from_str(doc)?;
     msg.sequence_number = u64::try_from(seq).unwrap_or(0);
     msg.delivery_count = u32::try_from(delivery_count).unwrap_or(u32::MAX);
@@ -40,7 +41,7 @@ fn record_feedback(
     msg: &C2dMessage,
     status: FeedbackStatus,
     now_utc: &str,
-) -> Result<()> {
+) -> SqlResult<()> {
     if !msg.ack.wants(status) {
         return Ok(());
     }
@@ -83,7 +84,7 @@ impl C2dStore for SqliteStore {
                     .query_row(params![msg.device_id, m], |r| r.get(0))?,
             };
             if !exists {
-                return Err(StoreError::NotFound);
+                return Err(StoreError::NotFound.into());
             }
             let depth: i64 = conn
                 .prepare_cached(
@@ -91,7 +92,7 @@ impl C2dStore for SqliteStore {
                 )?
                 .query_row(params![msg.device_id, module], |r| r.get(0))?;
             if depth >= max_depth {
-                return Err(StoreError::QueueFull);
+                return Err(StoreError::QueueFull.into());
             }
             let seq: i64 = conn
                 .prepare_cached(
@@ -372,7 +373,7 @@ impl C2dStore for SqliteStore {
                 )?
                 .execute(params![token, now_ms])?;
             if n == 0 {
-                return Err(StoreError::LockLost);
+                return Err(StoreError::LockLost.into());
             }
             Ok(())
         })
@@ -389,7 +390,7 @@ impl C2dStore for SqliteStore {
                 )?
                 .execute(params![token, now_ms])?;
             if n == 0 {
-                return Err(StoreError::LockLost);
+                return Err(StoreError::LockLost.into());
             }
             Ok(())
         })
@@ -400,7 +401,7 @@ impl C2dStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Device, FeedbackRequest, IfMatch, Module, RegistryStore, TwinStore};
+    use ferrohub_store::{Device, FeedbackRequest, IfMatch, Module, RegistryStore, TwinStore};
 
     /// A store whose registry holds every identity these tests send to.
     async fn with_identities(dir: &std::path::Path) -> Result<SqliteStore> {
@@ -971,7 +972,7 @@ mod tests {
     }
 
     /// Throughput of the group commit: 5,000 concurrent enqueues over 1,000 queues. Run with
-    /// `cargo test -p ferrohub-store --release -- --ignored --nocapture enqueue_throughput`.
+    /// `cargo test -p ferrohub-sqlite --release -- --ignored --nocapture enqueue_throughput`.
     #[tokio::test(flavor = "multi_thread")]
     #[ignore]
     async fn enqueue_throughput() -> Result<()> {
