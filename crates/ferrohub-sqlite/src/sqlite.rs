@@ -85,13 +85,36 @@ CREATE TABLE IF NOT EXISTS c2d_feedback (
     lock_until_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS c2d_feedback_lock ON c2d_feedback (lock_token);
+-- version: the token of conditional writes (see `migrate` for databases older than it).
 CREATE TABLE IF NOT EXISTS twins (
     device_id TEXT NOT NULL,
     module_id TEXT NOT NULL DEFAULT '',
     doc       TEXT NOT NULL,
+    version   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, module_id)
 ) WITHOUT ROWID;
 "#;
+
+/// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`
+/// leaves existing tables as they are, so added columns are added here. Users keep their data
+/// directories across upgrades.
+fn migrate(conn: &Connection) -> SqlResult<()> {
+    let has_column = |table: &str, column: &str| -> SqlResult<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        for name in names {
+            if name? == column {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !has_column("twins", "version")? {
+        // Twins from before versions exist read as version 0, a valid token.
+        conn.execute_batch("ALTER TABLE twins ADD COLUMN version INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
 
 struct Inner {
     /// All writes go through the one writer thread: SQLite has a single writer anyway, owning
@@ -179,6 +202,7 @@ impl SqliteStore {
         let path = data_dir.join(DB_FILE);
         let writer = open_conn(&path, false)?;
         writer.execute_batch(SCHEMA)?;
+        migrate(&writer)?;
         // Checkpoints normally run on their own thread (see `Checkpoints`); this only
         // bounds the WAL if that thread falls far behind (64 MiB).
         writer.pragma_update(None, "wal_autocheckpoint", 16384)?;
@@ -1037,6 +1061,29 @@ mod tests {
 
         store.save_session("k3", &StoredSession::default()).await?;
         assert!(store.load_session("k3").await?.is_some());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone_and_writes_go_on() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        let boom = store
+            .write(|conn| -> SqlResult<()> {
+                conn.execute(
+                    "INSERT INTO sessions (client_key, doc) VALUES ('half', '{}')",
+                    [],
+                )?;
+                panic!("bug in a job")
+            })
+            .await;
+        match boom {
+            Err(StoreError::Task(msg)) => assert!(msg.contains("bug in a job"), "{msg}"),
+            other => panic!("expected Task, got {other:?}"),
+        }
+        store.save_session("c1", &StoredSession::default()).await?;
+        assert!(store.load_session("c1").await?.is_some());
+        assert!(store.load_session("half").await?.is_none());
         Ok(())
     }
 

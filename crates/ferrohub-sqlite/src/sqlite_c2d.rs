@@ -804,13 +804,7 @@ mod tests {
                 store
                     .c2d_enqueue(with_ack(msg(id, module, "x"), full), 10)
                     .await?;
-                store
-                    .update_twin(
-                        id,
-                        module,
-                        Box::new(|_| Ok(("{}".to_string(), Box::new(()) as _))),
-                    )
-                    .await?;
+                store.put_twin(id, module, "{}".into(), None).await?;
             }
         }
 

@@ -55,9 +55,8 @@ where
 {
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ran> {
         let WriteJob { f, reply } = *self;
-        // Jobs may run caller code (twin update functions): a panic must cost that one job,
-        // not the thread every write of the process depends on. The savepoint rollback undoes
-        // whatever the job had done when it panicked.
+        // A bug in one job must cost that job, not the thread every write of the process
+        // depends on. The savepoint rollback undoes whatever the job had done when it panicked.
         let result = match catch_unwind(AssertUnwindSafe(|| f(conn))) {
             Ok(r) => r,
             Err(panic) => Err(StoreError::Task(format!(

@@ -38,9 +38,10 @@ pub enum StoreError {
     /// A lock token is unknown or its lock has expired.
     #[error("lock lost")]
     LockLost,
-    /// The caller's update function refused the change; nothing was written.
-    #[error("update rejected: {0}")]
-    Rejected(BoxError),
+    /// A conditional write found the record changed (or created, or gone) since it was read;
+    /// nothing was written. The caller reads again and retries.
+    #[error("the record changed since it was read")]
+    VersionMismatch,
 }
 
 /// An engine's error, carried untouched so callers can downcast it when they must.
@@ -203,28 +204,36 @@ pub trait C2dStore: Send + Sync + 'static {
     async fn feedback_abandon(&self, lock_token: &str, now_ms: i64) -> Result<()>;
 }
 
-/// The output of a twin update function: the new document to store and a value for the caller.
-pub type TwinUpdateOutput = (String, Box<dyn std::any::Any + Send>);
-
-/// A read-modify-write of one twin document, run atomically by the store. It receives the
-/// stored document (`None` if the identity has none yet) and returns the new one, or an error
-/// that aborts the update with [`StoreError::Rejected`].
-pub type TwinUpdate =
-    Box<dyn FnOnce(Option<String>) -> std::result::Result<TwinUpdateOutput, BoxError> + Send>;
+/// A stored twin document and the version the store gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedTwin {
+    pub doc: String,
+    /// Changes with every successful [`TwinStore::put_twin`]; the token for the next one.
+    pub version: u64,
+}
 
 /// Device and module twins, stored as opaque JSON documents: twin semantics (versions,
-/// metadata, merge rules) belong to the hub, the store only guarantees atomic updates.
+/// metadata, merge rules) belong to the hub, the store only offers a read and a conditional
+/// write. A read-modify-write is read, compute, `put_twin` with the version read, and again on
+/// [`StoreError::VersionMismatch`]: a shape any engine can offer (an `UPDATE ... WHERE
+/// version = $v`, a compare-and-swap), unlike running caller code inside the store.
 #[async_trait]
 pub trait TwinStore: Send + Sync + 'static {
-    async fn get_twin(&self, device_id: &str, module_id: Option<&str>) -> Result<Option<String>>;
-    /// Applies `update` atomically (no concurrent update of the same twin can interleave) and
-    /// durably; returns the function's output value.
-    async fn update_twin(
+    async fn get_twin(
         &self,
         device_id: &str,
         module_id: Option<&str>,
-        update: TwinUpdate,
-    ) -> Result<Box<dyn std::any::Any + Send>>;
+    ) -> Result<Option<VersionedTwin>>;
+    /// Stores `doc` durably if the twin is still as the caller read it: `expected = None` only
+    /// if the identity has no twin, `Some(v)` only if its stored version is `v`. Returns the new
+    /// version; [`StoreError::VersionMismatch`] (nothing written) otherwise.
+    async fn put_twin(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        doc: String,
+        expected: Option<u64>,
+    ) -> Result<u64>;
 }
 
 /// Everything the hub needs from storage, as one handle.
