@@ -15,6 +15,7 @@ use crate::error::SqlResult;
 use crate::sqlite::{module_key, SqliteStore};
 use ferrohub_store::{
     C2dMessage, C2dStore, FeedbackBatch, FeedbackRecord, FeedbackStatus, Result, StoreError,
+    Timestamp,
 };
 
 fn to_i64(n: u64) -> i64 {
@@ -180,11 +181,11 @@ impl C2dStore for SqliteStore {
         module_id: Option<&str>,
         sequence_number: u64,
         status: FeedbackStatus,
-        now_utc: &str,
+        now: Timestamp,
     ) -> Result<Option<C2dMessage>> {
         let (device, module) = (device_id.to_string(), module_key(module_id));
         let seq = to_i64(sequence_number);
-        let now_utc = now_utc.to_string();
+        let now_utc = now.to_iso();
         self.write(move |conn| {
             let row: Option<(i64, String, Vec<u8>)> = conn
                 .prepare_cached(
@@ -222,10 +223,10 @@ impl C2dStore for SqliteStore {
         &self,
         device_id: &str,
         module_id: Option<&str>,
-        now_utc: &str,
+        now: Timestamp,
     ) -> Result<u64> {
         let (device, module) = (device_id.to_string(), module_key(module_id));
-        let now_utc = now_utc.to_string();
+        let now_utc = now.to_iso();
         self.write(move |conn| {
             // Read first and delete after, rather than DELETE ... RETURNING, so feedback is
             // recorded in queue order (RETURNING order is unspecified).
@@ -258,11 +259,10 @@ impl C2dStore for SqliteStore {
 
     async fn c2d_expire(
         &self,
-        now_ms: i64,
-        now_utc: &str,
+        now: Timestamp,
         limit: usize,
     ) -> Result<Vec<(String, Option<String>)>> {
-        let now_utc = now_utc.to_string();
+        let (now_ms, now_utc) = (now.unix_ms(), now.to_iso());
         let limit = limit_of(limit);
         self.write(move |conn| {
             let expired = {
@@ -299,21 +299,23 @@ impl C2dStore for SqliteStore {
         .await
     }
 
-    async fn c2d_next_expiry(&self) -> Result<Option<i64>> {
+    async fn c2d_next_expiry(&self) -> Result<Option<Timestamp>> {
         self.read(|conn| {
-            Ok(conn
+            let ms: Option<i64> = conn
                 .prepare_cached("SELECT MIN(expiry_ms) FROM c2d_messages")?
-                .query_row([], |r| r.get(0))?)
+                .query_row([], |r| r.get(0))?;
+            Ok(ms.map(Timestamp::from_unix_ms))
         })
         .await
     }
 
     async fn feedback_receive(
         &self,
-        now_ms: i64,
-        lock_ms: i64,
+        now: Timestamp,
+        lock: std::time::Duration,
         max: usize,
     ) -> Result<Option<FeedbackBatch>> {
+        let now_ms = now.unix_ms();
         if max == 0 {
             return Ok(None);
         }
@@ -332,7 +334,7 @@ impl C2dStore for SqliteStore {
             return Ok(None);
         }
         let lock_token = format!("{:032x}", rand::random::<u128>());
-        let lock_until = now_ms.saturating_add(lock_ms);
+        let lock_until = now.saturating_add(lock).unix_ms();
         let limit = limit_of(max);
         self.write(move |conn| {
             let free = {
@@ -364,8 +366,8 @@ impl C2dStore for SqliteStore {
         .await
     }
 
-    async fn feedback_complete(&self, lock_token: &str, now_ms: i64) -> Result<()> {
-        let token = lock_token.to_string();
+    async fn feedback_complete(&self, lock_token: &str, now: Timestamp) -> Result<()> {
+        let (token, now_ms) = (lock_token.to_string(), now.unix_ms());
         self.write(move |conn| {
             let n = conn
                 .prepare_cached(
@@ -380,8 +382,8 @@ impl C2dStore for SqliteStore {
         .await
     }
 
-    async fn feedback_abandon(&self, lock_token: &str, now_ms: i64) -> Result<()> {
-        let token = lock_token.to_string();
+    async fn feedback_abandon(&self, lock_token: &str, now: Timestamp) -> Result<()> {
+        let (token, now_ms) = (lock_token.to_string(), now.unix_ms());
         self.write(move |conn| {
             let n = conn
                 .prepare_cached(
@@ -401,6 +403,11 @@ impl C2dStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn ms(t: i64) -> Timestamp {
+        Timestamp::from_unix_ms(t)
+    }
     use ferrohub_store::{Device, FeedbackRequest, IfMatch, Module, RegistryStore, TwinStore};
 
     /// A store whose registry holds every identity these tests send to.
@@ -478,14 +485,17 @@ mod tests {
         msgs.iter().map(|m| m.sequence_number).collect()
     }
 
-    const NOW_UTC: &str = "2024-01-01T00:00:00Z";
+    const NOW: Timestamp = Timestamp::from_unix_ms(1_704_067_200_000);
 
     /// All feedback currently receivable, completed so the next call starts empty.
     async fn drain_feedback(store: &SqliteStore) -> Result<Vec<FeedbackRecord>> {
-        match store.feedback_receive(0, 1_000, 1_000).await? {
+        match store
+            .feedback_receive(ms(0), Duration::from_millis(1_000), 1_000)
+            .await?
+        {
             None => Ok(Vec::new()),
             Some(batch) => {
-                store.feedback_complete(&batch.lock_token, 0).await?;
+                store.feedback_complete(&batch.lock_token, ms(0)).await?;
                 Ok(batch.records)
             }
         }
@@ -504,7 +514,7 @@ mod tests {
             assert_eq!(a.payload, b"a");
             for s in [1, 2] {
                 store
-                    .c2d_settle("d1", None, s, FeedbackStatus::Success, NOW_UTC)
+                    .c2d_settle("d1", None, s, FeedbackStatus::Success, NOW)
                     .await?;
             }
             assert_eq!(store.c2d_count("d1", None).await?, 0);
@@ -513,7 +523,7 @@ mod tests {
         }
         let store = with_identities(dir.path()).await?;
         store
-            .c2d_settle("d1", None, 3, FeedbackStatus::Success, NOW_UTC)
+            .c2d_settle("d1", None, 3, FeedbackStatus::Success, NOW)
             .await?;
         let d = store.c2d_enqueue(msg("d1", None, "d"), 10).await?;
         assert_eq!(d.sequence_number, 4);
@@ -537,7 +547,7 @@ mod tests {
         ));
         // A refused message uses no sequence number.
         store
-            .c2d_settle("d1", None, 1, FeedbackStatus::Success, NOW_UTC)
+            .c2d_settle("d1", None, 1, FeedbackStatus::Success, NOW)
             .await?;
         let next = store.c2d_enqueue(msg("d1", None, "fits"), 3).await?;
         assert_eq!(next.sequence_number, 4);
@@ -599,13 +609,7 @@ mod tests {
         assert_eq!(counts, vec![2, 1]);
         assert_eq!(store.c2d_peek("d2", None, 0, 1).await?[0].delivery_count, 0);
         let settled = store
-            .c2d_settle(
-                "d1",
-                None,
-                a.sequence_number,
-                FeedbackStatus::Success,
-                NOW_UTC,
-            )
+            .c2d_settle("d1", None, a.sequence_number, FeedbackStatus::Success, NOW)
             .await?;
         assert_eq!(settled.map(|m| m.delivery_count), Some(2));
         assert_eq!(
@@ -615,13 +619,7 @@ mod tests {
             0
         );
         assert!(store
-            .c2d_settle(
-                "d1",
-                None,
-                a.sequence_number,
-                FeedbackStatus::Success,
-                NOW_UTC
-            )
+            .c2d_settle("d1", None, a.sequence_number, FeedbackStatus::Success, NOW)
             .await?
             .is_none());
         assert_eq!(other.delivery_count, 0);
@@ -652,7 +650,7 @@ mod tests {
                     .c2d_enqueue(with_ack(msg("d1", Some("m1"), &id), ack), 100)
                     .await?;
                 let settled = store
-                    .c2d_settle("d1", Some("m1"), m.sequence_number, status, NOW_UTC)
+                    .c2d_settle("d1", Some("m1"), m.sequence_number, status, NOW)
                     .await?;
                 assert_eq!(settled.as_ref().map(|s| &s.message_id), Some(&id));
                 let feedback = drain_feedback(&store).await?;
@@ -666,7 +664,7 @@ mod tests {
                             device_generation_id: "gen1".into(),
                             status_code: status,
                             description: status.description().into(),
-                            enqueued_time_utc: NOW_UTC.into(),
+                            enqueued_time_utc: NOW.to_iso(),
                         }]
                     );
                 } else {
@@ -697,7 +695,7 @@ mod tests {
             )
             .await?;
         store.c2d_enqueue(msg("d2", None, "other"), 10).await?;
-        assert_eq!(store.c2d_purge("d1", None, NOW_UTC).await?, 3);
+        assert_eq!(store.c2d_purge("d1", None, NOW).await?, 3);
         assert_eq!(store.c2d_count("d1", None).await?, 0);
         assert_eq!(store.c2d_count("d2", None).await?, 1);
         let feedback = drain_feedback(&store).await?;
@@ -709,7 +707,7 @@ mod tests {
         assert!(feedback
             .iter()
             .all(|f| f.status_code == FeedbackStatus::Purged));
-        assert_eq!(store.c2d_purge("d1", None, NOW_UTC).await?, 0);
+        assert_eq!(store.c2d_purge("d1", None, NOW).await?, 0);
         Ok(())
     }
 
@@ -734,15 +732,24 @@ mod tests {
         store
             .c2d_enqueue(with_expiry(msg("d2", None, "young2"), 6_000), 10)
             .await?;
-        assert_eq!(store.c2d_next_expiry().await?, Some(100));
+        assert_eq!(
+            store.c2d_next_expiry().await?,
+            Some(Timestamp::from_unix_ms(100))
+        );
 
         // The limit bounds one call; the rest waits for the next.
-        let first = store.c2d_expire(300, NOW_UTC, 2).await?;
+        let first = store.c2d_expire(Timestamp::from_unix_ms(300), 2).await?;
         assert_eq!(first, vec![("d1".to_string(), None)]);
-        assert_eq!(store.c2d_next_expiry().await?, Some(300));
-        let second = store.c2d_expire(300, NOW_UTC, 100).await?;
+        assert_eq!(
+            store.c2d_next_expiry().await?,
+            Some(Timestamp::from_unix_ms(300))
+        );
+        let second = store.c2d_expire(Timestamp::from_unix_ms(300), 100).await?;
         assert_eq!(second, vec![("d1".to_string(), Some("m1".to_string()))]);
-        assert!(store.c2d_expire(300, NOW_UTC, 100).await?.is_empty());
+        assert!(store
+            .c2d_expire(Timestamp::from_unix_ms(300), 100)
+            .await?
+            .is_empty());
 
         assert_eq!(
             seqs(&store.c2d_peek("d1", None, 0, 10).await?),
@@ -750,7 +757,10 @@ mod tests {
             "only the young message stays"
         );
         assert_eq!(store.c2d_count("d2", None).await?, 1);
-        assert_eq!(store.c2d_next_expiry().await?, Some(5_000));
+        assert_eq!(
+            store.c2d_next_expiry().await?,
+            Some(Timestamp::from_unix_ms(5_000))
+        );
         let feedback = drain_feedback(&store).await?;
         assert_eq!(feedback.len(), 1);
         assert_eq!(feedback[0].original_message_id, "old1");
@@ -776,7 +786,7 @@ mod tests {
         let peeked = store.c2d_peek("d1", Some("m1"), 0, 10).await?;
         assert_eq!(peeked, vec![m1]);
         assert_eq!(store.c2d_peek("d1", None, 0, 10).await?[0].module_id, None);
-        assert_eq!(store.c2d_purge("d1", Some("m2"), NOW_UTC).await?, 2);
+        assert_eq!(store.c2d_purge("d1", Some("m2"), NOW).await?, 2);
         assert_eq!(store.c2d_count("d1", None).await?, 1);
         Ok(())
     }
@@ -850,13 +860,7 @@ mod tests {
                 )
                 .await?;
             store
-                .c2d_settle(
-                    "d1",
-                    None,
-                    m.sequence_number,
-                    FeedbackStatus::Success,
-                    NOW_UTC,
-                )
+                .c2d_settle("d1", None, m.sequence_number, FeedbackStatus::Success, NOW)
                 .await?;
         }
         Ok(())
@@ -874,18 +878,21 @@ mod tests {
     async fn feedback_locks_hide_records_until_completed_or_expired() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let store = with_identities(dir.path()).await?;
-        assert!(store.feedback_receive(0, 1_000, 10).await?.is_none());
+        assert!(store
+            .feedback_receive(ms(0), Duration::from_millis(1_000), 10)
+            .await?
+            .is_none());
         make_feedback(&store, 3).await?;
 
         let t = 1_000_000;
         let first = store
-            .feedback_receive(t, 1_000, 2)
+            .feedback_receive(ms(t), Duration::from_millis(1_000), 2)
             .await?
             .ok_or(StoreError::NotFound)?;
         assert_eq!(ids(&first), ["f0", "f1"]);
         assert_eq!(first.lock_token.len(), 32);
         let second = store
-            .feedback_receive(t, 1_000, 10)
+            .feedback_receive(ms(t), Duration::from_millis(1_000), 10)
             .await?
             .ok_or(StoreError::NotFound)?;
         assert_eq!(
@@ -894,37 +901,48 @@ mod tests {
             "locked records are not received again"
         );
         assert_ne!(first.lock_token, second.lock_token);
-        assert!(store.feedback_receive(t + 999, 1_000, 10).await?.is_none());
+        assert!(store
+            .feedback_receive(ms(t + 999), Duration::from_millis(1_000), 10)
+            .await?
+            .is_none());
 
-        store.feedback_complete(&second.lock_token, t + 999).await?;
+        store
+            .feedback_complete(&second.lock_token, ms(t + 999))
+            .await?;
         assert!(matches!(
-            store.feedback_complete(&second.lock_token, t + 999).await,
+            store
+                .feedback_complete(&second.lock_token, ms(t + 999))
+                .await,
             Err(StoreError::LockLost)
         ));
 
         // The first lock expires at t + 1000: too late to complete, and receivable again.
         assert!(matches!(
-            store.feedback_complete(&first.lock_token, t + 1_000).await,
+            store
+                .feedback_complete(&first.lock_token, ms(t + 1_000))
+                .await,
             Err(StoreError::LockLost)
         ));
         let again = store
-            .feedback_receive(t + 1_000, 1_000, 10)
+            .feedback_receive(ms(t + 1_000), Duration::from_millis(1_000), 10)
             .await?
             .ok_or(StoreError::NotFound)?;
         assert_eq!(ids(&again), ["f0", "f1"]);
         assert!(matches!(
-            store.feedback_complete(&first.lock_token, t + 1_001).await,
+            store
+                .feedback_complete(&first.lock_token, ms(t + 1_001))
+                .await,
             Err(StoreError::LockLost)
         ));
         store
-            .feedback_complete(&again.lock_token, t + 1_001)
+            .feedback_complete(&again.lock_token, ms(t + 1_001))
             .await?;
         assert!(store
-            .feedback_receive(t + 10_000, 1_000, 10)
+            .feedback_receive(ms(t + 10_000), Duration::from_millis(1_000), 10)
             .await?
             .is_none());
         assert!(matches!(
-            store.feedback_complete("unknown", 0).await,
+            store.feedback_complete("unknown", ms(0)).await,
             Err(StoreError::LockLost)
         ));
         Ok(())
@@ -937,28 +955,31 @@ mod tests {
         make_feedback(&store, 2).await?;
         let t = 5_000;
         let batch = store
-            .feedback_receive(t, 60_000, 10)
+            .feedback_receive(ms(t), Duration::from_millis(60_000), 10)
             .await?
             .ok_or(StoreError::NotFound)?;
-        assert!(store.feedback_receive(t, 60_000, 10).await?.is_none());
-        store.feedback_abandon(&batch.lock_token, t + 1).await?;
+        assert!(store
+            .feedback_receive(ms(t), Duration::from_millis(60_000), 10)
+            .await?
+            .is_none());
+        store.feedback_abandon(&batch.lock_token, ms(t + 1)).await?;
         assert!(matches!(
-            store.feedback_abandon(&batch.lock_token, t + 1).await,
+            store.feedback_abandon(&batch.lock_token, ms(t + 1)).await,
             Err(StoreError::LockLost)
         ));
         assert!(matches!(
-            store.feedback_complete(&batch.lock_token, t + 1).await,
+            store.feedback_complete(&batch.lock_token, ms(t + 1)).await,
             Err(StoreError::LockLost)
         ));
         let again = store
-            .feedback_receive(t + 1, 60_000, 10)
+            .feedback_receive(ms(t + 1), Duration::from_millis(60_000), 10)
             .await?
             .ok_or(StoreError::NotFound)?;
         assert_eq!(ids(&again), ["f0", "f1"]);
         // An expired lock cannot be abandoned either.
         assert!(matches!(
             store
-                .feedback_abandon(&again.lock_token, t + 1 + 60_000)
+                .feedback_abandon(&again.lock_token, ms(t + 1 + 60_000))
                 .await,
             Err(StoreError::LockLost)
         ));

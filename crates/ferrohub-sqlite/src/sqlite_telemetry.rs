@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use ferrohub_store::telemetry::{
     Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog,
 };
-use ferrohub_store::{Result, StoreError};
+use ferrohub_store::{Result, StoreError, Timestamp};
 
 use crate::error::SqlResult;
 
@@ -583,7 +583,8 @@ impl TelemetryLog for SqliteTelemetry {
             .await
     }
 
-    async fn enforce_retention(&self, retention: Retention, now_ms: i64) -> Result<u64> {
+    async fn enforce_retention(&self, retention: Retention, now: Timestamp) -> Result<u64> {
+        let now_ms = now.unix_ms();
         let mut total = 0;
         loop {
             let n = self
@@ -676,7 +677,11 @@ mod tests {
             max_age_ms: 15,
             max_bytes: u64::MAX,
         };
-        assert_eq!(log.enforce_retention(r, 40).await?, 2);
+        assert_eq!(
+            log.enforce_retention(r, Timestamp::from_unix_ms(40))
+                .await?,
+            2
+        );
         let left: Vec<u64> = log
             .read(0, 0, 10)
             .await?
@@ -691,7 +696,7 @@ mod tests {
                     max_age_ms: 0,
                     max_bytes: u64::MAX
                 },
-                1000
+                Timestamp::from_unix_ms(1000)
             )
             .await?,
             2
@@ -716,7 +721,7 @@ mod tests {
                     max_age_ms: i64::MAX / 2,
                     max_bytes: 64 * 1024,
                 },
-                200,
+                Timestamp::from_unix_ms(200),
             )
             .await?;
         assert!(removed > 0);

@@ -7,9 +7,13 @@
 
 pub mod model;
 pub mod telemetry;
+mod timestamp;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 pub use model::*;
+pub use timestamp::Timestamp;
 
 /// What can go wrong in a store call. The variants that carry meaning for callers (not found,
 /// exists, etag mismatch) are separate from engine failures so the API can map them to IoT Hub
@@ -168,7 +172,7 @@ pub trait C2dStore: Send + Sync + 'static {
         module_id: Option<&str>,
         sequence_number: u64,
         status: FeedbackStatus,
-        now_utc: &str,
+        now: Timestamp,
     ) -> Result<Option<C2dMessage>>;
     async fn c2d_count(&self, device_id: &str, module_id: Option<&str>) -> Result<u64>;
     /// Settles every queued message as `Purged`; returns how many there were.
@@ -176,32 +180,31 @@ pub trait C2dStore: Send + Sync + 'static {
         &self,
         device_id: &str,
         module_id: Option<&str>,
-        now_utc: &str,
+        now: Timestamp,
     ) -> Result<u64>;
-    /// Settles up to `limit` messages (any queue) whose expiry is at or before `now_ms` as
-    /// `Expired`; returns the identities whose queues changed.
+    /// Settles up to `limit` messages (any queue) whose expiry is at or before `now` as
+    /// `Expired`, earliest expiry first; returns the identities whose queues changed.
     async fn c2d_expire(
         &self,
-        now_ms: i64,
-        now_utc: &str,
+        now: Timestamp,
         limit: usize,
     ) -> Result<Vec<(String, Option<String>)>>;
     /// The earliest expiry among all queued messages.
-    async fn c2d_next_expiry(&self) -> Result<Option<i64>>;
+    async fn c2d_next_expiry(&self) -> Result<Option<Timestamp>>;
 
-    /// Locks up to `max` feedback records not under a live lock for `lock_ms` and returns them
-    /// with a new lock token; `None` when there are none.
+    /// Locks up to `max` feedback records not under a live lock for `lock` and returns them,
+    /// oldest first, with a new lock token; `None` when there are none.
     async fn feedback_receive(
         &self,
-        now_ms: i64,
-        lock_ms: i64,
+        now: Timestamp,
+        lock: Duration,
         max: usize,
     ) -> Result<Option<FeedbackBatch>>;
     /// Deletes the records of a live lock. [`StoreError::LockLost`] if the token is unknown or
     /// its lock expired.
-    async fn feedback_complete(&self, lock_token: &str, now_ms: i64) -> Result<()>;
+    async fn feedback_complete(&self, lock_token: &str, now: Timestamp) -> Result<()>;
     /// Releases a live lock so the records can be received again. Same errors as complete.
-    async fn feedback_abandon(&self, lock_token: &str, now_ms: i64) -> Result<()>;
+    async fn feedback_abandon(&self, lock_token: &str, now: Timestamp) -> Result<()>;
 }
 
 /// A stored twin document and the version the store gave it.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{Result, Timestamp};
 
 /// A message to append. The store chooses the partition (from the device id) and assigns the
 /// sequence number.
@@ -90,5 +90,5 @@ pub trait TelemetryLog: Send + Sync + 'static {
     async fn save_checkpoint(&self, group: &str, partition: u32, next_sequence: u64) -> Result<()>;
 
     /// Removes what `retention` says is expired; returns how many messages went.
-    async fn enforce_retention(&self, retention: Retention, now_ms: i64) -> Result<u64>;
+    async fn enforce_retention(&self, retention: Retention, now: Timestamp) -> Result<u64>;
 }
