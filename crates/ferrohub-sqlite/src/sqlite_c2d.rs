@@ -6,7 +6,7 @@
 //! together (depth check and sequence assignment, removal and its feedback) are atomic without
 //! further locking.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
@@ -217,6 +217,31 @@ impl C2dStore for SqliteStore {
             Ok(u64::try_from(n).unwrap_or(0))
         })
         .await
+    }
+
+    async fn c2d_counts(&self, device_ids: &[&str]) -> Result<HashMap<String, u64>> {
+        // The ids go in as one JSON array: one statement whatever their number, with no
+        // limit on bound parameters to run into.
+        let ids = serde_json::to_string(device_ids)?;
+        let mut counts: HashMap<String, u64> =
+            device_ids.iter().map(|d| (d.to_string(), 0)).collect();
+        let found = self
+            .read(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT device_id, COUNT(*) FROM c2d_messages \
+                     WHERE module_id = '' AND device_id IN (SELECT value FROM json_each(?1)) \
+                     GROUP BY device_id",
+                )?;
+                let rows = stmt.query_map(params![ids], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await?;
+        for (device, n) in found {
+            counts.insert(device, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(counts)
     }
 
     async fn c2d_purge(

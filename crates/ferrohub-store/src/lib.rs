@@ -9,6 +9,7 @@ pub mod model;
 pub mod telemetry;
 mod timestamp;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -175,6 +176,9 @@ pub trait C2dStore: Send + Sync + 'static {
         now: Timestamp,
     ) -> Result<Option<C2dMessage>>;
     async fn c2d_count(&self, device_id: &str, module_id: Option<&str>) -> Result<u64>;
+    /// The depth of each listed device's own queue (not its modules'), in one round trip: a
+    /// device list shows many. Every id asked for is a key, with 0 for an empty queue.
+    async fn c2d_counts(&self, device_ids: &[&str]) -> Result<HashMap<String, u64>>;
     /// Settles every queued message as `Purged`; returns how many there were.
     async fn c2d_purge(
         &self,
