@@ -11,5 +11,6 @@ mod sqlite_telemetry;
 mod sqlite_twins;
 mod sqlite_writer;
 
+pub use ferrohub_store::telemetry::partition_for;
 pub use sqlite::{SqliteStore, DB_FILE};
-pub use sqlite_telemetry::{partition_for, SqliteTelemetry, TELEMETRY_DB_FILE};
+pub use sqlite_telemetry::{SqliteTelemetry, TELEMETRY_DB_FILE};

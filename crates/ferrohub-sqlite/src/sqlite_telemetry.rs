@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use ferrohub_store::telemetry::{
-    Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog,
+    partition_for, Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog,
 };
 use ferrohub_store::{Result, StoreError, Timestamp};
 
@@ -113,16 +113,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct SqliteTelemetry {
     inner: Arc<Inner>,
-}
-
-/// FNV-1a: stable across builds and platforms, so a device keeps its partition.
-pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in device_id.as_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h % partitions.max(1)
 }
 
 fn open(path: &Path, read_only: bool) -> SqlResult<Connection> {

@@ -5,6 +5,7 @@
 //! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
 //! `ferrohub-sqlite`, a clustered one later) can be swapped without touching it.
 
+pub mod memory;
 pub mod model;
 pub mod telemetry;
 mod timestamp;
@@ -13,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use memory::{MemoryStore, MemoryTelemetry};
 pub use model::*;
 pub use timestamp::Timestamp;
 

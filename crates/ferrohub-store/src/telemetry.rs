@@ -52,6 +52,17 @@ pub struct Retention {
     pub max_bytes: u64,
 }
 
+/// The partition of a device's messages. FNV-1a: stable across builds, platforms and engines,
+/// so a device keeps its partition.
+pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in device_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions.max(1)
+}
+
 /// Resolves once an enqueued message is on disk, with its (partition, sequence).
 pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(u32, u64)>> + Send>>;
 
