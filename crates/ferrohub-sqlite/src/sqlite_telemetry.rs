@@ -639,24 +639,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn positions_resolve_and_checkpoints_persist() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let log = SqliteTelemetry::open(dir.path(), 1)?;
-        for t in [10, 20, 30] {
-            log.append(ev("d", t, b"x")).await?;
-        }
-        assert_eq!(log.resolve(0, StartPosition::Start).await?, 0);
-        assert_eq!(log.resolve(0, StartPosition::End).await?, 3);
-        assert_eq!(log.resolve(0, StartPosition::EnqueuedAt(15)).await?, 1);
-        assert_eq!(log.resolve(0, StartPosition::EnqueuedAt(99)).await?, 3);
-        assert_eq!(log.resolve(0, StartPosition::Sequence(2)).await?, 2);
-        log.save_checkpoint("g1", 0, 2).await?;
-        assert_eq!(log.checkpoints("g1").await?.get(&0), Some(&2));
-        assert!(log.checkpoints("g2").await?.is_empty());
-        Ok(())
-    }
-
-    #[tokio::test]
     async fn retention_removes_old_messages_but_never_reuses_sequences() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let log = SqliteTelemetry::open(dir.path(), 1)?;

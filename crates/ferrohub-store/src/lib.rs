@@ -8,6 +8,8 @@
 pub mod memory;
 pub mod model;
 pub mod telemetry;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testsuite;
 mod timestamp;
 
 use std::collections::HashMap;
@@ -253,4 +255,19 @@ pub trait Store:
 impl<T: RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore> Store
     for T
 {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_header_forms() {
+        assert_eq!(IfMatch::from_header(None), IfMatch::Any);
+        assert_eq!(IfMatch::from_header(Some("\"*\"")), IfMatch::Any);
+        assert_eq!(
+            IfMatch::from_header(Some("\"MQ==\"")),
+            IfMatch::Etag("MQ==".into())
+        );
+    }
 }
