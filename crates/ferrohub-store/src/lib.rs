@@ -3,7 +3,10 @@
 //! independent of any engine.
 //!
 //! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
-//! `ferrohub-sqlite`, a clustered one later) can be swapped without touching it.
+//! `ferrohub-sqlite`, a clustered one later) can be swapped without touching it. The traits
+//! therefore ask only for what a networked store can do too: no caller code runs inside the
+//! store (twins are a versioned read plus a conditional write). [`MemoryStore`] is the
+//! in-memory engine; the `testsuite` feature holds every engine to the same behaviour.
 
 pub mod memory;
 pub mod model;

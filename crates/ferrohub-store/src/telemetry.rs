@@ -21,6 +21,12 @@ pub struct NewEvent {
     pub body: Vec<u8>,
 }
 
+impl NewEvent {
+    pub fn enqueued_time(&self) -> Timestamp {
+        Timestamp::from_unix_ms(self.enqueued_ms)
+    }
+}
+
 /// A stored message, as readers see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
