@@ -28,7 +28,7 @@ logs=target/bench-service-last
 cargo build --release -q -p ferrohub -p ferrohub-bench
 # Which Ferrohub was measured: the commit, and whether the server's crates differed from it.
 build=$(git log -1 --format='%h %cs' 2>/dev/null || echo "unknown commit")
-if [ -n "$(git status --porcelain -- crates/ferrohub crates/ferrohub-mqtt crates/ferrohub-iothub crates/ferrohub-store 2>/dev/null)" ]; then
+if [ -n "$(git status --porcelain -- crates/ferrohub crates/ferrohub-mqtt crates/ferrohub-iothub crates/ferrohub-store crates/ferrohub-sqlite 2>/dev/null)" ]; then
   build="$build + uncommitted changes to the server crates"
 fi
 

@@ -9,13 +9,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferrohub_iothub::topics::{c2d_topic, Property};
 use ferrohub_iothub::Identity;
 use ferrohub_mqtt::QoS;
-use ferrohub_store::{C2dMessage, FeedbackStatus, StoreError};
+use ferrohub_store::{C2dMessage, FeedbackStatus, StoreError, Timestamp};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -84,10 +84,7 @@ pub enum SendError {
 }
 
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    Timestamp::now().unix_ms()
 }
 
 /// Size as IoT Hub counts it: body plus every property name and value.
@@ -218,7 +215,7 @@ impl Hub {
             .c2d_purge(
                 &identity.device_id,
                 identity.module_id.as_deref(),
-                &crate::timefmt::now_iso(),
+                Timestamp::now(),
             )
             .await?;
         Ok(n)
@@ -382,7 +379,7 @@ async fn settle(hub: &Hub, identity: &Identity, seq: u64, status: FeedbackStatus
             identity.module_id.as_deref(),
             seq,
             status,
-            &crate::timefmt::now_iso(),
+            Timestamp::now(),
         )
         .await;
     match r {
@@ -466,7 +463,7 @@ pub async fn expiry_loop(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiv
         let now = now_ms();
         match hub
             .store
-            .c2d_expire(now, &crate::timefmt::now_iso(), 256)
+            .c2d_expire(Timestamp::from_unix_ms(now), 256)
             .await
         {
             Ok(touched) if !touched.is_empty() => {
@@ -477,7 +474,7 @@ pub async fn expiry_loop(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiv
             Err(e) => warn!(error = %e, "C2D expiry failed"),
         }
         let next = match hub.store.c2d_next_expiry().await {
-            Ok(Some(t)) => t,
+            Ok(Some(t)) => t.unix_ms(),
             Ok(None) => now.saturating_add(3_600_000),
             Err(_) => now.saturating_add(5_000),
         };

@@ -2,8 +2,8 @@
 //! service's reads and updates, and desired-property notifications to connected devices.
 //!
 //! The document rules (merge, versions, metadata, limits) are `ferrohub_iothub::twin`; the
-//! store makes each update atomic. This module adds identity checks, etags, throttling and the
-//! push of desired changes.
+//! store offers a read and a conditional write, and `modify_twin` makes an atomic update of
+//! them. This module adds identity checks, etags, throttling and the push of desired changes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,33 +90,19 @@ impl TwinFailure {
 
 impl From<StoreError> for TwinFailure {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Rejected(inner) => match inner.downcast::<TwinFailure>() {
-                Ok(f) => *f,
-                Err(other) => TwinFailure::Corrupt(other.to_string()),
-            },
-            other => TwinFailure::Store(other),
-        }
+        TwinFailure::Store(e)
     }
 }
 
-/// Serialises a closure's result for the store; the closure's errors travel back boxed.
-fn finish<T: Send + 'static>(
-    doc: &StoredDoc,
-    out: T,
-) -> Result<ferrohub_store::TwinUpdateOutput, ferrohub_store::BoxError> {
-    let text = serde_json::to_string(doc)?;
-    Ok((text, Box::new(out)))
-}
+/// Reads of a twin a write may retry after losing to a concurrent one. Writers in this process
+/// take turns (`TwinLocks`), so only another process sharing the store can make a write lose;
+/// many losses in a row mean something is wrong, and the caller gets a server error.
+const TWIN_WRITE_TRIES: usize = 16;
 
-fn take<T: 'static>(v: Box<dyn std::any::Any + Send>) -> Result<T, TwinFailure> {
-    v.downcast::<T>()
-        .map(|b| *b)
-        .map_err(|_| TwinFailure::Corrupt("unexpected update output".into()))
-}
-
-/// A per-identity lock for service-side twin writes, so desired notifications leave in version
-/// order. Entries go when nobody holds them.
+/// A per-identity lock for twin writes, so desired notifications leave in version order and
+/// the device's and the service's writes take turns instead of failing each other's conditional
+/// writes (a device pipelining patches could otherwise starve a service update). Entries go
+/// when nobody holds them.
 #[derive(Default)]
 pub(crate) struct TwinLocks {
     map: std::sync::Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
@@ -142,6 +128,52 @@ impl TwinLocks {
 }
 
 impl Hub {
+    /// An atomic read-modify-write of `id`'s twin: reads it with its version, applies `change`
+    /// (pure document code, run again on each try) and writes only if nobody wrote in
+    /// between, else starts over from a fresh read. Returns the stored document and `change`'s
+    /// value.
+    async fn modify_twin<T>(
+        &self,
+        id: &Identity,
+        mut change: impl FnMut(&mut StoredDoc, &str) -> Result<T, TwinFailure>,
+    ) -> Result<(StoredDoc, T), TwinFailure> {
+        let now = crate::timefmt::now_iso();
+        let module = id.module_id.as_deref();
+        for _ in 0..TWIN_WRITE_TRIES {
+            let current = self.store.get_twin(&id.device_id, module).await?;
+            let expected = current.as_ref().map(|t| t.version);
+            let mut d = StoredDoc::load(current.map(|t| t.doc), &now)?;
+            let out = change(&mut d, &now)?;
+            let text =
+                serde_json::to_string(&d).map_err(|e| TwinFailure::Corrupt(e.to_string()))?;
+            match self
+                .store
+                .put_twin(&id.device_id, module, text, expected)
+                .await
+            {
+                Ok(_) => return Ok((d, out)),
+                Err(StoreError::VersionMismatch) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        warn!(identity = %id, "twin write kept losing to concurrent writes");
+        Err(TwinFailure::Store(StoreError::VersionMismatch))
+    }
+
+    /// [`Hub::modify_twin`] under the identity's twin lock.
+    async fn modify_twin_locked<T>(
+        &self,
+        id: &Identity,
+        change: impl FnMut(&mut StoredDoc, &str) -> Result<T, TwinFailure>,
+    ) -> Result<(StoredDoc, T), TwinFailure> {
+        let lock = self.twin_locks.get(id);
+        let guard = lock.lock().await;
+        let result = self.modify_twin(id, change).await;
+        drop(guard);
+        self.twin_locks.release(id, lock);
+        result
+    }
+
     fn respond(
         &self,
         client: &HubClient,
@@ -191,7 +223,7 @@ impl Hub {
             .get_twin(&id.device_id, id.module_id.as_deref())
             .await
         {
-            Ok(d) => d,
+            Ok(d) => d.map(|t| t.doc),
             Err(e) => return self.respond_error(client, rid, &e.into()),
         };
         match StoredDoc::load(doc, &crate::timefmt::now_iso()) {
@@ -213,24 +245,11 @@ impl Hub {
             Ok(v) => v,
             Err(e) => return self.respond_error(client, rid, &TwinFailure::BadJson(e.to_string())),
         };
-        let id = &client.identity;
-        let now = crate::timefmt::now_iso();
-        let update: ferrohub_store::TwinUpdate = Box::new(move |doc| {
-            let mut d = StoredDoc::load(doc, &now)?;
-            let v = d
-                .twin
-                .patch_reported(&patch, &now)
-                .map_err(TwinFailure::from)?;
-            finish(&d, v)
+        let update = self.modify_twin_locked(&client.identity, |d, now| {
+            Ok(d.twin.patch_reported(&patch, now)?)
         });
-        match self
-            .store
-            .update_twin(&id.device_id, id.module_id.as_deref(), update)
-            .await
-            .map_err(TwinFailure::from)
-            .and_then(take::<u64>)
-        {
-            Ok(version) => self.respond(client, 204, rid, Some(version), Vec::new()),
+        match update.await {
+            Ok((_, version)) => self.respond(client, 204, rid, Some(version), Vec::new()),
             Err(f) => self.respond_error(client, rid, &f),
         }
     }
@@ -241,25 +260,18 @@ impl Hub {
             .store
             .get_twin(&identity.device_id, identity.module_id.as_deref())
             .await;
-        if let Ok(Some(doc)) = &current {
-            if let Ok(d) = serde_json::from_str::<StoredDoc>(doc) {
+        if let Ok(Some(twin)) = &current {
+            if let Ok(d) = serde_json::from_str::<StoredDoc>(&twin.doc) {
                 if d.model_id.as_deref() == Some(model_id) {
                     return;
                 }
             }
         }
-        let now = crate::timefmt::now_iso();
-        let model = model_id.to_string();
-        let update: ferrohub_store::TwinUpdate = Box::new(move |doc| {
-            let mut d = StoredDoc::load(doc, &now)?;
-            d.model_id = Some(model);
-            finish(&d, ())
+        let update = self.modify_twin_locked(identity, |d, _| {
+            d.model_id = Some(model_id.to_string());
+            Ok(())
         });
-        if let Err(e) = self
-            .store
-            .update_twin(&identity.device_id, identity.module_id.as_deref(), update)
-            .await
-        {
+        if let Err(e) = update.await {
             warn!(identity = %identity, error = %e, "recording the model id failed");
         }
     }
@@ -273,7 +285,8 @@ impl Hub {
         let doc = self
             .store
             .get_twin(&identity.device_id, identity.module_id.as_deref())
-            .await?;
+            .await?
+            .map(|t| t.doc);
         let d = StoredDoc::load(doc, &crate::timefmt::now_iso())?;
         Ok(self.twin_json(identity, &d, registry))
     }
@@ -298,26 +311,15 @@ impl Hub {
         let registry = self.registry_view(identity).await?;
         let lock = self.twin_locks.get(identity);
         let guard = lock.lock().await;
-        let now = crate::timefmt::now_iso();
-        let update: ferrohub_store::TwinUpdate = Box::new(move |doc| {
-            let mut d = StoredDoc::load(doc, &now)?;
+        let update = self.modify_twin(identity, |d, now| {
+            // Checked against each fresh read: a retry must not pass on a stale match.
             if !if_match.matches(&d.etag()) {
-                return Err(Box::new(TwinFailure::PreconditionFailed(d.etag())));
+                return Err(TwinFailure::PreconditionFailed(d.etag()));
             }
-            let result = d
-                .twin
-                .apply_service_update(&body, replace, &now)
-                .map_err(TwinFailure::from)?;
-            let out = (result.desired_notification, d.clone());
-            finish(&d, out)
+            let result = d.twin.apply_service_update(&body, replace, now)?;
+            Ok(result.desired_notification)
         });
-        let result = self
-            .store
-            .update_twin(&identity.device_id, identity.module_id.as_deref(), update)
-            .await
-            .map_err(TwinFailure::from)
-            .and_then(take::<(Option<Value>, StoredDoc)>);
-        let (notification, doc) = match result {
+        let (doc, notification) = match update.await {
             Ok(r) => r,
             Err(e) => {
                 drop(guard);

@@ -1,20 +1,27 @@
-//! Ferrohub storage: the records the hub keeps, one trait per concern (registry, access
-//! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins), and the
-//! embedded SQLite engine behind them.
+//! Ferrohub storage: the records the hub keeps and one trait per concern (registry, access
+//! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins),
+//! independent of any engine.
 //!
-//! The semantics layer only ever sees the traits, so a clustered implementation (PostgreSQL for
-//! registry and sessions) can replace [`sqlite::SqliteStore`] without touching it.
+//! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
+//! `ferrohub-sqlite`, a clustered one later) can be swapped without touching it. The traits
+//! therefore ask only for what a networked store can do too: no caller code runs inside the
+//! store (twins are a versioned read plus a conditional write). [`MemoryStore`] is the
+//! in-memory engine; the `testsuite` feature holds every engine to the same behaviour.
 
+pub mod memory;
 pub mod model;
-pub mod sqlite;
-mod sqlite_c2d;
-pub mod sqlite_telemetry;
-mod sqlite_twins;
-mod sqlite_writer;
 pub mod telemetry;
+#[cfg(any(test, feature = "testsuite"))]
+pub mod testsuite;
+mod timestamp;
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use async_trait::async_trait;
+pub use memory::{MemoryStore, MemoryTelemetry};
 pub use model::*;
+pub use timestamp::Timestamp;
 
 /// What can go wrong in a store call. The variants that carry meaning for callers (not found,
 /// exists, etag mismatch) are separate from engine failures so the API can map them to IoT Hub
@@ -28,8 +35,9 @@ pub enum StoreError {
     AlreadyExists,
     #[error("etag does not match")]
     PreconditionFailed,
-    #[error("database error: {0}")]
-    Database(#[from] rusqlite::Error),
+    /// The engine failed; its own error is the source (a SQLite crate's, a network client's).
+    #[error("storage backend error: {0}")]
+    Backend(#[source] BoxError),
     #[error("stored record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
     #[error("storage task failed: {0}")]
@@ -42,12 +50,13 @@ pub enum StoreError {
     /// A lock token is unknown or its lock has expired.
     #[error("lock lost")]
     LockLost,
-    /// The caller's update function refused the change; nothing was written.
-    #[error("update rejected: {0}")]
-    Rejected(BoxError),
+    /// A conditional write found the record changed (or created, or gone) since it was read;
+    /// nothing was written. The caller reads again and retries.
+    #[error("the record changed since it was read")]
+    VersionMismatch,
 }
 
-/// An error raised by a caller-supplied update function, passed through untouched.
+/// An engine's error, carried untouched so callers can downcast it when they must.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -171,64 +180,74 @@ pub trait C2dStore: Send + Sync + 'static {
         module_id: Option<&str>,
         sequence_number: u64,
         status: FeedbackStatus,
-        now_utc: &str,
+        now: Timestamp,
     ) -> Result<Option<C2dMessage>>;
     async fn c2d_count(&self, device_id: &str, module_id: Option<&str>) -> Result<u64>;
+    /// The depth of each listed device's own queue (not its modules'), in one round trip: a
+    /// device list shows many. Every id asked for is a key, with 0 for an empty queue.
+    async fn c2d_counts(&self, device_ids: &[&str]) -> Result<HashMap<String, u64>>;
     /// Settles every queued message as `Purged`; returns how many there were.
     async fn c2d_purge(
         &self,
         device_id: &str,
         module_id: Option<&str>,
-        now_utc: &str,
+        now: Timestamp,
     ) -> Result<u64>;
-    /// Settles up to `limit` messages (any queue) whose expiry is at or before `now_ms` as
-    /// `Expired`; returns the identities whose queues changed.
+    /// Settles up to `limit` messages (any queue) whose expiry is at or before `now` as
+    /// `Expired`, earliest expiry first; returns the identities whose queues changed.
     async fn c2d_expire(
         &self,
-        now_ms: i64,
-        now_utc: &str,
+        now: Timestamp,
         limit: usize,
     ) -> Result<Vec<(String, Option<String>)>>;
     /// The earliest expiry among all queued messages.
-    async fn c2d_next_expiry(&self) -> Result<Option<i64>>;
+    async fn c2d_next_expiry(&self) -> Result<Option<Timestamp>>;
 
-    /// Locks up to `max` feedback records not under a live lock for `lock_ms` and returns them
-    /// with a new lock token; `None` when there are none.
+    /// Locks up to `max` feedback records not under a live lock for `lock` and returns them,
+    /// oldest first, with a new lock token; `None` when there are none.
     async fn feedback_receive(
         &self,
-        now_ms: i64,
-        lock_ms: i64,
+        now: Timestamp,
+        lock: Duration,
         max: usize,
     ) -> Result<Option<FeedbackBatch>>;
     /// Deletes the records of a live lock. [`StoreError::LockLost`] if the token is unknown or
     /// its lock expired.
-    async fn feedback_complete(&self, lock_token: &str, now_ms: i64) -> Result<()>;
+    async fn feedback_complete(&self, lock_token: &str, now: Timestamp) -> Result<()>;
     /// Releases a live lock so the records can be received again. Same errors as complete.
-    async fn feedback_abandon(&self, lock_token: &str, now_ms: i64) -> Result<()>;
+    async fn feedback_abandon(&self, lock_token: &str, now: Timestamp) -> Result<()>;
 }
 
-/// The output of a twin update function: the new document to store and a value for the caller.
-pub type TwinUpdateOutput = (String, Box<dyn std::any::Any + Send>);
-
-/// A read-modify-write of one twin document, run atomically by the store. It receives the
-/// stored document (`None` if the identity has none yet) and returns the new one, or an error
-/// that aborts the update with [`StoreError::Rejected`].
-pub type TwinUpdate =
-    Box<dyn FnOnce(Option<String>) -> std::result::Result<TwinUpdateOutput, BoxError> + Send>;
+/// A stored twin document and the version the store gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionedTwin {
+    pub doc: String,
+    /// Changes with every successful [`TwinStore::put_twin`]; the token for the next one.
+    pub version: u64,
+}
 
 /// Device and module twins, stored as opaque JSON documents: twin semantics (versions,
-/// metadata, merge rules) belong to the hub, the store only guarantees atomic updates.
+/// metadata, merge rules) belong to the hub, the store only offers a read and a conditional
+/// write. A read-modify-write is read, compute, `put_twin` with the version read, and again on
+/// [`StoreError::VersionMismatch`]: a shape any engine can offer (an `UPDATE ... WHERE
+/// version = $v`, a compare-and-swap), unlike running caller code inside the store.
 #[async_trait]
 pub trait TwinStore: Send + Sync + 'static {
-    async fn get_twin(&self, device_id: &str, module_id: Option<&str>) -> Result<Option<String>>;
-    /// Applies `update` atomically (no concurrent update of the same twin can interleave) and
-    /// durably; returns the function's output value.
-    async fn update_twin(
+    async fn get_twin(
         &self,
         device_id: &str,
         module_id: Option<&str>,
-        update: TwinUpdate,
-    ) -> Result<Box<dyn std::any::Any + Send>>;
+    ) -> Result<Option<VersionedTwin>>;
+    /// Stores `doc` durably if the twin is still as the caller read it: `expected = None` only
+    /// if the identity has no twin, `Some(v)` only if its stored version is `v`. Returns the new
+    /// version; [`StoreError::VersionMismatch`] (nothing written) otherwise.
+    async fn put_twin(
+        &self,
+        device_id: &str,
+        module_id: Option<&str>,
+        doc: String,
+        expected: Option<u64>,
+    ) -> Result<u64>;
 }
 
 /// Everything the hub needs from storage, as one handle.
@@ -239,4 +258,19 @@ pub trait Store:
 impl<T: RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore> Store
     for T
 {
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_header_forms() {
+        assert_eq!(IfMatch::from_header(None), IfMatch::Any);
+        assert_eq!(IfMatch::from_header(Some("\"*\"")), IfMatch::Any);
+        assert_eq!(
+            IfMatch::from_header(Some("\"MQ==\"")),
+            IfMatch::Etag("MQ==".into())
+        );
+    }
 }

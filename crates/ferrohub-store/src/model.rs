@@ -264,6 +264,16 @@ pub struct C2dMessage {
     pub payload: Vec<u8>,
 }
 
+impl C2dMessage {
+    pub fn enqueued_time(&self) -> crate::Timestamp {
+        crate::Timestamp::from_unix_ms(self.enqueued_time_ms)
+    }
+
+    pub fn expiry_time(&self) -> crate::Timestamp {
+        crate::Timestamp::from_unix_ms(self.expiry_time_ms)
+    }
+}
+
 /// A feedback record (IoT Hub's feedback batch entry).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

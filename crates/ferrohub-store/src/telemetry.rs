@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{Result, Timestamp};
 
 /// A message to append. The store chooses the partition (from the device id) and assigns the
 /// sequence number.
@@ -19,6 +19,12 @@ pub struct NewEvent {
     pub system_properties: BTreeMap<String, String>,
     pub properties: Vec<(String, Option<String>)>,
     pub body: Vec<u8>,
+}
+
+impl NewEvent {
+    pub fn enqueued_time(&self) -> Timestamp {
+        Timestamp::from_unix_ms(self.enqueued_ms)
+    }
 }
 
 /// A stored message, as readers see it.
@@ -50,6 +56,17 @@ pub struct Retention {
     pub max_age_ms: i64,
     /// When the log's file is larger than this, the oldest messages are removed first.
     pub max_bytes: u64,
+}
+
+/// The partition of a device's messages. FNV-1a: stable across builds, platforms and engines,
+/// so a device keeps its partition.
+pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in device_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions.max(1)
 }
 
 /// Resolves once an enqueued message is on disk, with its (partition, sequence).
@@ -90,5 +107,5 @@ pub trait TelemetryLog: Send + Sync + 'static {
     async fn save_checkpoint(&self, group: &str, partition: u32, next_sequence: u64) -> Result<()>;
 
     /// Removes what `retention` says is expired; returns how many messages went.
-    async fn enforce_retention(&self, retention: Retention, now_ms: i64) -> Result<u64>;
+    async fn enforce_retention(&self, retention: Retention, now: Timestamp) -> Result<u64>;
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use ferrohub_iothub::sas::generate_key;
 use ferrohub_iothub::ConnectionString;
-use ferrohub_store::sqlite_telemetry::SqliteTelemetry;
+use ferrohub_sqlite::{SqliteStore, SqliteTelemetry};
 use ferrohub_store::telemetry::{Retention, TelemetryLog};
-use ferrohub_store::{sqlite::SqliteStore, AccessPolicy, PolicyStore, Rights, Store};
+use ferrohub_store::{AccessPolicy, PolicyStore, Rights, Store, Timestamp};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -329,11 +329,7 @@ async fn retention_loop(
             _ = tokio::time::sleep(every) => {}
             _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
         }
-        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-        match log
-            .enforce_retention(retention, i64::try_from(now).unwrap_or(i64::MAX))
-            .await
-        {
+        match log.enforce_retention(retention, Timestamp::now()).await {
             Ok(0) => {}
             Ok(n) => info!(removed = n, "telemetry retention removed expired messages"),
             Err(e) => warn!(error = %e, "telemetry retention failed"),

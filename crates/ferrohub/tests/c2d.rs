@@ -537,3 +537,43 @@ async fn delivery_follows_a_send_within_milliseconds() -> TestResult {
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_device_list_shows_each_device_queue_depth() -> TestResult {
+    let hub = TestHub::start().await?;
+    for d in ["dev1", "dev2", "dev3"] {
+        hub.create_device(d).await?;
+    }
+    for (device, n) in [("dev1", 2), ("dev3", 1)] {
+        for i in 0..n {
+            send(
+                &hub,
+                device,
+                json!({"payload": "p", "messageId": format!("{device}-{i}")}),
+            )
+            .await?;
+        }
+    }
+    let list = hub.api.get("/devices").await?;
+    let counts: Vec<(String, u64)> = list
+        .as_array()
+        .ok_or("the device list is not an array")?
+        .iter()
+        .map(|d| {
+            (
+                d["deviceId"].as_str().unwrap_or_default().to_string(),
+                d["cloudToDeviceMessageCount"].as_u64().unwrap_or(u64::MAX),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("dev1".to_string(), 2),
+            ("dev2".to_string(), 0),
+            ("dev3".to_string(), 1)
+        ]
+    );
+    hub.stop().await;
+    Ok(())
+}

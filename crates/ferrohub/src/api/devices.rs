@@ -168,11 +168,7 @@ fn live_state(state: &ApiState, id: &Identity) -> Option<(ConnectionState, Strin
 /// The registry record with what only the running hub knows: connection state and activity,
 /// and the depth of the C2D queue.
 async fn with_live_device(state: &ApiState, mut d: Device) -> Result<Device, ApiError> {
-    if let Some((c, changed, active)) = live_state(state, &Identity::device(d.device_id.clone())) {
-        d.connection_state = c;
-        d.connection_state_updated_time = Some(changed);
-        d.last_activity_time = Some(active);
-    }
+    live_device_state(state, &mut d);
     d.cloud_to_device_message_count = state
         .hub
         .store
@@ -180,6 +176,14 @@ async fn with_live_device(state: &ApiState, mut d: Device) -> Result<Device, Api
         .await
         .map_err(device_err(""))?;
     Ok(d)
+}
+
+fn live_device_state(state: &ApiState, d: &mut Device) {
+    if let Some((c, changed, active)) = live_state(state, &Identity::device(d.device_id.clone())) {
+        d.connection_state = c;
+        d.connection_state_updated_time = Some(changed);
+        d.last_activity_time = Some(active);
+    }
 }
 
 async fn with_live_module(state: &ApiState, mut m: Module) -> Result<Module, ApiError> {
@@ -356,10 +360,22 @@ pub async fn list_devices(
         .list_devices(top)
         .await
         .map_err(device_err(""))?;
-    let mut out = Vec::with_capacity(devices.len());
-    for d in devices {
-        out.push(with_live_device(&state, d).await?);
-    }
+    // One store query for all the queue depths, not one per device.
+    let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
+    let counts = state
+        .hub
+        .store
+        .c2d_counts(&ids)
+        .await
+        .map_err(device_err(""))?;
+    let out = devices
+        .into_iter()
+        .map(|mut d| {
+            live_device_state(&state, &mut d);
+            d.cloud_to_device_message_count = counts.get(&d.device_id).copied().unwrap_or(0);
+            d
+        })
+        .collect();
     Ok(Json(out))
 }
 

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use ferrohub_iothub::{ErrorCode, Identity};
-use ferrohub_store::{FeedbackRequest, StoreError};
+use ferrohub_store::{FeedbackRequest, StoreError, Timestamp};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -225,11 +225,11 @@ pub async fn receive_feedback(
             .ok_or_else(|| ApiError::argument(format!("max must be 1 to {MAX_FEEDBACK_BATCH}")))?,
         None => MAX_FEEDBACK_BATCH,
     };
-    let lock_ms = i64::try_from(state.hub.settings.c2d.feedback_lock.as_millis()).unwrap_or(60_000);
+    let lock = state.hub.settings.c2d.feedback_lock;
     let batch = state
         .hub
         .store
-        .feedback_receive(ferrohub_hub::c2d::now_ms(), lock_ms, max)
+        .feedback_receive(Timestamp::now(), lock, max)
         .await
         .map_err(|e| ApiError::from_store(e, lock_lost(""), lock_lost("")))?;
     let Some(batch) = batch else {
@@ -270,7 +270,7 @@ async fn settle_feedback(
     require_api_version(&q)?;
     authorize(&state, &headers, Right::ServiceConnect).await?;
     let token = token.trim_matches('"').to_string();
-    let now = ferrohub_hub::c2d::now_ms();
+    let now = Timestamp::now();
     let store = &state.hub.store;
     let r = match how {
         Settle::Complete => store.feedback_complete(&token, now).await,

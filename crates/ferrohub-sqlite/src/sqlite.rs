@@ -14,8 +14,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use crate::error::SqlResult;
 use crate::sqlite_writer::Writer;
-use crate::{
+use ferrohub_store::{
     AccessPolicy, CaCertificate, CertificateStore, Device, IfMatch, Module, PolicyStore,
     RegistryStore, Result, SessionStore, StoreError, StoredSession,
 };
@@ -84,13 +85,36 @@ CREATE TABLE IF NOT EXISTS c2d_feedback (
     lock_until_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS c2d_feedback_lock ON c2d_feedback (lock_token);
+-- version: the token of conditional writes (see `migrate` for databases older than it).
 CREATE TABLE IF NOT EXISTS twins (
     device_id TEXT NOT NULL,
     module_id TEXT NOT NULL DEFAULT '',
     doc       TEXT NOT NULL,
+    version   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, module_id)
 ) WITHOUT ROWID;
 "#;
+
+/// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`
+/// leaves existing tables as they are, so added columns are added here. Users keep their data
+/// directories across upgrades.
+fn migrate(conn: &Connection) -> SqlResult<()> {
+    let has_column = |table: &str, column: &str| -> SqlResult<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        for name in names {
+            if name? == column {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    if !has_column("twins", "version")? {
+        // Twins from before versions exist read as version 0, a valid token.
+        conn.execute_batch("ALTER TABLE twins ADD COLUMN version INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
+}
 
 struct Inner {
     /// All writes go through the one writer thread: SQLite has a single writer anyway, owning
@@ -131,7 +155,7 @@ fn etag_of(version: i64) -> String {
     base64::engine::general_purpose::STANDARD.encode(version.to_string())
 }
 
-fn open_conn(path: &Path, read_only: bool) -> Result<Connection> {
+fn open_conn(path: &Path, read_only: bool) -> SqlResult<Connection> {
     open_conn_with(path, read_only, &[])
 }
 
@@ -145,7 +169,7 @@ pub(crate) fn open_conn_with(
     path: &Path,
     read_only: bool,
     before_wal: &[(&str, &str)],
-) -> Result<Connection> {
+) -> SqlResult<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -170,10 +194,15 @@ pub(crate) fn open_conn_with(
 impl SqliteStore {
     /// Opens (creating if needed) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self> {
+        Ok(Self::open_sql(data_dir)?)
+    }
+
+    fn open_sql(data_dir: &Path) -> SqlResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join(DB_FILE);
         let writer = open_conn(&path, false)?;
         writer.execute_batch(SCHEMA)?;
+        migrate(&writer)?;
         // Checkpoints normally run on their own thread (see `Checkpoints`); this only
         // bounds the WAL if that thread falls far behind (64 MiB).
         writer.pragma_update(None, "wal_autocheckpoint", 16384)?;
@@ -188,7 +217,7 @@ impl SqliteStore {
                 conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
                 Ok(Mutex::new(conn))
             })
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<SqlResult<Vec<_>>>()?;
         let checkpointer = open_conn(&path, false)?;
         let checkpoints = Checkpoints::new();
         let writer = Writer::spawn(writer, checkpoints.rewinder())?;
@@ -211,9 +240,9 @@ impl SqliteStore {
     pub(crate) async fn write<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> SqlResult<R> + Send + 'static,
     {
-        self.inner.writer.submit(f).await
+        Ok(self.inner.writer.submit(f).await?)
     }
 
     /// Runs a read on the calling task. Registry and session reads are point lookups served
@@ -222,7 +251,7 @@ impl SqliteStore {
     pub(crate) async fn read<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> SqlResult<R> + Send + 'static,
     {
         let inner = &self.inner;
         let n = inner.readers.len();
@@ -230,11 +259,11 @@ impl SqliteStore {
         // Prefer a reader nobody holds; if all are busy, wait on the one our turn points at.
         for i in 0..n {
             if let Ok(conn) = inner.readers[(start + i) % n].try_lock() {
-                return f(&conn);
+                return Ok(f(&conn)?);
             }
         }
         let conn = lock(&inner.readers[start % n]);
-        f(&conn)
+        Ok(f(&conn)?)
     }
 }
 
@@ -282,7 +311,7 @@ impl Checkpoints {
     }
 
     /// Starts the checkpoint thread on `conn` (a read-write connection of its own).
-    pub(crate) fn spawn(&self, conn: Connection, name: &str) -> Result<()> {
+    pub(crate) fn spawn(&self, conn: Connection, name: &str) -> SqlResult<()> {
         let (stop, caught_up) = (self.stop.clone(), self.caught_up.clone());
         std::thread::Builder::new()
             .name(name.into())
@@ -304,30 +333,30 @@ fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>, caught_up: Arc<Atomi
     }
 }
 
-fn device_from_row(version: i64, doc: &str) -> Result<Device> {
+fn device_from_row(version: i64, doc: &str) -> SqlResult<Device> {
     let mut d: Device = serde_json::from_str(doc)?;
     d.etag = etag_of(version);
     Ok(d)
 }
 
-fn module_from_row(version: i64, doc: &str) -> Result<Module> {
+fn module_from_row(version: i64, doc: &str) -> SqlResult<Module> {
     let mut m: Module = serde_json::from_str(doc)?;
     m.etag = etag_of(version);
     Ok(m)
 }
 
-fn cert_from_row(version: i64, doc: &str) -> Result<CaCertificate> {
+fn cert_from_row(version: i64, doc: &str) -> SqlResult<CaCertificate> {
     let mut c: CaCertificate = serde_json::from_str(doc)?;
     c.etag = etag_of(version);
     Ok(c)
 }
 
 /// Checks `if_match` against the current version of a row; `None` means the row is absent.
-fn check_if_match(current: Option<i64>, if_match: &IfMatch) -> Result<i64> {
+fn check_if_match(current: Option<i64>, if_match: &IfMatch) -> SqlResult<i64> {
     match current {
-        None => Err(StoreError::NotFound),
+        None => Err(StoreError::NotFound.into()),
         Some(v) if if_match.matches(&etag_of(v)) => Ok(v),
-        Some(_) => Err(StoreError::PreconditionFailed),
+        Some(_) => Err(StoreError::PreconditionFailed.into()),
     }
 }
 
@@ -342,7 +371,7 @@ impl RegistryStore for SqliteStore {
                 params![device.device_id, doc],
             )?;
             if n == 0 {
-                return Err(StoreError::AlreadyExists);
+                return Err(StoreError::AlreadyExists.into());
             }
             device.etag = etag_of(1);
             Ok(device)
@@ -447,7 +476,7 @@ impl RegistryStore for SqliteStore {
                 )
                 .optional()?;
             if exists.is_none() {
-                return Err(StoreError::NotFound);
+                return Err(StoreError::NotFound.into());
             }
             module.etag.clear();
             let doc = serde_json::to_string(&module)?;
@@ -456,7 +485,7 @@ impl RegistryStore for SqliteStore {
                 params![module.device_id, module.module_id, doc],
             )?;
             if n == 0 {
-                return Err(StoreError::AlreadyExists);
+                return Err(StoreError::AlreadyExists.into());
             }
             module.etag = etag_of(1);
             Ok(module)
@@ -616,7 +645,7 @@ impl CertificateStore for SqliteStore {
             let version = match current {
                 None => 1,
                 Some(v) if if_match.matches(&etag_of(v)) => v + 1,
-                Some(_) => return Err(StoreError::PreconditionFailed),
+                Some(_) => return Err(StoreError::PreconditionFailed.into()),
             };
             cert.etag.clear();
             conn.execute(
@@ -715,7 +744,7 @@ impl SessionStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Rights, StoredSubscription};
+    use ferrohub_store::{Rights, StoredSubscription};
 
     fn device(id: &str) -> Device {
         Device {
@@ -767,31 +796,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn modules_need_their_device_and_go_with_it() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
-        let m = Module {
-            module_id: "m1".into(),
-            device_id: "dev1".into(),
-            ..Default::default()
-        };
-        assert!(matches!(
-            store.create_module(m.clone()).await,
-            Err(StoreError::NotFound)
-        ));
-        store.create_device(device("dev1")).await?;
-        store.create_module(m.clone()).await?;
-        assert!(matches!(
-            store.create_module(m).await,
-            Err(StoreError::AlreadyExists)
-        ));
-        assert_eq!(store.list_modules("dev1").await?.len(), 1);
-        store.delete_device("dev1", IfMatch::Any).await?;
-        assert!(store.get_module("dev1", "m1").await?.is_none());
-        Ok(())
-    }
-
-    #[tokio::test]
     async fn the_wal_stays_bounded_under_steady_writes() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let store = SqliteStore::open(dir.path())?;
@@ -820,44 +824,6 @@ mod tests {
             peak <= 2 * WAL_SIZE_LIMIT as u64,
             "the WAL reached {peak} bytes after {written} written"
         );
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn policies_are_created_once() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
-        let p = AccessPolicy {
-            key_name: "iothubowner".into(),
-            primary_key: "a".into(),
-            secondary_key: "b".into(),
-            rights: Rights::ALL,
-        };
-        store.ensure_policy(p.clone()).await?;
-        let again = store
-            .ensure_policy(AccessPolicy {
-                primary_key: "other".into(),
-                ..p.clone()
-            })
-            .await?;
-        assert_eq!(again, p);
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn sessions_round_trip_and_delete() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let store = SqliteStore::open(dir.path())?;
-        let s = StoredSession {
-            subscriptions: vec![StoredSubscription {
-                filter: "$iothub/methods/POST/#".into(),
-                qos: 1,
-            }],
-        };
-        store.save_session("dev1", &s).await?;
-        assert_eq!(store.load_session("dev1").await?, Some(s));
-        store.delete_session("dev1").await?;
-        assert_eq!(store.load_session("dev1").await?, None);
         Ok(())
     }
 
@@ -976,7 +942,7 @@ mod tests {
             assert!(matches!(results[1], Err(StoreError::AlreadyExists)));
             assert!(matches!(results[3], Err(StoreError::AlreadyExists)));
             join(session).await??;
-            assert!(matches!(join(partial).await?, Err(StoreError::Database(_))));
+            assert!(matches!(join(partial).await?, Err(StoreError::Backend(_))));
         }
         let store = SqliteStore::open(dir.path())?;
         let ids: Vec<_> = store
@@ -1025,7 +991,7 @@ mod tests {
         let _ = release.send(());
         join(holder).await??;
         for task in [before, orphan, after] {
-            assert!(matches!(join(task).await?, Err(StoreError::Database(_))));
+            assert!(matches!(join(task).await?, Err(StoreError::Backend(_))));
         }
         assert!(store.load_session("k1").await?.is_none());
         assert!(store.load_session("k2").await?.is_none());
@@ -1035,13 +1001,26 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn if_match_header_forms() {
-        assert_eq!(IfMatch::from_header(None), IfMatch::Any);
-        assert_eq!(IfMatch::from_header(Some("\"*\"")), IfMatch::Any);
-        assert_eq!(
-            IfMatch::from_header(Some("\"MQ==\"")),
-            IfMatch::Etag("MQ==".into())
-        );
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone_and_writes_go_on() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(dir.path())?;
+        let boom = store
+            .write(|conn| -> SqlResult<()> {
+                conn.execute(
+                    "INSERT INTO sessions (client_key, doc) VALUES ('half', '{}')",
+                    [],
+                )?;
+                panic!("bug in a job")
+            })
+            .await;
+        match boom {
+            Err(StoreError::Task(msg)) => assert!(msg.contains("bug in a job"), "{msg}"),
+            other => panic!("expected Task, got {other:?}"),
+        }
+        store.save_session("c1", &StoredSession::default()).await?;
+        assert!(store.load_session("c1").await?.is_some());
+        assert!(store.load_session("half").await?.is_none());
+        Ok(())
     }
 }

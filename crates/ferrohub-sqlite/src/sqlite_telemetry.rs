@@ -15,8 +15,12 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::telemetry::{Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog};
-use crate::{Result, StoreError};
+use ferrohub_store::telemetry::{
+    partition_for, Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog,
+};
+use ferrohub_store::{Result, StoreError, Timestamp};
+
+use crate::error::SqlResult;
 
 pub const TELEMETRY_DB_FILE: &str = "telemetry.db";
 
@@ -111,17 +115,7 @@ pub struct SqliteTelemetry {
     inner: Arc<Inner>,
 }
 
-/// FNV-1a: stable across builds and platforms, so a device keeps its partition.
-pub fn partition_for(device_id: &str, partitions: u32) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in device_id.as_bytes() {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    h % partitions.max(1)
-}
-
-fn open(path: &Path, read_only: bool) -> Result<Connection> {
+fn open(path: &Path, read_only: bool) -> SqlResult<Connection> {
     // auto_vacuum: lets retention give space back to the file system.
     let conn = crate::sqlite::open_conn_with(path, read_only, &[("auto_vacuum", "INCREMENTAL")])?;
     if !read_only {
@@ -136,6 +130,10 @@ impl SqliteTelemetry {
     /// Opens the log in `data_dir`. The partition count is fixed when the log is created; a
     /// different `partitions` later is ignored (and logged) so devices keep their partition.
     pub fn open(data_dir: &Path, partitions: u32) -> Result<Self> {
+        Ok(Self::open_sql(data_dir, partitions)?)
+    }
+
+    fn open_sql(data_dir: &Path, partitions: u32) -> SqlResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join(TELEMETRY_DB_FILE);
         let mut writer = open(&path, false)?;
@@ -186,7 +184,7 @@ impl SqliteTelemetry {
         }
         let readers = (0..READERS)
             .map(|_| open(&path, true).map(Mutex::new))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<SqlResult<Vec<_>>>()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let (commit_tx, commit_rx) = watch::channel(0u64);
         // No `WalRewinder` here, unlike the registry database: under full telemetry load the
@@ -213,7 +211,7 @@ impl SqliteTelemetry {
     async fn read_with<R, F>(&self, f: F) -> Result<R>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        F: FnOnce(&Connection) -> SqlResult<R> + Send + 'static,
     {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
@@ -221,13 +219,13 @@ impl SqliteTelemetry {
             let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
             for i in 0..n {
                 if let Ok(conn) = inner.readers[(start + i) % n].try_lock() {
-                    return f(&conn);
+                    return f(&conn).map_err(StoreError::from);
                 }
             }
             let conn = inner.readers[start % n]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            f(&conn)
+            f(&conn).map_err(StoreError::from)
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
@@ -264,7 +262,8 @@ fn writer_loop(
     let mut batch: Vec<Command> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.blocking_recv() {
         if let Command::Retention(r, now, reply) = first {
-            let _ = reply.send(retention_step(&mut conn, partitions, r, now));
+            let _ =
+                reply.send(retention_step(&mut conn, partitions, r, now).map_err(StoreError::from));
             continue;
         }
         batch.push(first);
@@ -273,7 +272,9 @@ fn writer_loop(
                 // Retention runs alone, after this batch.
                 Ok(Command::Retention(r, now, reply)) => {
                     commit_batch(&mut conn, &mut batch, &mut next_seq, &commits);
-                    let _ = reply.send(retention_step(&mut conn, partitions, r, now));
+                    let _ = reply.send(
+                        retention_step(&mut conn, partitions, r, now).map_err(StoreError::from),
+                    );
                 }
                 Ok(c) => batch.push(c),
                 Err(_) => break,
@@ -293,7 +294,7 @@ fn commit_batch(
         return;
     }
     let before = next_seq.to_vec();
-    let result = (|| -> Result<Vec<Option<(u32, u64)>>> {
+    let result = (|| -> SqlResult<Vec<Option<(u32, u64)>>> {
         let tx = conn.transaction()?;
         let mut assigned = Vec::with_capacity(batch.len());
         {
@@ -388,7 +389,7 @@ fn retention_step(
     partitions: u32,
     r: Retention,
     now_ms: i64,
-) -> Result<u64> {
+) -> SqlResult<u64> {
     let cutoff = now_ms.saturating_sub(r.max_age_ms);
     let per_partition = (RETENTION_CHUNK / partitions.max(1) as usize).max(1) as i64;
     let mut deleted = 0u64;
@@ -520,7 +521,7 @@ impl TelemetryLog for SqliteTelemetry {
                 .optional()?
                 .unwrap_or(0);
             let (lo, hi) = (pos_of(partition, 0), pos_of(partition + 1, 0));
-            let first = |sql: &str, arg: i64| -> Result<i64> {
+            let first = |sql: &str, arg: i64| -> SqlResult<i64> {
                 Ok(conn
                     .query_row(sql, params![lo, hi, arg], |r| r.get::<_, i64>(0))
                     .optional()?
@@ -572,7 +573,8 @@ impl TelemetryLog for SqliteTelemetry {
             .await
     }
 
-    async fn enforce_retention(&self, retention: Retention, now_ms: i64) -> Result<u64> {
+    async fn enforce_retention(&self, retention: Retention, now: Timestamp) -> Result<u64> {
+        let now_ms = now.unix_ms();
         let mut total = 0;
         loop {
             let n = self
@@ -637,24 +639,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn positions_resolve_and_checkpoints_persist() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let log = SqliteTelemetry::open(dir.path(), 1)?;
-        for t in [10, 20, 30] {
-            log.append(ev("d", t, b"x")).await?;
-        }
-        assert_eq!(log.resolve(0, StartPosition::Start).await?, 0);
-        assert_eq!(log.resolve(0, StartPosition::End).await?, 3);
-        assert_eq!(log.resolve(0, StartPosition::EnqueuedAt(15)).await?, 1);
-        assert_eq!(log.resolve(0, StartPosition::EnqueuedAt(99)).await?, 3);
-        assert_eq!(log.resolve(0, StartPosition::Sequence(2)).await?, 2);
-        log.save_checkpoint("g1", 0, 2).await?;
-        assert_eq!(log.checkpoints("g1").await?.get(&0), Some(&2));
-        assert!(log.checkpoints("g2").await?.is_empty());
-        Ok(())
-    }
-
-    #[tokio::test]
     async fn retention_removes_old_messages_but_never_reuses_sequences() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let log = SqliteTelemetry::open(dir.path(), 1)?;
@@ -665,7 +649,11 @@ mod tests {
             max_age_ms: 15,
             max_bytes: u64::MAX,
         };
-        assert_eq!(log.enforce_retention(r, 40).await?, 2);
+        assert_eq!(
+            log.enforce_retention(r, Timestamp::from_unix_ms(40))
+                .await?,
+            2
+        );
         let left: Vec<u64> = log
             .read(0, 0, 10)
             .await?
@@ -680,7 +668,7 @@ mod tests {
                     max_age_ms: 0,
                     max_bytes: u64::MAX
                 },
-                1000
+                Timestamp::from_unix_ms(1000)
             )
             .await?,
             2
@@ -692,11 +680,9 @@ mod tests {
         for t in 0..50 {
             log.append(ev("d", 100 + t, &[0u8; 4096])).await?;
         }
-        let mode: i64 = Connection::open(dir.path().join(TELEMETRY_DB_FILE))?.query_row(
-            "PRAGMA auto_vacuum",
-            [],
-            |r| r.get(0),
-        )?;
+        let mode: i64 = Connection::open(dir.path().join(TELEMETRY_DB_FILE))
+            .and_then(|c| c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)))
+            .map_err(crate::error::SqlError::from)?;
         assert_eq!(
             mode, 2,
             "incremental auto-vacuum, so retention can shrink the file"
@@ -707,7 +693,7 @@ mod tests {
                     max_age_ms: i64::MAX / 2,
                     max_bytes: 64 * 1024,
                 },
-                200,
+                Timestamp::from_unix_ms(200),
             )
             .await?;
         assert!(removed > 0);

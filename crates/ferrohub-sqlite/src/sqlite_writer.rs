@@ -12,7 +12,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{Result, StoreError};
+use ferrohub_store::StoreError;
+
+use crate::error::{SqlError, SqlResult as Result};
 
 /// Most jobs one commit takes: bounds how long a transaction holds the write lock and how long
 /// the first caller of a batch waits for the last one.
@@ -25,7 +27,7 @@ trait Job: Send {
     /// Runs the write inside the batch (the writer has opened a savepoint for it).
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ran>;
     /// Answers the caller without running: the batch failed before the job's turn.
-    fn fail(self: Box<Self>, err: StoreError);
+    fn fail(self: Box<Self>, err: SqlError);
 }
 
 /// A job that has run and waits for its batch's fate.
@@ -33,7 +35,7 @@ trait Ran: Send {
     /// Whether the job's changes are to be kept.
     fn ok(&self) -> bool;
     /// Answers the caller; `batch_err` is set when the batch did not commit.
-    fn answer(self: Box<Self>, batch_err: Option<StoreError>);
+    fn answer(self: Box<Self>, batch_err: Option<SqlError>);
 }
 
 struct WriteJob<F, R> {
@@ -53,20 +55,20 @@ where
 {
     fn run(self: Box<Self>, conn: &Connection) -> Box<dyn Ran> {
         let WriteJob { f, reply } = *self;
-        // Jobs may run caller code (twin update functions): a panic must cost that one job,
-        // not the thread every write of the process depends on. The savepoint rollback undoes
-        // whatever the job had done when it panicked.
+        // A bug in one job must cost that job, not the thread every write of the process
+        // depends on. The savepoint rollback undoes whatever the job had done when it panicked.
         let result = match catch_unwind(AssertUnwindSafe(|| f(conn))) {
             Ok(r) => r,
             Err(panic) => Err(StoreError::Task(format!(
                 "write panicked: {}",
                 panic_message(panic.as_ref())
-            ))),
+            ))
+            .into()),
         };
         Box::new(Finished { result, reply })
     }
 
-    fn fail(self: Box<Self>, err: StoreError) {
+    fn fail(self: Box<Self>, err: SqlError) {
         let _ = self.reply.send(Err(err));
     }
 }
@@ -76,7 +78,7 @@ impl<R: Send + 'static> Ran for Finished<R> {
         self.result.is_ok()
     }
 
-    fn answer(self: Box<Self>, batch_err: Option<StoreError>) {
+    fn answer(self: Box<Self>, batch_err: Option<SqlError>) {
         // A job that failed on its own wrote nothing either way, so its own error is the more
         // useful answer even when the batch also failed.
         let result = match (self.result, batch_err) {
@@ -137,8 +139,8 @@ impl Writer {
     }
 }
 
-fn stopped() -> StoreError {
-    StoreError::Task("store writer thread stopped".into())
+fn stopped() -> SqlError {
+    StoreError::Task("store writer thread stopped".into()).into()
 }
 
 fn writer_loop(
@@ -166,12 +168,12 @@ fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
 
 /// A copy of a batch-level error for each caller. SQLite failures keep their code (callers map
 /// e.g. a full disk differently from a bug); anything else becomes its message.
-fn duplicate(e: &StoreError) -> StoreError {
+fn duplicate(e: &SqlError) -> SqlError {
     match e {
-        StoreError::Database(rusqlite::Error::SqliteFailure(code, msg)) => {
-            StoreError::Database(rusqlite::Error::SqliteFailure(*code, msg.clone()))
+        SqlError::Sql(rusqlite::Error::SqliteFailure(code, msg)) => {
+            SqlError::Sql(rusqlite::Error::SqliteFailure(*code, msg.clone()))
         }
-        other => StoreError::Task(other.to_string()),
+        other => StoreError::Task(other.to_string()).into(),
     }
 }
 
@@ -185,7 +187,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
         }
     }
     if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
-        let e = StoreError::Database(e);
+        let e = SqlError::Sql(e);
         tracing::error!(error = %e, "store write batch could not begin");
         for job in jobs {
             job.fail(duplicate(&e));
@@ -193,10 +195,10 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
         return;
     }
     let mut ran: Vec<Box<dyn Ran>> = Vec::with_capacity(jobs.len());
-    let mut broken: Option<StoreError> = None;
+    let mut broken: Option<SqlError> = None;
     for job in jobs.by_ref() {
         if let Err(e) = exec(conn, "SAVEPOINT job") {
-            let e = StoreError::Database(e);
+            let e = SqlError::Sql(e);
             job.fail(duplicate(&e));
             broken = Some(e);
             break;
@@ -209,21 +211,21 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
         };
         ran.push(done);
         if let Err(e) = end {
-            broken = Some(StoreError::Database(e));
+            broken = Some(SqlError::Sql(e));
             break;
         }
         // Some failures (I/O error, full disk) make SQLite roll back the whole transaction on
         // its own; the jobs before this one are then lost too.
         if conn.is_autocommit() {
-            broken = Some(StoreError::Task(
-                "SQLite rolled back the write batch after an error".into(),
-            ));
+            broken = Some(
+                StoreError::Task("SQLite rolled back the write batch after an error".into()).into(),
+            );
             break;
         }
     }
     let batch_err = match broken {
         Some(e) => Some(e),
-        None => exec(conn, "COMMIT").err().map(StoreError::Database),
+        None => exec(conn, "COMMIT").err().map(SqlError::Sql),
     };
     if let Some(e) = &batch_err {
         tracing::error!(error = %e, "store write batch failed");
@@ -242,7 +244,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
             batch_err
                 .as_ref()
                 .map(duplicate)
-                .unwrap_or_else(|| StoreError::Task("write batch aborted".into())),
+                .unwrap_or_else(|| StoreError::Task("write batch aborted".into()).into()),
         );
     }
 }

@@ -1,0 +1,16 @@
+//! Ferrohub's embedded storage engine: every `ferrohub-store` trait on SQLite files in the data
+//! directory (`ferrohub.db` for the registry, queues and twins, `telemetry.db` for the event log).
+//!
+//! Engine-specific machinery (group-commit writers, WAL checkpoints, schema migrations) stays in
+//! this crate; the hub only sees the traits.
+
+mod error;
+mod sqlite;
+mod sqlite_c2d;
+mod sqlite_telemetry;
+mod sqlite_twins;
+mod sqlite_writer;
+
+pub use ferrohub_store::telemetry::partition_for;
+pub use sqlite::{SqliteStore, DB_FILE};
+pub use sqlite_telemetry::{SqliteTelemetry, TELEMETRY_DB_FILE};
