@@ -31,7 +31,7 @@ use tracing::{debug, info};
 
 pub use auth::AuthMethod;
 use link::{ConnectionControl, Outbound};
-use presence::Presence;
+use presence::{ConnectionActivity, LocalPresence, PresenceRegistry};
 
 /// An error from a caller-supplied component, passed through untouched.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -93,6 +93,8 @@ pub struct HubClient {
     pub peer: std::net::SocketAddr,
     /// Identifies this connection among successive ones of the same identity.
     pub conn_seq: u64,
+    /// When this connection was last active; its messages stamp it without taking a lock.
+    pub activity: Arc<ConnectionActivity>,
 }
 
 /// Hub-wide settings of the device-facing features.
@@ -143,7 +145,7 @@ pub struct Hub {
     pub telemetry: Arc<dyn TelemetryLog>,
     /// Names the hub answers to: `sr` hosts in tokens must be one of them.
     pub hostnames: Vec<String>,
-    pub presence: Presence,
+    pub presence: Arc<dyn PresenceRegistry>,
     pub settings: HubSettings,
     /// Live connections of identities, for features that push to devices.
     clients: Mutex<HashMap<Identity, Link>>,
@@ -179,7 +181,7 @@ impl Hub {
             store,
             telemetry,
             hostnames,
-            presence: Presence::default(),
+            presence: Arc::new(LocalPresence::default()),
             throttles: throttle::Throttles::new(settings.throttle),
             settings,
             clients: Mutex::new(HashMap::new()),
@@ -270,6 +272,7 @@ impl Hub {
             transport: peer.transport,
             peer: peer.addr,
             conn_seq,
+            activity: Arc::new(ConnectionActivity::new(conn_seq)),
         })
     }
 
@@ -298,7 +301,8 @@ impl Hub {
         if let Some((task, _)) = old.and_then(|l| l.c2d) {
             task.abort();
         }
-        self.presence.connected(&client.identity);
+        self.presence
+            .connected(&client.identity, client.activity.clone());
         if let Some(model_id) = &client.model_id {
             self.record_model_id(&client.identity, model_id).await;
         }
@@ -346,7 +350,7 @@ impl Hub {
                 ))
             }
         };
-        self.presence.activity(&client.identity);
+        client.activity.touch();
         match topic {
             PublishTopic::Telemetry { property_bag } => {
                 self.ingest(
@@ -399,8 +403,10 @@ impl Hub {
                 Some(_) => false,
             }
         };
+        // Presence orders connections itself: an older one ending never clears a newer one.
+        self.presence
+            .disconnected(&client.identity, client.conn_seq);
         if still_ours {
-            self.presence.disconnected(&client.identity);
             self.link_changes.send_modify(|v| *v += 1);
         }
         match code {
