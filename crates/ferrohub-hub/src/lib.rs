@@ -22,12 +22,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic, SubscriptionKind};
 use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish, QoS};
 use ferrohub_store::telemetry::TelemetryLog;
 use ferrohub_store::Store;
 use rustls::pki_types::CertificateDer;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use auth::AuthMethod;
 use link::{ConnectionControl, Outbound};
@@ -95,6 +96,17 @@ pub struct HubClient {
     pub conn_seq: u64,
     /// When this connection was last active; its messages stamp it without taking a lock.
     pub activity: Arc<ConnectionActivity>,
+    /// Responses dropped because this connection's outbound queue was full.
+    dropped_replies: std::sync::atomic::AtomicU64,
+}
+
+impl HubClient {
+    /// Responses dropped because this connection did not read fast enough (see
+    /// [`Hub::dropped_replies`]).
+    pub fn dropped_replies(&self) -> u64 {
+        self.dropped_replies
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Hub-wide settings of the device-facing features.
@@ -164,6 +176,8 @@ pub struct Hub {
     methods: methods::PendingCalls,
     twin_locks: twins::TwinLocks,
     pub(crate) throttles: throttle::Throttles,
+    /// Responses dropped on full outbound queues, since start.
+    dropped_replies: std::sync::atomic::AtomicU64,
     next_seq: std::sync::atomic::AtomicU64,
     /// The front end that holds device connections, once it is composed.
     control: std::sync::OnceLock<Arc<dyn ConnectionControl>>,
@@ -191,6 +205,7 @@ impl Hub {
             c2d_handed: Mutex::new(HashMap::new()),
             methods: methods::PendingCalls::default(),
             twin_locks: twins::TwinLocks::default(),
+            dropped_replies: std::sync::atomic::AtomicU64::new(0),
             next_seq: std::sync::atomic::AtomicU64::new(1),
             control: std::sync::OnceLock::new(),
         })
@@ -235,18 +250,43 @@ impl Hub {
         self.link_changes.send_modify(|v| *v += 1);
     }
 
-    /// Sends a QoS 0 response to a connection from inside its own publish handling: the
-    /// connection's task is busy with us, so waiting on its queue could wait forever.
-    fn reply(&self, outbound: &Outbound, msg: link::OutboundMessage) {
+    /// Sends a QoS 0 response to a connection from inside its own publish handling.
+    ///
+    /// The connection's task is busy with us, so waiting on its queue could wait forever, and
+    /// parking the response elsewhere (a task per response) grows without bound when a client
+    /// pipelines requests and does not read. A full queue drops the response instead: IoT
+    /// Hub's responses are QoS 0 too, and the SDKs time out and ask again.
+    fn reply(&self, client: &HubClient, outbound: &Outbound, topic: String, payload: Bytes) {
+        let msg = link::OutboundMessage::new(topic, payload, QoS::AtMostOnce);
         match outbound.try_send(msg) {
             Ok(()) | Err(link::TrySendError::Closed) => {}
             Err(link::TrySendError::Full(msg)) => {
-                let o = outbound.clone();
-                tokio::spawn(async move {
-                    let _ = o.send(msg).await;
-                });
+                use std::sync::atomic::Ordering::Relaxed;
+                self.dropped_replies.fetch_add(1, Relaxed);
+                let n = client.dropped_replies.fetch_add(1, Relaxed) + 1;
+                // One warning per connection: a client that does not read would otherwise
+                // write the log as fast as it can send requests.
+                if n == 1 {
+                    warn!(
+                        identity = %client.identity,
+                        transport = %client.transport,
+                        topic = %msg.topic,
+                        "outbound queue full: response dropped (QoS 0; the device retries after \
+                         its timeout); further drops on this connection are counted and logged \
+                         at debug"
+                    );
+                } else {
+                    debug!(identity = %client.identity, topic = %msg.topic, dropped = n, "outbound queue full: response dropped");
+                }
             }
         }
+    }
+
+    /// Responses dropped since start because a connection's outbound queue was full (the
+    /// device did not read them fast enough).
+    pub fn dropped_replies(&self) -> u64 {
+        self.dropped_replies
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -273,6 +313,7 @@ impl Hub {
             peer: peer.addr,
             conn_seq,
             activity: Arc::new(ConnectionActivity::new(conn_seq)),
+            dropped_replies: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -415,6 +456,7 @@ impl Hub {
                 auth = %client.auth,
                 transport = %client.transport,
                 reason = %why,
+                dropped_replies = client.dropped_replies(),
                 error_code = code.code(),
                 error = code.name(),
                 "device disconnected"
@@ -424,6 +466,7 @@ impl Hub {
                 auth = %client.auth,
                 transport = %client.transport,
                 reason = %why,
+                dropped_replies = client.dropped_replies(),
                 "device disconnected"
             ),
         }

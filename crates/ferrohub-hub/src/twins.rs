@@ -188,12 +188,10 @@ impl Hub {
     ) {
         if let Some(out) = self.outbound_of(client) {
             self.reply(
+                client,
                 &out,
-                OutboundMessage::new(
-                    twin_response_topic(status, rid, version),
-                    Bytes::from(body),
-                    QoS::AtMostOnce,
-                ),
+                twin_response_topic(status, rid, version),
+                Bytes::from(body),
             );
         }
     }
