@@ -208,10 +208,10 @@ impl Hub {
 
     /// The outbound of this very connection (not a newer one of the same identity).
     fn outbound_of(&self, client: &HubClient) -> Option<crate::link::Outbound> {
-        self.lock_clients()
+        self.connections
             .get(&client.identity)
             .filter(|l| l.conn_seq == client.conn_seq)
-            .map(|l| l.outbound.clone())
+            .map(|l| l.outbound)
     }
 
     /// `$iothub/twin/GET/?$rid=…`: answers 200 with desired and reported.
@@ -361,10 +361,10 @@ impl Hub {
 
     async fn notify_desired(&self, identity: &Identity, version: u64, body: Value) {
         let out = self
-            .lock_clients()
+            .connections
             .get(identity)
             .filter(|l| l.subs.desired)
-            .map(|l| l.outbound.clone());
+            .map(|l| l.outbound);
         if let Some(out) = out {
             let msg = OutboundMessage::new(
                 desired_patch_topic(version),
