@@ -116,7 +116,16 @@ where
         wbuf: BytesMut::new(),
         max_packet_size: broker.config.max_packet_size,
     });
-    let first = tokio::time::timeout(broker.config.connect_timeout, wire.read_packet()).await;
+    // Shutdown is watched from the first byte: a socket that never sends CONNECT would
+    // otherwise hold shutdown up for the whole connect timeout.
+    let mut shutdown = broker.shutdown.clone();
+    let first = tokio::select! {
+        r = tokio::time::timeout(broker.config.connect_timeout, wire.read_packet()) => r,
+        _ = crate::until_shutdown(&mut shutdown) => {
+            debug!(peer = %peer.addr, "server shutting down before CONNECT; closing");
+            return;
+        }
+    };
     let connect = match first {
         Ok(Ok(Packet::Connect(c))) => c,
         Ok(Ok(other)) => {
@@ -701,6 +710,30 @@ mod tests {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(reason.clone());
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_connect_ends_at_shutdown_not_at_the_connect_timeout() {
+        let handler = Arc::new(Recorder::default());
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let config = BrokerConfig::default();
+        let connect_timeout = config.connect_timeout;
+        let broker = Broker::new(handler, config, Arc::new(NoPersistence), shutdown);
+        let (_client, server) = tokio::io::duplex(1024);
+        let peer = PeerInfo {
+            addr: "127.0.0.1:1".parse().expect("literal address"),
+            transport: Transport::WebSocket,
+            client_certs: Arc::new(Vec::new()),
+        };
+        let task = tokio::spawn(super::serve_connection(broker, server, peer));
+        // Let it reach the wait for CONNECT.
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished());
+        let _ = stop.send(true);
+        tokio::time::timeout(connect_timeout / 10, task)
+            .await
+            .expect("the connection ends at shutdown, not at the connect timeout")
+            .expect("no panic");
     }
 
     /// A session store whose disk has failed.

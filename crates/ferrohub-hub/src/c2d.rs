@@ -226,32 +226,27 @@ impl Hub {
         let Some(me) = self.me.upgrade() else {
             return;
         };
-        let mut clients = self.lock_clients();
-        let Some(link) = clients.get_mut(identity) else {
-            return;
-        };
-        if link.conn_seq != conn_seq || link.c2d.is_some() {
-            return;
-        }
-        let notify = Arc::new(Notify::new());
-        let task = tokio::spawn(deliver(
-            me,
-            identity.clone(),
-            link.outbound.clone(),
-            notify.clone(),
-        ));
-        link.c2d = Some((task.abort_handle(), notify));
+        self.connections.update(identity, conn_seq, &mut |link| {
+            if link.c2d.is_some() {
+                return;
+            }
+            let notify = Arc::new(Notify::new());
+            let task = tokio::spawn(deliver(
+                me.clone(),
+                identity.clone(),
+                link.outbound.clone(),
+                notify.clone(),
+            ));
+            link.c2d = Some((task.abort_handle(), notify));
+        });
     }
 
     pub(super) fn c2d_stop(&self, identity: &Identity, conn_seq: u64) {
-        let mut clients = self.lock_clients();
-        if let Some(link) = clients.get_mut(identity) {
-            if link.conn_seq == conn_seq {
-                if let Some((task, _)) = link.c2d.take() {
-                    task.abort();
-                }
+        self.connections.update(identity, conn_seq, &mut |link| {
+            if let Some((task, _)) = link.c2d.take() {
+                task.abort();
             }
-        }
+        });
     }
 
     /// Counts a delivery for what connections still held unacknowledged, as their next
@@ -282,10 +277,8 @@ impl Hub {
     }
 
     fn c2d_wake(&self, identity: &Identity) {
-        if let Some(link) = self.lock_clients().get(identity) {
-            if let Some((_, notify)) = &link.c2d {
-                notify.notify_one();
-            }
+        if let Some(notify) = self.connections.get(identity).and_then(|l| l.c2d_wake) {
+            notify.notify_one();
         }
     }
 }

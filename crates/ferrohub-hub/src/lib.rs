@@ -9,6 +9,7 @@
 
 mod auth;
 pub mod c2d;
+pub mod directory;
 pub mod link;
 pub mod methods;
 pub mod presence;
@@ -22,16 +23,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic, SubscriptionKind};
+use bytes::Bytes;
+use ferrohub_iothub::{classify_publish, ErrorCode, Identity, PublishTopic};
 use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish, QoS};
 use ferrohub_store::telemetry::TelemetryLog;
 use ferrohub_store::Store;
 use rustls::pki_types::CertificateDer;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 pub use auth::AuthMethod;
+use directory::{ConnectionDirectory, Detached, Link, LocalDirectory, Subscribed};
 use link::{ConnectionControl, Outbound};
-use presence::Presence;
+use methods::{LocalPendingCalls, PendingMethodCalls};
+use presence::{ConnectionActivity, LocalPresence, PresenceRegistry};
 
 /// An error from a caller-supplied component, passed through untouched.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -93,6 +97,19 @@ pub struct HubClient {
     pub peer: std::net::SocketAddr,
     /// Identifies this connection among successive ones of the same identity.
     pub conn_seq: u64,
+    /// When this connection was last active; its messages stamp it without taking a lock.
+    pub activity: Arc<ConnectionActivity>,
+    /// Responses dropped because this connection's outbound queue was full.
+    dropped_replies: std::sync::atomic::AtomicU64,
+}
+
+impl HubClient {
+    /// Responses dropped because this connection did not read fast enough (see
+    /// [`Hub::dropped_replies`]).
+    pub fn dropped_replies(&self) -> u64 {
+        self.dropped_replies
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// Hub-wide settings of the device-facing features.
@@ -102,36 +119,23 @@ pub struct HubSettings {
     pub throttle: throttle::ThrottleSettings,
 }
 
-/// Which of the hub's push features a connection has subscribed to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Subscribed {
-    pub c2d: bool,
-    pub methods: bool,
-    pub desired: bool,
+/// Where the hub keeps what only live connections make true: presence, who holds each
+/// identity's connection, method calls awaiting their answer. The defaults are this process's
+/// own; a cluster shares them (each trait says what that takes).
+pub struct LiveState {
+    pub presence: Arc<dyn PresenceRegistry>,
+    pub connections: Arc<dyn ConnectionDirectory>,
+    pub pending_calls: Arc<dyn PendingMethodCalls>,
 }
 
-impl Subscribed {
-    fn of(identity: &Identity, filters: &[String]) -> Self {
-        let mut s = Subscribed::default();
-        for f in filters {
-            match ferrohub_iothub::authorize_subscribe(identity, f) {
-                Some(SubscriptionKind::C2d) | Some(SubscriptionKind::ModuleAll) => s.c2d = true,
-                Some(SubscriptionKind::Methods) => s.methods = true,
-                Some(SubscriptionKind::TwinDesired) => s.desired = true,
-                _ => {}
-            }
+impl Default for LiveState {
+    fn default() -> Self {
+        Self {
+            presence: Arc::new(LocalPresence::default()),
+            connections: Arc::new(LocalDirectory::default()),
+            pending_calls: Arc::new(LocalPendingCalls::default()),
         }
-        s
     }
-}
-
-/// The live connection of an identity, as the hub's push features need it.
-pub(crate) struct Link {
-    pub conn_seq: u64,
-    pub outbound: Outbound,
-    pub subs: Subscribed,
-    /// The task draining the C2D queue to this connection, and its wake-up.
-    pub c2d: Option<(tokio::task::AbortHandle, Arc<tokio::sync::Notify>)>,
 }
 
 /// Shared state of the hub's device side.
@@ -143,12 +147,10 @@ pub struct Hub {
     pub telemetry: Arc<dyn TelemetryLog>,
     /// Names the hub answers to: `sr` hosts in tokens must be one of them.
     pub hostnames: Vec<String>,
-    pub presence: Presence,
+    pub presence: Arc<dyn PresenceRegistry>,
     pub settings: HubSettings,
     /// Live connections of identities, for features that push to devices.
-    clients: Mutex<HashMap<Identity, Link>>,
-    /// Bumped whenever a link appears, goes or changes subscriptions (method calls wait on it).
-    link_changes: tokio::sync::watch::Sender<u64>,
+    connections: Arc<dyn ConnectionDirectory>,
     /// Wakes the C2D expiry loop when a message may expire sooner than it planned.
     expiry_wake: tokio::sync::Notify,
     /// When (Unix ms) the expiry loop plans to look next, `i64::MAX` while it is deciding; a
@@ -159,9 +161,11 @@ pub struct Hub {
     /// rather than written per message, so a delivery costs no durable write of its own;
     /// shutdown writes it, a crash forgets it (those messages come again, count unchanged).
     c2d_handed: Mutex<HashMap<Identity, u64>>,
-    methods: methods::PendingCalls,
+    methods: Arc<dyn PendingMethodCalls>,
     twin_locks: twins::TwinLocks,
     pub(crate) throttles: throttle::Throttles,
+    /// Responses dropped on full outbound queues, since start.
+    dropped_replies: std::sync::atomic::AtomicU64,
     next_seq: std::sync::atomic::AtomicU64,
     /// The front end that holds device connections, once it is composed.
     control: std::sync::OnceLock<Arc<dyn ConnectionControl>>,
@@ -174,21 +178,32 @@ impl Hub {
         hostnames: Vec<String>,
         settings: HubSettings,
     ) -> Arc<Self> {
+        Self::with_live_state(store, telemetry, hostnames, settings, LiveState::default())
+    }
+
+    /// A hub whose live state is kept by `live` (shared with other nodes, say).
+    pub fn with_live_state(
+        store: Arc<dyn Store>,
+        telemetry: Arc<dyn TelemetryLog>,
+        hostnames: Vec<String>,
+        settings: HubSettings,
+        live: LiveState,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             store,
             telemetry,
             hostnames,
-            presence: Presence::default(),
+            presence: live.presence,
             throttles: throttle::Throttles::new(settings.throttle),
             settings,
-            clients: Mutex::new(HashMap::new()),
-            link_changes: tokio::sync::watch::channel(0).0,
+            connections: live.connections,
             expiry_wake: tokio::sync::Notify::new(),
             expiry_planned: std::sync::atomic::AtomicI64::new(i64::MAX),
             c2d_handed: Mutex::new(HashMap::new()),
-            methods: methods::PendingCalls::default(),
+            methods: live.pending_calls,
             twin_locks: twins::TwinLocks::default(),
+            dropped_replies: std::sync::atomic::AtomicU64::new(0),
             next_seq: std::sync::atomic::AtomicU64::new(1),
             control: std::sync::OnceLock::new(),
         })
@@ -206,45 +221,64 @@ impl Hub {
 
     /// The outbound handle of a connected identity.
     pub fn outbound(&self, identity: &Identity) -> Option<Outbound> {
-        self.lock_clients()
-            .get(identity)
-            .map(|l| l.outbound.clone())
-    }
-
-    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Link>> {
-        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+        self.connections.get(identity).map(|l| l.outbound)
     }
 
     /// Records the connection's subscriptions and starts or stops what they switch on.
     async fn apply_subscriptions(&self, client: &HubClient, filters: &[String]) {
         let subs = Subscribed::of(&client.identity, filters);
+        if !self
+            .connections
+            .update(&client.identity, client.conn_seq, &mut |link| {
+                link.subs = subs
+            })
         {
-            let mut clients = self.lock_clients();
-            match clients.get_mut(&client.identity) {
-                Some(link) if link.conn_seq == client.conn_seq => link.subs = subs,
-                _ => return,
-            }
+            return;
         }
         if subs.c2d {
             self.c2d_start(&client.identity, client.conn_seq);
         } else {
             self.c2d_stop(&client.identity, client.conn_seq);
         }
-        self.link_changes.send_modify(|v| *v += 1);
     }
 
-    /// Sends a QoS 0 response to a connection from inside its own publish handling: the
-    /// connection's task is busy with us, so waiting on its queue could wait forever.
-    fn reply(&self, outbound: &Outbound, msg: link::OutboundMessage) {
+    /// Sends a QoS 0 response to a connection from inside its own publish handling.
+    ///
+    /// The connection's task is busy with us, so waiting on its queue could wait forever, and
+    /// parking the response elsewhere (a task per response) grows without bound when a client
+    /// pipelines requests and does not read. A full queue drops the response instead: IoT
+    /// Hub's responses are QoS 0 too, and the SDKs time out and ask again.
+    fn reply(&self, client: &HubClient, outbound: &Outbound, topic: String, payload: Bytes) {
+        let msg = link::OutboundMessage::new(topic, payload, QoS::AtMostOnce);
         match outbound.try_send(msg) {
             Ok(()) | Err(link::TrySendError::Closed) => {}
             Err(link::TrySendError::Full(msg)) => {
-                let o = outbound.clone();
-                tokio::spawn(async move {
-                    let _ = o.send(msg).await;
-                });
+                use std::sync::atomic::Ordering::Relaxed;
+                self.dropped_replies.fetch_add(1, Relaxed);
+                let n = client.dropped_replies.fetch_add(1, Relaxed) + 1;
+                // One warning per connection: a client that does not read would otherwise
+                // write the log as fast as it can send requests.
+                if n == 1 {
+                    warn!(
+                        identity = %client.identity,
+                        transport = %client.transport,
+                        topic = %msg.topic,
+                        "outbound queue full: response dropped (QoS 0; the device retries after \
+                         its timeout); further drops on this connection are counted and logged \
+                         at debug"
+                    );
+                } else {
+                    debug!(identity = %client.identity, topic = %msg.topic, dropped = n, "outbound queue full: response dropped");
+                }
             }
         }
+    }
+
+    /// Responses dropped since start because a connection's outbound queue was full (the
+    /// device did not read them fast enough).
+    pub fn dropped_replies(&self) -> u64 {
+        self.dropped_replies
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -270,6 +304,8 @@ impl Hub {
             transport: peer.transport,
             peer: peer.addr,
             conn_seq,
+            activity: Arc::new(ConnectionActivity::new(conn_seq)),
+            dropped_replies: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -286,8 +322,8 @@ impl Hub {
         outbound: Outbound,
         subscriptions: &[String],
     ) {
-        let old = self.lock_clients().insert(
-            client.identity.clone(),
+        let old = self.connections.attach(
+            &client.identity,
             Link {
                 conn_seq: client.conn_seq,
                 outbound,
@@ -298,7 +334,8 @@ impl Hub {
         if let Some((task, _)) = old.and_then(|l| l.c2d) {
             task.abort();
         }
-        self.presence.connected(&client.identity);
+        self.presence
+            .connected(&client.identity, client.activity.clone());
         if let Some(model_id) = &client.model_id {
             self.record_model_id(&client.identity, model_id).await;
         }
@@ -346,7 +383,7 @@ impl Hub {
                 ))
             }
         };
-        self.presence.activity(&client.identity);
+        client.activity.touch();
         match topic {
             PublishTopic::Telemetry { property_bag } => {
                 self.ingest(
@@ -385,30 +422,23 @@ impl Hub {
         if let Some(will) = will {
             self.publish_will(client, will).await;
         }
-        let still_ours = {
-            let mut clients = self.lock_clients();
-            match clients.get(&client.identity) {
-                Some(link) if link.conn_seq == client.conn_seq => {
-                    if let Some((task, _)) = clients.remove(&client.identity).and_then(|l| l.c2d) {
-                        task.abort();
-                    }
-                    true
-                }
-                // Never registered (failed before CONNACK) or already replaced by a newer one.
-                None => true,
-                Some(_) => false,
-            }
-        };
-        if still_ours {
-            self.presence.disconnected(&client.identity);
-            self.link_changes.send_modify(|v| *v += 1);
+        if let Detached::Removed(Link {
+            c2d: Some((task, _)),
+            ..
+        }) = self.connections.detach(&client.identity, client.conn_seq)
+        {
+            task.abort();
         }
+        // Presence orders connections itself: an older one ending never clears a newer one.
+        self.presence
+            .disconnected(&client.identity, client.conn_seq);
         match code {
             Some(code) => info!(
                 identity = %client.identity,
                 auth = %client.auth,
                 transport = %client.transport,
                 reason = %why,
+                dropped_replies = client.dropped_replies(),
                 error_code = code.code(),
                 error = code.name(),
                 "device disconnected"
@@ -418,6 +448,7 @@ impl Hub {
                 auth = %client.auth,
                 transport = %client.transport,
                 reason = %why,
+                dropped_replies = client.dropped_replies(),
                 "device disconnected"
             ),
         }

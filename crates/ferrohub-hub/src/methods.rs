@@ -1,7 +1,8 @@
 //! Direct methods: a service call becomes `$iothub/methods/POST/{name}/?$rid=…` to the device,
 //! and the device's `$iothub/methods/res/{status}/?$rid=…` completes the call.
 //!
-//! Pending calls live in memory, keyed by identity and request id: a method call is only ever
+//! Pending calls live behind [`PendingMethodCalls`], in memory in this process
+//! ([`LocalPendingCalls`]), keyed by identity and request id: a method call is only ever
 //! answered by a live connection, so there is nothing to persist. Late, duplicate or unknown
 //! responses find no entry and are dropped.
 
@@ -77,38 +78,71 @@ fn timeouts(inv: &Invocation) -> Result<(Duration, Duration), MethodError> {
     Ok((Duration::from_secs(response), Duration::from_secs(connect)))
 }
 
+/// Method calls waiting for the device's answer.
+///
+/// A clustered implementation must guarantee:
+/// - the `$rid`s `register` hands out are unique per identity across the cluster, not only
+///   per node, and never reused while a call with it may still be answered;
+/// - `complete` reaches the waiting caller whichever node received the device's response
+///   (the service call and the device connection may be on different nodes), at most once;
+/// - after `cancel` (timeout, caller gone) the call can no longer be completed, so a late
+///   response is dropped rather than delivered to nobody or to a newer call.
+pub trait PendingMethodCalls: Send + Sync + 'static {
+    /// Registers a call to `identity`; returns its request id and where the answer arrives.
+    fn register(&self, identity: &Identity) -> (String, oneshot::Receiver<MethodResult>);
+    /// Hands a device's response to its waiting caller; false when nobody waits for it.
+    fn complete(&self, identity: &Identity, rid: &str, result: MethodResult) -> bool;
+    /// Forgets a call that ended without an answer.
+    fn cancel(&self, identity: &Identity, rid: &str);
+}
+
+type Calls = HashMap<(Identity, String), oneshot::Sender<MethodResult>>;
+
+/// The pending calls of this process.
 #[derive(Default)]
-pub struct PendingCalls {
-    calls: Mutex<HashMap<(Identity, String), oneshot::Sender<MethodResult>>>,
+pub struct LocalPendingCalls {
+    calls: Mutex<Calls>,
     next_rid: AtomicU64,
 }
 
-impl PendingCalls {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(Identity, String), oneshot::Sender<MethodResult>>> {
+impl LocalPendingCalls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Calls> {
+        // Single inserts and removes: a panicking holder cannot leave the map half-changed.
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    /// Hands a device's response to its waiting caller; false when nobody waits for it.
-    pub fn complete(&self, identity: &Identity, rid: &str, result: MethodResult) -> bool {
+impl PendingMethodCalls for LocalPendingCalls {
+    fn register(&self, identity: &Identity) -> (String, oneshot::Receiver<MethodResult>) {
+        let rid = format!("{:x}", self.next_rid.fetch_add(1, Ordering::Relaxed) + 1);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert((identity.clone(), rid.clone()), tx);
+        (rid, rx)
+    }
+
+    fn complete(&self, identity: &Identity, rid: &str, result: MethodResult) -> bool {
         let waiter = self.lock().remove(&(identity.clone(), rid.to_string()));
         match waiter {
             Some(tx) => tx.send(result).is_ok(),
             None => false,
         }
     }
+
+    fn cancel(&self, identity: &Identity, rid: &str) {
+        self.lock().remove(&(identity.clone(), rid.to_string()));
+    }
 }
 
-/// Removes the pending entry however the call ends (answer, timeout, caller gone).
+/// Cancels the pending entry however the call ends (answer, timeout, caller gone).
 struct PendingGuard<'a> {
-    pending: &'a PendingCalls,
-    key: (Identity, String),
+    pending: &'a dyn PendingMethodCalls,
+    identity: &'a Identity,
+    rid: String,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.pending.lock().remove(&self.key);
+        self.pending.cancel(self.identity, &self.rid);
     }
 }
 
@@ -153,16 +187,11 @@ impl Hub {
             .wait_for_methods_subscriber(identity, connect_timeout)
             .await
             .ok_or_else(|| MethodError::NotOnline(identity.clone()))?;
-        let rid = format!(
-            "{:x}",
-            self.methods.next_rid.fetch_add(1, Ordering::Relaxed) + 1
-        );
-        let (tx, rx) = oneshot::channel();
-        let key = (identity.clone(), rid.clone());
-        self.methods.lock().insert(key.clone(), tx);
+        let (rid, rx) = self.methods.register(identity);
         let _guard = PendingGuard {
-            pending: &self.methods,
-            key,
+            pending: &*self.methods,
+            identity,
+            rid: rid.clone(),
         };
         let msg = OutboundMessage::new(
             method_request_topic(&inv.method_name, &rid),
@@ -207,7 +236,7 @@ impl Hub {
         identity: &Identity,
         timeout: Duration,
     ) -> Option<crate::link::Outbound> {
-        let mut changes = self.link_changes.subscribe();
+        let mut changes = self.connections.changes();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Some(o) = self.methods_outbound(identity) {
@@ -223,10 +252,10 @@ impl Hub {
     }
 
     fn methods_outbound(&self, identity: &Identity) -> Option<crate::link::Outbound> {
-        self.lock_clients()
+        self.connections
             .get(identity)
             .filter(|l| l.subs.methods && !l.outbound.is_closed())
-            .map(|l| l.outbound.clone())
+            .map(|l| l.outbound)
     }
 
     /// A `$iothub/methods/res/{status}/?$rid=…` from the device.
@@ -245,5 +274,40 @@ impl Hub {
         {
             debug!(identity = %identity, rid, "method response with no waiting call dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: i32) -> MethodResult {
+        MethodResult {
+            status,
+            payload: Value::Null,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_reaches_its_caller_once_and_a_cancelled_call_takes_none() {
+        let calls = LocalPendingCalls::default();
+        let id = Identity::device("d");
+        let (rid, rx) = calls.register(&id);
+        let (other, _other_rx) = calls.register(&id);
+        assert_ne!(rid, other, "request ids are fresh");
+        assert!(
+            !calls.complete(&Identity::device("e"), &rid, answer(200)),
+            "another identity cannot answer it"
+        );
+        assert!(calls.complete(&id, &rid, answer(200)));
+        assert_eq!(rx.await.ok(), Some(answer(200)));
+        assert!(
+            !calls.complete(&id, &rid, answer(201)),
+            "a duplicate is dropped"
+        );
+
+        calls.cancel(&id, &other);
+        assert!(!calls.complete(&id, &other, answer(200)), "too late");
+        assert!(calls.lock().is_empty());
     }
 }

@@ -101,28 +101,64 @@ const TWIN_WRITE_TRIES: usize = 16;
 
 /// A per-identity lock for twin writes, so desired notifications leave in version order and
 /// the device's and the service's writes take turns instead of failing each other's conditional
-/// writes (a device pipelining patches could otherwise starve a service update). Entries go
-/// when nobody holds them.
+/// writes (a device pipelining patches could otherwise starve a service update). An entry lives
+/// while someone holds or waits for it: [`TwinLockGuard`] removes it on drop, on every path
+/// (error returns, a caller that went away while waiting).
 #[derive(Default)]
 pub(crate) struct TwinLocks {
     map: std::sync::Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl TwinLocks {
-    fn get(&self, id: &Identity) -> Arc<tokio::sync::Mutex<()>> {
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(id.clone())
-            .or_default()
-            .clone()
+    /// Waits until this caller is the only writer of `id`'s twin.
+    pub(crate) async fn lock(&self, id: &Identity) -> TwinLockGuard<'_> {
+        let lock = self.entries().entry(id.clone()).or_default().clone();
+        // The entry is owned before the wait, so a caller dropped while waiting still cleans up.
+        let entry = TwinLockEntry {
+            locks: self,
+            id: id.clone(),
+            lock,
+        };
+        let held = entry.lock.clone().lock_owned().await;
+        TwinLockGuard {
+            _held: held,
+            _entry: entry,
+        }
     }
 
-    fn release(&self, id: &Identity, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        // Ours and the map's: nobody else waits on it.
-        if Arc::strong_count(&lock) == 2 {
-            map.remove(id);
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<Identity, Arc<tokio::sync::Mutex<()>>>> {
+        // A map of handles: a panicking holder cannot leave it half-changed.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries().len()
+    }
+}
+
+/// Holds `id`'s twin write lock; dropping it lets the next writer in.
+pub(crate) struct TwinLockGuard<'a> {
+    // Fields drop in declaration order: the mutex is released before the entry looks at who
+    // else still holds it.
+    _held: tokio::sync::OwnedMutexGuard<()>,
+    _entry: TwinLockEntry<'a>,
+}
+
+/// One caller's share of a map entry.
+struct TwinLockEntry<'a> {
+    locks: &'a TwinLocks,
+    id: Identity,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for TwinLockEntry<'_> {
+    fn drop(&mut self) {
+        let mut map = self.locks.entries();
+        // Clones are only made under the map lock, so with it held, ours and the map's being
+        // the only ones means nobody holds or waits for this entry, and nobody can start to.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.id);
         }
     }
 }
@@ -166,12 +202,8 @@ impl Hub {
         id: &Identity,
         change: impl FnMut(&mut StoredDoc, &str) -> Result<T, TwinFailure>,
     ) -> Result<(StoredDoc, T), TwinFailure> {
-        let lock = self.twin_locks.get(id);
-        let guard = lock.lock().await;
-        let result = self.modify_twin(id, change).await;
-        drop(guard);
-        self.twin_locks.release(id, lock);
-        result
+        let _order = self.twin_locks.lock(id).await;
+        self.modify_twin(id, change).await
     }
 
     fn respond(
@@ -184,12 +216,10 @@ impl Hub {
     ) {
         if let Some(out) = self.outbound_of(client) {
             self.reply(
+                client,
                 &out,
-                OutboundMessage::new(
-                    twin_response_topic(status, rid, version),
-                    Bytes::from(body),
-                    QoS::AtMostOnce,
-                ),
+                twin_response_topic(status, rid, version),
+                Bytes::from(body),
             );
         }
     }
@@ -206,10 +236,10 @@ impl Hub {
 
     /// The outbound of this very connection (not a newer one of the same identity).
     fn outbound_of(&self, client: &HubClient) -> Option<crate::link::Outbound> {
-        self.lock_clients()
+        self.connections
             .get(&client.identity)
             .filter(|l| l.conn_seq == client.conn_seq)
-            .map(|l| l.outbound.clone())
+            .map(|l| l.outbound)
     }
 
     /// `$iothub/twin/GET/?$rid=…`: answers 200 with desired and reported.
@@ -309,8 +339,7 @@ impl Hub {
             ));
         }
         let registry = self.registry_view(identity).await?;
-        let lock = self.twin_locks.get(identity);
-        let guard = lock.lock().await;
+        let order = self.twin_locks.lock(identity).await;
         let update = self.modify_twin(identity, |d, now| {
             // Checked against each fresh read: a retry must not pass on a stale match.
             if !if_match.matches(&d.etag()) {
@@ -319,29 +348,21 @@ impl Hub {
             let result = d.twin.apply_service_update(&body, replace, now)?;
             Ok(result.desired_notification)
         });
-        let (doc, notification) = match update.await {
-            Ok(r) => r,
-            Err(e) => {
-                drop(guard);
-                self.twin_locks.release(identity, lock);
-                return Err(e);
-            }
-        };
+        let (doc, notification) = update.await?;
         if let Some(n) = notification {
             self.notify_desired(identity, doc.twin.desired.version, n)
                 .await;
         }
-        drop(guard);
-        self.twin_locks.release(identity, lock);
+        drop(order);
         Ok(self.twin_json(identity, &doc, registry))
     }
 
     async fn notify_desired(&self, identity: &Identity, version: u64, body: Value) {
         let out = self
-            .lock_clients()
+            .connections
             .get(identity)
             .filter(|l| l.subs.desired)
-            .map(|l| l.outbound.clone());
+            .map(|l| l.outbound);
         if let Some(out) = out {
             let msg = OutboundMessage::new(
                 desired_patch_topic(version),
@@ -432,5 +453,77 @@ impl Hub {
             extra.insert("modelId".into(), Value::String(String::new()));
         }
         d.twin.service_view(extra)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    /// Polls once without a runtime wake-up: whether the future could finish right now.
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+        std::pin::Pin::new(f).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn entries_go_when_the_last_guard_drops_on_every_path() {
+        let locks = TwinLocks::default();
+        let a = Identity::device("a");
+        let b = Identity::module("a", "m");
+
+        let guard = locks.lock(&a).await;
+        let other = locks.lock(&b).await;
+        assert_eq!(locks.len(), 2, "one entry per identity");
+        drop(guard);
+        assert_eq!(locks.len(), 1);
+        drop(other);
+        assert_eq!(locks.len(), 0);
+
+        // The error path of a caller: `?` returns with the guard held.
+        async fn fails(locks: &TwinLocks, id: &Identity) -> Result<(), TwinFailure> {
+            let _order = locks.lock(id).await;
+            Err(TwinFailure::Throttled)
+        }
+        assert!(fails(&locks, &a).await.is_err());
+        assert_eq!(locks.len(), 0, "the error return released the entry");
+    }
+
+    #[tokio::test]
+    async fn holders_of_one_identity_take_turns() {
+        let locks = TwinLocks::default();
+        let id = Identity::device("a");
+        let first = locks.lock(&id).await;
+        let mut second = Box::pin(locks.lock(&id));
+        let mut third = Box::pin(locks.lock(&id));
+        assert!(poll_once(&mut second).is_pending(), "waits for the first");
+        assert!(poll_once(&mut third).is_pending());
+        // A different identity is not held up.
+        let elsewhere = locks.lock(&Identity::device("b")).await;
+        drop(elsewhere);
+
+        drop(first);
+        let Poll::Ready(second) = poll_once(&mut second) else {
+            panic!("the second waiter goes once the first drops");
+        };
+        assert!(poll_once(&mut third).is_pending(), "one holder at a time");
+        drop(second);
+        assert!(poll_once(&mut third).is_ready());
+        drop(third);
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_leaves_nothing_behind() {
+        let locks = TwinLocks::default();
+        let id = Identity::device("a");
+        let held = locks.lock(&id).await;
+        let mut waiter = Box::pin(locks.lock(&id));
+        assert!(poll_once(&mut waiter).is_pending());
+        // The service caller disconnected while waiting for the lock.
+        drop(waiter);
+        drop(held);
+        assert_eq!(locks.len(), 0);
     }
 }

@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// Direct method calls per second; off by default.
     #[arg(long, env = "FERROHUB_THROTTLE_METHOD_CALLS")]
     pub throttle_method_calls: Option<u32>,
+    /// Device connections at once, MQTT over TLS and over WebSocket together (default
+    /// 200000). Past it, new TLS sockets wait in the accept queue and WebSocket upgrades are
+    /// refused with 503.
+    #[arg(long, env = "FERROHUB_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -83,6 +88,7 @@ struct FileConfig {
     throttle_twin_reads: Option<u32>,
     throttle_twin_updates: Option<u32>,
     throttle_method_calls: Option<u32>,
+    max_connections: Option<usize>,
 }
 
 /// The resolved configuration of a server.
@@ -109,6 +115,8 @@ pub struct ServerConfig {
     pub retention_interval: std::time::Duration,
     /// C2D limits and throttles of the device-facing features.
     pub hub: ferrohub_hub::HubSettings,
+    /// Device connections at once (MQTT over TLS and over WebSocket share the cap).
+    pub max_connections: usize,
 }
 
 impl ServerConfig {
@@ -129,6 +137,7 @@ impl ServerConfig {
             telemetry_max_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: std::time::Duration::from_secs(60),
             hub: ferrohub_hub::HubSettings::default(),
+            max_connections: 200_000,
         }
     }
 
@@ -197,6 +206,12 @@ impl ServerConfig {
             }
             cfg.hub.c2d.max_delivery_count = n;
         }
+        if let Some(n) = args.max_connections.or(file.max_connections) {
+            if n == 0 {
+                anyhow::bail!("max_connections must be at least 1");
+            }
+            cfg.max_connections = n;
+        }
         let rate = |v: Option<u32>| v.and_then(std::num::NonZeroU32::new);
         cfg.hub.throttle.twin_reads = rate(args.throttle_twin_reads.or(file.throttle_twin_reads));
         cfg.hub.throttle.twin_updates =
@@ -263,6 +278,23 @@ mod tests {
         assert_eq!(cfg.hostnames, vec!["hub.example".to_string()]);
         assert_eq!(cfg.mqtt_bind, "127.0.0.1:2".parse()?);
         assert_eq!(cfg.https_bind.port(), 443);
+        Ok(())
+    }
+
+    #[test]
+    fn max_connections_comes_from_file_or_flag_and_is_at_least_one() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("f.toml");
+        std::fs::write(&file, "max_connections = 7\n")?;
+        let mut args = ServeArgs {
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        assert_eq!(ServerConfig::from_args(&args)?.max_connections, 7);
+        args.max_connections = Some(3);
+        assert_eq!(ServerConfig::from_args(&args)?.max_connections, 3);
+        args.max_connections = Some(0);
+        assert!(ServerConfig::from_args(&args).is_err());
         Ok(())
     }
 

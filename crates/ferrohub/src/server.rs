@@ -55,8 +55,10 @@ impl HubInfo {
 
 /// Time a client gets to finish the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent connections; past this, new sockets wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 200_000;
+/// Concurrent HTTPS connections (REST clients, WebSocket handshakes); past this, new sockets
+/// wait in the kernel's accept queue. An upgraded WebSocket session leaves this cap for the
+/// device-connection cap (`ServerConfig::max_connections`), which it shares with MQTT/TLS.
+const MAX_HTTPS_CONNECTIONS: usize = 10_000;
 
 type HubBroker = Broker<crate::mqtt::MqttFrontEnd>;
 
@@ -258,12 +260,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         hub.clone(),
         shutdown_rx.clone(),
     ));
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let device_slots = Arc::new(Semaphore::new(
+        cfg.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let acceptor = TlsAcceptor::from(tls_config);
     tracker.spawn(accept_loop(
         mqtt_listener,
         acceptor.clone(),
-        limit.clone(),
+        device_slots.clone(),
         tracker.clone(),
         shutdown_rx.clone(),
         Listener::Mqtt(broker.clone()),
@@ -271,10 +275,16 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     tracker.spawn(accept_loop(
         https_listener,
         acceptor,
-        limit,
+        Arc::new(Semaphore::new(MAX_HTTPS_CONNECTIONS)),
         tracker.clone(),
         shutdown_rx,
-        Listener::Https(router),
+        Listener::Https {
+            router,
+            sessions: crate::ws::Sessions {
+                slots: device_slots,
+                tracker: tracker.clone(),
+            },
+        },
     ));
 
     let hostname = cfg
@@ -357,7 +367,11 @@ fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {
 
 enum Listener {
     Mqtt(Arc<HubBroker>),
-    Https(axum::Router),
+    Https {
+        router: axum::Router,
+        /// Where upgraded WebSocket sessions run.
+        sessions: crate::ws::Sessions,
+    },
 }
 
 async fn accept_loop(
@@ -369,10 +383,6 @@ async fn accept_loop(
     kind: Listener,
 ) {
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
-        };
         let (socket, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -383,6 +393,13 @@ async fn accept_loop(
                     continue;
                 }
             },
+            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
+        };
+        // Accepted first, then admitted: a listener waiting for a place with no socket in hand
+        // would take the next free one and sit on it, and WebSocket sessions share the device
+        // cap. Only this one socket waits here; the next ones wait in the kernel's queue.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
         };
         let _ = socket.set_nodelay(true);
@@ -405,12 +422,18 @@ async fn accept_loop(
                     }
                 });
             }
-            Listener::Https(router) => {
+            Listener::Https { router, sessions } => {
                 let router = router.clone();
+                let sessions = sessions.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
                     if let Some((tls, certs)) = Box::pin(handshake(&acceptor, socket, addr)).await {
-                        serve_https(tls, addr, certs, router, shutdown).await;
+                        let conn = HttpsConn {
+                            addr,
+                            client_certs: certs,
+                            sessions,
+                        };
+                        serve_https(tls, conn, router, shutdown).await;
                     }
                 });
             }
@@ -447,24 +470,22 @@ async fn handshake(
 }
 
 /// What an HTTPS request handler may want to know about its connection.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpsConn {
     pub addr: SocketAddr,
     pub client_certs: Arc<Vec<CertificateDer<'static>>>,
+    /// Where a WebSocket upgraded on this connection runs its MQTT session.
+    pub sessions: crate::ws::Sessions,
 }
 
 async fn serve_https(
     tls: TlsStream,
-    addr: SocketAddr,
-    certs: Arc<Vec<CertificateDer<'static>>>,
+    conn_info: HttpsConn,
     router: axum::Router,
     mut shutdown: watch::Receiver<bool>,
 ) {
     use tower::ServiceExt;
-    let conn_info = HttpsConn {
-        addr,
-        client_certs: certs,
-    };
+    let addr = conn_info.addr;
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(conn_info.clone());

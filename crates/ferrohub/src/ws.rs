@@ -1,13 +1,84 @@
 //! MQTT over WebSocket: the `/$iothub/websocket` endpoint and a byte-stream view of a
 //! WebSocket, so the broker serves it exactly like a TLS socket.
+//!
+//! An upgraded session is a device connection like one over TLS: it holds a place of the same
+//! connection cap for its whole life and runs under the server's task tracker, so shutdown
+//! waits for it. (The HTTPS connection it came on ends at the upgrade, and with it the place
+//! that connection held in the HTTPS cap.)
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use axum::extract::ws::{Message, WebSocket};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes};
+use ferrohub_broker::{serve_connection, Broker, PeerInfo, Transport};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use crate::api::ApiError;
+use crate::mqtt::MqttFrontEnd;
+use crate::server::HttpsConn;
+
+/// What an upgraded session needs from the server.
+#[derive(Clone)]
+pub struct Sessions {
+    /// The device-connection cap, shared with the MQTT/TLS listener.
+    pub slots: Arc<Semaphore>,
+    /// What shutdown waits on.
+    pub tracker: TaskTracker,
+}
+
+/// Seconds a refused client is told to wait before it tries again.
+const RETRY_AFTER_SECS: &str = "5";
+
+/// Upgrades to an MQTT session when the device-connection cap has room, else answers 503.
+///
+/// Refused rather than queued: the request is already accepted, and a handshake left waiting
+/// would hold its HTTPS connection and run into the client's own timeout; a 503 with
+/// `Retry-After` is something the SDKs' retry policies handle.
+pub fn upgrade(
+    ws: WebSocketUpgrade,
+    broker: Arc<Broker<MqttFrontEnd>>,
+    conn: HttpsConn,
+) -> Response {
+    let Ok(permit) = conn.sessions.slots.clone().try_acquire_owned() else {
+        debug!(peer = %conn.addr, "device connection cap reached; WebSocket upgrade refused");
+        let mut resp = ApiError::new(
+            ferrohub_iothub::ErrorCode::ServiceUnavailable,
+            "the hub is at its device connection limit; retry later",
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+        return resp;
+    };
+    // Taken before the 101 goes out, so shutdown also waits for an upgrade still completing.
+    let tracked = conn.sessions.tracker.token();
+    let max = broker.max_packet_size();
+    ws.protocols(["mqtt"])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            let peer = PeerInfo {
+                addr: conn.addr,
+                transport: Transport::WebSocket,
+                client_certs: conn.client_certs.clone(),
+            };
+            serve_connection(broker, WsByteStream::new(socket), peer).await;
+            // The place and the tracker's count go last, once the session has let go of all.
+            drop(permit);
+            drop(tracked);
+        })
+        .into_response()
+}
 
 /// A WebSocket carrying MQTT in binary messages, as an `AsyncRead + AsyncWrite` stream.
 /// An MQTT packet may span messages and a message may hold several packets, so reads just

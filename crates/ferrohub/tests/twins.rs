@@ -544,3 +544,97 @@ async fn throttled_operations_get_429() -> TestResult {
     hub.stop().await;
     Ok(())
 }
+
+/// A device that pipelines GETs of a large twin and does not read: the server must not keep a
+/// response (or a task holding one) per request. Responses past the connection's queue are
+/// dropped and counted, and the device gets answers again once it reads.
+#[tokio::test]
+async fn pipelined_gets_that_are_not_read_are_dropped_not_buffered() -> TestResult {
+    const GETS: usize = 1000;
+    let hub = TestHub::start().await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    // About 30 KB of desired properties (strings stop at 4 KB each).
+    let desired: serde_json::Map<String, Value> = (0..8)
+        .map(|i| (format!("p{i}"), json!("x".repeat(3800))))
+        .collect();
+    hub.api
+        .patch(
+            "/twins/dev1",
+            &json!({"properties": {"desired": desired}}),
+            Some("*"),
+        )
+        .await?;
+    let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
+    let server_hub = hub.server().hub.clone();
+    let dropped_before = server_hub.dropped_replies();
+    let tasks_before = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+
+    // All requests in one write, then a telemetry message: the connection handles its
+    // publishes in order, so once that message is in the log every GET has been answered,
+    // queued or dropped.
+    let mut burst = bytes::BytesMut::new();
+    for i in 0..GETS {
+        let get = publish(
+            &format!("$iothub/twin/GET/?$rid={i}"),
+            b"",
+            QoS::AtMostOnce,
+            0,
+        );
+        ferrohub_mqtt::encode(&get, &mut burst)?;
+    }
+    let marker = publish(
+        "devices/dev1/messages/events/",
+        b"marker",
+        QoS::AtMostOnce,
+        0,
+    );
+    ferrohub_mqtt::encode(&marker, &mut burst)?;
+    c.send_raw(&burst).await?;
+    let events = read_events(&hub, "from=start", 1, WAIT).await?;
+    assert_eq!(events.len(), 1, "the message after the GETs was handled");
+
+    let dropped = server_hub.dropped_replies() - dropped_before;
+    let tasks = tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks();
+    assert!(
+        dropped > 0,
+        "a device that does not read gets responses dropped"
+    );
+    assert!(
+        tasks < tasks_before + 50,
+        "{tasks} tasks alive, {tasks_before} before the GETs: the server parks responses"
+    );
+
+    // The device reads again: whatever was queued arrives, then a fresh GET is answered.
+    c.send(&publish(
+        "$iothub/twin/GET/?$rid=fresh",
+        b"",
+        QoS::AtMostOnce,
+        0,
+    ))
+    .await?;
+    let mut answered = 0usize;
+    loop {
+        let p = recv_publish(&mut c, WAIT)
+            .await?
+            .ok_or("the fresh GET was not answered")?;
+        let (status, rid, _) = parse_response(&p.topic)?;
+        assert_eq!(status, 200);
+        if rid == "fresh" {
+            let twin: Value = serde_json::from_slice(&p.payload)?;
+            assert_eq!(twin["desired"]["p7"].as_str().map(str::len), Some(3800));
+            break;
+        }
+        answered += 1;
+    }
+    assert_eq!(
+        answered as u64 + dropped,
+        GETS as u64,
+        "every GET was either answered or counted as dropped"
+    );
+    hub.stop().await;
+    Ok(())
+}

@@ -1,10 +1,13 @@
 //! MQTT over WebSocket at `/$iothub/websocket` on the HTTPS port: subprotocol echo, query
-//! strings ignored, and the same IoT Hub rules as over plain TLS.
+//! strings ignored, the same IoT Hub rules as over plain TLS, the same connection cap, and
+//! shutdown waiting for the sessions.
 
 mod common;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use common::*;
 use ferrohub_mqtt::{ConnectReturnCode, Packet};
@@ -131,5 +134,108 @@ async fn mqtt_over_websocket_echoes_the_subprotocol_and_applies_the_same_rules()
     c.send_raw(&[0xff, 0x00]).await?;
     assert_eq!(c.recv().await?, None, "garbage over WebSocket closes it");
     hub.stop().await;
+    Ok(())
+}
+
+const PATH: &str = "/$iothub/websocket";
+
+async fn ws_connect(hub: &TestHub, c: &mut MqttClient, id: &str, key: &str) -> TestResult {
+    let t = hub.device_token(id, key);
+    match c.connect(connect_packet(id, Some(&t), true, 60)).await? {
+        (_, ConnectReturnCode::Accepted) => Ok(()),
+        (_, code) => Err(format!("CONNACK {code:?}").into()),
+    }
+}
+
+/// Opens the WebSocket once the hub has room for it. The place of a connection that just
+/// closed frees as the server finishes closing it, a moment after the client saw the close,
+/// so a refusal (503) is retried, as a client honouring Retry-After would, only sooner.
+async fn ws_client_admitted(hub: &TestHub) -> R<MqttClient> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match ws_client(hub, PATH).await {
+            Ok((c, _)) => return Ok(c),
+            Err(e) if e.to_string().contains("503") && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_sessions_count_against_the_same_connection_cap_as_tls() -> TestResult {
+    let hub = TestHub::start_with(|cfg| cfg.max_connections = 2).await?;
+    let mut keys = std::collections::HashMap::new();
+    for id in ["tls1", "tls2", "tls3", "ws1"] {
+        keys.insert(id, hub.create_device(id).await?.0);
+    }
+    let (mut tls1, _) = hub.connect_device("tls1", &keys["tls1"], true).await?;
+    let (mut tls2, _) = hub.connect_device("tls2", &keys["tls2"], true).await?;
+
+    // Full: the upgrade is refused with 503 (the REST API itself stays reachable).
+    let refused = ws_client(&hub, PATH)
+        .await
+        .err()
+        .ok_or("a WebSocket session was admitted past the cap")?;
+    assert!(refused.to_string().contains("503"), "{refused}");
+    hub.api.get("/devices/tls1").await?;
+
+    // A TLS device leaves; its place goes to the WebSocket session.
+    tls1.send(&Packet::Disconnect).await?;
+    tls1.expect_closed().await?;
+    let mut ws = ws_client_admitted(&hub).await?;
+    ws_connect(&hub, &mut ws, "ws1", &keys["ws1"]).await?;
+
+    // The session holds its place for its whole life: a TLS device now waits for it.
+    let mut waiting = Box::pin(hub.connect_device("tls3", &keys["tls3"], true));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
+            .await
+            .is_err(),
+        "a TLS connection was served while a WebSocket session held the last place"
+    );
+    ws.send(&Packet::PingReq).await?;
+    assert_eq!(ws.recv().await?, Some(Packet::PingResp));
+    ws.send(&Packet::Disconnect).await?;
+    ws.expect_closed().await?;
+    let (mut tls3, _) = tokio::time::timeout(WAIT, waiting)
+        .await
+        .map_err(|_| "the TLS device did not get the place the WebSocket session freed")??;
+    for c in [&mut tls2, &mut tls3] {
+        c.send(&Packet::PingReq).await?;
+        assert_eq!(c.recv().await?, Some(Packet::PingResp));
+    }
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn shutdown_closes_websocket_sessions_and_waits_for_them() -> TestResult {
+    let hub = TestHub::start().await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    let (mut connected, _) = ws_client(&hub, PATH).await?;
+    ws_connect(&hub, &mut connected, "dev1", &key).await?;
+    // Upgraded but silent: no CONNECT yet.
+    let (mut silent, _) = ws_client(&hub, PATH).await?;
+
+    let broker = Arc::downgrade(&hub.server().broker);
+    let server_hub = hub.server().hub.clone();
+    hub.stop().await;
+    // Every connection task holds the broker: none may outlive shutdown.
+    assert!(
+        broker.upgrade().is_none(),
+        "a WebSocket session was still running when shutdown returned"
+    );
+    let presence = server_hub
+        .presence
+        .get(&ferrohub_iothub::Identity::device("dev1"));
+    assert_eq!(
+        presence.map(|p| p.connected),
+        Some(false),
+        "the session's disconnect was handled before shutdown returned"
+    );
+    assert_eq!(connected.recv().await?, None);
+    assert_eq!(silent.recv().await?, None);
     Ok(())
 }

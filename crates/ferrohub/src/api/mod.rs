@@ -13,15 +13,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 
 use crate::mqtt::MqttFrontEnd;
 use crate::server::HttpsConn;
-use crate::ws::WsByteStream;
 pub use error::ApiError;
-use ferrohub_broker::{serve_connection, Broker, PeerInfo, Transport};
+use ferrohub_broker::Broker;
 use ferrohub_hub::Hub;
 
 #[derive(Clone)]
@@ -131,28 +130,12 @@ pub(crate) fn require_api_version(q: &HashMap<String, String>) -> Result<(), Api
 
 /// MQTT over WebSocket. The query string is ignored (the C SDK may add
 /// `iothub-no-client-cert=true`); the `mqtt` subprotocol is echoed, which the Node SDK requires.
+/// The session itself (connection cap, shutdown tracking) is `ws::upgrade`'s.
 async fn websocket(
     State(state): State<ApiState>,
     Extension(conn): Extension<HttpsConn>,
     Query(_q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let broker = state.broker.clone();
-    let max = broker_max_packet(&broker);
-    ws.protocols(["mqtt"])
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            let peer = PeerInfo {
-                addr: conn.addr,
-                transport: Transport::WebSocket,
-                client_certs: conn.client_certs.clone(),
-            };
-            serve_connection(broker, WsByteStream::new(socket), peer).await;
-        })
-        .into_response()
-}
-
-fn broker_max_packet(broker: &Broker<MqttFrontEnd>) -> usize {
-    broker.max_packet_size()
+    crate::ws::upgrade(ws, state.broker.clone(), conn)
 }
