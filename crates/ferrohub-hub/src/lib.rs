@@ -9,9 +9,12 @@
 
 mod auth;
 pub mod c2d;
+mod detached;
+pub mod error;
 pub mod link;
 pub mod methods;
 pub mod presence;
+pub mod registry;
 mod telemetry;
 pub mod throttle;
 pub mod timefmt;
@@ -30,6 +33,7 @@ use rustls::pki_types::CertificateDer;
 use tracing::{debug, info};
 
 pub use auth::AuthMethod;
+pub use error::HubError;
 use link::{ConnectionControl, Outbound};
 use presence::Presence;
 
@@ -199,7 +203,6 @@ impl Hub {
         let _ = self.control.set(control);
     }
 
-    #[allow(dead_code)] // the registry service (next) kicks connections through it
     pub(crate) fn connection_control(&self) -> Option<&Arc<dyn ConnectionControl>> {
         self.control.get()
     }
