@@ -20,6 +20,7 @@ use ferrohub_store::{C2dMessage, FeedbackStatus, StoreError};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use crate::error::HubError;
 use crate::link::{AckHook, OutboundMessage};
 use crate::Hub;
 
@@ -110,8 +111,19 @@ fn message_size(req: &SendRequest) -> usize {
 
 impl Hub {
     /// Queues a message for `identity`; returns it (with sequence number and expiry) once it
-    /// is on disk, and wakes the identity's delivery task if it is connected.
+    /// is on disk, and wakes the identity's delivery task if it is connected. Once started,
+    /// the send and the wake-up happen even if the caller stops waiting.
     pub async fn c2d_send(
+        &self,
+        identity: &Identity,
+        req: SendRequest,
+    ) -> Result<C2dMessage, HubError> {
+        let identity = identity.clone();
+        self.to_the_end(move |hub| async move { Ok(hub.c2d_send_now(&identity, req).await?) })
+            .await
+    }
+
+    async fn c2d_send_now(
         &self,
         identity: &Identity,
         req: SendRequest,
@@ -209,17 +221,22 @@ impl Hub {
     }
 
     /// Empties `identity`'s queue (feedback `Purged` where asked); returns how many went.
-    pub async fn c2d_purge(&self, identity: &Identity) -> Result<u64, SendError> {
-        self.generation_id(identity).await?;
-        let n = self
-            .store
-            .c2d_purge(
-                &identity.device_id,
-                identity.module_id.as_deref(),
-                &crate::timefmt::now_iso(),
-            )
-            .await?;
-        Ok(n)
+    pub async fn c2d_purge(&self, identity: &Identity) -> Result<u64, HubError> {
+        let identity = identity.clone();
+        self.to_the_end(move |hub| async move {
+            hub.generation_id(&identity).await?;
+            let n = hub
+                .store
+                .c2d_purge(
+                    &identity.device_id,
+                    identity.module_id.as_deref(),
+                    &crate::timefmt::now_iso(),
+                )
+                .await
+                .map_err(SendError::from)?;
+            Ok(n)
+        })
+        .await
     }
 
     /// Starts draining `identity`'s queue to this connection, unless a task already does.

@@ -9,15 +9,20 @@
 
 mod auth;
 pub mod c2d;
+pub mod certificates;
 mod detached;
 pub mod error;
+pub mod events;
+pub mod feedback;
 pub mod link;
 pub mod methods;
 pub mod presence;
 pub mod registry;
+pub mod service_auth;
 mod telemetry;
 pub mod throttle;
 pub mod timefmt;
+mod twin_service;
 pub mod twins;
 pub mod x509;
 
@@ -142,9 +147,12 @@ pub(crate) struct Link {
 pub struct Hub {
     /// Itself, for the tasks it spawns from `&self` handler calls.
     me: std::sync::Weak<Hub>,
-    pub store: Arc<dyn Store>,
+    /// Only the hub's services touch the store: front ends go through them.
+    pub(crate) store: Arc<dyn Store>,
     /// Where device-to-cloud messages go; a PUBACK waits for it.
-    pub telemetry: Arc<dyn TelemetryLog>,
+    pub(crate) telemetry: Arc<dyn TelemetryLog>,
+    /// Service tokens already checked.
+    tokens: service_auth::TokenCache,
     /// Names the hub answers to: `sr` hosts in tokens must be one of them.
     pub hostnames: Vec<String>,
     pub presence: Presence,
@@ -182,6 +190,7 @@ impl Hub {
             me: me.clone(),
             store,
             telemetry,
+            tokens: service_auth::TokenCache::default(),
             hostnames,
             presence: Presence::default(),
             throttles: throttle::Throttles::new(settings.throttle),

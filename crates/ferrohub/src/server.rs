@@ -241,7 +241,6 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let router = api::router(api::ApiState {
         hub: hub.clone(),
         broker: broker.clone(),
-        tokens: Arc::default(),
     });
 
     let tracker = TaskTracker::new();

@@ -296,9 +296,10 @@ async fn service_auth_requires_a_valid_policy_token_with_the_right() -> TestResu
     );
 
     // A read-only policy can list but not write.
-    let store = hub.server().hub.store.clone();
-    let ro = store
-        .get_policy("registryRead")
+    let ro = hub
+        .server()
+        .hub
+        .policy("registryRead")
         .await?
         .ok_or("registryRead policy")?;
     let ro_token = token_for(HOST, &ro.primary_key, 3600, Some("registryRead"));
