@@ -20,6 +20,8 @@ pub mod presence;
 pub mod registry;
 pub mod service_auth;
 mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod throttle;
 pub mod timefmt;
 mod twin_service;
