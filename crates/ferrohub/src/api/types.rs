@@ -273,3 +273,87 @@ impl From<CaCertificate> for CertificateDescription {
 pub struct CertificateList {
     pub value: Vec<CertificateDescription>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferrohub_hub::presence::PresenceEntry;
+    use ferrohub_store::{Device, Module};
+
+    fn live() -> Live {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        Live {
+            presence: Some(PresenceEntry {
+                connected: true,
+                state_updated: t,
+                last_activity: t,
+            }),
+            c2d_count: 3,
+        }
+    }
+
+    /// The responses are byte for byte the store records with the overlay laid on them, which
+    /// is what the API sent before it had types of its own.
+    #[test]
+    fn responses_are_the_records_with_the_overlay_byte_for_byte() -> Result<(), serde_json::Error> {
+        let device = Device {
+            device_id: "d1".into(),
+            generation_id: "1".into(),
+            etag: "e".into(),
+            status_updated_time: Some("t0".into()),
+            ..Default::default()
+        };
+        let stamp = timefmt::iso_system(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+        );
+        let mut old = device.clone();
+        old.connection_state = ferrohub_store::ConnectionState::Connected;
+        old.connection_state_updated_time = Some(stamp.clone());
+        old.last_activity_time = Some(stamp.clone());
+        old.cloud_to_device_message_count = 3;
+        let new = DeviceResponse::from(LiveDevice {
+            device,
+            live: live(),
+        });
+        assert_eq!(serde_json::to_string(&new)?, serde_json::to_string(&old)?);
+
+        let module = Module {
+            module_id: "m1".into(),
+            device_id: "d1".into(),
+            ..Default::default()
+        };
+        let old = serde_json::to_string(&module)?;
+        let new = ModuleResponse::from(LiveModule {
+            module,
+            live: Live::default(),
+        });
+        assert_eq!(serde_json::to_string(&new)?, old);
+        Ok(())
+    }
+
+    /// The bodies that were built with `json!` keep its (sorted) key order.
+    #[test]
+    fn other_bodies_keep_sorted_keys() -> Result<(), serde_json::Error> {
+        let sent = C2dSent {
+            device_id: "d".into(),
+            enqueued_time_utc: "a".into(),
+            expiry_time_utc: "b".into(),
+            message_id: "m".into(),
+            module_id: None,
+            sequence_number: 1,
+        };
+        let value = serde_json::to_value(&sent)?;
+        assert_eq!(serde_json::to_string(&sent)?, value.to_string());
+        let cert = CertificateDescription::from(CaCertificate {
+            name: "n".into(),
+            etag: "e".into(),
+            certificate: "pem".into(),
+            subject: "s".into(),
+            thumbprint: "t".into(),
+            created: "c".into(),
+        });
+        let value = serde_json::to_value(&cert)?;
+        assert_eq!(serde_json::to_string(&cert)?, value.to_string());
+        Ok(())
+    }
+}
