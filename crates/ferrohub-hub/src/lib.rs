@@ -18,6 +18,7 @@ pub mod link;
 pub mod methods;
 pub mod presence;
 pub mod registry;
+pub mod retention;
 pub mod service_auth;
 mod telemetry;
 #[cfg(test)]

@@ -99,6 +99,11 @@ impl Hub {
         Ok(self.store.get_policy(name).await?)
     }
 
+    /// Creates the policy unless one of its name exists; returns the stored one.
+    pub async fn ensure_policy(&self, policy: AccessPolicy) -> Result<AccessPolicy, HubError> {
+        Ok(self.store.ensure_policy(policy).await?)
+    }
+
     /// Checks a service call's `Authorization` value and returns the policy it was signed
     /// with, if that policy grants `need`.
     pub async fn authorize_service(
