@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferrohub_iothub::c2d::{c2d_property_bag, C2dSystemProperties};
 use ferrohub_iothub::topics::{c2d_topic, Property};
 use ferrohub_iothub::Identity;
 use ferrohub_mqtt::QoS;
@@ -19,6 +20,7 @@ use ferrohub_store::{C2dMessage, FeedbackStatus, StoreError, Timestamp};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
+use crate::error::HubError;
 use crate::link::{AckHook, OutboundMessage};
 use crate::Hub;
 
@@ -87,7 +89,8 @@ pub fn now_ms() -> i64 {
     Timestamp::now().unix_ms()
 }
 
-/// Size as IoT Hub counts it: body plus every property name and value.
+/// Size as IoT Hub counts it (`ferrohub_iothub::message_size`): body plus every property
+/// name and value the sender gave.
 fn message_size(req: &SendRequest) -> usize {
     let system = [
         &req.message_id,
@@ -95,22 +98,29 @@ fn message_size(req: &SendRequest) -> usize {
         &req.user_id,
         &req.content_type,
         &req.content_encoding,
-    ]
-    .iter()
-    .filter_map(|v| v.as_ref().map(String::len))
-    .sum::<usize>();
-    let app = req
-        .properties
-        .iter()
-        .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
-        .sum::<usize>();
-    req.payload.len() + system + app
+    ];
+    ferrohub_iothub::message_size(
+        system.into_iter().filter_map(|v| v.as_deref()),
+        &req.properties,
+        &req.payload,
+    )
 }
 
 impl Hub {
     /// Queues a message for `identity`; returns it (with sequence number and expiry) once it
-    /// is on disk, and wakes the identity's delivery task if it is connected.
+    /// is on disk, and wakes the identity's delivery task if it is connected. Once started,
+    /// the send and the wake-up happen even if the caller stops waiting.
     pub async fn c2d_send(
+        &self,
+        identity: &Identity,
+        req: SendRequest,
+    ) -> Result<C2dMessage, HubError> {
+        let identity = identity.clone();
+        self.to_the_end(move |hub| async move { Ok(hub.c2d_send_now(&identity, req).await?) })
+            .await
+    }
+
+    async fn c2d_send_now(
         &self,
         identity: &Identity,
         req: SendRequest,
@@ -208,17 +218,22 @@ impl Hub {
     }
 
     /// Empties `identity`'s queue (feedback `Purged` where asked); returns how many went.
-    pub async fn c2d_purge(&self, identity: &Identity) -> Result<u64, SendError> {
-        self.generation_id(identity).await?;
-        let n = self
-            .store
-            .c2d_purge(
-                &identity.device_id,
-                identity.module_id.as_deref(),
-                Timestamp::now(),
-            )
-            .await?;
-        Ok(n)
+    pub async fn c2d_purge(&self, identity: &Identity) -> Result<u64, HubError> {
+        let identity = identity.clone();
+        self.to_the_end(move |hub| async move {
+            hub.generation_id(&identity).await?;
+            let n = hub
+                .store
+                .c2d_purge(
+                    &identity.device_id,
+                    identity.module_id.as_deref(),
+                    Timestamp::now(),
+                )
+                .await
+                .map_err(SendError::from)?;
+            Ok(n)
+        })
+        .await
     }
 
     /// Starts draining `identity`'s queue to this connection, unless a task already does.
@@ -388,44 +403,30 @@ async fn settle(hub: &Hub, identity: &Identity, seq: u64, status: FeedbackStatus
     }
 }
 
-/// The topic's property bag: the system properties a device may read, then the application
-/// properties in send order, as IoT Hub writes them.
+/// The topic's property bag of a queued message (`ferrohub_iothub::c2d::c2d_property_bag`).
 pub fn topic_properties(msg: &C2dMessage) -> Vec<Property> {
-    let mut props: Vec<Property> = Vec::with_capacity(msg.properties.len() + 8);
-    props.push(("$.mid".into(), Some(msg.message_id.clone())));
-    let to = match &msg.module_id {
-        None => format!("/devices/{}/messages/devicebound", msg.device_id),
-        Some(m) => format!(
-            "/devices/{}/modules/{m}/messages/devicebound",
-            msg.device_id
-        ),
+    let identity = Identity {
+        device_id: msg.device_id.clone(),
+        module_id: msg.module_id.clone(),
     };
-    props.push(("$.to".into(), Some(to)));
-    for (key, value) in [
-        ("$.cid", &msg.correlation_id),
-        ("$.uid", &msg.user_id),
-        ("$.ct", &msg.content_type),
-        ("$.ce", &msg.content_encoding),
-    ] {
-        if let Some(v) = value {
-            props.push((key.into(), Some(v.clone())));
-        }
-    }
-    props.push((
-        "$.exp".into(),
-        Some(crate::timefmt::iso(ms_to_datetime(msg.expiry_time_ms))),
-    ));
+    let expiry = crate::timefmt::iso(ms_to_datetime(msg.expiry_time_ms));
     let ack = match msg.ack {
         ferrohub_store::FeedbackRequest::None => None,
         ferrohub_store::FeedbackRequest::Positive => Some("positive"),
         ferrohub_store::FeedbackRequest::Negative => Some("negative"),
         ferrohub_store::FeedbackRequest::Full => Some("full"),
     };
-    if let Some(a) = ack {
-        props.push(("iothub-ack".into(), Some(a.into())));
-    }
-    props.extend(msg.properties.iter().cloned());
-    props
+    let sys = C2dSystemProperties {
+        identity: &identity,
+        message_id: &msg.message_id,
+        correlation_id: msg.correlation_id.as_deref(),
+        user_id: msg.user_id.as_deref(),
+        content_type: msg.content_type.as_deref(),
+        content_encoding: msg.content_encoding.as_deref(),
+        expiry_utc: &expiry,
+        ack,
+    };
+    c2d_property_bag(&sys, &msg.properties)
 }
 
 pub fn ms_to_datetime(ms: i64) -> time::OffsetDateTime {

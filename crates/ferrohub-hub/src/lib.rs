@@ -9,13 +9,24 @@
 
 mod auth;
 pub mod c2d;
+pub mod certificates;
+mod detached;
 pub mod directory;
+pub mod error;
+pub mod events;
+pub mod feedback;
 pub mod link;
 pub mod methods;
 pub mod presence;
+pub mod registry;
+pub mod retention;
+pub mod service_auth;
 mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod throttle;
 pub mod timefmt;
+mod twin_service;
 pub mod twins;
 pub mod x509;
 
@@ -33,6 +44,7 @@ use tracing::{debug, info, warn};
 
 pub use auth::AuthMethod;
 use directory::{ConnectionDirectory, Detached, Link, LocalDirectory, Subscribed};
+pub use error::HubError;
 use link::{ConnectionControl, Outbound};
 use methods::{LocalPendingCalls, PendingMethodCalls};
 use presence::{ConnectionActivity, LocalPresence, PresenceRegistry};
@@ -142,9 +154,12 @@ impl Default for LiveState {
 pub struct Hub {
     /// Itself, for the tasks it spawns from `&self` handler calls.
     me: std::sync::Weak<Hub>,
-    pub store: Arc<dyn Store>,
+    /// Only the hub's services touch the store: front ends go through them.
+    pub(crate) store: Arc<dyn Store>,
     /// Where device-to-cloud messages go; a PUBACK waits for it.
-    pub telemetry: Arc<dyn TelemetryLog>,
+    pub(crate) telemetry: Arc<dyn TelemetryLog>,
+    /// Service tokens already checked.
+    tokens: service_auth::TokenCache,
     /// Names the hub answers to: `sr` hosts in tokens must be one of them.
     pub hostnames: Vec<String>,
     pub presence: Arc<dyn PresenceRegistry>,
@@ -193,6 +208,7 @@ impl Hub {
             me: me.clone(),
             store,
             telemetry,
+            tokens: service_auth::TokenCache::default(),
             hostnames,
             presence: live.presence,
             throttles: throttle::Throttles::new(settings.throttle),
@@ -214,7 +230,6 @@ impl Hub {
         let _ = self.control.set(control);
     }
 
-    #[allow(dead_code)] // the registry service (next) kicks connections through it
     pub(crate) fn connection_control(&self) -> Option<&Arc<dyn ConnectionControl>> {
         self.control.get()
     }

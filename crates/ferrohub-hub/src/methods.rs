@@ -162,10 +162,7 @@ impl Hub {
         if inv.payload.as_str() == Some("") {
             inv.payload = Value::Null;
         }
-        if inv.method_name.is_empty()
-            || inv.method_name.len() > 1024
-            || inv.method_name.contains(['/', '?', '#', '+'])
-        {
+        if !ferrohub_iothub::registry::valid_method_name(&inv.method_name) {
             return Err(MethodError::Invalid(format!(
                 "invalid method name {:?}",
                 inv.method_name

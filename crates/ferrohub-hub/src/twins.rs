@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use base64::Engine;
 use bytes::Bytes;
+use ferrohub_iothub::registry::etag_of;
 use ferrohub_iothub::topics::{desired_patch_topic, twin_response_topic};
 use ferrohub_iothub::twin::{Twin, TwinError};
 use ferrohub_iothub::{ErrorCode, Identity};
@@ -46,11 +46,6 @@ impl StoredDoc {
     fn etag(&self) -> String {
         etag_of(self.twin.version)
     }
-}
-
-/// IoT Hub's twin etag shape: the version as 8 big-endian bytes, base64 (`AAAAAAAAAAE=`).
-fn etag_of(version: u64) -> String {
-    base64::engine::general_purpose::STANDARD.encode(version.to_be_bytes())
 }
 
 /// Why a twin operation failed, with the IoT Hub code it maps to.

@@ -2,11 +2,13 @@
 //! tokens, topic authorization, property bags, telemetry stamping, error codes and connection
 //! strings. No I/O here.
 
+pub mod c2d;
 pub mod connect;
 pub mod connection_string;
 mod encoding;
 pub mod errors;
 pub mod identity;
+pub mod registry;
 pub mod sas;
 pub mod telemetry;
 pub mod topics;

@@ -137,7 +137,11 @@ pub struct ParsedTelemetry {
 impl ParsedTelemetry {
     /// The size IoT Hub compares with [`MAX_MESSAGE_SIZE`].
     pub fn size(&self) -> usize {
-        message_size(&self.system_properties, &self.properties, &self.body)
+        message_size(
+            self.system_properties.values().map(String::as_str),
+            &self.properties,
+            &self.body,
+        )
     }
 
     /// `Some(None)` is a property present without a value.
@@ -247,15 +251,16 @@ pub fn parse_telemetry(property_bag: &str, body: Bytes) -> Result<ParsedTelemetr
     Ok(parsed)
 }
 
-/// IoT Hub's size rule: body bytes, plus the bytes of every system property value, plus the
-/// bytes of every application property name and value. Apply it to what the device sent
-/// ([`ParsedTelemetry::size`]): stamped properties do not count against the device.
-pub fn message_size(
-    system_properties: &BTreeMap<String, String>,
+/// IoT Hub's size rule, for device-to-cloud and cloud-to-device messages alike: body bytes,
+/// plus the bytes of every system property value, plus the bytes of every application property
+/// name and value. Apply it to what the sender sent ([`ParsedTelemetry::size`]): properties the
+/// hub stamps do not count against it.
+pub fn message_size<'a>(
+    system_values: impl IntoIterator<Item = &'a str>,
     properties: &[Property],
     body: &[u8],
 ) -> usize {
-    let system: usize = system_properties.values().map(String::len).sum();
+    let system: usize = system_values.into_iter().map(str::len).sum();
     let application: usize = properties
         .iter()
         .map(|(name, value)| name.len() + value.as_ref().map_or(0, String::len))

@@ -11,7 +11,7 @@ use ferrohub_iothub::sas::generate_key;
 use ferrohub_iothub::ConnectionString;
 use ferrohub_sqlite::{SqliteStore, SqliteTelemetry};
 use ferrohub_store::telemetry::{Retention, TelemetryLog};
-use ferrohub_store::{AccessPolicy, PolicyStore, Rights, Store, Timestamp};
+use ferrohub_store::{AccessPolicy, Rights, Store};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -153,14 +153,6 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let data_dir = std::fs::canonicalize(&cfg.data_dir)?;
     let store = SqliteStore::open(&data_dir)
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-    let mut owner = None;
-    for p in default_policies() {
-        let stored = store.ensure_policy(p).await?;
-        if stored.key_name == "iothubowner" {
-            owner = Some(stored);
-        }
-    }
-    let owner = owner.context("iothubowner policy missing")?;
 
     let tls_files = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => tls::TlsFiles {
@@ -223,10 +215,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let store: Arc<dyn Store> = Arc::new(store);
     let hub = Hub::new(
         store.clone(),
-        telemetry.clone(),
+        telemetry,
         cfg.accepted_hostnames(),
         cfg.hub.clone(),
     );
+    let mut owner = None;
+    for p in default_policies() {
+        let stored = hub.ensure_policy(p).await?;
+        if stored.key_name == "iothubowner" {
+            owner = Some(stored);
+        }
+    }
+    let owner = owner.context("iothubowner policy missing")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let broker_cfg = BrokerConfig {
         max_packet_size: cfg.max_packet_size,
@@ -243,12 +243,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let router = api::router(api::ApiState {
         hub: hub.clone(),
         broker: broker.clone(),
-        tokens: Arc::default(),
     });
 
     let tracker = TaskTracker::new();
-    tracker.spawn(retention_loop(
-        telemetry,
+    tracker.spawn(ferrohub_hub::retention::retention_loop(
+        hub.clone(),
         Retention {
             max_age_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
             max_bytes: cfg.telemetry_max_bytes,
@@ -325,26 +324,6 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown: shutdown_tx,
         tracker,
     })
-}
-
-/// Removes expired telemetry in the background, in small steps so ingest never waits long.
-async fn retention_loop(
-    log: Arc<dyn TelemetryLog>,
-    retention: Retention,
-    every: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = ferrohub_broker::until_shutdown(&mut shutdown) => return,
-        }
-        match log.enforce_retention(retention, Timestamp::now()).await {
-            Ok(0) => {}
-            Ok(n) => info!(removed = n, "telemetry retention removed expired messages"),
-            Err(e) => warn!(error = %e, "telemetry retention failed"),
-        }
-    }
 }
 
 fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {

@@ -296,9 +296,10 @@ async fn service_auth_requires_a_valid_policy_token_with_the_right() -> TestResu
     );
 
     // A read-only policy can list but not write.
-    let store = hub.server().hub.store.clone();
-    let ro = store
-        .get_policy("registryRead")
+    let ro = hub
+        .server()
+        .hub
+        .policy("registryRead")
         .await?
         .ok_or("registryRead policy")?;
     let ro_token = token_for(HOST, &ro.primary_key, 3600, Some("registryRead"));
@@ -370,6 +371,159 @@ async fn modules_crud_and_connection_state_follows_devices() -> TestResult {
     hub.api.delete("/devices/d1", None).await?;
     hub.create_device("d1").await?;
     assert_eq!(hub.api.get("/devices/d1/modules").await?, json!([]));
+    hub.stop().await;
+    Ok(())
+}
+
+/// Connects `device/module` with its SAS key; returns the client and session-present.
+async fn connect_module(hub: &TestHub, id: &str, mid: &str, key: &str) -> R<(MqttClient, bool)> {
+    let token = token_for(
+        &format!("{HOST}/devices/{id}/modules/{mid}"),
+        key,
+        3600,
+        None,
+    );
+    let mut c = hub.tls().await?;
+    let (present, code) = c
+        .connect(connect_packet(
+            &format!("{id}/{mid}"),
+            Some(&token),
+            false,
+            60,
+        ))
+        .await?;
+    if code != ferrohub_mqtt::ConnectReturnCode::Accepted {
+        return Err(format!("CONNACK {code:?}").into());
+    }
+    Ok((c, present))
+}
+
+#[tokio::test]
+async fn deleting_a_device_forgets_its_modules_sessions_and_presence() -> TestResult {
+    let hub = TestHub::start().await?;
+    hub.create_device("d1").await?;
+    let (key, _) = hub.create_module("d1", "m1").await?;
+    let (mut c, present) = connect_module(&hub, "d1", "m1", &key).await?;
+    assert!(!present);
+    c.subscribe(
+        1,
+        &[("$iothub/methods/POST/#", ferrohub_mqtt::QoS::AtMostOnce)],
+    )
+    .await?;
+    c.send(&ferrohub_mqtt::Packet::Disconnect).await?;
+    c.expect_closed().await?;
+    // The session outlives the connection, and presence remembers it.
+    let (mut c, present) = connect_module(&hub, "d1", "m1", &key).await?;
+    assert!(
+        present,
+        "a CleanSession=0 session is kept between connections"
+    );
+    c.send(&ferrohub_mqtt::Packet::Disconnect).await?;
+    c.expect_closed().await?;
+    let m = hub.api.get("/devices/d1/modules/m1").await?;
+    assert!(m["connectionStateUpdatedTime"].is_string(), "{m}");
+
+    hub.api.delete("/devices/d1", None).await?;
+    hub.create_device("d1").await?;
+    let (key, _) = hub.create_module("d1", "m1").await?;
+
+    let m = hub.api.get("/devices/d1/modules/m1").await?;
+    assert_eq!(m["connectionState"], "Disconnected");
+    assert!(
+        m["connectionStateUpdatedTime"].is_null(),
+        "the deleted module's presence outlived it: {m}"
+    );
+    let (_c, present) = connect_module(&hub, "d1", "m1", &key).await?;
+    assert!(!present, "the deleted module's session outlived it");
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_route_checks_api_version_and_the_policy_right_first() -> TestResult {
+    let hub = TestHub::start().await?;
+    let owner = owner_token(&hub)?;
+    hub.create_device("d1").await?;
+    for path in ["/devices/d1", "/twins/d1", "/devices", "/certificates"] {
+        let (s, e, code) = call(
+            &hub,
+            reqwest::Method::GET,
+            path,
+            Some(owner.clone()),
+            None,
+            None,
+        )
+        .await?;
+        assert_eq!(s, 400, "{path}: {e}");
+        assert_eq!(code.as_deref(), Some("ArgumentInvalid"), "{path}");
+        assert!(
+            e["Message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("ErrorCode:ArgumentInvalid;")),
+            "{path}: {e}"
+        );
+        assert!(e["ExceptionMessage"].is_string(), "{path}: {e}");
+    }
+    // The version is checked before the caller: no token still gets the 400.
+    let (s, _, _) = call(&hub, reqwest::Method::GET, "/devices/d1", None, None, None).await?;
+    assert_eq!(s, 400);
+    let (s, _, _) = call(
+        &hub,
+        reqwest::Method::GET,
+        "/devices/d1?api-version=1999-01-01",
+        Some(owner.clone()),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(s, 400);
+
+    let ro = hub
+        .server()
+        .hub
+        .policy("registryRead")
+        .await?
+        .ok_or("registryRead policy")?;
+    let ro = token_for(HOST, &ro.primary_key, 3600, Some("registryRead"));
+    // registryRead reads the registry, but may neither write it nor use service operations.
+    for (method, path, body) in [
+        (reqwest::Method::GET, format!("/devices/d1?{V}"), None),
+        (reqwest::Method::PUT, format!("/devices/d2?{V}"), Some("{}")),
+        (reqwest::Method::GET, format!("/twins/d1?{V}"), None),
+        (
+            reqwest::Method::POST,
+            format!("/devices/d1/messages/deviceBound?{V}"),
+            Some("{}"),
+        ),
+        (reqwest::Method::GET, format!("/events?{V}"), None),
+    ] {
+        let expect = if method == reqwest::Method::GET && path.starts_with("/devices") {
+            200
+        } else {
+            401
+        };
+        let (s, e, code) = call(&hub, method.clone(), &path, Some(ro.clone()), body, None).await?;
+        assert_eq!(s, expect, "{method} {path}: {e}");
+        if expect == 401 {
+            assert_eq!(code.as_deref(), Some("IotHubUnauthorizedAccess"), "{path}");
+            assert!(e["Message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("ErrorCode:IotHubUnauthorizedAccess;")));
+        }
+    }
+    let (s, _, code) = call(
+        &hub,
+        reqwest::Method::GET,
+        &format!("/devices/d1?{V}"),
+        Some("SharedAccessSignature sr=x&sig=y&se=1".into()),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(
+        (s, code.as_deref()),
+        (401, Some("IotHubUnauthorizedAccess"))
+    );
     hub.stop().await;
     Ok(())
 }

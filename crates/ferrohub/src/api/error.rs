@@ -1,11 +1,11 @@
 //! Service API errors in IoT Hub's shape: the HTTP status of the error code, an
 //! `iothub-errorcode` header, and a `{"Message": "ErrorCode:Name;text", "ExceptionMessage": ...}`
-//! body.
+//! body. Every hub failure reaches a client through here (`From<HubError>`).
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use ferrohub_hub::HubError;
 use ferrohub_iothub::ErrorCode;
-use ferrohub_store::StoreError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -39,21 +39,15 @@ impl ApiError {
                 .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
         })
     }
+}
 
-    /// Maps a store failure; `not_found` and `exists` say which IoT Hub codes fit the resource.
-    pub fn from_store(e: StoreError, not_found: ApiError, exists: ApiError) -> Self {
-        match e {
-            StoreError::NotFound => not_found,
-            StoreError::AlreadyExists => exists,
-            StoreError::PreconditionFailed => ApiError::new(
-                ErrorCode::PreconditionFailed,
-                "the If-Match etag does not match the current one",
-            ),
-            other => {
-                tracing::error!(error = %other, "store failure in service API");
-                ApiError::new(ErrorCode::ServerError, "internal storage error")
-            }
+impl From<HubError> for ApiError {
+    fn from(e: HubError) -> Self {
+        let mut out = ApiError::new(e.code(), e.message());
+        if e.http_status() != e.code().http_status() {
+            out.status = StatusCode::from_u16(e.http_status()).ok();
         }
+        out
     }
 }
 

@@ -1,13 +1,14 @@
 //! The service REST API, in the shape of IoT Hub's (what the official service SDKs call), and
 //! the `/$iothub/websocket` endpoint for MQTT over WebSocket.
 
-mod auth;
 mod certificates;
 mod devices;
 mod error;
 mod events;
+pub mod extract;
 mod messaging;
 mod twins;
+pub mod types;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,39 +27,36 @@ use ferrohub_hub::Hub;
 #[derive(Clone)]
 pub struct ApiState {
     pub hub: Arc<Hub>,
+    /// For `/$iothub/websocket`, which hands MQTT connections to the broker.
     pub broker: Arc<Broker<MqttFrontEnd>>,
-    pub tokens: Arc<auth::TokenCache>,
 }
 
 pub fn router(state: ApiState) -> Router {
+    let identity = || {
+        get(devices::get_identity)
+            .put(devices::put_identity)
+            .delete(devices::delete_identity)
+    };
+    let twin = || {
+        get(twins::get_twin)
+            .patch(twins::patch_twin)
+            .put(twins::put_twin)
+    };
     Router::new()
         .route("/$iothub/websocket", get(websocket))
         .route("/devices", get(devices::list_devices))
-        .route(
-            "/devices/{id}",
-            get(devices::get_device)
-                .put(devices::put_device)
-                .delete(devices::delete_device),
-        )
+        .route("/devices/{id}", identity())
         .route("/devices/{id}/modules", get(devices::list_modules))
-        .route(
-            "/devices/{id}/modules/{mid}",
-            get(devices::get_module)
-                .put(devices::put_module)
-                .delete(devices::delete_module),
-        )
-        .route(
-            "/devices/{id}/messages/deviceBound",
-            post(messaging::send_to_device),
-        )
+        .route("/devices/{id}/modules/{mid}", identity())
+        .route("/devices/{id}/messages/deviceBound", post(messaging::send))
         .route(
             "/devices/{id}/modules/{mid}/messages/deviceBound",
-            post(messaging::send_to_module),
+            post(messaging::send),
         )
-        .route("/devices/{id}/commands", delete(messaging::purge_device))
+        .route("/devices/{id}/commands", delete(messaging::purge))
         .route(
             "/devices/{id}/modules/{mid}/commands",
-            delete(messaging::purge_module),
+            delete(messaging::purge),
         )
         .route(
             "/messages/serviceBound/feedback",
@@ -72,22 +70,12 @@ pub fn router(state: ApiState) -> Router {
             "/messages/serviceBound/feedback/{token}/abandon",
             post(messaging::abandon_feedback),
         )
-        .route(
-            "/twins/{id}",
-            get(twins::get_device_twin)
-                .patch(twins::patch_device_twin)
-                .put(twins::put_device_twin),
-        )
-        .route(
-            "/twins/{id}/modules/{mid}",
-            get(twins::get_module_twin)
-                .patch(twins::patch_module_twin)
-                .put(twins::put_module_twin),
-        )
-        .route("/twins/{id}/methods", post(twins::invoke_device_method))
+        .route("/twins/{id}", twin())
+        .route("/twins/{id}/modules/{mid}", twin())
+        .route("/twins/{id}/methods", post(twins::invoke_method))
         .route(
             "/twins/{id}/modules/{mid}/methods",
-            post(twins::invoke_module_method),
+            post(twins::invoke_method),
         )
         .route("/events", get(events::stream))
         .route("/certificates", get(certificates::list))
@@ -107,25 +95,6 @@ async fn not_found() -> ApiError {
         "no such resource",
     )
     .with_status(axum::http::StatusCode::NOT_FOUND)
-}
-
-/// The identity a `/devices/{id}[/modules/{mid}]` or `/twins/...` route names.
-pub(crate) fn identity(id: String, mid: Option<String>) -> ferrohub_iothub::Identity {
-    match mid {
-        None => ferrohub_iothub::Identity::device(id),
-        Some(m) => ferrohub_iothub::Identity::module(id, m),
-    }
-}
-
-/// IoT Hub requires `api-version` on every service call.
-pub(crate) fn require_api_version(q: &HashMap<String, String>) -> Result<(), ApiError> {
-    match q.get("api-version") {
-        Some(v) if ferrohub_iothub::connect::api_version_supported(v) => Ok(()),
-        Some(v) => Err(ApiError::argument(format!("unsupported api-version {v:?}"))),
-        None => Err(ApiError::argument(
-            "the api-version query parameter is required",
-        )),
-    }
 }
 
 /// MQTT over WebSocket. The query string is ignored (the C SDK may add

@@ -5,6 +5,8 @@ use anyhow::{anyhow, Context};
 use ferrohub_iothub::sas::generate_token;
 use ferrohub_iothub::ConnectionString;
 use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 use super::{load_connection_string, ClientArgs};
@@ -253,11 +255,49 @@ impl ApiClient {
         Ok(Some((body, value)))
     }
 
+    /// GET of one of the API's response types (`crate::api::types`).
+    pub async fn get_as<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        typed(self.get(path).await?)
+    }
+
+    /// PUT of one of the API's request types, answered with one of its response types.
+    pub async fn put_as<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        if_match: Option<&str>,
+    ) -> anyhow::Result<T> {
+        typed(
+            self.put(path, &serde_json::to_value(body)?, if_match)
+                .await?,
+        )
+    }
+
+    /// POST of one of the API's request types, answered with one of its response types;
+    /// `timeout` overrides the client's usual limit.
+    pub async fn post_as<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        timeout: Option<std::time::Duration>,
+    ) -> anyhow::Result<T> {
+        let body = serde_json::to_value(body)?;
+        let v = self
+            .call_with_timeout(Method::POST, path, Some(&body), None, timeout)
+            .await?
+            .ok_or_else(|| anyhow!("the hub answered with an empty body"))?;
+        typed(v)
+    }
+
     pub async fn delete(&self, path: &str, if_match: Option<&str>) -> anyhow::Result<()> {
         self.call(Method::DELETE, path, None, Some(if_match.unwrap_or("*")))
             .await?;
         Ok(())
     }
+}
+
+fn typed<T: DeserializeOwned>(v: Value) -> anyhow::Result<T> {
+    serde_json::from_value(v).context("the hub answered with a body of an unexpected shape")
 }
 
 /// `404 DeviceNotFound: Device x cannot be found.` from an IoT Hub error body.

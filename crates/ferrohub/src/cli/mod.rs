@@ -13,7 +13,14 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use ferrohub_iothub::sas::generate_token;
 use ferrohub_iothub::ConnectionString;
-use serde_json::{json, Value};
+use ferrohub_store::{
+    AuthType, Authentication, Capabilities, Status, SymmetricKey, X509Thumbprint,
+};
+
+use crate::api::types::{
+    AuthRequest, CertificateDescription, CertificateList, CertificateRequest,
+    CertificateRequestProperties, DeviceResponse, IdentityRequest, ModuleResponse,
+};
 
 pub use client::ApiClient;
 pub use monitor::{run_monitor, MonitorArgs};
@@ -91,20 +98,28 @@ pub struct IdentityAuthArgs {
 }
 
 impl IdentityAuthArgs {
-    fn to_json(&self) -> Value {
+    fn to_request(&self) -> AuthRequest {
         match self.auth {
-            AuthChoice::Sas => json!({
-                "type": "sas",
-                "symmetricKey": {"primaryKey": self.primary_key, "secondaryKey": self.secondary_key},
-            }),
-            AuthChoice::X509Thumbprint => json!({
-                "type": "selfSigned",
-                "x509Thumbprint": {
-                    "primaryThumbprint": self.primary_thumbprint,
-                    "secondaryThumbprint": self.secondary_thumbprint,
-                },
-            }),
-            AuthChoice::X509Ca => json!({"type": "certificateAuthority"}),
+            AuthChoice::Sas => AuthRequest {
+                auth_type: Some(AuthType::Sas),
+                symmetric_key: Some(SymmetricKey {
+                    primary_key: self.primary_key.clone(),
+                    secondary_key: self.secondary_key.clone(),
+                }),
+                x509_thumbprint: None,
+            },
+            AuthChoice::X509Thumbprint => AuthRequest {
+                auth_type: Some(AuthType::SelfSigned),
+                symmetric_key: None,
+                x509_thumbprint: Some(X509Thumbprint {
+                    primary_thumbprint: self.primary_thumbprint.clone(),
+                    secondary_thumbprint: self.secondary_thumbprint.clone(),
+                }),
+            },
+            AuthChoice::X509Ca => AuthRequest {
+                auth_type: Some(AuthType::CertificateAuthority),
+                ..Default::default()
+            },
         }
     }
 }
@@ -244,24 +259,29 @@ pub async fn run_device(args: &ClientArgs, cmd: DeviceCommand) -> anyhow::Result
             auth,
             disabled,
         } => {
-            let body = json!({
-                "deviceId": device_id,
-                "status": if disabled { "disabled" } else { "enabled" },
-                "authentication": auth.to_json(),
-                "capabilities": {"iotEdge": false},
-            });
-            let d = api
-                .put(&format!("/devices/{}", enc(&device_id)), &body, None)
+            let body = IdentityRequest {
+                device_id: Some(device_id.clone()),
+                status: Some(if disabled {
+                    Status::Disabled
+                } else {
+                    Status::Enabled
+                }),
+                authentication: Some(auth.to_request()),
+                capabilities: Some(Capabilities { iot_edge: false }),
+                ..Default::default()
+            };
+            let d: DeviceResponse = api
+                .put_as(&format!("/devices/{}", enc(&device_id)), &body, None)
                 .await?;
-            out.identity(&d, "created device")
+            out.device(&d, "created device")
         }
         DeviceCommand::List { top } => {
-            let list = api.get(&format!("/devices?top={top}")).await?;
-            out.identity_list(&list)
+            let list: Vec<DeviceResponse> = api.get_as(&format!("/devices?top={top}")).await?;
+            out.device_list(&list)
         }
         DeviceCommand::Show { device_id } => {
-            let d = api.get(&format!("/devices/{}", enc(&device_id))).await?;
-            out.identity(&d, "")
+            let d: DeviceResponse = api.get_as(&format!("/devices/{}", enc(&device_id))).await?;
+            out.device(&d, "")
         }
         DeviceCommand::Update {
             device_id,
@@ -272,21 +292,22 @@ pub async fn run_device(args: &ClientArgs, cmd: DeviceCommand) -> anyhow::Result
             etag,
         } => {
             let path = format!("/devices/{}", enc(&device_id));
-            let mut d = api.get(&path).await?;
-            if let Some(s) = status {
-                d["status"] = json!(if s == StatusChoice::Enabled {
-                    "enabled"
-                } else {
-                    "disabled"
-                });
-            }
-            if let Some(r) = status_reason {
-                d["statusReason"] = json!(r);
-            }
-            set_keys(&mut d, primary_key, secondary_key);
+            let d: DeviceResponse = api.get_as(&path).await?;
+            let body = IdentityRequest {
+                device_id: Some(d.device_id),
+                status: Some(match status {
+                    Some(StatusChoice::Enabled) => Status::Enabled,
+                    Some(StatusChoice::Disabled) => Status::Disabled,
+                    None => d.status,
+                }),
+                status_reason: status_reason.or(d.status_reason),
+                authentication: Some(with_keys(&d.authentication, primary_key, secondary_key)),
+                capabilities: Some(d.capabilities),
+                ..Default::default()
+            };
             let cond = etag.unwrap_or_else(|| "*".into());
-            let d = api.put(&path, &d, Some(&cond)).await?;
-            out.identity(&d, "updated device")
+            let d: DeviceResponse = api.put_as(&path, &body, Some(&cond)).await?;
+            out.device(&d, "updated device")
         }
         DeviceCommand::Delete { device_id, etag } => {
             api.delete(&format!("/devices/{}", enc(&device_id)), etag.as_deref())
@@ -294,8 +315,8 @@ pub async fn run_device(args: &ClientArgs, cmd: DeviceCommand) -> anyhow::Result
             out.done(&format!("deleted device {device_id}"))
         }
         DeviceCommand::ConnectionString { device_id, key } => {
-            let d = api.get(&format!("/devices/{}", enc(&device_id))).await?;
-            let cs = identity_connection_string(&api, &d, None, key)?;
+            let d: DeviceResponse = api.get_as(&format!("/devices/{}", enc(&device_id))).await?;
+            let cs = identity_connection_string(&api, &d.device_id, None, &d.authentication, key)?;
             out.connection_string(&cs)
         }
     }
@@ -310,28 +331,29 @@ pub async fn run_module(args: &ClientArgs, cmd: ModuleCommand) -> anyhow::Result
             module_id,
             auth,
         } => {
-            let body = json!({
-                "deviceId": device_id,
-                "moduleId": module_id,
-                "authentication": auth.to_json(),
-            });
-            let m = api
-                .put(&module_path(&device_id, &module_id), &body, None)
+            let body = IdentityRequest {
+                device_id: Some(device_id.clone()),
+                module_id: Some(module_id.clone()),
+                authentication: Some(auth.to_request()),
+                ..Default::default()
+            };
+            let m: ModuleResponse = api
+                .put_as(&module_path(&device_id, &module_id), &body, None)
                 .await?;
-            out.identity(&m, "created module")
+            out.module(&m, "created module")
         }
         ModuleCommand::List { device_id } => {
-            let list = api
-                .get(&format!("/devices/{}/modules", enc(&device_id)))
+            let list: Vec<ModuleResponse> = api
+                .get_as(&format!("/devices/{}/modules", enc(&device_id)))
                 .await?;
-            out.identity_list(&list)
+            out.module_list(&list)
         }
         ModuleCommand::Show {
             device_id,
             module_id,
         } => {
-            let m = api.get(&module_path(&device_id, &module_id)).await?;
-            out.identity(&m, "")
+            let m: ModuleResponse = api.get_as(&module_path(&device_id, &module_id)).await?;
+            out.module(&m, "")
         }
         ModuleCommand::Update {
             device_id,
@@ -341,11 +363,17 @@ pub async fn run_module(args: &ClientArgs, cmd: ModuleCommand) -> anyhow::Result
             etag,
         } => {
             let path = module_path(&device_id, &module_id);
-            let mut m = api.get(&path).await?;
-            set_keys(&mut m, primary_key, secondary_key);
+            let m: ModuleResponse = api.get_as(&path).await?;
+            let body = IdentityRequest {
+                device_id: Some(m.device_id),
+                module_id: Some(m.module_id),
+                authentication: Some(with_keys(&m.authentication, primary_key, secondary_key)),
+                managed_by: m.managed_by,
+                ..Default::default()
+            };
             let cond = etag.unwrap_or_else(|| "*".into());
-            let m = api.put(&path, &m, Some(&cond)).await?;
-            out.identity(&m, "updated module")
+            let m: ModuleResponse = api.put_as(&path, &body, Some(&cond)).await?;
+            out.module(&m, "updated module")
         }
         ModuleCommand::Delete {
             device_id,
@@ -361,8 +389,14 @@ pub async fn run_module(args: &ClientArgs, cmd: ModuleCommand) -> anyhow::Result
             module_id,
             key,
         } => {
-            let m = api.get(&module_path(&device_id, &module_id)).await?;
-            let cs = identity_connection_string(&api, &m, Some(&module_id), key)?;
+            let m: ModuleResponse = api.get_as(&module_path(&device_id, &module_id)).await?;
+            let cs = identity_connection_string(
+                &api,
+                &m.device_id,
+                Some(&module_id),
+                &m.authentication,
+                key,
+            )?;
             out.connection_string(&cs)
         }
     }
@@ -375,21 +409,24 @@ pub async fn run_certificate(args: &ClientArgs, cmd: CertificateCommand) -> anyh
         CertificateCommand::Add { name, file } => {
             let pem = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
-            let c = api
-                .put(
-                    &format!("/certificates/{}", enc(&name)),
-                    &json!({"properties": {"certificate": pem}}),
-                    Some("*"),
-                )
+            let body = CertificateRequest {
+                properties: Some(CertificateRequestProperties {
+                    certificate: Some(pem),
+                }),
+                certificate: None,
+            };
+            let c: CertificateDescription = api
+                .put_as(&format!("/certificates/{}", enc(&name)), &body, Some("*"))
                 .await?;
             out.certificate(&c, "registered CA certificate")
         }
         CertificateCommand::List => {
-            let list = api.get("/certificates").await?;
+            let list: CertificateList = api.get_as("/certificates").await?;
             out.certificate_list(&list)
         }
         CertificateCommand::Show { name } => {
-            let c = api.get(&format!("/certificates/{}", enc(&name))).await?;
+            let c: CertificateDescription =
+                api.get_as(&format!("/certificates/{}", enc(&name))).await?;
             out.certificate(&c, "")
         }
         CertificateCommand::Delete { name } => {
@@ -420,8 +457,11 @@ pub async fn run_sas_token(args: &ClientArgs, t: SasTokenArgs) -> anyhow::Result
                         Some(m) => module_path(device, m),
                         None => format!("/devices/{}", enc(device)),
                     };
-                    let id = api.get(&path).await?;
-                    (identity_key(&id, t.key_type)?, api.hub_host().to_string())
+                    let auth = match &t.module {
+                        Some(_) => api.get_as::<ModuleResponse>(&path).await?.authentication,
+                        None => api.get_as::<DeviceResponse>(&path).await?.authentication,
+                    };
+                    (identity_key(&auth, t.key_type)?, api.hub_host().to_string())
                 }
             };
             let resource = format!("{host}{resource}");
@@ -451,40 +491,48 @@ pub async fn run_sas_token(args: &ClientArgs, t: SasTokenArgs) -> anyhow::Result
     out.sas_token(&token, &resource, expiry)
 }
 
-fn set_keys(doc: &mut Value, primary: Option<String>, secondary: Option<String>) {
+/// The authentication to send back for an update: the current one, or SAS with the given
+/// keys replacing the current ones.
+fn with_keys(
+    current: &Authentication,
+    primary: Option<String>,
+    secondary: Option<String>,
+) -> AuthRequest {
     if primary.is_none() && secondary.is_none() {
-        return;
+        return AuthRequest {
+            auth_type: Some(current.auth_type),
+            symmetric_key: Some(current.symmetric_key.clone()),
+            x509_thumbprint: Some(current.x509_thumbprint.clone()),
+        };
     }
-    doc["authentication"]["type"] = json!("sas");
-    if let Some(p) = primary {
-        doc["authentication"]["symmetricKey"]["primaryKey"] = json!(p);
-    }
-    if let Some(s) = secondary {
-        doc["authentication"]["symmetricKey"]["secondaryKey"] = json!(s);
+    let keys = &current.symmetric_key;
+    AuthRequest {
+        auth_type: Some(AuthType::Sas),
+        symmetric_key: Some(SymmetricKey {
+            primary_key: primary.or_else(|| keys.primary_key.clone()),
+            secondary_key: secondary.or_else(|| keys.secondary_key.clone()),
+        }),
+        x509_thumbprint: Some(current.x509_thumbprint.clone()),
     }
 }
 
-fn identity_key(doc: &Value, which: KeyChoice) -> anyhow::Result<String> {
-    let field = match which {
-        KeyChoice::Primary => "primaryKey",
-        KeyChoice::Secondary => "secondaryKey",
+fn identity_key(auth: &Authentication, which: KeyChoice) -> anyhow::Result<String> {
+    let key = match which {
+        KeyChoice::Primary => &auth.symmetric_key.primary_key,
+        KeyChoice::Secondary => &auth.symmetric_key.secondary_key,
     };
-    doc["authentication"]["symmetricKey"][field]
-        .as_str()
-        .map(str::to_string)
+    key.clone()
         .context("this identity has no symmetric key (it uses X.509)")
 }
 
 fn identity_connection_string(
     api: &ApiClient,
-    doc: &Value,
+    device_id: &str,
     module_id: Option<&str>,
+    auth: &Authentication,
     which: KeyChoice,
 ) -> anyhow::Result<String> {
-    let device_id = doc["deviceId"]
-        .as_str()
-        .context("response has no deviceId")?;
-    let x509 = doc["authentication"]["type"].as_str() != Some("sas");
+    let x509 = auth.auth_type != AuthType::Sas;
     let cs = ConnectionString {
         host_name: api.hub_host().to_string(),
         device_id: Some(device_id.to_string()),
@@ -492,7 +540,7 @@ fn identity_connection_string(
         shared_access_key: if x509 {
             None
         } else {
-            Some(identity_key(doc, which)?)
+            Some(identity_key(auth, which)?)
         },
         x509,
         ..Default::default()

@@ -1,20 +1,57 @@
-//! How CLI results print: readable text by default, the API's JSON with `--output json`.
+//! How CLI results print: readable text by default, the API's JSON with `--output json`. The
+//! results are the API's own types (`crate::api::types`), so JSON output is what the hub sent.
 
+use serde::Serialize;
 use serde_json::Value;
 
 use super::OutputFormat;
+use crate::api::types::{CertificateDescription, CertificateList, DeviceResponse, ModuleResponse};
+use ferrohub_store::Authentication;
 
 pub struct Output {
     format: OutputFormat,
 }
 
-fn s<'a>(v: &'a Value, key: &str) -> &'a str {
-    v.get(key).and_then(Value::as_str).unwrap_or("")
-}
-
-fn print_json(v: &Value) -> anyhow::Result<()> {
+fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
+}
+
+/// An enum as it is spelled on the wire (`enabled`, `Connected`, `sas`).
+fn wire(v: &impl Serialize) -> String {
+    match serde_json::to_value(v) {
+        Ok(Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+fn auth_rows(rows: &mut Vec<(&'static str, String)>, auth: &Authentication) {
+    rows.push(("authentication", wire(&auth.auth_type)));
+    let keys = &auth.symmetric_key;
+    let tps = &auth.x509_thumbprint;
+    for (name, value) in [
+        ("primaryKey", &keys.primary_key),
+        ("secondaryKey", &keys.secondary_key),
+        ("primaryThumbprint", &tps.primary_thumbprint),
+        ("secondaryThumbprint", &tps.secondary_thumbprint),
+    ] {
+        if let Some(v) = value {
+            rows.push((name, v.clone()));
+        }
+    }
+}
+
+fn print_rows(rows: Vec<(&'static str, String)>) {
+    for (k, val) in rows {
+        println!("  {k:<26} {val}");
+    }
+}
+
+const LIST_HEADER: (&str, &str, &str, &str) = ("ID", "STATUS", "CONNECTION", "AUTH");
+
+fn list_row(id: &str, status: &str, connection: &str, auth: &str, c2d: u64) {
+    println!("{id:<40} {status:<9} {connection:<13} {auth:<21} {c2d}");
 }
 
 impl Output {
@@ -22,123 +59,128 @@ impl Output {
         Self { format }
     }
 
-    pub fn identity(&self, v: &Value, headline: &str) -> anyhow::Result<()> {
+    pub fn device(&self, d: &DeviceResponse, headline: &str) -> anyhow::Result<()> {
         if self.format == OutputFormat::Json {
-            return print_json(v);
+            return print_json(d);
         }
         if !headline.is_empty() {
-            let id = match v.get("moduleId").and_then(Value::as_str) {
-                Some(m) => format!("{}/{m}", s(v, "deviceId")),
-                None => s(v, "deviceId").to_string(),
-            };
-            println!("{headline} {id}");
+            println!("{headline} {}", d.device_id);
         }
-        let auth = &v["authentication"];
-        let mut rows = vec![("deviceId", s(v, "deviceId").to_string())];
-        if let Some(m) = v.get("moduleId").and_then(Value::as_str) {
-            rows.push(("moduleId", m.to_string()));
+        let mut rows = vec![
+            ("deviceId", d.device_id.clone()),
+            ("status", wire(&d.status)),
+        ];
+        if let Some(r) = &d.status_reason {
+            rows.push(("statusReason", r.clone()));
         }
-        if v.get("moduleId").is_none() {
-            rows.push(("status", s(v, "status").to_string()));
-            if let Some(r) = v.get("statusReason").and_then(Value::as_str) {
-                rows.push(("statusReason", r.to_string()));
-            }
+        rows.push(("connectionState", wire(&d.connection_state)));
+        if let Some(t) = &d.last_activity_time {
+            rows.push(("lastActivityTime", t.clone()));
         }
-        rows.push(("connectionState", s(v, "connectionState").to_string()));
-        if let Some(t) = v.get("lastActivityTime").and_then(Value::as_str) {
-            rows.push(("lastActivityTime", t.to_string()));
-        }
-        rows.push(("authentication", s(auth, "type").to_string()));
-        let keys = &auth["symmetricKey"];
-        if let Some(k) = keys.get("primaryKey").and_then(Value::as_str) {
-            rows.push(("primaryKey", k.to_string()));
-        }
-        if let Some(k) = keys.get("secondaryKey").and_then(Value::as_str) {
-            rows.push(("secondaryKey", k.to_string()));
-        }
-        let tp = &auth["x509Thumbprint"];
-        if let Some(t) = tp.get("primaryThumbprint").and_then(Value::as_str) {
-            rows.push(("primaryThumbprint", t.to_string()));
-        }
-        if let Some(t) = tp.get("secondaryThumbprint").and_then(Value::as_str) {
-            rows.push(("secondaryThumbprint", t.to_string()));
-        }
+        auth_rows(&mut rows, &d.authentication);
         rows.push((
             "cloudToDeviceMessageCount",
-            v.get("cloudToDeviceMessageCount")
-                .map(|c| c.to_string())
-                .unwrap_or_default(),
+            d.cloud_to_device_message_count.to_string(),
         ));
-        rows.push(("generationId", s(v, "generationId").to_string()));
-        rows.push(("etag", s(v, "etag").to_string()));
-        for (k, val) in rows {
-            println!("  {k:<26} {val}");
-        }
+        rows.push(("generationId", d.generation_id.clone()));
+        rows.push(("etag", d.etag.clone()));
+        print_rows(rows);
         Ok(())
     }
 
-    pub fn identity_list(&self, v: &Value) -> anyhow::Result<()> {
+    pub fn module(&self, m: &ModuleResponse, headline: &str) -> anyhow::Result<()> {
         if self.format == OutputFormat::Json {
-            return print_json(v);
+            return print_json(m);
         }
-        let items = v.as_array().cloned().unwrap_or_default();
-        if items.is_empty() {
+        if !headline.is_empty() {
+            println!("{headline} {}/{}", m.device_id, m.module_id);
+        }
+        let mut rows = vec![
+            ("deviceId", m.device_id.clone()),
+            ("moduleId", m.module_id.clone()),
+            ("connectionState", wire(&m.connection_state)),
+        ];
+        if let Some(t) = &m.last_activity_time {
+            rows.push(("lastActivityTime", t.clone()));
+        }
+        auth_rows(&mut rows, &m.authentication);
+        rows.push((
+            "cloudToDeviceMessageCount",
+            m.cloud_to_device_message_count.to_string(),
+        ));
+        rows.push(("generationId", m.generation_id.clone()));
+        rows.push(("etag", m.etag.clone()));
+        print_rows(rows);
+        Ok(())
+    }
+
+    pub fn device_list(&self, list: &[DeviceResponse]) -> anyhow::Result<()> {
+        if self.format == OutputFormat::Json {
+            return print_json(&list);
+        }
+        if list.is_empty() {
             println!("(none)");
             return Ok(());
         }
-        println!(
-            "{:<40} {:<9} {:<13} {:<21} C2D",
-            "ID", "STATUS", "CONNECTION", "AUTH"
-        );
-        for i in items {
-            let id = match i.get("moduleId").and_then(Value::as_str) {
-                Some(m) => format!("{}/{m}", s(&i, "deviceId")),
-                None => s(&i, "deviceId").to_string(),
-            };
-            let status = if i.get("moduleId").is_some() {
-                "-"
-            } else {
-                s(&i, "status")
-            };
-            println!(
-                "{:<40} {:<9} {:<13} {:<21} {}",
-                id,
-                status,
-                s(&i, "connectionState"),
-                s(&i["authentication"], "type"),
-                i.get("cloudToDeviceMessageCount")
-                    .map(|c| c.to_string())
-                    .unwrap_or_default()
+        let (a, b, c, d) = LIST_HEADER;
+        println!("{a:<40} {b:<9} {c:<13} {d:<21} C2D");
+        for i in list {
+            list_row(
+                &i.device_id,
+                &wire(&i.status),
+                &wire(&i.connection_state),
+                &wire(&i.authentication.auth_type),
+                i.cloud_to_device_message_count,
             );
         }
         Ok(())
     }
 
-    pub fn certificate(&self, v: &Value, headline: &str) -> anyhow::Result<()> {
+    pub fn module_list(&self, list: &[ModuleResponse]) -> anyhow::Result<()> {
         if self.format == OutputFormat::Json {
-            return print_json(v);
+            return print_json(&list);
         }
-        if !headline.is_empty() {
-            println!("{headline} {}", s(v, "name"));
+        if list.is_empty() {
+            println!("(none)");
+            return Ok(());
         }
-        let p = &v["properties"];
-        println!("  {:<12} {}", "name", s(v, "name"));
-        println!("  {:<12} {}", "subject", s(p, "subject"));
-        println!("  {:<12} {}", "thumbprint", s(p, "thumbprint"));
-        println!("  {:<12} {}", "etag", s(v, "etag"));
+        let (a, b, c, d) = LIST_HEADER;
+        println!("{a:<40} {b:<9} {c:<13} {d:<21} C2D");
+        for i in list {
+            list_row(
+                &format!("{}/{}", i.device_id, i.module_id),
+                "-",
+                &wire(&i.connection_state),
+                &wire(&i.authentication.auth_type),
+                i.cloud_to_device_message_count,
+            );
+        }
         Ok(())
     }
 
-    pub fn certificate_list(&self, v: &Value) -> anyhow::Result<()> {
+    pub fn certificate(&self, c: &CertificateDescription, headline: &str) -> anyhow::Result<()> {
         if self.format == OutputFormat::Json {
-            return print_json(v);
+            return print_json(c);
         }
-        let items = v["value"].as_array().cloned().unwrap_or_default();
-        if items.is_empty() {
+        if !headline.is_empty() {
+            println!("{headline} {}", c.name);
+        }
+        println!("  {:<12} {}", "name", c.name);
+        println!("  {:<12} {}", "subject", c.properties.subject);
+        println!("  {:<12} {}", "thumbprint", c.properties.thumbprint);
+        println!("  {:<12} {}", "etag", c.etag);
+        Ok(())
+    }
+
+    pub fn certificate_list(&self, list: &CertificateList) -> anyhow::Result<()> {
+        if self.format == OutputFormat::Json {
+            return print_json(list);
+        }
+        if list.value.is_empty() {
             println!("(none)");
         }
-        for c in items {
-            println!("{:<24} {}", s(&c, "name"), s(&c["properties"], "subject"));
+        for c in &list.value {
+            println!("{:<24} {}", c.name, c.properties.subject);
         }
         Ok(())
     }
@@ -162,7 +204,7 @@ impl Output {
     }
 
     /// Prints a document as pretty JSON whatever the format (twins are JSON in both).
-    pub fn json(&self, v: &Value) -> anyhow::Result<()> {
+    pub fn json(&self, v: &impl Serialize) -> anyhow::Result<()> {
         print_json(v)
     }
 

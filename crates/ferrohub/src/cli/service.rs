@@ -6,10 +6,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
+use ferrohub_store::FeedbackRequest;
 use serde_json::{json, Map, Value};
 
 use super::output::Output;
 use super::{enc, ApiClient, ClientArgs, OutputFormat};
+use crate::api::types::{
+    C2dSendBody, C2dSent, FeedbackRecord, MethodRequest, MethodResponse, PurgeResult,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AckChoice {
@@ -166,53 +170,39 @@ pub async fn run_c2d(args: &ClientArgs, cmd: C2dCommand) -> anyhow::Result<()> {
             ttl,
             expiry,
         } => {
-            let mut body = Map::new();
+            let mut body = C2dSendBody {
+                message_id,
+                correlation_id,
+                user_id,
+                content_type,
+                content_encoding,
+                expiry_time_utc: expiry,
+                ttl_seconds: ttl,
+                ack: Some(match ack {
+                    AckChoice::None => FeedbackRequest::None,
+                    AckChoice::Positive => FeedbackRequest::Positive,
+                    AckChoice::Negative => FeedbackRequest::Negative,
+                    AckChoice::Full => FeedbackRequest::Full,
+                }),
+                properties: parse_props(&props),
+                ..Default::default()
+            };
             match (data, data_file) {
-                (Some(d), _) => {
-                    body.insert("payload".into(), Value::String(d));
-                }
+                (Some(d), _) => body.payload = Some(Value::String(d)),
                 (None, Some(f)) => {
                     let bytes =
                         std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
                     use base64::Engine;
-                    body.insert(
-                        "payloadBase64".into(),
-                        Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
-                    );
+                    body.payload_base64 =
+                        Some(base64::engine::general_purpose::STANDARD.encode(bytes));
                 }
                 (None, None) => {}
             }
-            for (k, v) in [
-                ("messageId", message_id),
-                ("correlationId", correlation_id),
-                ("userId", user_id),
-                ("contentType", content_type),
-                ("contentEncoding", content_encoding),
-                ("expiryTimeUtc", expiry),
-            ] {
-                if let Some(v) = v {
-                    body.insert(k.into(), Value::String(v));
-                }
-            }
-            if let Some(t) = ttl {
-                body.insert("ttlSeconds".into(), json!(t));
-            }
-            let ack = match ack {
-                AckChoice::None => "none",
-                AckChoice::Positive => "positive",
-                AckChoice::Negative => "negative",
-                AckChoice::Full => "full",
-            };
-            body.insert("ack".into(), json!(ack));
-            body.insert("properties".into(), Value::Object(parse_props(&props)));
             let path = format!(
                 "{}/messages/deviceBound",
                 identity_path("/devices", &device_id, module.as_deref())
             );
-            let r = api
-                .post(&path, &Value::Object(body))
-                .await?
-                .context("the hub answered with an empty body")?;
+            let r: C2dSent = api.post_as(&path, &body, None).await?;
             if args.output == OutputFormat::Json {
                 return out.json(&r);
             }
@@ -222,9 +212,7 @@ pub async fn run_c2d(args: &ClientArgs, cmd: C2dCommand) -> anyhow::Result<()> {
             };
             out.done(&format!(
                 "sent message {} to {target} (sequence number {}, expires {})",
-                r["messageId"].as_str().unwrap_or(""),
-                r["sequenceNumber"],
-                r["expiryTimeUtc"].as_str().unwrap_or("")
+                r.message_id, r.sequence_number, r.expiry_time_utc
             ))
         }
         C2dCommand::Purge { device_id, module } => {
@@ -232,14 +220,16 @@ pub async fn run_c2d(args: &ClientArgs, cmd: C2dCommand) -> anyhow::Result<()> {
                 "{}/commands",
                 identity_path("/devices", &device_id, module.as_deref())
             );
-            let r = api.delete_with_body(&path).await?.unwrap_or(Value::Null);
+            let r = api
+                .delete_with_body(&path)
+                .await?
+                .context("the hub answered with an empty body")?;
+            let r: PurgeResult =
+                serde_json::from_value(r).context("the hub answered with an unexpected body")?;
             if args.output == OutputFormat::Json {
                 return out.json(&r);
             }
-            out.done(&format!(
-                "purged {} message(s)",
-                r["totalMessagesPurged"].as_u64().unwrap_or(0)
-            ))
+            out.done(&format!("purged {} message(s)", r.total_messages_purged))
         }
         C2dCommand::Feedback { wait, abandon } => {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
@@ -260,6 +250,8 @@ pub async fn run_c2d(args: &ClientArgs, cmd: C2dCommand) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             };
             let token = token.context("the hub sent feedback without a lock token")?;
+            let records: Vec<FeedbackRecord> = serde_json::from_value(records)
+                .context("the hub answered with an unexpected body")?;
             if abandon {
                 api.post(
                     &format!("/messages/serviceBound/feedback/{}/abandon", enc(&token)),
@@ -276,17 +268,14 @@ pub async fn run_c2d(args: &ClientArgs, cmd: C2dCommand) -> anyhow::Result<()> {
             if args.output == OutputFormat::Json {
                 return out.json(&records);
             }
-            for r in records.as_array().into_iter().flatten() {
-                let id = match r["moduleId"].as_str() {
-                    Some(m) => format!("{}/{m}", r["deviceId"].as_str().unwrap_or("")),
-                    None => r["deviceId"].as_str().unwrap_or("").to_string(),
+            for r in &records {
+                let id = match &r.module_id {
+                    Some(m) => format!("{}/{m}", r.device_id),
+                    None => r.device_id.clone(),
                 };
                 println!(
-                    "{}  {}  message {}  {}",
-                    r["enqueuedTimeUtc"].as_str().unwrap_or(""),
-                    id,
-                    r["originalMessageId"].as_str().unwrap_or(""),
-                    r["statusCode"].as_str().unwrap_or("")
+                    "{}  {}  message {}  {:?}",
+                    r.enqueued_time_utc, id, r.original_message_id, r.status_code
                 );
             }
             Ok(())
@@ -344,25 +333,22 @@ pub async fn run_invoke(args: &ClientArgs, inv: InvokeArgs) -> anyhow::Result<()
         None => Value::Null,
         Some(p) => serde_json::from_str(p).unwrap_or_else(|_| Value::String(p.clone())),
     };
-    let body = json!({
-        "methodName": inv.method,
-        "payload": payload,
-        "responseTimeoutInSeconds": inv.timeout,
-        "connectTimeoutInSeconds": inv.connect_timeout,
-    });
+    let body = MethodRequest {
+        method_name: inv.method.clone(),
+        payload,
+        response_timeout_in_seconds: Some(inv.timeout),
+        connect_timeout_in_seconds: Some(inv.connect_timeout),
+    };
     let path = format!(
         "{}/methods",
         identity_path("/twins", &inv.device_id, inv.module.as_deref())
     );
     let wait = Duration::from_secs(inv.timeout + inv.connect_timeout + 30);
-    let r = api
-        .post_waiting(&path, &body, wait)
-        .await?
-        .context("the hub answered with an empty body")?;
+    let r: MethodResponse = api.post_as(&path, &body, Some(wait)).await?;
     if args.output == OutputFormat::Json {
         return out.json(&r);
     }
-    println!("status: {}", r["status"]);
-    println!("{}", serde_json::to_string_pretty(&r["payload"])?);
+    println!("status: {}", r.status);
+    println!("{}", serde_json::to_string_pretty(&r.payload)?);
     Ok(())
 }

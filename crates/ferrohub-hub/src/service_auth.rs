@@ -1,27 +1,30 @@
-//! Service API authentication: a SAS token signed with a hub policy key (`skn` names the
-//! policy), whose rights must cover the operation.
+//! Authorization of service (back-end) calls: a SAS token signed with one of the hub's shared
+//! access policies (`skn` names it), scoped to the hub, whose rights must cover the operation.
+//! Checked tokens are remembered for a short while, so the policy read and the HMACs are not
+//! paid on every call.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use axum::http::HeaderMap;
 use ferrohub_iothub::sas::host_matches;
-use ferrohub_iothub::{ErrorCode, SasToken};
+use ferrohub_iothub::SasToken;
 use ferrohub_store::AccessPolicy;
 
-use super::{ApiError, ApiState};
+use crate::error::HubError;
+use crate::Hub;
 
-#[derive(Debug, Clone, Copy)]
+/// The policy rights a service operation needs (IoT Hub's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Right {
     RegistryRead,
     RegistryWrite,
     ServiceConnect,
 }
 
-fn unauthorized(why: &str) -> ApiError {
-    tracing::info!(reason = why, "service API call refused");
-    ApiError::new(ErrorCode::IotHubUnauthorizedAccess, "Unauthorized")
+fn unauthorized(why: &str) -> HubError {
+    tracing::info!(reason = why, "service call refused");
+    HubError::unauthorized()
 }
 
 /// How long a checked token is trusted without looking at its policy again.
@@ -34,7 +37,7 @@ const CACHE_CAPACITY: usize = 1024;
 /// HMACs per call. Policies do not change while the hub runs; the entries still lapse after
 /// `TRUST_FOR`, which bounds how long a rotated key would keep working once they can.
 #[derive(Default)]
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     checked: Mutex<HashMap<String, Checked>>,
 }
 
@@ -77,7 +80,7 @@ impl TokenCache {
     }
 }
 
-fn permits(policy: &AccessPolicy, need: Right) -> Result<(), ApiError> {
+fn permits(policy: &AccessPolicy, need: Right) -> Result<(), HubError> {
     let allowed = match need {
         Right::RegistryRead => policy.rights.registry_read,
         Right::RegistryWrite => policy.rights.registry_write,
@@ -90,60 +93,69 @@ fn permits(policy: &AccessPolicy, need: Right) -> Result<(), ApiError> {
     }
 }
 
-/// Checks the `Authorization` header and returns the policy it was signed with.
-pub async fn authorize(
-    state: &ApiState,
-    headers: &HeaderMap,
-    need: Right,
-) -> Result<AccessPolicy, ApiError> {
-    let header = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized("no Authorization header"))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if let Some(policy) = state.tokens.get(header, now) {
+impl Hub {
+    /// The shared access policy called `name`.
+    pub async fn policy(&self, name: &str) -> Result<Option<AccessPolicy>, HubError> {
+        Ok(self.store.get_policy(name).await?)
+    }
+
+    /// Creates the policy unless one of its name exists; returns the stored one.
+    pub async fn ensure_policy(&self, policy: AccessPolicy) -> Result<AccessPolicy, HubError> {
+        Ok(self.store.ensure_policy(policy).await?)
+    }
+
+    /// Checks a service call's `Authorization` value and returns the policy it was signed
+    /// with, if that policy grants `need`.
+    pub async fn authorize_service(
+        &self,
+        authorization: Option<&str>,
+        need: Right,
+    ) -> Result<AccessPolicy, HubError> {
+        let header = authorization.ok_or_else(|| unauthorized("no Authorization header"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if let Some(policy) = self.tokens.get(header, now) {
+            permits(&policy, need)?;
+            return Ok(policy);
+        }
+        let token = SasToken::parse(header).map_err(|_| unauthorized("malformed SAS token"))?;
+        if token.is_expired(now) {
+            return Err(unauthorized("token expired"));
+        }
+        // Service tokens are scoped to the hub: `sr` is the host name (with a port, if the
+        // client connected to one).
+        let host = token.resource.trim_end_matches('/');
+        if host.contains('/') || !host_matches(host, &self.hostnames) {
+            return Err(unauthorized("token resource is not this hub"));
+        }
+        let name = token
+            .key_name
+            .as_deref()
+            .ok_or_else(|| unauthorized("token has no skn"))?;
+        let policy = self
+            .store
+            .get_policy(name)
+            .await
+            .map_err(|e| {
+                HubError::from_store(
+                    e,
+                    unauthorized("policy lookup failed"),
+                    unauthorized("policy lookup failed"),
+                )
+            })?
+            .ok_or_else(|| unauthorized("unknown policy"))?;
+        let valid = token.verify_signature(&policy.primary_key)
+            | token.verify_signature(&policy.secondary_key);
+        if !valid {
+            return Err(unauthorized("signature does not match the policy key"));
+        }
+        // Remembered before the rights check: the token is genuine whatever this call needs.
+        self.tokens.put(header, &policy, token.expiry, now);
         permits(&policy, need)?;
-        return Ok(policy);
+        Ok(policy)
     }
-    let token = SasToken::parse(header).map_err(|_| unauthorized("malformed SAS token"))?;
-    if token.is_expired(now) {
-        return Err(unauthorized("token expired"));
-    }
-    // Service tokens are scoped to the hub: `sr` is the host name (with a port, if the client
-    // connected to one).
-    let host = token.resource.trim_end_matches('/');
-    if host.contains('/') || !host_matches(host, &state.hub.hostnames) {
-        return Err(unauthorized("token resource is not this hub"));
-    }
-    let name = token
-        .key_name
-        .as_deref()
-        .ok_or_else(|| unauthorized("token has no skn"))?;
-    let policy = state
-        .hub
-        .store
-        .get_policy(name)
-        .await
-        .map_err(|e| {
-            ApiError::from_store(
-                e,
-                unauthorized("policy lookup failed"),
-                unauthorized("policy lookup failed"),
-            )
-        })?
-        .ok_or_else(|| unauthorized("unknown policy"))?;
-    let valid =
-        token.verify_signature(&policy.primary_key) | token.verify_signature(&policy.secondary_key);
-    if !valid {
-        return Err(unauthorized("signature does not match the policy key"));
-    }
-    // Remembered before the rights check: the token is genuine whatever this call needs.
-    state.tokens.put(header, &policy, token.expiry, now);
-    permits(&policy, need)?;
-    Ok(policy)
 }
 
 #[cfg(test)]

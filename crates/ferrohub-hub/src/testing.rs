@@ -1,0 +1,312 @@
+//! Test support for the hub's unit tests: the in-memory store engine behind a wrapper that can
+//! fail or hold single calls, a connection control and a device link that record what the hub
+//! did.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use ferrohub_store::memory::{MemoryStore, MemoryTelemetry};
+use ferrohub_store::*;
+use tokio::sync::{mpsc, Notify};
+
+use crate::link::{ConnectionControl, DeviceLink, NotConnected, OutboundMessage, TrySendError};
+use crate::{Hub, HubSettings};
+
+/// A [`MemoryStore`] that can fail `list_modules`, and hold the answer of a twin write or a
+/// C2D enqueue after it committed (the moment a caller may be cancelled).
+pub(crate) struct TestStore {
+    inner: MemoryStore,
+    pub fail_list_modules: AtomicBool,
+    pub hold_commits: AtomicBool,
+    /// Signalled when a held commit is done and waits for `release`.
+    pub committed: Notify,
+    pub release: Notify,
+}
+
+impl TestStore {
+    async fn held(&self) {
+        if self.hold_commits.load(Ordering::SeqCst) {
+            self.committed.notify_one();
+            self.release.notified().await;
+        }
+    }
+}
+
+#[async_trait]
+impl RegistryStore for TestStore {
+    async fn create_device(&self, device: Device) -> Result<Device> {
+        self.inner.create_device(device).await
+    }
+    async fn get_device(&self, device_id: &str) -> Result<Option<Device>> {
+        self.inner.get_device(device_id).await
+    }
+    async fn update_device(&self, device: Device, if_match: IfMatch) -> Result<Device> {
+        self.inner.update_device(device, if_match).await
+    }
+    async fn delete_device(&self, device_id: &str, if_match: IfMatch) -> Result<()> {
+        self.inner.delete_device(device_id, if_match).await
+    }
+    async fn list_devices(&self, top: usize) -> Result<Vec<Device>> {
+        self.inner.list_devices(top).await
+    }
+    async fn count_devices(&self) -> Result<u64> {
+        self.inner.count_devices().await
+    }
+    async fn create_module(&self, module: Module) -> Result<Module> {
+        self.inner.create_module(module).await
+    }
+    async fn get_module(&self, device_id: &str, module_id: &str) -> Result<Option<Module>> {
+        self.inner.get_module(device_id, module_id).await
+    }
+    async fn update_module(&self, module: Module, if_match: IfMatch) -> Result<Module> {
+        self.inner.update_module(module, if_match).await
+    }
+    async fn delete_module(&self, device_id: &str, module_id: &str, m: IfMatch) -> Result<()> {
+        self.inner.delete_module(device_id, module_id, m).await
+    }
+    async fn list_modules(&self, device_id: &str) -> Result<Vec<Module>> {
+        if self.fail_list_modules.load(Ordering::SeqCst) {
+            return Err(StoreError::Task("injected failure".into()));
+        }
+        self.inner.list_modules(device_id).await
+    }
+}
+
+#[async_trait]
+impl PolicyStore for TestStore {
+    async fn get_policy(&self, name: &str) -> Result<Option<AccessPolicy>> {
+        self.inner.get_policy(name).await
+    }
+    async fn list_policies(&self) -> Result<Vec<AccessPolicy>> {
+        self.inner.list_policies().await
+    }
+    async fn ensure_policy(&self, policy: AccessPolicy) -> Result<AccessPolicy> {
+        self.inner.ensure_policy(policy).await
+    }
+}
+
+#[async_trait]
+impl CertificateStore for TestStore {
+    async fn put_certificate(&self, cert: CaCertificate, m: IfMatch) -> Result<CaCertificate> {
+        self.inner.put_certificate(cert, m).await
+    }
+    async fn get_certificate(&self, name: &str) -> Result<Option<CaCertificate>> {
+        self.inner.get_certificate(name).await
+    }
+    async fn list_certificates(&self) -> Result<Vec<CaCertificate>> {
+        self.inner.list_certificates().await
+    }
+    async fn delete_certificate(&self, name: &str, m: IfMatch) -> Result<()> {
+        self.inner.delete_certificate(name, m).await
+    }
+}
+
+#[async_trait]
+impl SessionStore for TestStore {
+    async fn load_session(&self, key: &str) -> Result<Option<StoredSession>> {
+        self.inner.load_session(key).await
+    }
+    async fn save_session(&self, key: &str, session: &StoredSession) -> Result<()> {
+        self.inner.save_session(key, session).await
+    }
+    async fn delete_session(&self, key: &str) -> Result<()> {
+        self.inner.delete_session(key).await
+    }
+}
+
+#[async_trait]
+impl C2dStore for TestStore {
+    async fn c2d_enqueue(&self, msg: C2dMessage, max_depth: usize) -> Result<C2dMessage> {
+        let r = self.inner.c2d_enqueue(msg, max_depth).await;
+        self.held().await;
+        r
+    }
+    async fn c2d_peek(
+        &self,
+        d: &str,
+        m: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<C2dMessage>> {
+        self.inner.c2d_peek(d, m, after, limit).await
+    }
+    async fn c2d_count_deliveries(&self, d: &str, m: Option<&str>, up_to: u64) -> Result<u64> {
+        self.inner.c2d_count_deliveries(d, m, up_to).await
+    }
+    async fn c2d_settle(
+        &self,
+        d: &str,
+        m: Option<&str>,
+        seq: u64,
+        status: FeedbackStatus,
+        now: Timestamp,
+    ) -> Result<Option<C2dMessage>> {
+        self.inner.c2d_settle(d, m, seq, status, now).await
+    }
+    async fn c2d_count(&self, d: &str, m: Option<&str>) -> Result<u64> {
+        self.inner.c2d_count(d, m).await
+    }
+    async fn c2d_counts(&self, ids: &[&str]) -> Result<std::collections::HashMap<String, u64>> {
+        self.inner.c2d_counts(ids).await
+    }
+    async fn c2d_purge(&self, d: &str, m: Option<&str>, now: Timestamp) -> Result<u64> {
+        self.inner.c2d_purge(d, m, now).await
+    }
+    async fn c2d_expire(
+        &self,
+        now: Timestamp,
+        limit: usize,
+    ) -> Result<Vec<(String, Option<String>)>> {
+        self.inner.c2d_expire(now, limit).await
+    }
+    async fn c2d_next_expiry(&self) -> Result<Option<Timestamp>> {
+        self.inner.c2d_next_expiry().await
+    }
+    async fn feedback_receive(
+        &self,
+        now: Timestamp,
+        lock: std::time::Duration,
+        max: usize,
+    ) -> Result<Option<FeedbackBatch>> {
+        self.inner.feedback_receive(now, lock, max).await
+    }
+    async fn feedback_complete(&self, token: &str, now: Timestamp) -> Result<()> {
+        self.inner.feedback_complete(token, now).await
+    }
+    async fn feedback_abandon(&self, token: &str, now: Timestamp) -> Result<()> {
+        self.inner.feedback_abandon(token, now).await
+    }
+}
+
+#[async_trait]
+impl TwinStore for TestStore {
+    async fn get_twin(&self, d: &str, m: Option<&str>) -> Result<Option<VersionedTwin>> {
+        self.inner.get_twin(d, m).await
+    }
+    async fn put_twin(
+        &self,
+        d: &str,
+        m: Option<&str>,
+        doc: String,
+        expected: Option<u64>,
+    ) -> Result<u64> {
+        let r = self.inner.put_twin(d, m, doc, expected).await;
+        self.held().await;
+        r
+    }
+}
+
+/// Records the client ids the hub kicked and whose sessions it forgot.
+#[derive(Default)]
+pub(crate) struct Recorder {
+    pub kicked: Mutex<Vec<String>>,
+    pub forgotten: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl ConnectionControl for Recorder {
+    fn kick(&self, client_id: &str) -> bool {
+        self.kicked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(client_id.to_string());
+        true
+    }
+
+    async fn forget_session(&self, client_id: &str) -> std::result::Result<(), crate::BoxError> {
+        self.forgotten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(client_id.to_string());
+        Ok(())
+    }
+}
+
+pub(crate) type R<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+pub(crate) struct Fixture {
+    pub hub: Arc<Hub>,
+    pub store: Arc<TestStore>,
+    pub control: Arc<Recorder>,
+}
+
+/// A hub on a fresh in-memory store, with a recording connection control.
+pub(crate) fn fixture() -> R<Fixture> {
+    let store = Arc::new(TestStore {
+        inner: MemoryStore::new(),
+        fail_list_modules: AtomicBool::new(false),
+        hold_commits: AtomicBool::new(false),
+        committed: Notify::new(),
+        release: Notify::new(),
+    });
+    let telemetry = Arc::new(MemoryTelemetry::new(1));
+    let hub = Hub::new(
+        store.clone(),
+        telemetry,
+        vec!["localhost".into()],
+        HubSettings::default(),
+    );
+    let control = Arc::new(Recorder::default());
+    hub.set_connection_control(control.clone());
+    Ok(Fixture {
+        hub,
+        store,
+        control,
+    })
+}
+
+pub(crate) fn seen(list: &Mutex<Vec<String>>) -> Vec<String> {
+    let mut v = list.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    v.sort();
+    v
+}
+
+/// A device connection that hands every message the hub pushes to the test.
+pub(crate) struct TestLink(pub mpsc::UnboundedSender<OutboundMessage>);
+
+#[async_trait]
+impl DeviceLink for TestLink {
+    async fn send(&self, msg: OutboundMessage) -> std::result::Result<(), NotConnected> {
+        self.0.send(msg).map_err(|_| NotConnected)
+    }
+
+    fn try_send(&self, msg: OutboundMessage) -> std::result::Result<(), TrySendError> {
+        self.0.send(msg).map_err(|_| TrySendError::Closed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// Connects `device_id` (SAS) through a [`TestLink`] with the given subscriptions; returns
+/// what the hub pushes to it.
+pub(crate) async fn connect(
+    hub: &Hub,
+    device_id: &str,
+    subscriptions: &[&str],
+) -> (crate::HubClient, mpsc::UnboundedReceiver<OutboundMessage>) {
+    let auth = crate::AuthMethod {
+        scope: crate::auth::AuthScope::Device,
+        kind: crate::auth::AuthKind::Sas,
+    };
+    let client = crate::HubClient {
+        identity: ferrohub_iothub::Identity::device(device_id),
+        auth_json: auth.to_json(),
+        auth,
+        model_id: None,
+        generation_id: String::new(),
+        client_type: None,
+        transport: crate::Transport::MqttTls,
+        peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        conn_seq: 1,
+        activity: Arc::new(crate::presence::ConnectionActivity::new(1)),
+        dropped_replies: Default::default(),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let subs: Vec<String> = subscriptions.iter().map(|s| s.to_string()).collect();
+    hub.device_connected(&client, crate::link::Outbound::new(TestLink(tx)), &subs)
+        .await;
+    (client, rx)
+}
