@@ -146,14 +146,13 @@ async fn bind(
     })
 }
 
-/// Starts a hub with `cfg` and returns once both listeners are bound.
+/// Starts a hub with `cfg` and returns once both listeners are bound: storage, TLS and the
+/// listeners, then the hub and its front ends, then the tasks that serve them.
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&cfg.data_dir)?;
-    let store = SqliteStore::open(&data_dir)
-        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-
+    let (store, telemetry) = open_storage(&data_dir, &cfg)?;
     let tls_files = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => tls::TlsFiles {
             cert: cert.clone(),
@@ -162,107 +161,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         },
         _ => tls::ensure_dev_pki(&data_dir.join("certs"), &cfg.certificate_names())?,
     };
-    let tls_config = tls::server_config(&tls_files)?;
-
-    let mqtt_listener = bind(
-        cfg.mqtt_bind,
-        "MQTT over TLS",
-        "--mqtt-bind",
-        "FERROHUB_MQTT_BIND",
-        "mqtt_bind",
-    )
-    .await?;
-    const HTTPS: &str = "HTTPS (REST API and MQTT over WebSocket)";
-    let https_listener = match TcpListener::bind(cfg.https_bind).await {
-        Ok(l) => l,
-        // Port 443 needs privileges on most systems; a first run as a normal user should
-        // still come up, on the conventional alternative.
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !cfg.https_bind_explicit => {
-            let alt = SocketAddr::new(cfg.https_bind.ip(), 8443);
-            warn!(
-                "no permission to listen on {} ({e}); serving HTTPS on {alt} instead. The Python \
-                 device SDK needs port 443 for MQTT over WebSocket: run as root, grant \
-                 CAP_NET_BIND_SERVICE, or choose with --https-bind",
-                cfg.https_bind
-            );
-            bind(
-                alt,
-                HTTPS,
-                "--https-bind",
-                "FERROHUB_HTTPS_BIND",
-                "https_bind",
-            )
-            .await?
-        }
-        Err(_) => {
-            bind(
-                cfg.https_bind,
-                HTTPS,
-                "--https-bind",
-                "FERROHUB_HTTPS_BIND",
-                "https_bind",
-            )
-            .await?
-        }
-    };
+    let acceptor = TlsAcceptor::from(tls::server_config(&tls_files)?);
+    let (mqtt_listener, https_listener) = bind_listeners(&cfg).await?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let https_addr = https_listener.local_addr()?;
 
-    let telemetry: Arc<dyn TelemetryLog> = Arc::new(
-        SqliteTelemetry::open(&data_dir, cfg.partitions)
-            .with_context(|| format!("opening the telemetry log in {}", data_dir.display()))?,
-    );
-    let store: Arc<dyn Store> = Arc::new(store);
-    let hub = Hub::new(
-        store.clone(),
-        telemetry,
-        cfg.accepted_hostnames(),
-        cfg.hub.clone(),
-    );
-    let mut owner = None;
-    for p in default_policies() {
-        let stored = hub.ensure_policy(p).await?;
-        if stored.key_name == "iothubowner" {
-            owner = Some(stored);
-        }
-    }
-    let owner = owner.context("iothubowner policy missing")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let broker_cfg = BrokerConfig {
-        max_packet_size: cfg.max_packet_size,
-        max_subscriptions: ferrohub_iothub::connect::MAX_SUBSCRIPTIONS,
-        maximum_qos: ferrohub_mqtt::QoS::AtLeastOnce,
-        ..BrokerConfig::default()
-    };
-    let sessions = Arc::new(crate::mqtt::StoreSessions(store.clone()));
-    let front_end = Arc::new(crate::mqtt::MqttFrontEnd { hub: hub.clone() });
-    let broker = Broker::new(front_end, broker_cfg, sessions, shutdown_rx.clone());
-    hub.set_connection_control(Arc::new(crate::mqtt::BrokerControl(Arc::downgrade(
-        &broker,
-    ))));
-    let router = api::router(api::ApiState {
-        hub: hub.clone(),
-        broker: broker.clone(),
-    });
-
+    let (hub, broker, owner) = compose(store, telemetry, &cfg, shutdown_rx.clone()).await?;
     let tracker = TaskTracker::new();
-    tracker.spawn(ferrohub_hub::retention::retention_loop(
-        hub.clone(),
-        Retention {
-            max_age_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
-            max_bytes: cfg.telemetry_max_bytes,
-        },
-        cfg.retention_interval,
-        shutdown_rx.clone(),
-    ));
-    tracker.spawn(ferrohub_hub::c2d::expiry_loop(
-        hub.clone(),
-        shutdown_rx.clone(),
-    ));
+    spawn_background(&tracker, &hub, &cfg, &shutdown_rx);
     let device_slots = Arc::new(Semaphore::new(
         cfg.max_connections.min(Semaphore::MAX_PERMITS),
     ));
-    let acceptor = TlsAcceptor::from(tls_config);
     tracker.spawn(accept_loop(
         mqtt_listener,
         acceptor.clone(),
@@ -271,6 +181,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown_rx.clone(),
         Listener::Mqtt(broker.clone()),
     ));
+    let router = api::router(api::ApiState {
+        hub: hub.clone(),
+        broker: broker.clone(),
+    });
     tracker.spawn(accept_loop(
         https_listener,
         acceptor,
@@ -286,6 +200,139 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         },
     ));
 
+    let info = hub_info(&cfg, mqtt_addr, https_addr, &tls_files, &owner);
+    write_hub_file(&data_dir, &info)?;
+    info!(mqtt = %mqtt_addr, https = %https_addr, data_dir = %data_dir.display(), "ferrohub listening");
+    Ok(RunningServer {
+        mqtt_addr,
+        https_addr,
+        info,
+        hub,
+        broker,
+        shutdown: shutdown_tx,
+        tracker,
+    })
+}
+
+/// The embedded engine's registry store and telemetry log in the data directory.
+fn open_storage(
+    data_dir: &Path,
+    cfg: &ServerConfig,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn TelemetryLog>)> {
+    let store = SqliteStore::open(data_dir)
+        .with_context(|| format!("opening the store in {}", data_dir.display()))?;
+    let telemetry = SqliteTelemetry::open(data_dir, cfg.partitions)
+        .with_context(|| format!("opening the telemetry log in {}", data_dir.display()))?;
+    Ok((Arc::new(store), Arc::new(telemetry)))
+}
+
+/// The MQTT and HTTPS listeners, with a message naming the setting when an address is taken.
+async fn bind_listeners(cfg: &ServerConfig) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let mqtt_listener = bind(
+        cfg.mqtt_bind,
+        "MQTT over TLS",
+        "--mqtt-bind",
+        "FERROHUB_MQTT_BIND",
+        "mqtt_bind",
+    )
+    .await?;
+    const HTTPS: &str = "HTTPS (REST API and MQTT over WebSocket)";
+    let https_bind = |addr| {
+        bind(
+            addr,
+            HTTPS,
+            "--https-bind",
+            "FERROHUB_HTTPS_BIND",
+            "https_bind",
+        )
+    };
+    let https_listener = match TcpListener::bind(cfg.https_bind).await {
+        Ok(l) => l,
+        // Port 443 needs privileges on most systems; a first run as a normal user should
+        // still come up, on the conventional alternative.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied && !cfg.https_bind_explicit => {
+            let alt = SocketAddr::new(cfg.https_bind.ip(), 8443);
+            warn!(
+                "no permission to listen on {} ({e}); serving HTTPS on {alt} instead. The Python \
+                 device SDK needs port 443 for MQTT over WebSocket: run as root, grant \
+                 CAP_NET_BIND_SERVICE, or choose with --https-bind",
+                cfg.https_bind
+            );
+            https_bind(alt).await?
+        }
+        Err(_) => https_bind(cfg.https_bind).await?,
+    };
+    Ok((mqtt_listener, https_listener))
+}
+
+/// The hub on its storage, with the default policies, and the MQTT front end over the broker
+/// wired both ways (the broker calls the front end; the hub controls connections through the
+/// broker). Returns the hub, the broker and the `iothubowner` policy.
+async fn compose(
+    store: Arc<dyn Store>,
+    telemetry: Arc<dyn TelemetryLog>,
+    cfg: &ServerConfig,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<Hub>, Arc<HubBroker>, AccessPolicy)> {
+    let hub = Hub::new(
+        store.clone(),
+        telemetry,
+        cfg.accepted_hostnames(),
+        cfg.hub.clone(),
+    );
+    let mut owner = None;
+    for p in default_policies() {
+        let stored = hub.ensure_policy(p).await?;
+        if stored.key_name == "iothubowner" {
+            owner = Some(stored);
+        }
+    }
+    let owner = owner.context("iothubowner policy missing")?;
+    let broker_cfg = BrokerConfig {
+        max_packet_size: cfg.max_packet_size,
+        max_subscriptions: ferrohub_iothub::connect::MAX_SUBSCRIPTIONS,
+        maximum_qos: ferrohub_mqtt::QoS::AtLeastOnce,
+        ..BrokerConfig::default()
+    };
+    let sessions = Arc::new(crate::mqtt::StoreSessions(store));
+    let front_end = Arc::new(crate::mqtt::MqttFrontEnd { hub: hub.clone() });
+    let broker = Broker::new(front_end, broker_cfg, sessions, shutdown);
+    hub.set_connection_control(Arc::new(crate::mqtt::BrokerControl(Arc::downgrade(
+        &broker,
+    ))));
+    Ok((hub, broker, owner))
+}
+
+/// Telemetry retention and C2D expiry, stopped by shutdown.
+fn spawn_background(
+    tracker: &TaskTracker,
+    hub: &Arc<Hub>,
+    cfg: &ServerConfig,
+    shutdown: &watch::Receiver<bool>,
+) {
+    tracker.spawn(ferrohub_hub::retention::retention_loop(
+        hub.clone(),
+        Retention {
+            max_age_ms: i64::try_from(cfg.retention.as_millis()).unwrap_or(i64::MAX),
+            max_bytes: cfg.telemetry_max_bytes,
+        },
+        cfg.retention_interval,
+        shutdown.clone(),
+    ));
+    tracker.spawn(ferrohub_hub::c2d::expiry_loop(
+        hub.clone(),
+        shutdown.clone(),
+    ));
+}
+
+/// How to reach the hub, as `hub.json` and the start-up banner give it.
+fn hub_info(
+    cfg: &ServerConfig,
+    mqtt_addr: SocketAddr,
+    https_addr: SocketAddr,
+    tls_files: &tls::TlsFiles,
+    owner: &AccessPolicy,
+) -> HubInfo {
     let hostname = cfg
         .hostnames
         .first()
@@ -302,7 +349,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         shared_access_key: Some(owner.primary_key.clone()),
         ..Default::default()
     };
-    let info = HubInfo {
+    HubInfo {
         hostname,
         mqtt_port: mqtt_addr.port(),
         https_port: https_addr.port(),
@@ -312,18 +359,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
         owner_connection_string: owner_cs.to_string(),
         pid: std::process::id(),
-    };
-    write_hub_file(&data_dir, &info)?;
-    info!(mqtt = %mqtt_addr, https = %https_addr, data_dir = %data_dir.display(), "ferrohub listening");
-    Ok(RunningServer {
-        mqtt_addr,
-        https_addr,
-        info,
-        hub,
-        broker,
-        shutdown: shutdown_tx,
-        tracker,
-    })
+    }
 }
 
 fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {
