@@ -113,6 +113,10 @@ pub struct HubClient {
     pub activity: Arc<ConnectionActivity>,
     /// Responses dropped because this connection's outbound queue was full.
     dropped_replies: std::sync::atomic::AtomicU64,
+    /// The twin as this connection last wrote it, where its next reported patch starts: the
+    /// conditional write proves it still current (another writer's change makes it fail, and
+    /// the patch starts over from the store), so a device patching steadily costs no store read.
+    pub(crate) twin_memo: twins::TwinMemo,
 }
 
 impl HubClient {
@@ -321,6 +325,7 @@ impl Hub {
             conn_seq,
             activity: Arc::new(ConnectionActivity::new(conn_seq)),
             dropped_replies: std::sync::atomic::AtomicU64::new(0),
+            twin_memo: Default::default(),
         })
     }
 

@@ -18,6 +18,8 @@ use crate::{Hub, HubSettings};
 pub(crate) struct TestStore {
     inner: MemoryStore,
     pub fail_list_modules: AtomicBool,
+    /// How many twin reads reached the store.
+    pub twin_reads: std::sync::atomic::AtomicUsize,
     pub hold_commits: AtomicBool,
     /// Signalled when a held commit is done and waits for `release`.
     pub committed: Notify,
@@ -182,6 +184,7 @@ impl C2dStore for TestStore {
 #[async_trait]
 impl TwinStore for TestStore {
     async fn get_twin(&self, d: &str, m: Option<&str>) -> Result<Option<VersionedTwin>> {
+        self.twin_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.get_twin(d, m).await
     }
     async fn put_twin(
@@ -236,6 +239,7 @@ pub(crate) fn fixture() -> R<Fixture> {
     let store = Arc::new(TestStore {
         inner: MemoryStore::new(),
         fail_list_modules: AtomicBool::new(false),
+        twin_reads: Default::default(),
         hold_commits: AtomicBool::new(false),
         committed: Notify::new(),
         release: Notify::new(),
@@ -303,6 +307,7 @@ pub(crate) async fn connect(
         conn_seq: 1,
         activity: Arc::new(crate::presence::ConnectionActivity::new(1)),
         dropped_replies: Default::default(),
+        twin_memo: Default::default(),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let subs: Vec<String> = subscriptions.iter().map(|s| s.to_string()).collect();

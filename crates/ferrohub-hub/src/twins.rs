@@ -14,7 +14,7 @@ use ferrohub_iothub::topics::{desired_patch_topic, twin_response_topic};
 use ferrohub_iothub::twin::{Twin, TwinError};
 use ferrohub_iothub::{ErrorCode, Identity};
 use ferrohub_mqtt::QoS;
-use ferrohub_store::{IfMatch, StoreError};
+use ferrohub_store::{IfMatch, StoreError, VersionedTwin};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::{debug, warn};
@@ -94,6 +94,22 @@ impl From<StoreError> for TwinFailure {
 /// many losses in a row mean something is wrong, and the caller gets a server error.
 const TWIN_WRITE_TRIES: usize = 16;
 
+/// A twin and its version as one connection last wrote it (see `HubClient::twin_memo`). Only a
+/// starting point: a write from it is conditional on the version, so a stale memo costs one
+/// failed write and a read, never a lost change.
+#[derive(Debug, Default)]
+pub(crate) struct TwinMemo(std::sync::Mutex<Option<VersionedTwin>>);
+
+impl TwinMemo {
+    fn take(&self) -> Option<VersionedTwin> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    fn keep(&self, twin: VersionedTwin) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(twin);
+    }
+}
+
 /// A per-identity lock for twin writes, so desired notifications leave in version order and
 /// the device's and the service's writes take turns instead of failing each other's conditional
 /// writes (a device pipelining patches could otherwise starve a service update). An entry lives
@@ -166,23 +182,36 @@ impl Hub {
     async fn modify_twin<T>(
         &self,
         id: &Identity,
+        memo: Option<&TwinMemo>,
         mut change: impl FnMut(&mut StoredDoc, &str) -> Result<T, TwinFailure>,
     ) -> Result<(StoredDoc, T), TwinFailure> {
         let now = crate::timefmt::now_iso();
         let module = id.module_id.as_deref();
+        // The first try may start from what this connection last wrote; every retry reads.
+        let mut remembered = memo.and_then(TwinMemo::take);
         for _ in 0..TWIN_WRITE_TRIES {
-            let current = self.store.get_twin(&id.device_id, module).await?;
+            let current = match remembered.take() {
+                Some(t) => Some(t),
+                None => self.store.get_twin(&id.device_id, module).await?,
+            };
             let expected = current.as_ref().map(|t| t.version);
             let mut d = StoredDoc::load(current.map(|t| t.doc), &now)?;
             let out = change(&mut d, &now)?;
             let text =
                 serde_json::to_string(&d).map_err(|e| TwinFailure::Corrupt(e.to_string()))?;
+            // The text goes to the store and, for the memo, stays here: one copy per write.
+            let kept = memo.map(|_| text.clone());
             match self
                 .store
                 .put_twin(&id.device_id, module, text, expected)
                 .await
             {
-                Ok(_) => return Ok((d, out)),
+                Ok(version) => {
+                    if let (Some(memo), Some(doc)) = (memo, kept) {
+                        memo.keep(VersionedTwin { doc, version });
+                    }
+                    return Ok((d, out));
+                }
                 Err(StoreError::VersionMismatch) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -195,10 +224,11 @@ impl Hub {
     async fn modify_twin_locked<T>(
         &self,
         id: &Identity,
+        memo: Option<&TwinMemo>,
         change: impl FnMut(&mut StoredDoc, &str) -> Result<T, TwinFailure>,
     ) -> Result<(StoredDoc, T), TwinFailure> {
         let _order = self.twin_locks.lock(id).await;
-        self.modify_twin(id, change).await
+        self.modify_twin(id, memo, change).await
     }
 
     fn respond(
@@ -270,9 +300,10 @@ impl Hub {
             Ok(v) => v,
             Err(e) => return self.respond_error(client, rid, &TwinFailure::BadJson(e.to_string())),
         };
-        let update = self.modify_twin_locked(&client.identity, |d, now| {
-            Ok(d.twin.patch_reported(&patch, now)?)
-        });
+        let update =
+            self.modify_twin_locked(&client.identity, Some(&client.twin_memo), |d, now| {
+                Ok(d.twin.patch_reported(&patch, now)?)
+            });
         match update.await {
             Ok((_, version)) => self.respond(client, 204, rid, Some(version), Vec::new()),
             Err(f) => self.respond_error(client, rid, &f),
@@ -292,7 +323,7 @@ impl Hub {
                 }
             }
         }
-        let update = self.modify_twin_locked(identity, |d, _| {
+        let update = self.modify_twin_locked(identity, None, |d, _| {
             d.model_id = Some(model_id.to_string());
             Ok(())
         });
@@ -335,7 +366,7 @@ impl Hub {
         }
         let registry = self.registry_view(identity).await?;
         let order = self.twin_locks.lock(identity).await;
-        let update = self.modify_twin(identity, |d, now| {
+        let update = self.modify_twin(identity, None, |d, now| {
             // Checked against each fresh read: a retry must not pass on a stale match.
             if !if_match.matches(&d.etag()) {
                 return Err(TwinFailure::PreconditionFailed(d.etag()));
@@ -520,5 +551,52 @@ mod tests {
         drop(waiter);
         drop(held);
         assert_eq!(locks.len(), 0);
+    }
+
+    /// A device patching steadily starts each patch from what it last wrote, and a service
+    /// update in between (which makes that memo stale) is kept, not overwritten.
+    #[tokio::test]
+    async fn reported_patches_start_from_the_memo_and_never_lose_a_concurrent_write(
+    ) -> crate::testing::R {
+        use std::sync::atomic::Ordering::SeqCst;
+        let f = crate::testing::fixture()?;
+        f.hub.put_device("d1", Default::default(), None).await?;
+        let (client, mut pushed) = crate::testing::connect(&f.hub, "d1", &[]).await;
+        let reads_before = f.store.twin_reads.load(SeqCst);
+        for i in 0..5 {
+            let body = format!(r#"{{"n":{i}}}"#);
+            f.hub
+                .device_twin_patch(&client, &i.to_string(), body.as_bytes())
+                .await;
+        }
+        assert_eq!(
+            f.store.twin_reads.load(SeqCst) - reads_before,
+            1,
+            "only the first patch reads the twin"
+        );
+        let id = Identity::device("d1");
+        f.hub
+            .update_twin(
+                &id,
+                serde_json::json!({"properties": {"desired": {"mode": "eco"}}}),
+                false,
+                IfMatch::Any,
+            )
+            .await?;
+        f.hub
+            .device_twin_patch(&client, "last", br#"{"n":99}"#)
+            .await;
+        let twin = f.hub.get_twin(&id).await?;
+        assert_eq!(twin["properties"]["desired"]["mode"], "eco", "{twin}");
+        assert_eq!(twin["properties"]["reported"]["n"], 99, "{twin}");
+        assert_eq!(twin["properties"]["reported"]["$version"], 7, "{twin}");
+        // Every patch was answered 204.
+        let mut answered = 0;
+        while let Ok(m) = pushed.try_recv() {
+            assert!(m.topic.starts_with("$iothub/twin/res/204/"), "{}", m.topic);
+            answered += 1;
+        }
+        assert_eq!(answered, 6);
+        Ok(())
     }
 }
