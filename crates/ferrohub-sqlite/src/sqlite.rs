@@ -744,15 +744,8 @@ impl SessionStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferrohub_store::testsuite::device;
     use ferrohub_store::{Rights, StoredSubscription};
-
-    fn device(id: &str) -> Device {
-        Device {
-            device_id: id.into(),
-            generation_id: "g1".into(),
-            ..Default::default()
-        }
-    }
 
     #[tokio::test]
     async fn device_crud_with_etags_survives_reopen() -> Result<()> {

@@ -429,50 +429,14 @@ impl C2dStore for SqliteStore {
 mod tests {
     use super::*;
 
-    use ferrohub_store::{Device, Module, RegistryStore};
+    use ferrohub_store::testsuite::{msg, NOW};
 
     /// A store whose registry holds every identity these tests send to.
     async fn with_identities(dir: &std::path::Path) -> Result<SqliteStore> {
         let store = SqliteStore::open(dir)?;
-        for device in ["d1", "d2", "serial"] {
-            if store.get_device(device).await?.is_none() {
-                store
-                    .create_device(Device {
-                        device_id: device.into(),
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-        }
-        for (device, module) in [("d1", "m1"), ("d1", "m2"), ("d2", "m1")] {
-            if store.get_module(device, module).await?.is_none() {
-                store
-                    .create_module(Module {
-                        device_id: device.into(),
-                        module_id: module.into(),
-                        ..Default::default()
-                    })
-                    .await?;
-            }
-        }
+        ferrohub_store::testsuite::with_identities(&store).await?;
         Ok(store)
     }
-
-    fn msg(device: &str, module: Option<&str>, id: &str) -> C2dMessage {
-        C2dMessage {
-            device_id: device.into(),
-            module_id: module.map(Into::into),
-            device_generation_id: "gen1".into(),
-            message_id: id.into(),
-            enqueued_time_ms: 1_000,
-            expiry_time_ms: 10_000,
-            payload: id.as_bytes().to_vec(),
-            properties: vec![("k".into(), Some("v".into())), ("bare".into(), None)],
-            ..Default::default()
-        }
-    }
-
-    const NOW: Timestamp = Timestamp::from_unix_ms(1_704_067_200_000);
 
     #[tokio::test]
     async fn sequence_numbers_increase_per_queue_and_survive_emptying_and_reopen() -> Result<()> {

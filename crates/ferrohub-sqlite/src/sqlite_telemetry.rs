@@ -592,16 +592,7 @@ impl TelemetryLog for SqliteTelemetry {
 mod tests {
     use super::*;
 
-    fn ev(device: &str, t: i64, body: &[u8]) -> NewEvent {
-        NewEvent {
-            device_id: device.into(),
-            module_id: None,
-            enqueued_ms: t,
-            system_properties: BTreeMap::from([("message-id".to_string(), "m".to_string())]),
-            properties: vec![("k".into(), Some("v".into())), ("n".into(), None)],
-            body: body.to_vec(),
-        }
-    }
+    use ferrohub_store::testsuite::ev;
 
     #[tokio::test]
     async fn appends_are_ordered_per_partition_and_survive_reopen() -> Result<()> {

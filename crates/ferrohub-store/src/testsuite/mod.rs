@@ -92,8 +92,8 @@ macro_rules! telemetry_suite {
     };
 }
 
-/// Registers every identity the C2D tests send to.
-async fn with_identities<S: Store>(store: &S) -> Result<()> {
+/// Registers every identity the C2D tests send to (also used by engines' own tests).
+pub async fn with_identities<S: Store>(store: &S) -> Result<()> {
     for device in ["d1", "d2", "serial"] {
         if store.get_device(device).await?.is_none() {
             store
@@ -118,7 +118,8 @@ async fn with_identities<S: Store>(store: &S) -> Result<()> {
     Ok(())
 }
 
-fn msg(device: &str, module: Option<&str>, id: &str) -> C2dMessage {
+/// A C2D message for `device`/`module` with message id and payload `id`.
+pub fn msg(device: &str, module: Option<&str>, id: &str) -> C2dMessage {
     C2dMessage {
         device_id: device.into(),
         module_id: module.map(Into::into),
@@ -141,7 +142,8 @@ fn ms(t: i64) -> Timestamp {
     Timestamp::from_unix_ms(t)
 }
 
-const NOW: Timestamp = Timestamp::from_unix_ms(1_704_067_200_000);
+/// A fixed "now" for settling and feedback.
+pub const NOW: Timestamp = Timestamp::from_unix_ms(1_704_067_200_000);
 
 /// All feedback currently receivable, completed so the next call starts empty.
 async fn drain_feedback<S: Store>(store: &S) -> Result<Vec<FeedbackRecord>> {

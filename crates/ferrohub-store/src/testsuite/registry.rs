@@ -8,7 +8,8 @@ use crate::{
 
 use super::{drain_feedback, msg, with_ack};
 
-fn device(id: &str) -> Device {
+/// A device record with a generation id, as the hub would create it.
+pub fn device(id: &str) -> Device {
     Device {
         device_id: id.into(),
         generation_id: "g1".into(),

@@ -9,7 +9,8 @@ use crate::{Result, StoreError};
 
 use super::ms;
 
-fn ev(device: &str, t: i64, body: &[u8]) -> NewEvent {
+/// A telemetry event from `device` enqueued at `t` ms with `body`.
+pub fn ev(device: &str, t: i64, body: &[u8]) -> NewEvent {
     NewEvent {
         device_id: device.into(),
         module_id: None,
