@@ -149,21 +149,27 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathPar
     }
 }
 
-/// The raw request body; too large a body (past axum's default limit) is IoT Hub's
-/// `MessageTooLarge`.
+/// The raw request body, read within the configured time (`https_body_timeout_secs`), so a
+/// client trickling a body cannot hold its request forever; too large a body (past axum's
+/// default limit) is IoT Hub's `MessageTooLarge`.
 pub struct BodyBytes(pub Bytes);
 
-impl<S: Send + Sync> FromRequest<S> for BodyBytes {
+impl FromRequest<ApiState> for BodyBytes {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Bytes::from_request(req, state).await {
-            Ok(b) => Ok(BodyBytes(b)),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        match tokio::time::timeout(state.body_timeout, Bytes::from_request(req, state)).await {
+            Ok(Ok(b)) => Ok(BodyBytes(b)),
+            Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
                 ErrorCode::MessageTooLarge,
                 "the request body is larger than the hub accepts",
             )),
-            Err(e) => Err(ApiError::argument(e.body_text())),
+            Ok(Err(e)) => Err(ApiError::argument(e.body_text())),
+            Err(_) => Err(ApiError::argument(format!(
+                "the request body did not arrive within {} s",
+                state.body_timeout.as_secs()
+            ))
+            .with_status(StatusCode::REQUEST_TIMEOUT)),
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     /// For `/$iothub/websocket`, which hands MQTT connections to the broker.
     pub broker: Arc<Broker<MqttFrontEnd>>,
+    /// Time a client has to send a request body (`api::extract::BodyBytes`).
+    pub body_timeout: std::time::Duration,
 }
 
 pub fn router(state: ApiState) -> Router {
