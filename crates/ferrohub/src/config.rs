@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
@@ -66,6 +67,17 @@ pub struct ServeArgs {
     /// refused with 503.
     #[arg(long, env = "FERROHUB_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Seconds an HTTPS client has to send a complete request head: from the TLS handshake
+    /// for the first request, from its first byte for later ones (default 10).
+    #[arg(long, env = "FERROHUB_HTTPS_HEADER_TIMEOUT_SECS")]
+    pub https_header_timeout_secs: Option<u64>,
+    /// Seconds an HTTPS connection may stay open with no request in flight after its last
+    /// response (default 60).
+    #[arg(long, env = "FERROHUB_HTTPS_IDLE_TIMEOUT_SECS")]
+    pub https_idle_timeout_secs: Option<u64>,
+    /// Seconds an HTTPS client has to send a whole request body (default 30).
+    #[arg(long, env = "FERROHUB_HTTPS_BODY_TIMEOUT_SECS")]
+    pub https_body_timeout_secs: Option<u64>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -89,6 +101,9 @@ struct FileConfig {
     throttle_twin_updates: Option<u32>,
     throttle_method_calls: Option<u32>,
     max_connections: Option<usize>,
+    https_header_timeout_secs: Option<u64>,
+    https_idle_timeout_secs: Option<u64>,
+    https_body_timeout_secs: Option<u64>,
 }
 
 /// The resolved configuration of a server.
@@ -117,6 +132,29 @@ pub struct ServerConfig {
     pub hub: ferrohub_hub::HubSettings,
     /// Device connections at once (MQTT over TLS and over WebSocket share the cap).
     pub max_connections: usize,
+    /// Time limits of HTTPS connections, so idle or trickling clients cannot hold sockets.
+    pub https_timeouts: HttpsTimeouts,
+}
+
+/// How long an HTTPS client may take; see `https_conn` for how each is enforced.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpsTimeouts {
+    /// To send a complete request head.
+    pub header: Duration,
+    /// Between the end of a response and the next request.
+    pub idle: Duration,
+    /// To send a whole request body.
+    pub body: Duration,
+}
+
+impl Default for HttpsTimeouts {
+    fn default() -> Self {
+        Self {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            body: Duration::from_secs(30),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -138,6 +176,7 @@ impl ServerConfig {
             retention_interval: std::time::Duration::from_secs(60),
             hub: ferrohub_hub::HubSettings::default(),
             max_connections: 200_000,
+            https_timeouts: HttpsTimeouts::default(),
         }
     }
 
@@ -212,6 +251,32 @@ impl ServerConfig {
             }
             cfg.max_connections = n;
         }
+        let secs = |name: &str, v: Option<u64>, default: Duration| match v {
+            None => Ok(default),
+            Some(0) => Err(anyhow::anyhow!("{name} must be at least 1")),
+            Some(s) => Ok(Duration::from_secs(s)),
+        };
+        let t = cfg.https_timeouts;
+        cfg.https_timeouts = HttpsTimeouts {
+            header: secs(
+                "https_header_timeout_secs",
+                args.https_header_timeout_secs
+                    .or(file.https_header_timeout_secs),
+                t.header,
+            )?,
+            idle: secs(
+                "https_idle_timeout_secs",
+                args.https_idle_timeout_secs
+                    .or(file.https_idle_timeout_secs),
+                t.idle,
+            )?,
+            body: secs(
+                "https_body_timeout_secs",
+                args.https_body_timeout_secs
+                    .or(file.https_body_timeout_secs),
+                t.body,
+            )?,
+        };
         let rate = |v: Option<u32>| v.and_then(std::num::NonZeroU32::new);
         cfg.hub.throttle.twin_reads = rate(args.throttle_twin_reads.or(file.throttle_twin_reads));
         cfg.hub.throttle.twin_updates =
@@ -294,6 +359,28 @@ mod tests {
         args.max_connections = Some(3);
         assert_eq!(ServerConfig::from_args(&args)?.max_connections, 3);
         args.max_connections = Some(0);
+        assert!(ServerConfig::from_args(&args).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn https_timeouts_come_from_file_or_flag_and_are_at_least_one_second() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("f.toml");
+        std::fs::write(
+            &file,
+            "https_idle_timeout_secs = 5\nhttps_body_timeout_secs = 7\n",
+        )?;
+        let mut args = ServeArgs {
+            config: Some(file),
+            https_header_timeout_secs: Some(3),
+            ..Default::default()
+        };
+        let t = ServerConfig::from_args(&args)?.https_timeouts;
+        assert_eq!(t.header, Duration::from_secs(3));
+        assert_eq!(t.idle, Duration::from_secs(5));
+        assert_eq!(t.body, Duration::from_secs(7));
+        args.https_idle_timeout_secs = Some(0);
         assert!(ServerConfig::from_args(&args).is_err());
         Ok(())
     }

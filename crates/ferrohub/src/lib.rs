@@ -1,12 +1,14 @@
 //! Ferrohub: a self-hosted server that speaks the Azure IoT Hub device protocol.
 //!
 //! Parts: [`mqtt`] (the MQTT front end over the broker), [`api`]
-//! (service REST API and the WebSocket endpoint), [`server`] (listeners and start-up), [`tls`],
+//! (service REST API and the WebSocket endpoint), [`server`] (listeners and start-up), [`https_conn`]
+//! (time limits of HTTPS connections), [`tls`],
 //! [`config`], and [`cli`] (the command line, a client of the REST API).
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod https_conn;
 pub mod mqtt;
 pub mod server;
 pub mod tls;

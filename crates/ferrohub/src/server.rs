@@ -184,6 +184,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let router = api::router(api::ApiState {
         hub: hub.clone(),
         broker: broker.clone(),
+        body_timeout: cfg.https_timeouts.body,
     });
     tracker.spawn(accept_loop(
         https_listener,
@@ -193,6 +194,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown_rx,
         Listener::Https {
             router,
+            timeouts: cfg.https_timeouts,
             sessions: crate::ws::Sessions {
                 slots: device_slots,
                 tracker: tracker.clone(),
@@ -384,6 +386,7 @@ enum Listener {
     Mqtt(Arc<HubBroker>),
     Https {
         router: axum::Router,
+        timeouts: crate::config::HttpsTimeouts,
         /// Where upgraded WebSocket sessions run.
         sessions: crate::ws::Sessions,
     },
@@ -437,8 +440,13 @@ async fn accept_loop(
                     }
                 });
             }
-            Listener::Https { router, sessions } => {
+            Listener::Https {
+                router,
+                timeouts,
+                sessions,
+            } => {
                 let router = router.clone();
+                let timeouts = *timeouts;
                 let sessions = sessions.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
@@ -448,7 +456,7 @@ async fn accept_loop(
                             client_certs: certs,
                             sessions,
                         };
-                        serve_https(tls, conn, router, shutdown).await;
+                        serve_https(tls, conn, router, timeouts, shutdown).await;
                     }
                 });
             }
@@ -497,22 +505,38 @@ async fn serve_https(
     tls: TlsStream,
     conn_info: HttpsConn,
     router: axum::Router,
+    timeouts: crate::config::HttpsTimeouts,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    use crate::https_conn::{track, Clock, Watched};
     use tower::ServiceExt;
     let addr = conn_info.addr;
+    let clock = Clock::new();
+    let requests = clock.clone();
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(conn_info.clone());
-            router.clone().oneshot(req)
+            let in_flight = requests.begin();
+            let response = router.clone().oneshot(req);
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(response.map(|body| track(body, in_flight)))
+            }
         });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // The watchdog below bounds the wait for a head; hyper's own timer would also cut
+    // keep-alive waits at the header limit (see `https_conn`).
+    builder.http1().header_read_timeout(None);
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(Watched::new(tls, clock.clone())), service);
     tokio::select! {
         r = conn => {
             if let Err(e) = r {
                 debug!(peer = %addr, error = %e, "HTTPS connection ended with an error");
             }
+        }
+        _ = clock.expired(timeouts) => {
+            debug!(peer = %addr, "HTTPS connection closed: no request in time");
         }
         _ = ferrohub_broker::until_shutdown(&mut shutdown) => {}
     }

@@ -527,3 +527,97 @@ async fn every_route_checks_api_version_and_the_policy_right_first() -> TestResu
     hub.stop().await;
     Ok(())
 }
+
+/// Asserts an answer is IoT Hub's error: the status, the `iothub-errorcode` header and the
+/// `{"Message": "ErrorCode:<code>;...", "ExceptionMessage": ...}` body.
+fn assert_iot_hub_error(
+    answer: &(u16, Value, Option<String>),
+    status: u16,
+    code: &str,
+    what: &str,
+) {
+    let (s, e, header) = answer;
+    assert_eq!(*s, status, "{what}: {e}");
+    assert_eq!(header.as_deref(), Some(code), "{what}: {e}");
+    assert!(
+        e["Message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with(&format!("ErrorCode:{code};"))),
+        "{what}: {e}"
+    );
+    assert!(e["ExceptionMessage"].is_string(), "{what}: {e}");
+}
+
+#[tokio::test]
+async fn refusals_by_routing_and_extractors_carry_iot_hub_error_bodies() -> TestResult {
+    let hub = TestHub::start().await?;
+    let auth = owner_token(&hub)?;
+    // `%FF` is not UTF-8 once decoded: axum's own Path rejection answered plain text.
+    for path in [
+        format!("/devices/%FF?{V}"),
+        format!("/devices/%FF/modules?{V}"),
+        format!("/certificates/%FF?{V}"),
+        format!("/twins/%FF?{V}"),
+    ] {
+        let answer = call(
+            &hub,
+            reqwest::Method::GET,
+            &path,
+            Some(auth.clone()),
+            None,
+            None,
+        )
+        .await?;
+        assert_iot_hub_error(&answer, 400, "ArgumentInvalid", &path);
+    }
+
+    // Past axum's 2 MiB body limit: it answered 413 in plain text.
+    let big = format!(
+        r#"{{"deviceId":"big","x":"{}"}}"#,
+        "a".repeat((2 << 20) + 1024)
+    );
+    let answer = call(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/devices/big?{V}"),
+        Some(auth.clone()),
+        Some(&big),
+        None,
+    )
+    .await?;
+    assert_iot_hub_error(&answer, 413, "MessageTooLarge", "oversized body");
+    let (s, _, _) = call(
+        &hub,
+        reqwest::Method::GET,
+        &format!("/devices/big?{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(s, 404, "the oversized create must not have happened");
+
+    // A route with another method: axum answered an empty 405.
+    let answer = call(
+        &hub,
+        reqwest::Method::DELETE,
+        &format!("/devices?{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
+    assert_iot_hub_error(&answer, 405, "InvalidOperation", "DELETE /devices");
+    let answer = call(
+        &hub,
+        reqwest::Method::GET,
+        &format!("/no/such/route?{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
+    assert_iot_hub_error(&answer, 404, "InvalidOperation", "unknown route");
+    hub.stop().await;
+    Ok(())
+}

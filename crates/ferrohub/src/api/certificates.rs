@@ -1,21 +1,20 @@
 //! `/certificates/{name}`: CA certificates that CA-signed X.509 devices chain to
 //! (`ferrohub_hub::certificates`).
 
-use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::extract::{json_body, IfMatchHeader, RegistryRead, RegistryWrite};
+use super::extract::{json_body, BodyBytes, IfMatchHeader, PathParam, RegistryRead, RegistryWrite};
 use super::types::{CertificateDescription, CertificateList, CertificateRequest};
 use super::{ApiError, ApiState};
 
 pub async fn put(
     _: RegistryWrite,
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam<String>,
     if_match: IfMatchHeader,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Json<CertificateDescription>, ApiError> {
     let req: CertificateRequest = json_body(&body, "request body")?;
     let pem = req
@@ -31,7 +30,7 @@ pub async fn put(
 pub async fn get(
     _: RegistryRead,
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam<String>,
 ) -> Result<Json<CertificateDescription>, ApiError> {
     Ok(Json(state.hub.certificate(&name).await?.into()))
 }
@@ -49,7 +48,7 @@ pub async fn list(
 pub async fn delete(
     _: RegistryWrite,
     State(state): State<ApiState>,
-    Path(name): Path<String>,
+    PathParam(name): PathParam<String>,
     if_match: IfMatchHeader,
 ) -> Result<StatusCode, ApiError> {
     state

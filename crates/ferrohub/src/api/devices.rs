@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::extract::{IdentityPath, IfMatchHeader, RegistryRead, RegistryWrite};
+use super::extract::{
+    BodyBytes, IdentityPath, IfMatchHeader, PathParam, RegistryRead, RegistryWrite,
+};
 use super::types::{DeviceResponse, IdentityRequest, ModuleResponse};
 use super::{ApiError, ApiState};
 
@@ -26,7 +28,7 @@ pub async fn put_identity(
     State(state): State<ApiState>,
     IdentityPath(id): IdentityPath,
     IfMatchHeader(if_match): IfMatchHeader,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Response, ApiError> {
     let req = parse_body(&body)?;
     Ok(match &id.module_id {
@@ -102,7 +104,7 @@ pub async fn list_devices(
 pub async fn list_modules(
     _: RegistryRead,
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<Vec<ModuleResponse>>, ApiError> {
     let modules = state.hub.modules(&id).await?;
     Ok(Json(modules.into_iter().map(Into::into).collect()))

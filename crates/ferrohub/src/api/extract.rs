@@ -1,15 +1,20 @@
 //! What every service route needs from a request before it does anything, as axum extractors:
 //! the `api-version` check and the caller's authorization ([`ServiceAuth`]), the identity its
 //! path names ([`IdentityPath`]), `If-Match` ([`IfMatchHeader`]) and JSON bodies read with
-//! IoT Hub's error for a bad one ([`json_body`]).
+//! IoT Hub's error for a bad one ([`json_body`]). Every rejection is an [`ApiError`]: axum's own
+//! `Path` and `Bytes` rejections are plain text, which no service SDK can parse, so routes take
+//! [`PathParam`] and [`BodyBytes`] instead.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, Query};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
+use axum::http::StatusCode;
 use ferrohub_hub::service_auth::Right;
+use ferrohub_iothub::ErrorCode;
 use ferrohub_iothub::Identity;
 use ferrohub_store::{AccessPolicy, IfMatch};
 use serde::de::DeserializeOwned;
@@ -85,9 +90,8 @@ impl<S: Send + Sync> FromRequestParts<S> for IdentityPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path(mut p) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::argument(e.body_text()))?;
+        let PathParam(mut p) =
+            PathParam::<HashMap<String, String>>::from_request_parts(parts, state).await?;
         let device = p
             .remove("id")
             .ok_or_else(|| ApiError::argument("the path names no device"))?;
@@ -124,4 +128,48 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatchHeader {
 /// Parses a JSON body; `what` names it in the error.
 pub fn json_body<T: DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::argument(format!("invalid {what}: {e}")))
+}
+
+/// A path parameter, refused with IoT Hub's `ArgumentInvalid` (for instance a segment that is
+/// not UTF-8 once percent-decoded).
+pub struct PathParam<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(PathParam(v)),
+            Err(e @ PathRejection::FailedToDeserializePathParams(_)) => {
+                Err(ApiError::argument(e.body_text()))
+            }
+            // Only a routing bug leaves a handler without its parameters.
+            Err(e) => Err(ApiError::new(ErrorCode::ServerError, e.body_text())),
+        }
+    }
+}
+
+/// The raw request body, read within the configured time (`https_body_timeout_secs`), so a
+/// client trickling a body cannot hold its request forever; too large a body (past axum's
+/// default limit) is IoT Hub's `MessageTooLarge`.
+pub struct BodyBytes(pub Bytes);
+
+impl FromRequest<ApiState> for BodyBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &ApiState) -> Result<Self, ApiError> {
+        match tokio::time::timeout(state.body_timeout, Bytes::from_request(req, state)).await {
+            Ok(Ok(b)) => Ok(BodyBytes(b)),
+            Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                ErrorCode::MessageTooLarge,
+                "the request body is larger than the hub accepts",
+            )),
+            Ok(Err(e)) => Err(ApiError::argument(e.body_text())),
+            Err(_) => Err(ApiError::argument(format!(
+                "the request body did not arrive within {} s",
+                state.body_timeout.as_secs()
+            ))
+            .with_status(StatusCode::REQUEST_TIMEOUT)),
+        }
+    }
 }

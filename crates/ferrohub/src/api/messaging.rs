@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,7 +15,7 @@ use ferrohub_hub::feedback::{Settle, MAX_FEEDBACK_BATCH};
 use ferrohub_hub::timefmt;
 use serde_json::Value;
 
-use super::extract::{json_body, IdentityPath, ServiceConnect};
+use super::extract::{json_body, BodyBytes, IdentityPath, PathParam, ServiceConnect};
 use super::types::{C2dSendBody, C2dSent, PurgeResult};
 use super::{ApiError, ApiState};
 
@@ -89,7 +89,7 @@ pub async fn send(
     _: ServiceConnect,
     State(state): State<ApiState>,
     IdentityPath(id): IdentityPath,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Json<C2dSent>, ApiError> {
     let req = parse_send(&body)?;
     let m = state.hub.c2d_send(&id, req).await?;
@@ -148,7 +148,7 @@ pub async fn receive_feedback(
 pub async fn complete_feedback(
     _: ServiceConnect,
     State(state): State<ApiState>,
-    Path(token): Path<String>,
+    PathParam(token): PathParam<String>,
 ) -> Result<StatusCode, ApiError> {
     state.hub.feedback_settle(&token, Settle::Complete).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -157,7 +157,7 @@ pub async fn complete_feedback(
 pub async fn abandon_feedback(
     _: ServiceConnect,
     State(state): State<ApiState>,
-    Path(token): Path<String>,
+    PathParam(token): PathParam<String>,
 ) -> Result<StatusCode, ApiError> {
     state.hub.feedback_settle(&token, Settle::Abandon).await?;
     Ok(StatusCode::NO_CONTENT)

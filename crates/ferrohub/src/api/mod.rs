@@ -29,6 +29,8 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     /// For `/$iothub/websocket`, which hands MQTT connections to the broker.
     pub broker: Arc<Broker<MqttFrontEnd>>,
+    /// Time a client has to send a request body (`api::extract::BodyBytes`).
+    pub body_timeout: std::time::Duration,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -86,6 +88,7 @@ pub fn router(state: ApiState) -> Router {
                 .delete(certificates::delete),
         )
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -95,6 +98,16 @@ async fn not_found() -> ApiError {
         "no such resource",
     )
     .with_status(axum::http::StatusCode::NOT_FOUND)
+}
+
+/// A known resource with a method it does not have: axum's default is an empty 405, which a
+/// service SDK cannot read.
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ferrohub_iothub::ErrorCode::InvalidOperation,
+        "the resource does not support this method",
+    )
+    .with_status(axum::http::StatusCode::METHOD_NOT_ALLOWED)
 }
 
 /// MQTT over WebSocket. The query string is ignored (the C SDK may add

@@ -1,14 +1,13 @@
 //! `/twins/{id}[/modules/{mid}]` (get, patch, replace) and `/twins/{id}[/modules/{mid}]/methods`
 //! (direct method invocation), in IoT Hub's shape.
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::Json;
 use ferrohub_hub::methods::Invocation;
 use ferrohub_hub::HubError;
 use serde_json::Value;
 
-use super::extract::{json_body, IdentityPath, IfMatchHeader, ServiceConnect};
+use super::extract::{json_body, BodyBytes, IdentityPath, IfMatchHeader, ServiceConnect};
 use super::types::{MethodRequest, MethodResponse};
 use super::{ApiError, ApiState};
 
@@ -24,7 +23,7 @@ async fn update(
     state: ApiState,
     id: ferrohub_iothub::Identity,
     if_match: IfMatchHeader,
-    body: Bytes,
+    body: axum::body::Bytes,
     replace: bool,
 ) -> Result<Json<Value>, ApiError> {
     let body: Value = json_body(&body, "JSON body")?;
@@ -40,7 +39,7 @@ pub async fn patch_twin(
     State(state): State<ApiState>,
     IdentityPath(id): IdentityPath,
     if_match: IfMatchHeader,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Json<Value>, ApiError> {
     update(state, id, if_match, body, false).await
 }
@@ -50,7 +49,7 @@ pub async fn put_twin(
     State(state): State<ApiState>,
     IdentityPath(id): IdentityPath,
     if_match: IfMatchHeader,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Json<Value>, ApiError> {
     update(state, id, if_match, body, true).await
 }
@@ -59,7 +58,7 @@ pub async fn invoke_method(
     _: ServiceConnect,
     State(state): State<ApiState>,
     IdentityPath(id): IdentityPath,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Json<MethodResponse>, ApiError> {
     let req: MethodRequest = json_body(&body, "method request")?;
     let inv = Invocation {

@@ -1,0 +1,259 @@
+//! Time limits of the HTTPS listener over real TLS: connections that send no request, trickle a
+//! head or a body, or idle after a response are closed; normal requests are not disturbed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferrohub::config::HttpsTimeouts;
+use ferrohub_iothub::ConnectionString;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+const HEADER: Duration = Duration::from_secs(1);
+const IDLE: Duration = Duration::from_secs(2);
+const BODY: Duration = Duration::from_secs(1);
+/// Bound on waiting for the server's close: the limit plus scheduling slack.
+const CLOSE_WAIT: Duration = Duration::from_secs(6);
+
+async fn hub() -> R<TestHub> {
+    TestHub::start_with(|cfg| {
+        cfg.https_timeouts = HttpsTimeouts {
+            header: HEADER,
+            idle: IDLE,
+            body: BODY,
+        };
+    })
+    .await
+}
+
+/// A TLS connection to the HTTPS port, handshake done.
+async fn tls(hub: &TestHub) -> R<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(hub.https_addr()).await?;
+    Ok(TlsConnector::from(client_tls_config(&hub.ca, None)?)
+        .connect(ServerName::try_from(HOST)?, tcp)
+        .await?)
+}
+
+/// Reads until the server closes (EOF or a reset); returns what arrived and when the close came.
+/// Fails when the connection is still open after [`CLOSE_WAIT`].
+async fn read_until_closed(s: &mut TlsStream<TcpStream>) -> R<(Vec<u8>, Instant)> {
+    let mut got = Vec::new();
+    let read = async {
+        loop {
+            match s.read_buf(&mut got).await {
+                Ok(0) | Err(_) => return Instant::now(),
+                Ok(_) => {}
+            }
+        }
+    };
+    match tokio::time::timeout(CLOSE_WAIT, read).await {
+        Ok(at) => Ok((got, at)),
+        Err(_) => Err(format!(
+            "connection still open after {CLOSE_WAIT:?}; got {:?}",
+            String::from_utf8_lossy(&got)
+        )
+        .into()),
+    }
+}
+
+/// Reads one response with a `Content-Length` and returns its head.
+async fn read_response(s: &mut TlsStream<TcpStream>) -> R<String> {
+    let mut got = Vec::new();
+    let read = async {
+        loop {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_string();
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + len {
+                    return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(head);
+                }
+            }
+            if s.read_buf(&mut got).await? == 0 {
+                return Err("closed before a whole response".into());
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .map_err(|_| "no response in time")?
+}
+
+fn owner_token(hub: &TestHub) -> R<String> {
+    let cs = ConnectionString::parse(&hub.server().info.owner_connection_string)?;
+    Ok(token_for(
+        &cs.host_name,
+        cs.shared_access_key.as_deref().ok_or("key")?,
+        3600,
+        Some("iothubowner"),
+    ))
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_after_the_handshake_is_closed() -> TestResult {
+    let hub = hub().await?;
+    let mut s = tls(&hub).await?;
+    let opened = Instant::now();
+    let (got, closed) = read_until_closed(&mut s).await?;
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    assert!(closed - opened >= HEADER - Duration::from_millis(100));
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_connection_that_stalls_in_the_middle_of_a_head_is_closed() -> TestResult {
+    let hub = hub().await?;
+    let mut s = tls(&hub).await?;
+    s.write_all(b"GET /devices?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\n")
+        .await?;
+    s.flush().await?;
+    read_until_closed(&mut s).await?;
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_head_trickled_a_line_at_a_time_is_cut_at_the_header_limit() -> TestResult {
+    let hub = hub().await?;
+    let mut s = tls(&hub).await?;
+    let opened = Instant::now();
+    s.write_all(b"GET /devices?api-version=2021-04-12 HTTP/1.1\r\n")
+        .await?;
+    s.flush().await?;
+    // Each line well within the limit of the one before: only a limit on the whole head
+    // catches this client.
+    let mut lines = 0;
+    let closed = loop {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(HEADER / 3, s.read(&mut byte)).await {
+            Ok(_) => break Instant::now(),
+            Err(_) if opened.elapsed() > CLOSE_WAIT => return Err("never closed".into()),
+            Err(_) => {
+                lines += 1;
+                if s.write_all(format!("X-Line-{lines}: x\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    break Instant::now();
+                }
+                let _ = s.flush().await;
+            }
+        }
+    };
+    assert!(closed - opened < HEADER * 3, "{:?}", closed - opened);
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_is_closed_after_the_idle_limit_not_before() -> TestResult {
+    let hub = hub().await?;
+    let mut s = tls(&hub).await?;
+    for _ in 0..2 {
+        s.write_all(b"GET /no/such/route HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await?;
+        s.flush().await?;
+        let head = read_response(&mut s).await?;
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    }
+    let answered = Instant::now();
+    let (got, closed) = read_until_closed(&mut s).await?;
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    // The idle limit, not the shorter header limit, applies between requests.
+    assert!(
+        closed - answered >= IDLE - Duration::from_millis(200),
+        "{:?}",
+        closed - answered
+    );
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_body_trickled_past_the_body_limit_is_refused_with_408() -> TestResult {
+    let hub = hub().await?;
+    let auth = owner_token(&hub)?;
+    let mut s = tls(&hub).await?;
+    s.write_all(
+        format!(
+            "PUT /devices/slow?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\n\
+             Authorization: {auth}\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n\r\n{{\"deviceId\":"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    s.flush().await?;
+    let head = read_response(&mut s).await?;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("iothub-errorcode: argumentinvalid"),
+        "{head}"
+    );
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn requests_on_a_kept_alive_connection_work_within_the_limits() -> TestResult {
+    let hub = hub().await?;
+    hub.create_device("d1").await?;
+    let before = hub.api.get("/devices/d1").await?;
+    // reqwest keeps the connection alive between these.
+    for _ in 0..3 {
+        let d = hub.api.get("/devices/d1").await?;
+        assert_eq!(d, before);
+    }
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_quiet_events_stream_outlives_the_idle_limit() -> TestResult {
+    let hub = hub().await?;
+    let mut resp = hub.api.stream("/events").await?;
+    // Nothing is sent; a request in flight is not idle however quiet it is.
+    match tokio::time::timeout(IDLE + HEADER * 2, resp.chunk()).await {
+        Err(_) => {}
+        Ok(r) => return Err(format!("the stream ended or sent: {r:?}").into()),
+    }
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upgraded_websocket_is_left_to_its_mqtt_session() -> TestResult {
+    let hub = hub().await?;
+    let mut s = tls(&hub).await?;
+    s.write_all(
+        b"GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .await?;
+    s.flush().await?;
+    let head = read_response(&mut s).await?;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The MQTT session gives a client 30 s for its CONNECT; the HTTPS limits no longer apply.
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(IDLE + HEADER * 2, s.read(&mut byte)).await {
+        Err(_) => {}
+        Ok(r) => return Err(format!("the WebSocket was closed or sent: {r:?}").into()),
+    }
+    hub.stop().await;
+    Ok(())
+}
