@@ -387,8 +387,16 @@ impl Hub {
                         format!("certificate store: {e}"),
                     )
                 })?;
-                let expected_cn = identity.module_id.as_deref().unwrap_or(&identity.device_id);
-                x509::verify_ca_signed(chain, &cas, expected_cn)
+                // A module's certificate names the module identity as IoT Hub writes it,
+                // `{deviceId}/{moduleId}`: a bare module id is ambiguous (every device may have a
+                // module `m1`), so a CA willing to sign "m1" for one device would open that module
+                // on all of them. IoT Hub's own behaviour; see MicrosoftDocs/azure-docs issues
+                // #63273 and #111494, which document it.
+                let expected_cn = match &identity.module_id {
+                    Some(m) => format!("{}/{m}", identity.device_id),
+                    None => identity.device_id.clone(),
+                };
+                x509::verify_ca_signed(chain, &cas, &expected_cn)
                     .map_err(|e| refuse(ConnectReturnCode::NotAuthorized, e))?;
                 Ok(x509::not_after(leaf))
             }
