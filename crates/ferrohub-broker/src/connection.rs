@@ -305,6 +305,7 @@ enum Event {
     Read(Result<(), ConnError>),
     Outbound(Option<Box<OutboundMessage>>),
     KeepAliveExpired,
+    CredentialsExpired,
     Kicked,
     Shutdown,
 }
@@ -324,12 +325,18 @@ where
 {
     let keep_alive = broker.handler.keep_alive(connect.keep_alive);
     let mut deadline = Instant::now() + keep_alive;
+    let expires = broker.handler.session_deadline(client);
     let mut shutdown = broker.shutdown.clone();
     let max_inflight = broker.config.max_inflight;
     let max_pending = broker.config.max_pending_acks;
     let mut pending: PendingAcks = FuturesOrdered::new();
     let mut outbound_open = true;
     loop {
+        // Checked before buffered packets too: a client that sent a burst just before its
+        // credentials expired must not have the rest of it accepted afterwards.
+        if expires.is_some_and(|at| Instant::now() >= at) {
+            return Err(DisconnectReason::CredentialsExpired);
+        }
         // Packets that arrived together with the previous read are handled before waiting,
         // unless enough publishes already wait for their completion.
         if pending.len() < max_pending {
@@ -349,6 +356,11 @@ where
             biased;
             _ = &mut *kicked => Event::Kicked,
             _ = crate::until_shutdown(&mut shutdown) => Event::Shutdown,
+            // Ahead of completions: a publish still pending when the credentials expire is not
+            // acknowledged.
+            _ = tokio::time::sleep_until(expires.unwrap_or(deadline)), if expires.is_some() => {
+                Event::CredentialsExpired
+            }
             Some(done) = pending.next(), if !pending.is_empty() => Event::Completed(done),
             r = wire.read_more(), if can_read => Event::Read(r),
             m = out_rx.recv(), if can_send => Event::Outbound(m),
@@ -399,6 +411,7 @@ where
             // keep serving the client (waiting here would stop reading, keep-alive and takeover).
             Event::Outbound(None) => outbound_open = false,
             Event::KeepAliveExpired => return Err(DisconnectReason::KeepAliveTimeout),
+            Event::CredentialsExpired => return Err(DisconnectReason::CredentialsExpired),
             Event::Kicked => return Err(DisconnectReason::TakenOver),
             Event::Shutdown => return Err(DisconnectReason::ServerShutdown),
         }
@@ -685,6 +698,8 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         reasons: std::sync::Mutex<Vec<DisconnectReason>>,
+        /// How long a session may last from CONNECT, as a token's lifetime would bound it.
+        session_length: Option<Duration>,
     }
 
     #[async_trait]
@@ -695,6 +710,9 @@ mod tests {
         }
         fn keep_alive(&self, _: u16) -> Duration {
             Duration::from_secs(60)
+        }
+        fn session_deadline(&self, _: &()) -> Option<tokio::time::Instant> {
+            self.session_length.map(|d| tokio::time::Instant::now() + d)
         }
         async fn connected(&self, _: &(), _: Outbound, _: &[String]) {}
         fn authorize_subscribe(&self, _: &(), _: &str, qos: QoS) -> Option<QoS> {
@@ -801,5 +819,83 @@ mod tests {
             matches!(reasons.as_slice(), [DisconnectReason::SessionStore(e)] if e.contains("disk I/O error")),
             "{reasons:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_ends_at_the_handlers_deadline_even_while_the_client_is_active() {
+        let handler = Arc::new(Recorder {
+            session_length: Some(Duration::from_millis(100)),
+            ..Default::default()
+        });
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let broker = Broker::new(
+            handler.clone(),
+            BrokerConfig::default(),
+            Arc::new(NoPersistence),
+            shutdown,
+        );
+        let (mut client, server) = tokio::io::duplex(16 * 1024);
+        let peer = PeerInfo {
+            addr: "127.0.0.1:1".parse().expect("literal address"),
+            transport: Transport::Tls,
+            client_certs: Arc::new(Vec::new()),
+        };
+        let started = tokio::time::Instant::now();
+        let task = tokio::spawn(super::serve_connection(broker, server, peer));
+        let mut out = BytesMut::new();
+        let connect = Packet::Connect(Connect {
+            protocol_name: "MQTT".into(),
+            protocol_level: 4,
+            clean_session: true,
+            keep_alive: 60,
+            client_id: "c".into(),
+            will: None,
+            username: None,
+            password: None,
+        });
+        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
+        client.write_all(&out).await.expect("write CONNECT");
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 0, 0]);
+
+        let publish = |pid: u16| {
+            let mut buf = BytesMut::new();
+            let p = Packet::Publish(Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: "t".into(),
+                packet_id: pid,
+                payload: Bytes::from_static(b"x"),
+            });
+            ferrohub_mqtt::encode(&p, &mut buf).expect("encodable");
+            buf
+        };
+        client.write_all(&publish(1)).await.expect("write PUBLISH");
+        let mut puback = [0u8; 4];
+        client.read_exact(&mut puback).await.expect("PUBACK");
+        assert_eq!(puback, [0x40, 2, 0, 1], "accepted before the deadline");
+
+        // Activity well within keep-alive: only the deadline can end this session.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        client.write_all(&publish(2)).await.expect("write PUBLISH");
+        client.read_exact(&mut puback).await.expect("PUBACK");
+        assert_eq!(puback, [0x40, 2, 0, 2]);
+
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+            .await
+            .expect("the server closes the connection")
+            .expect("clean close");
+        assert!(rest.is_empty(), "nothing after the deadline: {rest:?}");
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(100) && elapsed < Duration::from_millis(150),
+            "closed at the deadline, not later: {elapsed:?}"
+        );
+        task.await.expect("no panic");
+        let reasons = handler.reasons.lock().expect("not poisoned").clone();
+        assert_eq!(reasons, [DisconnectReason::CredentialsExpired]);
     }
 }

@@ -72,6 +72,9 @@ pub enum DisconnectReason {
     SessionStore(String),
     /// The server is shutting down.
     ServerShutdown,
+    /// The credentials the client connected with stopped being valid (see
+    /// [`Handler::session_deadline`]): it must reconnect with fresh ones.
+    CredentialsExpired,
 }
 
 impl DisconnectReason {
@@ -162,6 +165,14 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The keep-alive the server enforces for a client keep-alive (seconds).
     fn keep_alive(&self, client_keep_alive: u16) -> Duration;
+
+    /// When the session must end whatever the client does, e.g. when the token it connected
+    /// with expires; asked once, after CONNECT. The broker closes the connection at that
+    /// instant with [`DisconnectReason::CredentialsExpired`], using a branch of the session's
+    /// own loop rather than a timer task, so an idle connection costs nothing more.
+    fn session_deadline(&self, _client: &Self::Client) -> Option<tokio::time::Instant> {
+        None
+    }
 
     /// Called once the connection is registered and CONNACK sent, with a handle that can push
     /// messages to this client and the subscriptions a persistent session brought back.

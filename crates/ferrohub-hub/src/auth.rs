@@ -102,6 +102,9 @@ pub struct Authenticated {
     pub generation_id: String,
     /// The SDK's user agent from the username, for logs.
     pub client_type: Option<String>,
+    /// When the credentials stop being valid (Unix seconds): a SAS token's `se`, a CA-signed
+    /// certificate's notAfter. IoT Hub closes the connection then.
+    pub credentials_expiry: Option<u64>,
 }
 
 fn now_epoch() -> u64 {
@@ -130,12 +133,13 @@ impl Hub {
         };
         let identity = info.identity.clone();
         match self.check_credentials(&identity, connect, peer).await {
-            Ok((auth, generation_id)) => Ok(Authenticated {
+            Ok((auth, generation_id, credentials_expiry)) => Ok(Authenticated {
                 identity,
                 auth,
                 model_id: info.model_id,
                 generation_id,
                 client_type: info.device_client_type,
+                credentials_expiry,
             }),
             Err(r) => {
                 if r.code == ConnectReturnCode::ServerUnavailable {
@@ -196,7 +200,7 @@ impl Hub {
         identity: &Identity,
         connect: &Connect,
         peer: &crate::Peer,
-    ) -> Result<(AuthMethod, String), Refusal> {
+    ) -> Result<(AuthMethod, String, Option<u64>), Refusal> {
         let scope = if identity.module_id.is_some() {
             AuthScope::Module
         } else {
@@ -226,8 +230,8 @@ impl Hub {
                         "password is not UTF-8",
                     )
                 })?;
-                let method = self.check_sas(identity, scope, &record, text).await?;
-                Ok((method, record.generation_id))
+                let (method, expiry) = self.check_sas(identity, scope, &record, text).await?;
+                Ok((method, record.generation_id, Some(expiry)))
             }
             None => {
                 let chain = peer.client_certs.as_slice();
@@ -237,13 +241,14 @@ impl Hub {
                         "no password and no client certificate",
                     ));
                 }
-                self.check_x509(identity, &record.authentication, chain)
+                let expiry = self
+                    .check_x509(identity, &record.authentication, chain)
                     .await?;
                 let method = AuthMethod {
                     scope,
                     kind: AuthKind::X509,
                 };
-                Ok((method, record.generation_id))
+                Ok((method, record.generation_id, expiry))
             }
         }
     }
@@ -254,7 +259,7 @@ impl Hub {
         scope: AuthScope,
         record: &IdentityRecord,
         text: &str,
-    ) -> Result<AuthMethod, Refusal> {
+    ) -> Result<(AuthMethod, u64), Refusal> {
         let token = SasToken::parse(text).map_err(|e| {
             refuse(
                 ConnectReturnCode::BadUserNameOrPassword,
@@ -303,10 +308,11 @@ impl Hub {
                         "signature does not match the policy key",
                     ));
                 }
-                Ok(AuthMethod {
+                let method = AuthMethod {
                     scope: AuthScope::Hub,
                     kind: AuthKind::Sas,
-                })
+                };
+                Ok((method, token.expiry))
             }
             (None, _) if resource_matches_identity(&token.resource, identity, &self.hostnames) => {
                 let keys = &record.authentication.symmetric_key;
@@ -333,10 +339,11 @@ impl Hub {
                         "signature does not match the identity keys",
                     ));
                 }
-                Ok(AuthMethod {
+                let method = AuthMethod {
                     scope,
                     kind: AuthKind::Sas,
-                })
+                };
+                Ok((method, token.expiry))
             }
             _ => Err(refuse(
                 ConnectReturnCode::NotAuthorized,
@@ -353,7 +360,7 @@ impl Hub {
         identity: &Identity,
         auth: &Authentication,
         chain: &[rustls::pki_types::CertificateDer<'static>],
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<u64>, Refusal> {
         let leaf = &chain[0];
         match auth.auth_type {
             AuthType::SelfSigned => {
@@ -362,8 +369,10 @@ impl Hub {
                     .into_iter()
                     .flatten()
                     .any(|expected| x509::thumbprint_matches(leaf, expected));
+                // No deadline: a registered thumbprint is trusted as such, and its validity
+                // period is not checked at connect either.
                 if ok {
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(refuse(
                         ConnectReturnCode::NotAuthorized,
@@ -378,9 +387,18 @@ impl Hub {
                         format!("certificate store: {e}"),
                     )
                 })?;
-                let expected_cn = identity.module_id.as_deref().unwrap_or(&identity.device_id);
-                x509::verify_ca_signed(chain, &cas, expected_cn)
-                    .map_err(|e| refuse(ConnectReturnCode::NotAuthorized, e))
+                // A module's certificate names the module identity as IoT Hub writes it,
+                // `{deviceId}/{moduleId}`: a bare module id is ambiguous (every device may have a
+                // module `m1`), so a CA willing to sign "m1" for one device would open that module
+                // on all of them. IoT Hub's own behaviour; see MicrosoftDocs/azure-docs issues
+                // #63273 and #111494, which document it.
+                let expected_cn = match &identity.module_id {
+                    Some(m) => format!("{}/{m}", identity.device_id),
+                    None => identity.device_id.clone(),
+                };
+                x509::verify_ca_signed(chain, &cas, &expected_cn)
+                    .map_err(|e| refuse(ConnectReturnCode::NotAuthorized, e))?;
+                Ok(x509::not_after(leaf))
             }
             AuthType::Sas | AuthType::None => Err(refuse(
                 ConnectReturnCode::NotAuthorized,

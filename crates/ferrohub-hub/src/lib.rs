@@ -105,6 +105,9 @@ pub struct HubClient {
     pub generation_id: String,
     /// The SDK's user agent (`DeviceClientType`), for logs.
     pub client_type: Option<String>,
+    /// When the credentials of this connection expire (Unix seconds; see
+    /// [`HubClient::credentials_valid_for`]).
+    pub credentials_expiry: Option<u64>,
     pub transport: Transport,
     pub peer: std::net::SocketAddr,
     /// Identifies this connection among successive ones of the same identity.
@@ -120,6 +123,19 @@ pub struct HubClient {
 }
 
 impl HubClient {
+    /// How long this connection may last: IoT Hub closes it when its SAS token (or CA-signed
+    /// certificate) expires, and SDKs reconnect with a fresh token before then. `None`: no end.
+    pub fn credentials_valid_for(&self) -> Option<Duration> {
+        // Checked: `se` comes from the client, and a far-future one must mean "no end", not a
+        // panic.
+        let at =
+            std::time::UNIX_EPOCH.checked_add(Duration::from_secs(self.credentials_expiry?))?;
+        Some(
+            at.duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+
     /// Responses dropped because this connection did not read fast enough (see
     /// [`Hub::dropped_replies`]).
     pub fn dropped_replies(&self) -> u64 {
@@ -320,6 +336,7 @@ impl Hub {
             model_id: a.model_id,
             generation_id: a.generation_id,
             client_type: a.client_type,
+            credentials_expiry: a.credentials_expiry,
             transport: peer.transport,
             peer: peer.addr,
             conn_seq,

@@ -302,6 +302,7 @@ pub(crate) async fn connect(
         model_id: None,
         generation_id: String::new(),
         client_type: None,
+        credentials_expiry: None,
         transport: crate::Transport::MqttTls,
         peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
         conn_seq: 1,

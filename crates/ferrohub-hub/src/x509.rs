@@ -1,4 +1,5 @@
-//! X.509 checks for device certificates: thumbprints, chains to registered CAs, subject CN.
+//! X.509 checks for device and module certificates: thumbprints, chains to registered CAs,
+//! subject CN, validity end.
 
 use ferrohub_store::CaCertificate;
 use rustls::pki_types::{CertificateDer, UnixTime};
@@ -31,6 +32,12 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_string)
+}
+
+/// When a DER certificate stops being valid (its notAfter, Unix seconds).
+pub fn not_after(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
 }
 
 /// Parses the first certificate of a PEM text.

@@ -49,6 +49,11 @@ impl Handler for MqttFrontEnd {
         self.hub.keep_alive(client_keep_alive)
     }
 
+    fn session_deadline(&self, client: &HubClient) -> Option<tokio::time::Instant> {
+        // An instant too far to represent is never reached: no deadline.
+        tokio::time::Instant::now().checked_add(client.credentials_valid_for()?)
+    }
+
     async fn connected(
         &self,
         client: &HubClient,
@@ -113,6 +118,12 @@ fn describe(reason: &DisconnectReason) -> (String, Option<ErrorCode>) {
             Some(ErrorCode::ServerError),
         ),
         DisconnectReason::ServerShutdown => ("server shutting down".into(), None),
+        // 401002 is what IoT Hub reports when a device's SAS token expires on a live
+        // connection; 401003 (IoTHubUnauthorized) is for credentials refused at connect.
+        DisconnectReason::CredentialsExpired => (
+            "credentials expired (SAS token or certificate)".into(),
+            Some(ErrorCode::IotHubUnauthorizedAccess),
+        ),
     }
 }
 

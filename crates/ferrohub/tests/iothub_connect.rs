@@ -305,6 +305,64 @@ async fn silent_clients_are_closed_after_one_and_a_half_keep_alives() -> TestRes
 }
 
 #[tokio::test]
+async fn a_connection_is_closed_when_its_sas_token_expires() -> TestResult {
+    let hub = TestHub::start().await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    // `se` is in whole seconds: 3 s ahead leaves between 2 and 3 s, time to connect and
+    // publish once even on a loaded machine.
+    let se = now() + 3;
+    let token =
+        ferrohub_iothub::sas::generate_token(&format!("{HOST}/devices/dev1"), &key, se, None)?;
+    let expires_at = std::time::UNIX_EPOCH + Duration::from_secs(se);
+    let mut c = hub.tls().await?;
+    assert_eq!(
+        c.connect(connect_packet("dev1", Some(&token), true, 60))
+            .await?
+            .1,
+        ConnectReturnCode::Accepted
+    );
+    c.publish_qos1(1, "devices/dev1/messages/events/", b"before")
+        .await?;
+
+    // The keep-alive (90 s) is far off: only the token's expiry can close it this soon.
+    let closed = loop {
+        match c.recv_within(Duration::from_secs(10)).await? {
+            None => break std::time::SystemTime::now(),
+            Some(Packet::PingResp) | Some(Packet::Publish(_)) => continue,
+            Some(p) => return Err(format!("expected close, got {p:?}").into()),
+        }
+    };
+    let early = expires_at.duration_since(closed).unwrap_or(Duration::ZERO);
+    let late = closed.duration_since(expires_at).unwrap_or(Duration::ZERO);
+    assert!(
+        early < Duration::from_millis(100),
+        "closed {early:?} before expiry"
+    );
+    assert!(
+        late < Duration::from_secs(1),
+        "closed {late:?} after expiry"
+    );
+
+    // A publish after expiry is not acknowledged: the connection is gone.
+    let _ = c
+        .send(&publish(
+            "devices/dev1/messages/events/",
+            b"after",
+            QoS::AtLeastOnce,
+            2,
+        ))
+        .await;
+    match c.recv_within(Duration::from_secs(2)).await {
+        Ok(None) | Err(_) => {}
+        Ok(Some(p)) => return Err(format!("nothing may follow expiry, got {p:?}").into()),
+    }
+    let d = hub.api.get("/devices/dev1").await?;
+    assert_eq!(d["connectionState"], "Disconnected");
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn keep_alive_is_capped_at_1767_seconds() {
     assert_eq!(
         ferrohub_iothub::server_keep_alive(60),

@@ -1,5 +1,6 @@
 //! X.509 device authentication over real TLS: self-signed thumbprints (SHA-1 and SHA-256) and
-//! certificates chaining to a registered CA with CN = device id.
+//! certificates chaining to a registered CA with CN = device id (`{deviceId}/{moduleId}` for a
+//! module).
 
 mod common;
 
@@ -177,6 +178,60 @@ async fn ca_signed_certificates_need_a_registered_ca_and_matching_cn() -> TestRe
         )
         .await;
     assert!(err.is_err_and(|e| e.to_string().contains("400")));
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_ca_signed_module_certificate_names_device_and_module() -> TestResult {
+    let hub = TestHub::start().await?;
+    let trusted = ca("Trusted Test CA")?;
+    hub.api
+        .put(
+            "/certificates/trusted",
+            &json!({"properties": {"certificate": trusted.cert.pem()}}),
+            None,
+        )
+        .await?;
+    let ca_auth = json!({"type": "certificateAuthority"});
+    hub.api
+        .put(
+            "/devices/cadev",
+            &json!({"deviceId": "cadev", "authentication": ca_auth}),
+            None,
+        )
+        .await?;
+    hub.api
+        .put(
+            "/devices/cadev/modules/m1",
+            &json!({"deviceId": "cadev", "moduleId": "m1", "authentication": ca_auth}),
+            None,
+        )
+        .await?;
+    // A bare module id would open `m1` of every device whose certificates the CA signs.
+    assert_eq!(
+        x509_connack(&hub, "cadev/m1", leaf(&trusted, "m1")?).await?,
+        ConnectReturnCode::NotAuthorized,
+        "CN must be deviceId/moduleId"
+    );
+    assert_eq!(
+        x509_connack(&hub, "cadev/m1", leaf(&trusted, "cadev")?).await?,
+        ConnectReturnCode::NotAuthorized,
+        "the device's certificate does not open its module"
+    );
+    assert_eq!(
+        x509_connack(&hub, "cadev/m1", leaf(&trusted, "cadev/m1")?).await?,
+        ConnectReturnCode::Accepted
+    );
+    // The device rule is unchanged.
+    assert_eq!(
+        x509_connack(&hub, "cadev", leaf(&trusted, "cadev")?).await?,
+        ConnectReturnCode::Accepted
+    );
+    assert_eq!(
+        x509_connack(&hub, "cadev", leaf(&trusted, "cadev/m1")?).await?,
+        ConnectReturnCode::NotAuthorized
+    );
     hub.stop().await;
     Ok(())
 }
