@@ -36,6 +36,8 @@ enum ConnError {
     Decode(#[from] ferrohub_mqtt::DecodeError),
     #[error("encode: {0}")]
     Encode(#[from] ferrohub_mqtt::EncodeError),
+    #[error("a write to the client did not finish within {0:?} (the client is not reading)")]
+    WriteTimeout(std::time::Duration),
 }
 
 /// Socket plus its buffers, with the packet-level read/write the loop needs.
@@ -44,6 +46,11 @@ struct Wire<S> {
     rbuf: BytesMut,
     wbuf: BytesMut,
     max_packet_size: usize,
+    /// How long one write may take. A client that stops reading (its network gone without a
+    /// FIN) would otherwise block the task in a write forever, deaf to keep-alive, takeover,
+    /// kicks and shutdown, holding its identity. The connect timeout until CONNECT, then the
+    /// session's keep-alive window.
+    write_timeout: std::time::Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
@@ -84,6 +91,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {
+        let limit = self.write_timeout;
+        match tokio::time::timeout(limit, self.write_out()).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnError::WriteTimeout(limit)),
+        }
+    }
+
+    async fn write_out(&mut self) -> Result<(), ConnError> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
@@ -115,6 +130,7 @@ where
         rbuf: BytesMut::new(),
         wbuf: BytesMut::new(),
         max_packet_size: broker.config.max_packet_size,
+        write_timeout: broker.config.connect_timeout,
     });
     // Shutdown is watched from the first byte: a socket that never sends CONNECT would
     // otherwise hold shutdown up for the whole connect timeout.
@@ -324,6 +340,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let keep_alive = broker.handler.keep_alive(connect.keep_alive);
+    wire.write_timeout = keep_alive;
     let mut deadline = Instant::now() + keep_alive;
     let expires = broker.handler.session_deadline(client);
     let mut shutdown = broker.shutdown.clone();
@@ -700,6 +717,8 @@ mod tests {
         reasons: std::sync::Mutex<Vec<DisconnectReason>>,
         /// How long a session may last from CONNECT, as a token's lifetime would bound it.
         session_length: Option<Duration>,
+        /// The last connection's outbound handle, for tests that push to the client.
+        outbound: std::sync::Mutex<Option<Outbound>>,
     }
 
     #[async_trait]
@@ -714,7 +733,9 @@ mod tests {
         fn session_deadline(&self, _: &()) -> Option<tokio::time::Instant> {
             self.session_length.map(|d| tokio::time::Instant::now() + d)
         }
-        async fn connected(&self, _: &(), _: Outbound, _: &[String]) {}
+        async fn connected(&self, _: &(), outbound: Outbound, _: &[String]) {
+            *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = Some(outbound);
+        }
         fn authorize_subscribe(&self, _: &(), _: &str, qos: QoS) -> Option<QoS> {
             Some(qos)
         }
@@ -897,5 +918,80 @@ mod tests {
         task.await.expect("no panic");
         let reasons = handler.reasons.lock().expect("not poisoned").clone();
         assert_eq!(reasons, [DisconnectReason::CredentialsExpired]);
+    }
+
+    /// A client whose network went away without a FIN: it never reads again, and the server's
+    /// writes to it block. The connection must still end (within the keep-alive window), or it
+    /// holds its identity against every reconnect.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_closed_when_a_write_cannot_finish() {
+        let handler = Arc::new(Recorder::default());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let broker = Broker::new(
+            handler.clone(),
+            BrokerConfig::default(),
+            Arc::new(NoPersistence),
+            shutdown,
+        );
+        // A small pipe: the client's receive buffer, full after a few messages.
+        let (mut client, server) = tokio::io::duplex(4 * 1024);
+        let peer = PeerInfo {
+            addr: "127.0.0.1:1".parse().expect("literal address"),
+            transport: Transport::Tls,
+            client_certs: Arc::new(Vec::new()),
+        };
+        let task = tokio::spawn(super::serve_connection(broker, server, peer));
+        let mut out = BytesMut::new();
+        let connect = Packet::Connect(Connect {
+            protocol_name: "MQTT".into(),
+            protocol_level: 4,
+            clean_session: true,
+            keep_alive: 60,
+            client_id: "c".into(),
+            will: None,
+            username: None,
+            password: None,
+        });
+        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
+        client.write_all(&out).await.expect("write CONNECT");
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 0, 0]);
+        let outbound = handler
+            .outbound
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .expect("connected");
+        // Far more than the pipe holds; the client reads none of it.
+        let pusher = tokio::spawn(async move {
+            for _ in 0..64 {
+                let msg = crate::OutboundMessage::new(
+                    "t".into(),
+                    Bytes::from(vec![0u8; 1024]),
+                    QoS::AtMostOnce,
+                );
+                if outbound.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(600), task)
+            .await
+            .expect("the connection ends though the client never reads")
+            .expect("no panic");
+        assert!(
+            started.elapsed() <= Duration::from_secs(61),
+            "within the keep-alive window: {:?}",
+            started.elapsed()
+        );
+        let reasons = handler.reasons.lock().expect("not poisoned").clone();
+        assert!(
+            matches!(reasons.as_slice(), [DisconnectReason::ConnectionLost(e)] if e.contains("not reading")),
+            "{reasons:?}"
+        );
+        pusher.abort();
+        drop(client);
     }
 }
