@@ -257,3 +257,46 @@ async fn an_upgraded_websocket_is_left_to_its_mqtt_session() -> TestResult {
     hub.stop().await;
     Ok(())
 }
+
+/// Idle HTTPS connections (up to the HTTPS cap) do not lock devices out: the MQTT listener has
+/// its own cap and its own accept loop. 2,000 connections that complete TLS and send nothing
+/// are held open (a header limit longer than the test) while a device connects and publishes.
+#[tokio::test]
+async fn two_thousand_idle_https_connections_do_not_lock_devices_out() -> TestResult {
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    const IDLE_CONNECTIONS: usize = 2_000;
+    let hub = TestHub::start_with(|cfg| {
+        cfg.https_timeouts = HttpsTimeouts {
+            header: Duration::from_secs(300),
+            idle: Duration::from_secs(300),
+            body: Duration::from_secs(300),
+        };
+    })
+    .await?;
+    let hub = &hub;
+    let idle: Vec<TlsStream<TcpStream>> = stream::iter(0..IDLE_CONNECTIONS)
+        .map(|_| tls(hub))
+        .buffer_unordered(64)
+        .try_collect()
+        .await?;
+    assert_eq!(idle.len(), IDLE_CONNECTIONS);
+
+    let (key, _) = hub.create_device("dev1").await?;
+    let device = async {
+        let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
+        c.publish_qos1(1, "devices/dev1/messages/events/", b"still serving")
+            .await
+    };
+    tokio::time::timeout(Duration::from_secs(10), device)
+        .await
+        .map_err(|_| "the device could not connect and publish within 10 s")??;
+
+    // The idle connections were all still held: one of them still answers a request.
+    let mut probe = idle.into_iter().next().ok_or("no idle connection")?;
+    probe
+        .write_all(b"GET /nothing HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await?;
+    let reply = read_response(&mut probe).await?;
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    Ok(())
+}
