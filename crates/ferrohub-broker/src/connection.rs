@@ -616,6 +616,32 @@ mod tests {
         PublishDecision, Transport,
     };
 
+    /// A peer that came over TLS with no client certificate.
+    fn tls_peer() -> PeerInfo {
+        PeerInfo {
+            addr: "127.0.0.1:1".parse().expect("literal address"),
+            transport: Transport::Tls,
+            client_certs: Arc::new(Vec::new()),
+        }
+    }
+
+    /// CONNECT for client id `c` with a 60 s keep-alive, encoded.
+    fn connect_bytes(clean_session: bool) -> BytesMut {
+        let mut out = BytesMut::new();
+        let connect = Packet::Connect(Connect {
+            protocol_name: "MQTT".into(),
+            protocol_level: 4,
+            clean_session,
+            keep_alive: 60,
+            client_id: "c".into(),
+            will: None,
+            username: None,
+            password: None,
+        });
+        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
+        out
+    }
+
     /// Counts publishes and never lets one become durable: a store that has stopped.
     #[derive(Default)]
     struct StuckStore {
@@ -654,26 +680,13 @@ mod tests {
         let broker = Broker::new(handler.clone(), config, Arc::new(NoPersistence), shutdown);
         // A small pipe: once the server stops reading, the client's writes stop too.
         let (mut client, server) = tokio::io::duplex(16 * 1024);
-        let peer = PeerInfo {
-            addr: "127.0.0.1:1".parse().expect("literal address"),
-            transport: Transport::Tls,
-            client_certs: Arc::new(Vec::new()),
-        };
+        let peer = tls_peer();
         tokio::spawn(super::serve_connection(broker, server, peer));
 
-        let mut out = BytesMut::new();
-        let connect = Packet::Connect(Connect {
-            protocol_name: "MQTT".into(),
-            protocol_level: 4,
-            clean_session: true,
-            keep_alive: 60,
-            client_id: "c".into(),
-            will: None,
-            username: None,
-            password: None,
-        });
-        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
-        client.write_all(&out).await.expect("write CONNECT");
+        client
+            .write_all(&connect_bytes(true))
+            .await
+            .expect("write CONNECT");
         let mut connack = [0u8; 4];
         client.read_exact(&mut connack).await.expect("CONNACK");
         assert_eq!(connack, [0x20, 2, 0, 0]);
@@ -809,25 +822,12 @@ mod tests {
             shutdown,
         );
         let (mut client, server) = tokio::io::duplex(16 * 1024);
-        let peer = PeerInfo {
-            addr: "127.0.0.1:1".parse().expect("literal address"),
-            transport: Transport::Tls,
-            client_certs: Arc::new(Vec::new()),
-        };
+        let peer = tls_peer();
         let task = tokio::spawn(super::serve_connection(broker, server, peer));
-        let mut out = BytesMut::new();
-        let connect = Packet::Connect(Connect {
-            protocol_name: "MQTT".into(),
-            protocol_level: 4,
-            clean_session: false,
-            keep_alive: 60,
-            client_id: "c".into(),
-            will: None,
-            username: None,
-            password: None,
-        });
-        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
-        client.write_all(&out).await.expect("write CONNECT");
+        client
+            .write_all(&connect_bytes(false))
+            .await
+            .expect("write CONNECT");
         let mut connack = [0u8; 4];
         client.read_exact(&mut connack).await.expect("CONNACK");
         assert_eq!(connack, [0x20, 2, 0, 3], "CONNACK: server unavailable");
@@ -856,26 +856,13 @@ mod tests {
             shutdown,
         );
         let (mut client, server) = tokio::io::duplex(16 * 1024);
-        let peer = PeerInfo {
-            addr: "127.0.0.1:1".parse().expect("literal address"),
-            transport: Transport::Tls,
-            client_certs: Arc::new(Vec::new()),
-        };
+        let peer = tls_peer();
         let started = tokio::time::Instant::now();
         let task = tokio::spawn(super::serve_connection(broker, server, peer));
-        let mut out = BytesMut::new();
-        let connect = Packet::Connect(Connect {
-            protocol_name: "MQTT".into(),
-            protocol_level: 4,
-            clean_session: true,
-            keep_alive: 60,
-            client_id: "c".into(),
-            will: None,
-            username: None,
-            password: None,
-        });
-        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
-        client.write_all(&out).await.expect("write CONNECT");
+        client
+            .write_all(&connect_bytes(true))
+            .await
+            .expect("write CONNECT");
         let mut connack = [0u8; 4];
         client.read_exact(&mut connack).await.expect("CONNACK");
         assert_eq!(connack, [0x20, 2, 0, 0]);
@@ -935,25 +922,12 @@ mod tests {
         );
         // A small pipe: the client's receive buffer, full after a few messages.
         let (mut client, server) = tokio::io::duplex(4 * 1024);
-        let peer = PeerInfo {
-            addr: "127.0.0.1:1".parse().expect("literal address"),
-            transport: Transport::Tls,
-            client_certs: Arc::new(Vec::new()),
-        };
+        let peer = tls_peer();
         let task = tokio::spawn(super::serve_connection(broker, server, peer));
-        let mut out = BytesMut::new();
-        let connect = Packet::Connect(Connect {
-            protocol_name: "MQTT".into(),
-            protocol_level: 4,
-            clean_session: true,
-            keep_alive: 60,
-            client_id: "c".into(),
-            will: None,
-            username: None,
-            password: None,
-        });
-        ferrohub_mqtt::encode(&connect, &mut out).expect("encodable");
-        client.write_all(&out).await.expect("write CONNECT");
+        client
+            .write_all(&connect_bytes(true))
+            .await
+            .expect("write CONNECT");
         let mut connack = [0u8; 4];
         client.read_exact(&mut connack).await.expect("CONNACK");
         assert_eq!(connack, [0x20, 2, 0, 0]);
