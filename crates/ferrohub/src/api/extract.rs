@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use ferrohub_hub::service_auth::Right;
 use ferrohub_iothub::ErrorCode;
 use ferrohub_iothub::Identity;
-use ferrohub_store::{AccessPolicy, IfMatch};
+use ferrohub_store::IfMatch;
 use serde::de::DeserializeOwned;
 
 use super::{ApiError, ApiState};
@@ -54,12 +54,9 @@ impl NeedsRight for Connect {
     const RIGHT: Right = Right::ServiceConnect;
 }
 
-/// A call with a supported `api-version`, signed with a policy that grants `R`.
-pub struct ServiceAuth<R> {
-    #[allow(dead_code)] // no route needs to know which policy yet; the check is the point
-    pub policy: AccessPolicy,
-    right: PhantomData<R>,
-}
+/// A call with a supported `api-version`, signed with a policy that grants `R`. It carries
+/// nothing: no route needs to know which policy signed, the check is the point.
+pub struct ServiceAuth<R>(PhantomData<R>);
 
 pub type RegistryRead = ServiceAuth<Read>;
 pub type RegistryWrite = ServiceAuth<Write>;
@@ -74,11 +71,8 @@ impl<R: NeedsRight> FromRequestParts<ApiState> for ServiceAuth<R> {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let policy = state.hub.authorize_service(header, R::RIGHT).await?;
-        Ok(Self {
-            policy,
-            right: PhantomData,
-        })
+        state.hub.authorize_service(header, R::RIGHT).await?;
+        Ok(Self(PhantomData))
     }
 }
 
