@@ -181,7 +181,11 @@ pub(crate) fn open_conn_with(
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     if !read_only {
         for (name, value) in before_wal {
-            conn.pragma_update(None, name, value)?;
+            // Setting a pragma can write the header even when nothing changes, and a write is
+            // what a full disk refuses: a hub restarted on a nearly full disk must still open.
+            if !pragma_is(&conn, name, value)? {
+                conn.pragma_update(None, name, value)?;
+            }
         }
         conn.pragma_update(None, "journal_mode", "WAL")?;
     }
@@ -189,6 +193,25 @@ pub(crate) fn open_conn_with(
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
+}
+
+/// Whether pragma `name` reads as `value`, by name or by number (`auto_vacuum` answers
+/// `2` for `INCREMENTAL`).
+fn pragma_is(conn: &Connection, name: &str, value: &str) -> SqlResult<bool> {
+    let now: rusqlite::types::Value = conn.pragma_query_value(None, name, |r| r.get(0))?;
+    let known = match name.to_ascii_lowercase().as_str() {
+        "auto_vacuum" => ["NONE", "FULL", "INCREMENTAL"]
+            .iter()
+            .position(|v| v.eq_ignore_ascii_case(value))
+            .map(|n| n.to_string()),
+        _ => None,
+    };
+    let now = match now {
+        rusqlite::types::Value::Integer(n) => n.to_string(),
+        rusqlite::types::Value::Text(t) => t,
+        _ => return Ok(false),
+    };
+    Ok(now.eq_ignore_ascii_case(value) || known.is_some_and(|k| k == now))
 }
 
 impl SqliteStore {
@@ -323,12 +346,35 @@ impl Checkpoints {
 /// Copies committed WAL frames into the database file in the background. A PASSIVE checkpoint
 /// never blocks the writer; left to SQLite's autocheckpoint it would run inside a commit and
 /// add the database file's writes and fsync to the latency of every write in that batch.
+///
+/// While checkpoints fail (a full disk: the database file cannot grow) the thread keeps trying
+/// at the same pace, so the WAL is copied as soon as space returns, but logs only the first
+/// failure, one a minute after it, and the recovery.
 fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>, caught_up: Arc<AtomicBool>) {
+    const REPEAT: std::time::Duration = std::time::Duration::from_secs(60);
+    let mut failing: Option<(std::time::Instant, u64)> = None;
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(250));
         match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            Ok(()) => caught_up.store(true, Ordering::Release),
-            Err(e) => tracing::warn!(error = %e, "checkpoint failed"),
+            Ok(()) => {
+                if let Some((_, failures)) = failing.take() {
+                    tracing::info!(failures, "checkpoints succeed again");
+                }
+                caught_up.store(true, Ordering::Release);
+            }
+            Err(e) => match &mut failing {
+                Some((last, failures)) => {
+                    *failures += 1;
+                    if last.elapsed() >= REPEAT {
+                        *last = std::time::Instant::now();
+                        tracing::warn!(error = %e, failures = *failures, "checkpoints still failing");
+                    }
+                }
+                None => {
+                    tracing::warn!(error = %e, "checkpoint failed; retrying every 250 ms");
+                    failing = Some((std::time::Instant::now(), 1));
+                }
+            },
         }
     }
 }

@@ -203,7 +203,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     ));
 
     let info = hub_info(&cfg, mqtt_addr, https_addr, &tls_files, &owner);
-    write_hub_file(&data_dir, &info)?;
+    // hub.json only helps the CLI find the hub: a hub on a full disk must still start, since
+    // refusing to would turn a full disk into an outage that outlives it.
+    if let Err(e) = write_hub_file(&data_dir, &info) {
+        let _ = std::fs::remove_file(data_dir.join(format!("{HUB_FILE}.tmp")));
+        tracing::error!(error = %format!("{e:#}"), file = %data_dir.join(HUB_FILE).display(), "could not write the hub file; the CLI may find stale ports in it");
+    }
     info!(mqtt = %mqtt_addr, https = %https_addr, data_dir = %data_dir.display(), "ferrohub listening");
     Ok(RunningServer {
         mqtt_addr,
@@ -375,11 +380,13 @@ fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {
         // It holds the owner key.
         opts.mode(0o600);
     }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(serde_json::to_string_pretty(info)?.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, data_dir.join(HUB_FILE))?;
-    Ok(())
+    let write = || -> std::io::Result<()> {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(serde_json::to_string_pretty(info)?.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, data_dir.join(HUB_FILE))
+    };
+    write().with_context(|| format!("writing {}", tmp.display()))
 }
 
 enum Listener {
