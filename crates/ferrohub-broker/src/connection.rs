@@ -313,11 +313,13 @@ async fn open_session<H: Handler>(
 
 /// Publishes whose completion is awaited, in arrival order: (QoS, packet id, outcome).
 type PendingAcks = FuturesOrdered<
-    std::pin::Pin<Box<dyn std::future::Future<Output = (QoS, u16, Result<(), String>)> + Send>>,
+    std::pin::Pin<
+        Box<dyn std::future::Future<Output = (QoS, u16, Result<(), crate::Refusal>)> + Send>,
+    >,
 >;
 
 enum Event {
-    Completed((QoS, u16, Result<(), String>)),
+    Completed((QoS, u16, Result<(), crate::Refusal>)),
     Read(Result<(), ConnError>),
     Outbound(Option<Box<OutboundMessage>>),
     KeepAliveExpired,
@@ -391,7 +393,7 @@ where
                 while let Some((qos, pid, result)) = done.take() {
                     if let Err(why) = result {
                         let _ = wire.flush().await;
-                        return Err(DisconnectReason::ProtocolViolation(why));
+                        return Err(why.into());
                     }
                     if qos == QoS::AtLeastOnce {
                         wire.queue(&Packet::PubAck(pid)).map_err(lost)?;
@@ -475,9 +477,7 @@ where
                 PublishDecision::AcceptWhen(done) => {
                     pending.push_back(Box::pin(async move { (qos, pid, done.await) }));
                 }
-                PublishDecision::Reject(why) => {
-                    return Err(DisconnectReason::ProtocolViolation(why))
-                }
+                PublishDecision::Reject(why) => return Err(why.into()),
             }
         }
         Packet::PubAck(pid) => {

@@ -70,6 +70,10 @@ pub enum DisconnectReason {
     /// The broker could not read or write the session's durable state: the server's fault,
     /// not the client's.
     SessionStore(String),
+    /// The handler could not do its part of a PUBLISH (its storage failed, say): the server's
+    /// fault, and the client may retry. `code` is the handler's own code for the failure,
+    /// handed back to it in [`Handler::disconnected`].
+    HandlerFailed { reason: String, code: u32 },
     /// The server is shutting down.
     ServerShutdown,
     /// The credentials the client connected with stopped being valid (see
@@ -90,7 +94,25 @@ impl DisconnectReason {
 /// Work that must finish before a PUBLISH may be acknowledged (e.g. the message reaching disk).
 /// `Err` closes the connection without acknowledging.
 pub type Completion =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Refusal>> + Send>>;
+
+/// Why the handler will not have a PUBLISH acknowledged; the connection closes either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The client broke the handler's rules (ends as [`DisconnectReason::ProtocolViolation`]).
+    Violation(String),
+    /// The handler failed (ends as [`DisconnectReason::HandlerFailed`]).
+    Failed { reason: String, code: u32 },
+}
+
+impl From<Refusal> for DisconnectReason {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Violation(why) => DisconnectReason::ProtocolViolation(why),
+            Refusal::Failed { reason, code } => DisconnectReason::HandlerFailed { reason, code },
+        }
+    }
+}
 
 /// The handler's answer to a PUBLISH.
 pub enum PublishDecision {
@@ -99,8 +121,8 @@ pub enum PublishDecision {
     /// Acknowledge once the completion resolves. The connection keeps reading meanwhile (up to
     /// `BrokerConfig::max_pending_acks`), and PUBACKs still go out in PUBLISH order.
     AcceptWhen(Completion),
-    /// Close the connection without acknowledging; the text goes to the log.
-    Reject(String),
+    /// Close the connection without acknowledging.
+    Reject(Refusal),
 }
 
 impl std::fmt::Debug for PublishDecision {

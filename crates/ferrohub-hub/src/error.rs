@@ -67,6 +67,20 @@ impl HubError {
         }
     }
 
+    /// The store has no room for a write: nothing was stored, and a retry after space is freed
+    /// succeeds. IoT Hub answers a hub that cannot take writes with 503 `ServiceUnavailable`,
+    /// which every SDK retries.
+    pub fn storage_full(cause: impl Into<BoxError>) -> Self {
+        let cause = cause.into();
+        tracing::error!(error = %cause, error_code = 503001, "write refused: the hub's storage is full");
+        Self {
+            code: ErrorCode::ServiceUnavailable,
+            message: "the hub's storage is full; nothing was stored, retry later".into(),
+            status: None,
+            source: Some(cause),
+        }
+    }
+
     /// Maps a store failure: `NotFound` and `AlreadyExists` mean what the caller says for its
     /// resource, a failed `If-Match` is `PreconditionFailed`, anything else is the engine's.
     pub fn from_store(e: StoreError, not_found: HubError, exists: HubError) -> Self {
@@ -77,6 +91,7 @@ impl HubError {
                 ErrorCode::PreconditionFailed,
                 "the If-Match etag does not match the current one",
             ),
+            StoreError::Full(cause) => Self::storage_full(cause),
             other => Self::internal("store call", other),
         }
     }
@@ -110,6 +125,10 @@ impl From<StoreError> for HubError {
 
 impl From<TwinFailure> for HubError {
     fn from(f: TwinFailure) -> Self {
+        let f = match f {
+            TwinFailure::Store(StoreError::Full(cause)) => return Self::storage_full(cause),
+            f => f,
+        };
         let code = f.code();
         if code == ErrorCode::ServerError {
             return Self::internal("twin operation", f);
@@ -120,6 +139,10 @@ impl From<TwinFailure> for HubError {
 
 impl From<MethodError> for HubError {
     fn from(e: MethodError) -> Self {
+        let e = match e {
+            MethodError::Store(StoreError::Full(cause)) => return Self::storage_full(cause),
+            e => e,
+        };
         let code = match &e {
             MethodError::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
             MethodError::ModuleNotFound(_) => ErrorCode::ModuleNotFound,
@@ -136,6 +159,10 @@ impl From<MethodError> for HubError {
 impl From<crate::c2d::SendError> for HubError {
     fn from(e: crate::c2d::SendError) -> Self {
         use crate::c2d::SendError;
+        let e = match e {
+            SendError::Store(StoreError::Full(cause)) => return Self::storage_full(cause),
+            e => e,
+        };
         let code = match &e {
             SendError::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
             SendError::ModuleNotFound(_) => ErrorCode::ModuleNotFound,

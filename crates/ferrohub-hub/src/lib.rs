@@ -81,7 +81,7 @@ pub struct Peer {
 /// Work that must finish before a device message may be acknowledged (the message reaching
 /// disk). `Err` closes the connection without acknowledging.
 pub type Completion =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), HubError>> + Send>>;
 
 /// The hub's answer to a device message.
 pub enum PublishOutcome {
@@ -91,6 +91,9 @@ pub enum PublishOutcome {
     AcceptWhen(Completion),
     /// Close the connection without acknowledging; the text goes to the log.
     Reject(String),
+    /// Close the connection without acknowledging: the hub failed (its storage, say), not the
+    /// device, which may retry.
+    Fail(HubError),
 }
 
 /// One authenticated connection, as the IoT Hub layer sees it.

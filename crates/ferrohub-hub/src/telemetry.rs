@@ -10,8 +10,8 @@ use ferrohub_store::telemetry::NewEvent;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
-use crate::PublishOutcome;
 use crate::{Hub, HubClient};
+use crate::{HubError, PublishOutcome};
 
 impl Hub {
     /// Builds the stored event for a telemetry publish, or says why it is refused.
@@ -72,12 +72,9 @@ impl Hub {
         };
         match self.telemetry.enqueue(event).await {
             Ok(durable) => PublishOutcome::AcceptWhen(Box::pin(async move {
-                durable
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("telemetry store failed: {e}"))
+                durable.await.map(|_| ()).map_err(HubError::from)
             })),
-            Err(e) => PublishOutcome::Reject(format!("telemetry store failed: {e}")),
+            Err(e) => PublishOutcome::Fail(HubError::from(e)),
         }
     }
 

@@ -78,6 +78,7 @@ impl TwinFailure {
             TwinFailure::ModuleNotFound(_) => ErrorCode::ModuleNotFound,
             TwinFailure::PreconditionFailed(_) => ErrorCode::PreconditionFailed,
             TwinFailure::Throttled => ErrorCode::ThrottlingException,
+            TwinFailure::Store(StoreError::Full(_)) => ErrorCode::ServiceUnavailable,
             TwinFailure::Corrupt(_) | TwinFailure::Store(_) => ErrorCode::ServerError,
         }
     }

@@ -363,8 +363,16 @@ fn commit_batch(
             next_seq.copy_from_slice(&before);
             tracing::error!(error = %e, "telemetry commit failed");
             let msg = e.to_string();
+            let full = e.is_full();
             for cmd in batch.drain(..) {
-                let err = || StoreError::Task(format!("telemetry commit failed: {msg}"));
+                let err = || {
+                    let msg = format!("telemetry commit failed: {msg}");
+                    if full {
+                        StoreError::Full(msg.into())
+                    } else {
+                        StoreError::Task(msg)
+                    }
+                };
                 match cmd {
                     Command::Append(_, reply) => {
                         let _ = reply.send(Err(err()));

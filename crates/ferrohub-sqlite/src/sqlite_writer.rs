@@ -34,6 +34,8 @@ trait Job: Send {
 trait Ran: Send {
     /// Whether the job's changes are to be kept.
     fn ok(&self) -> bool;
+    /// Whether the job failed for want of disk space.
+    fn full(&self) -> bool;
     /// Answers the caller; `batch_err` is set when the batch did not commit.
     fn answer(self: Box<Self>, batch_err: Option<SqlError>);
 }
@@ -76,6 +78,10 @@ where
 impl<R: Send + 'static> Ran for Finished<R> {
     fn ok(&self) -> bool {
         self.result.is_ok()
+    }
+
+    fn full(&self) -> bool {
+        self.result.as_ref().err().is_some_and(SqlError::is_full)
     }
 
     fn answer(self: Box<Self>, batch_err: Option<SqlError>) {
@@ -173,6 +179,7 @@ fn duplicate(e: &SqlError) -> SqlError {
         SqlError::Sql(rusqlite::Error::SqliteFailure(code, msg)) => {
             SqlError::Sql(rusqlite::Error::SqliteFailure(*code, msg.clone()))
         }
+        e if e.is_full() => StoreError::Full(e.to_string().into()).into(),
         other => StoreError::Task(other.to_string()).into(),
     }
 }
@@ -204,6 +211,7 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
             break;
         }
         let done = job.run(conn);
+        let full = done.full();
         let end = if done.ok() {
             exec(conn, "RELEASE job")
         } else {
@@ -217,9 +225,12 @@ fn commit_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) {
         // Some failures (I/O error, full disk) make SQLite roll back the whole transaction on
         // its own; the jobs before this one are then lost too.
         if conn.is_autocommit() {
-            broken = Some(
-                StoreError::Task("SQLite rolled back the write batch after an error".into()).into(),
-            );
+            let why = "SQLite rolled back the write batch after an error";
+            broken = Some(if full {
+                StoreError::Full(why.into()).into()
+            } else {
+                StoreError::Task(why.into()).into()
+            });
             break;
         }
     }

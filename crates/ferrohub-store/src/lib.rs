@@ -50,6 +50,10 @@ pub enum StoreError {
     /// A lock token is unknown or its lock has expired.
     #[error("lock lost")]
     LockLost,
+    /// The storage has no room for the write (a full disk or quota); nothing was written. It
+    /// passes: writes succeed again once space is freed, without a restart.
+    #[error("storage is full: {0}")]
+    Full(#[source] BoxError),
     /// A conditional write found the record changed (or created, or gone) since it was read;
     /// nothing was written. The caller reads again and retries.
     #[error("the record changed since it was read")]

@@ -9,9 +9,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ferrohub_broker::{Broker, DisconnectReason, Handler, PeerInfo, PublishDecision};
+use ferrohub_broker::{Broker, DisconnectReason, Handler, PeerInfo, PublishDecision, Refusal};
 use ferrohub_hub::link::{self, ConnectionControl, DeviceLink, NotConnected};
-use ferrohub_hub::{Hub, HubClient, PublishOutcome};
+use ferrohub_hub::{Hub, HubClient, HubError, PublishOutcome};
 use ferrohub_iothub::ErrorCode;
 use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish, QoS};
 use ferrohub_store::Store;
@@ -77,8 +77,11 @@ impl Handler for MqttFrontEnd {
     async fn publish(&self, client: &HubClient, publish: Publish) -> PublishDecision {
         match self.hub.device_publish(client, publish).await {
             PublishOutcome::Accept => PublishDecision::Accept,
-            PublishOutcome::AcceptWhen(done) => PublishDecision::AcceptWhen(done),
-            PublishOutcome::Reject(why) => PublishDecision::Reject(why),
+            PublishOutcome::AcceptWhen(done) => {
+                PublishDecision::AcceptWhen(Box::pin(async move { done.await.map_err(failed) }))
+            }
+            PublishOutcome::Reject(why) => PublishDecision::Reject(Refusal::Violation(why)),
+            PublishOutcome::Fail(e) => PublishDecision::Reject(failed(e)),
         }
     }
 
@@ -90,6 +93,14 @@ impl Handler for MqttFrontEnd {
     ) {
         let (why, code) = describe(reason);
         self.hub.device_disconnected(client, &why, code, will).await;
+    }
+}
+
+/// A hub failure as the broker carries it to the disconnect log line.
+fn failed(e: HubError) -> Refusal {
+    Refusal::Failed {
+        reason: e.message().to_string(),
+        code: e.code().code(),
     }
 }
 
@@ -116,6 +127,10 @@ fn describe(reason: &DisconnectReason) -> (String, Option<ErrorCode>) {
         DisconnectReason::SessionStore(e) => (
             format!("session store failed: {e}"),
             Some(ErrorCode::ServerError),
+        ),
+        DisconnectReason::HandlerFailed { reason, code } => (
+            format!("hub failed: {reason}"),
+            Some(ErrorCode::from_code(*code).unwrap_or(ErrorCode::ServerError)),
         ),
         DisconnectReason::ServerShutdown => ("server shutting down".into(), None),
         // 401002 is what IoT Hub reports when a device's SAS token expires on a live

@@ -7,6 +7,12 @@ use axum::response::{IntoResponse, Response};
 use ferrohub_hub::HubError;
 use ferrohub_iothub::ErrorCode;
 
+/// Seconds a throttled client is asked to wait: the throttles refill every second.
+const RETRY_AFTER_THROTTLED: &str = "1";
+/// Seconds a client is asked to wait when the hub cannot take writes (its disk is full): long
+/// enough not to hammer it, short enough to resume soon after space returns.
+const RETRY_AFTER_UNAVAILABLE: &str = "10";
+
 #[derive(Debug)]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -66,6 +72,19 @@ impl IntoResponse for ApiError {
         let mut resp = (self.status(), axum::Json(body)).into_response();
         if let Ok(v) = HeaderValue::from_str(self.code.name()) {
             resp.headers_mut().insert("iothub-errorcode", v);
+        }
+        // The service SDKs' retry policies honour Retry-After on these two; without it they
+        // fall back to their own back-off, which starts far shorter.
+        let retry_after = match self.status() {
+            StatusCode::TOO_MANY_REQUESTS => Some(RETRY_AFTER_THROTTLED),
+            StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_UNAVAILABLE),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                HeaderValue::from_static(secs),
+            );
         }
         resp
     }
