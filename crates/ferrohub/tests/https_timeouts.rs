@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use ferrohub::config::HttpsTimeouts;
-use ferrohub_iothub::ConnectionString;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -89,16 +88,6 @@ async fn read_response(s: &mut TlsStream<TcpStream>) -> R<String> {
     tokio::time::timeout(WAIT, read)
         .await
         .map_err(|_| "no response in time")?
-}
-
-fn owner_token(hub: &TestHub) -> R<String> {
-    let cs = ConnectionString::parse(&hub.server().info.owner_connection_string)?;
-    Ok(token_for(
-        &cs.host_name,
-        cs.shared_access_key.as_deref().ok_or("key")?,
-        3600,
-        Some("iothubowner"),
-    ))
 }
 
 #[tokio::test]

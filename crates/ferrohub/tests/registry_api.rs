@@ -49,16 +49,6 @@ async fn call(
     Ok((status, v, code))
 }
 
-fn owner_token(hub: &TestHub) -> R<String> {
-    let cs = ConnectionString::parse(&hub.server().info.owner_connection_string)?;
-    Ok(token_for(
-        &cs.host_name,
-        cs.shared_access_key.as_deref().ok_or("key")?,
-        3600,
-        Some("iothubowner"),
-    ))
-}
-
 const V: &str = "api-version=2021-04-12";
 
 #[tokio::test]

@@ -54,7 +54,11 @@ impl TestHub {
 
     /// Starts a hub with some settings changed.
     pub async fn start_with(tweak: fn(&mut ServerConfig)) -> R<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::start_in(tempfile::tempdir()?, tweak).await
+    }
+
+    /// Starts a hub whose data directory is `dir` (on a filesystem the test made, say).
+    pub async fn start_in(dir: tempfile::TempDir, tweak: fn(&mut ServerConfig)) -> R<Self> {
         let mut cfg = config(dir.path());
         tweak(&mut cfg);
         let server = start(cfg).await?;
@@ -375,6 +379,71 @@ pub async fn recv_publish(c: &mut MqttClient, wait: Duration) -> R<Option<Publis
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The owner policy's SAS token, for raw service API calls.
+pub fn owner_token(hub: &TestHub) -> R<String> {
+    let cs = ConnectionString::parse(&hub.server().info.owner_connection_string)?;
+    Ok(token_for(
+        &cs.host_name,
+        cs.shared_access_key.as_deref().ok_or("key")?,
+        3600,
+        Some("iothubowner"),
+    ))
+}
+
+/// A service API answer as a raw client sees it.
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A raw HTTPS call with the owner's token and a JSON body, to see status codes, headers and
+/// error bodies as a service SDK does.
+pub async fn rest(
+    hub: &TestHub,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<&Value>,
+) -> R<Answer> {
+    let pem = std::fs::read(&hub.ca)?;
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let url = format!(
+        "https://{HOST}:{}{path}{sep}api-version=2021-04-12",
+        hub.https_addr().port()
+    );
+    let mut req = client
+        .request(method, url)
+        .header("Authorization", owner_token(hub)?);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await?;
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text)?
+    };
+    Ok(Answer {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Reads events from `GET /events?{query}` until `n` arrived or `wait` passed.
