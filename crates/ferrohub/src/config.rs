@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Seconds an HTTPS client has to send a whole request body (default 30).
     #[arg(long, env = "FERROHUB_HTTPS_BODY_TIMEOUT_SECS")]
     pub https_body_timeout_secs: Option<u64>,
+    /// Service API requests the hub works on at once; more are answered 429 with Retry-After
+    /// at once, so a flood slows its clients instead of growing the hub (default 256).
+    #[arg(long, env = "FERROHUB_HTTPS_MAX_REQUESTS")]
+    pub https_max_requests: Option<usize>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -104,6 +108,7 @@ struct FileConfig {
     https_header_timeout_secs: Option<u64>,
     https_idle_timeout_secs: Option<u64>,
     https_body_timeout_secs: Option<u64>,
+    https_max_requests: Option<usize>,
 }
 
 /// The resolved configuration of a server.
@@ -134,6 +139,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time limits of HTTPS connections, so idle or trickling clients cannot hold sockets.
     pub https_timeouts: HttpsTimeouts,
+    /// Service API requests in progress at once (each may buffer a 2 MiB body).
+    pub https_max_requests: usize,
 }
 
 /// How long an HTTPS client may take; see `https_conn` for how each is enforced.
@@ -177,6 +184,7 @@ impl ServerConfig {
             hub: ferrohub_hub::HubSettings::default(),
             max_connections: 200_000,
             https_timeouts: HttpsTimeouts::default(),
+            https_max_requests: 256,
         }
     }
 
@@ -250,6 +258,12 @@ impl ServerConfig {
                 anyhow::bail!("max_connections must be at least 1");
             }
             cfg.max_connections = n;
+        }
+        if let Some(n) = args.https_max_requests.or(file.https_max_requests) {
+            if n == 0 {
+                anyhow::bail!("https_max_requests must be at least 1");
+            }
+            cfg.https_max_requests = n;
         }
         let secs = |name: &str, v: Option<u64>, default: Duration| match v {
             None => Ok(default),

@@ -185,6 +185,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         hub: hub.clone(),
         broker: broker.clone(),
         body_timeout: cfg.https_timeouts.body,
+        in_flight: Arc::new(Semaphore::new(cfg.https_max_requests)),
     });
     tracker.spawn(accept_loop(
         https_listener,

@@ -1,5 +1,6 @@
 //! Time limits of the HTTPS listener over real TLS: connections that send no request, trickle a
-//! head or a body, or idle after a response are closed; normal requests are not disturbed.
+//! head or a body, or idle after a response are closed; normal requests are not disturbed; past
+//! the in-flight request limit, requests are refused at once with 429.
 
 mod common;
 
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use ferrohub::config::HttpsTimeouts;
+use ferrohub_mqtt::QoS;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -287,5 +289,51 @@ async fn two_thousand_idle_https_connections_do_not_lock_devices_out() -> TestRe
         .await?;
     let reply = read_response(&mut probe).await?;
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    Ok(())
+}
+
+/// Past `https_max_requests` in progress, a request is answered 429 ThrottlingException with
+/// Retry-After at once (nothing queued), and served again once a slot frees.
+#[tokio::test]
+async fn requests_past_the_in_flight_limit_get_429_with_retry_after_at_once() -> TestResult {
+    let hub = TestHub::start_with(|cfg| cfg.https_max_requests = 1).await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
+    c.subscribe(1, &[("$iothub/methods/POST/#", QoS::AtMostOnce)])
+        .await?;
+    // A method call holds the one slot until the device answers.
+    let api = hub.api.clone();
+    let call = tokio::spawn(async move {
+        api.post(
+            "/twins/dev1/methods",
+            &serde_json::json!({"methodName": "hold", "responseTimeoutInSeconds": 30}),
+        )
+        .await
+    });
+    let request = recv_publish(&mut c, WAIT)
+        .await?
+        .ok_or("no method request")?;
+    let refused = rest(&hub, reqwest::Method::GET, "/devices/dev1", None).await?;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(
+        refused.header("iothub-errorcode"),
+        Some("ThrottlingException")
+    );
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(refused.body["Message"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("ErrorCode:ThrottlingException;")));
+
+    let rid = request
+        .topic
+        .split_once("$rid=")
+        .map(|(_, r)| r.to_string())
+        .ok_or("no $rid")?;
+    c.publish_qos1(2, &format!("$iothub/methods/res/200/?$rid={rid}"), b"{}")
+        .await?;
+    call.await??;
+    let served = rest(&hub, reqwest::Method::GET, "/devices/dev1", None).await?;
+    assert_eq!(served.status, 200, "{}", served.body);
+    hub.stop().await;
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 
@@ -31,6 +31,8 @@ pub struct ApiState {
     pub broker: Arc<Broker<MqttFrontEnd>>,
     /// Time a client has to send a request body (`api::extract::BodyBytes`).
     pub body_timeout: std::time::Duration,
+    /// Permits for requests in progress (`--https-max-requests`); see [`shed_load`].
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -89,7 +91,35 @@ pub fn router(state: ApiState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.in_flight.clone(),
+            shed_load,
+        ))
         .with_state(state)
+}
+
+/// Answers 429 `ThrottlingException` (with `Retry-After`) at once when the hub already works on
+/// as many requests as it takes: memory stays bounded by the permits (each request may buffer
+/// a body) however hard clients push, and the SDKs back off and retry. The permit is held until
+/// the response head is ready; a streaming body (`/events`) does not keep it.
+async fn shed_load(
+    State(in_flight): State<Arc<tokio::sync::Semaphore>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_permit) = in_flight.try_acquire() else {
+        tracing::warn!(
+            path = %req.uri().path(),
+            error_code = 429001,
+            "service API request refused: too many in progress"
+        );
+        return ApiError::new(
+            ferrohub_iothub::ErrorCode::ThrottlingException,
+            "the hub is working on as many requests as it takes; retry later",
+        )
+        .into_response();
+    };
+    next.run(req).await
 }
 
 async fn not_found() -> ApiError {
