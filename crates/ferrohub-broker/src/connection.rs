@@ -16,6 +16,7 @@ use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{
@@ -38,6 +39,11 @@ enum ConnError {
     Encode(#[from] ferrohub_mqtt::EncodeError),
     #[error("a write to the client did not finish within {0:?} (the client is not reading)")]
     WriteTimeout(std::time::Duration),
+    /// A takeover or kick arrived while a write waited on the client.
+    #[error("taken over while writing")]
+    Kicked,
+    #[error("server shutting down while writing")]
+    Shutdown,
 }
 
 /// Socket plus its buffers, with the packet-level read/write the loop needs.
@@ -51,6 +57,10 @@ struct Wire<S> {
     /// kicks and shutdown, holding its identity. The connect timeout until CONNECT, then the
     /// session's keep-alive window.
     write_timeout: std::time::Duration,
+    /// A takeover, a kick or shutdown ends a write at once: the new connection of the same
+    /// device must not wait out the write timeout of one whose network is gone.
+    kicked: CancellationToken,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
@@ -92,28 +102,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
 
     async fn flush(&mut self) -> Result<(), ConnError> {
         let limit = self.write_timeout;
-        match tokio::time::timeout(limit, self.write_out()).await {
-            Ok(r) => r,
-            Err(_) => Err(ConnError::WriteTimeout(limit)),
+        let Wire {
+            stream,
+            wbuf,
+            kicked,
+            shutdown,
+            ..
+        } = self;
+        tokio::select! {
+            biased;
+            _ = kicked.cancelled() => Err(ConnError::Kicked),
+            _ = crate::until_shutdown(shutdown) => Err(ConnError::Shutdown),
+            r = tokio::time::timeout(limit, write_out(stream, wbuf)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(ConnError::WriteTimeout(limit)),
+            },
         }
-    }
-
-    async fn write_out(&mut self) -> Result<(), ConnError> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
-            if self.wbuf.capacity() > 64 * 1024 {
-                self.wbuf = BytesMut::new();
-            }
-        }
-        self.stream.flush().await?;
-        Ok(())
     }
 
     async fn send(&mut self, packet: &Packet) -> Result<(), ConnError> {
         self.queue(packet)?;
         self.flush().await
     }
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    wbuf: &mut BytesMut,
+) -> Result<(), ConnError> {
+    if !wbuf.is_empty() {
+        stream.write_all(wbuf).await?;
+        wbuf.clear();
+        if wbuf.capacity() > 64 * 1024 {
+            *wbuf = BytesMut::new();
+        }
+    }
+    stream.flush().await?;
+    Ok(())
 }
 
 /// Serves one client from its first byte to close. Never panics on client input; every error
@@ -131,6 +156,9 @@ where
         wbuf: BytesMut::new(),
         max_packet_size: broker.config.max_packet_size,
         write_timeout: broker.config.connect_timeout,
+        // Replaced by the connection's own once it registers its client id.
+        kicked: CancellationToken::new(),
+        shutdown: broker.shutdown.clone(),
     });
     // Shutdown is watched from the first byte: a socket that never sends CONNECT would
     // otherwise hold shutdown up for the whole connect timeout.
@@ -190,7 +218,8 @@ async fn run_session<H, S>(
 {
     let client_id = connect.client_id.clone();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-    let (conn_id, mut kicked) = broker.register(&client_id, done_rx).await;
+    let (conn_id, kicked) = broker.register(&client_id, done_rx).await;
+    wire.kicked = kicked.clone();
 
     let (session, session_present) = match open_session(&broker, &connect).await {
         Ok(s) => s,
@@ -220,7 +249,7 @@ async fn run_session<H, S>(
     let reason = async {
         wire.send(&connack(session_present, ConnectReturnCode::Accepted))
             .await
-            .map_err(|e| DisconnectReason::ConnectionLost(e.to_string()))?;
+            .map_err(lost)?;
         let restored: Vec<String> = state.subscriptions.iter().map(|(f, _)| f.clone()).collect();
         broker
             .handler
@@ -238,16 +267,14 @@ async fn run_session<H, S>(
             }))
             .map_err(|e| DisconnectReason::ProtocolViolation(e.to_string()))?;
         }
-        wire.flush()
-            .await
-            .map_err(|e| DisconnectReason::ConnectionLost(e.to_string()))?;
+        wire.flush().await.map_err(lost)?;
         session_loop(
             &broker,
             &mut wire,
             &client,
             &mut state,
             &mut out_rx,
-            &mut kicked,
+            &kicked,
             &connect,
         )
         .await
@@ -334,7 +361,7 @@ async fn session_loop<H, S>(
     client: &H::Client,
     state: &mut SessionState,
     out_rx: &mut mpsc::Receiver<Box<OutboundMessage>>,
-    kicked: &mut tokio::sync::oneshot::Receiver<()>,
+    kicked: &CancellationToken,
     connect: &Connect,
 ) -> Result<(), DisconnectReason>
 where
@@ -373,7 +400,7 @@ where
         let can_read = pending.len() < max_pending;
         let event = tokio::select! {
             biased;
-            _ = &mut *kicked => Event::Kicked,
+            _ = kicked.cancelled() => Event::Kicked,
             _ = crate::until_shutdown(&mut shutdown) => Event::Shutdown,
             // Ahead of completions: a publish still pending when the credentials expire is not
             // acknowledged.
@@ -438,7 +465,11 @@ where
 }
 
 fn lost(e: ConnError) -> DisconnectReason {
-    DisconnectReason::ConnectionLost(e.to_string())
+    match e {
+        ConnError::Kicked => DisconnectReason::TakenOver,
+        ConnError::Shutdown => DisconnectReason::ServerShutdown,
+        e => DisconnectReason::ConnectionLost(e.to_string()),
+    }
 }
 
 async fn handle_packet<H, S>(
@@ -967,5 +998,117 @@ mod tests {
         );
         pusher.abort();
         drop(client);
+    }
+
+    /// A connection whose client has stopped reading, with the server blocked in a write to it.
+    async fn blocked_in_a_write(
+        handler: &Arc<Recorder>,
+        broker: &Arc<Broker<Recorder>>,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (mut client, server) = tokio::io::duplex(4 * 1024);
+        let task = tokio::spawn(super::serve_connection(broker.clone(), server, tls_peer()));
+        client
+            .write_all(&connect_bytes(false))
+            .await
+            .expect("write CONNECT");
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.expect("CONNACK");
+        let outbound = handler
+            .outbound
+            .lock()
+            .expect("not poisoned")
+            .clone()
+            .expect("connected");
+        let pusher = tokio::spawn(async move {
+            for _ in 0..64 {
+                let msg = crate::OutboundMessage::new(
+                    "t".into(),
+                    Bytes::from(vec![0u8; 1024]),
+                    QoS::AtMostOnce,
+                );
+                if outbound.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Let the pipe fill, so the server sits in a write.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        (client, task, pusher)
+    }
+
+    /// The same device reconnecting (its old network gone without a FIN) must not wait out
+    /// the old connection's write timeout: the takeover interrupts the blocked write.
+    #[tokio::test(start_paused = true)]
+    async fn a_takeover_interrupts_a_write_blocked_on_a_client_that_stopped_reading() {
+        let handler = Arc::new(Recorder::default());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let broker = Broker::new(
+            handler.clone(),
+            BrokerConfig::default(),
+            Arc::new(NoPersistence),
+            shutdown,
+        );
+        let (_old_client, old_task, pusher) = blocked_in_a_write(&handler, &broker).await;
+
+        let started = tokio::time::Instant::now();
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let _new_task = tokio::spawn(super::serve_connection(broker.clone(), server, tls_peer()));
+        client
+            .write_all(&connect_bytes(false))
+            .await
+            .expect("write CONNECT");
+        let mut connack = [0u8; 4];
+        client.read_exact(&mut connack).await.expect("CONNACK");
+        assert_eq!(connack, [0x20, 2, 1, 0], "accepted, session present");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the takeover waited {:?}",
+            started.elapsed()
+        );
+        old_task.await.expect("no panic");
+        let reasons = handler.reasons.lock().expect("not poisoned").clone();
+        assert_eq!(reasons, [DisconnectReason::TakenOver]);
+        pusher.abort();
+    }
+
+    /// Deleting or disabling a device kicks it; a kick must not wait for a blocked write
+    /// either. Nor must shutdown.
+    #[tokio::test(start_paused = true)]
+    async fn a_kick_and_shutdown_interrupt_a_blocked_write() {
+        for shut_down in [false, true] {
+            let handler = Arc::new(Recorder::default());
+            let (stop, shutdown) = tokio::sync::watch::channel(false);
+            let broker = Broker::new(
+                handler.clone(),
+                BrokerConfig::default(),
+                Arc::new(NoPersistence),
+                shutdown,
+            );
+            let (_client, task, pusher) = blocked_in_a_write(&handler, &broker).await;
+            let started = tokio::time::Instant::now();
+            if shut_down {
+                stop.send(true).expect("broker listens");
+            } else {
+                assert!(broker.kick("c"), "the connection is live");
+            }
+            task.await.expect("no panic");
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "ended after {:?}",
+                started.elapsed()
+            );
+            let reasons = handler.reasons.lock().expect("not poisoned").clone();
+            let want = if shut_down {
+                DisconnectReason::ServerShutdown
+            } else {
+                DisconnectReason::TakenOver
+            };
+            assert_eq!(reasons, [want]);
+            pusher.abort();
+        }
     }
 }

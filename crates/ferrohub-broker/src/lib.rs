@@ -22,7 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ferrohub_mqtt::{ConnectReturnCode, LastWill, Publish, QoS};
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 pub use connection::serve_connection;
 pub use persistence::{NoPersistence, PersistedSession, PersistenceError, SessionPersistence};
@@ -297,8 +298,9 @@ pub enum TrySendError {
 /// The live connection holding a client id: used to close it when a newer one arrives.
 struct LiveConnection {
     conn_id: u64,
-    /// Tells the connection to close because it was taken over.
-    kick: Option<oneshot::Sender<()>>,
+    /// Tells the connection to close because it was taken over (or its identity went): it
+    /// interrupts a write blocked on a client that stopped reading, too.
+    kick: CancellationToken,
     /// Resolves when the connection task has released the session.
     done: tokio::sync::watch::Receiver<bool>,
 }
@@ -345,30 +347,28 @@ impl<H: Handler> Broker<H> {
         &self,
         client_id: &str,
         done: tokio::sync::watch::Receiver<bool>,
-    ) -> (u64, oneshot::Receiver<()>) {
+    ) -> (u64, CancellationToken) {
         let conn_id = self
             .next_conn_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (kick_tx, kick_rx) = oneshot::channel();
+        let kick = CancellationToken::new();
         let old = {
             let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
             live.insert(
                 client_id.to_string(),
                 LiveConnection {
                     conn_id,
-                    kick: Some(kick_tx),
+                    kick: kick.clone(),
                     done,
                 },
             )
         };
         if let Some(mut old) = old {
-            if let Some(kick) = old.kick.take() {
-                let _ = kick.send(());
-            }
+            old.kick.cancel();
             // Bounded: a wedged old task must not block the new device forever.
             let _ = tokio::time::timeout(Duration::from_secs(5), old.done.wait_for(|d| *d)).await;
         }
-        (conn_id, kick_rx)
+        (conn_id, kick)
     }
 
     fn unregister(&self, client_id: &str, conn_id: u64) {
@@ -405,9 +405,13 @@ impl<H: Handler> Broker<H> {
     /// Closes the live connection of `client_id`, if any (used when an identity is deleted or
     /// disabled). Returns whether there was one.
     pub fn kick(&self, client_id: &str) -> bool {
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        match live.get_mut(client_id).and_then(|l| l.kick.take()) {
-            Some(k) => k.send(()).is_ok(),
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        match live.get(client_id) {
+            Some(l) => {
+                let first = !l.kick.is_cancelled();
+                l.kick.cancel();
+                first
+            }
             None => false,
         }
     }
