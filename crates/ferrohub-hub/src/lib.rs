@@ -14,6 +14,8 @@ mod detached;
 pub mod directory;
 pub mod error;
 pub mod events;
+#[cfg(test)]
+mod fault_tests;
 pub mod feedback;
 pub mod link;
 pub mod methods;

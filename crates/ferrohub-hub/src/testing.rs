@@ -1,6 +1,6 @@
-//! Test support for the hub's unit tests: the in-memory store engine behind a wrapper that can
-//! fail or hold single calls, a connection control and a device link that record what the hub
-//! did.
+//! Test support for the hub's unit tests: the in-memory store engine behind wrappers that can
+//! fail or hold single calls (failpoints, as redb and the IoT Edge broker test a failing disk),
+//! a connection control and a device link that record what the hub did.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,8 @@ use crate::{Hub, HubSettings};
 pub(crate) struct TestStore {
     inner: MemoryStore,
     pub fail_list_modules: AtomicBool,
+    /// Failpoint: every write fails as a failed fsync does, with nothing stored.
+    pub fail_writes: AtomicBool,
     /// How many twin reads reached the store.
     pub twin_reads: std::sync::atomic::AtomicUsize,
     pub hold_commits: AtomicBool,
@@ -26,7 +28,19 @@ pub(crate) struct TestStore {
     pub release: Notify,
 }
 
+/// The error a failed fsync gives: EIO.
+pub(crate) fn injected_fsync_failure() -> StoreError {
+    StoreError::Io(std::io::Error::from_raw_os_error(5))
+}
+
 impl TestStore {
+    fn write_failpoint(&self) -> Result<()> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(injected_fsync_failure());
+        }
+        Ok(())
+    }
+
     async fn held(&self) {
         if self.hold_commits.load(Ordering::SeqCst) {
             self.committed.notify_one();
@@ -38,12 +52,14 @@ impl TestStore {
 #[async_trait]
 impl RegistryStore for TestStore {
     async fn create_device(&self, device: Device) -> Result<Device> {
+        self.write_failpoint()?;
         self.inner.create_device(device).await
     }
     async fn get_device(&self, device_id: &str) -> Result<Option<Device>> {
         self.inner.get_device(device_id).await
     }
     async fn update_device(&self, device: Device, if_match: IfMatch) -> Result<Device> {
+        self.write_failpoint()?;
         self.inner.update_device(device, if_match).await
     }
     async fn delete_device(&self, device_id: &str, if_match: IfMatch) -> Result<()> {
@@ -120,6 +136,7 @@ impl SessionStore for TestStore {
 #[async_trait]
 impl C2dStore for TestStore {
     async fn c2d_enqueue(&self, msg: C2dMessage, max_depth: usize) -> Result<C2dMessage> {
+        self.write_failpoint()?;
         let r = self.inner.c2d_enqueue(msg, max_depth).await;
         self.held().await;
         r
@@ -194,6 +211,7 @@ impl TwinStore for TestStore {
         doc: String,
         expected: Option<u64>,
     ) -> Result<u64> {
+        self.write_failpoint()?;
         let r = self.inner.put_twin(d, m, doc, expected).await;
         self.held().await;
         r
@@ -231,7 +249,50 @@ pub(crate) type R<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 pub(crate) struct Fixture {
     pub hub: Arc<Hub>,
     pub store: Arc<TestStore>,
+    pub telemetry: Arc<TestTelemetry>,
     pub control: Arc<Recorder>,
+}
+
+/// A [`MemoryTelemetry`] whose group commit can fail: an enqueued message's durability
+/// future then resolves to the fsync's error (the message took its place in the queue, and
+/// its sync failed).
+pub(crate) struct TestTelemetry {
+    pub inner: MemoryTelemetry,
+    pub fail_syncs: AtomicBool,
+}
+
+#[async_trait]
+impl telemetry::TelemetryLog for TestTelemetry {
+    async fn enqueue(&self, event: telemetry::NewEvent) -> Result<telemetry::Durable> {
+        if self.fail_syncs.load(Ordering::SeqCst) {
+            return Ok(Box::pin(async { Err(injected_fsync_failure()) }));
+        }
+        self.inner.enqueue(event).await
+    }
+    fn partition_count(&self) -> u32 {
+        self.inner.partition_count()
+    }
+    fn partition_of(&self, device_id: &str) -> u32 {
+        self.inner.partition_of(device_id)
+    }
+    async fn read(&self, p: u32, from: u64, max: usize) -> Result<Vec<telemetry::EventRecord>> {
+        self.inner.read(p, from, max).await
+    }
+    async fn resolve(&self, p: u32, position: telemetry::StartPosition) -> Result<u64> {
+        self.inner.resolve(p, position).await
+    }
+    fn watch_commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch_commits()
+    }
+    async fn checkpoints(&self, g: &str) -> Result<std::collections::BTreeMap<u32, u64>> {
+        self.inner.checkpoints(g).await
+    }
+    async fn save_checkpoint(&self, g: &str, p: u32, next: u64) -> Result<()> {
+        self.inner.save_checkpoint(g, p, next).await
+    }
+    async fn enforce_retention(&self, r: telemetry::Retention, now: Timestamp) -> Result<u64> {
+        self.inner.enforce_retention(r, now).await
+    }
 }
 
 /// A hub on a fresh in-memory store, with a recording connection control.
@@ -239,15 +300,19 @@ pub(crate) fn fixture() -> R<Fixture> {
     let store = Arc::new(TestStore {
         inner: MemoryStore::new(),
         fail_list_modules: AtomicBool::new(false),
+        fail_writes: AtomicBool::new(false),
         twin_reads: Default::default(),
         hold_commits: AtomicBool::new(false),
         committed: Notify::new(),
         release: Notify::new(),
     });
-    let telemetry = Arc::new(MemoryTelemetry::new(1));
+    let telemetry = Arc::new(TestTelemetry {
+        inner: MemoryTelemetry::new(1),
+        fail_syncs: AtomicBool::new(false),
+    });
     let hub = Hub::new(
         store.clone(),
-        telemetry,
+        telemetry.clone(),
         vec!["localhost".into()],
         HubSettings::default(),
     );
@@ -256,6 +321,7 @@ pub(crate) fn fixture() -> R<Fixture> {
     Ok(Fixture {
         hub,
         store,
+        telemetry,
         control,
     })
 }
