@@ -5,6 +5,8 @@
 //! this crate; the hub only sees the traits.
 
 mod error;
+#[cfg(test)]
+mod faulty_vfs;
 mod sqlite;
 mod sqlite_c2d;
 mod sqlite_telemetry;
