@@ -82,6 +82,9 @@ pub struct ServeArgs {
     /// at once, so a flood slows its clients instead of growing the hub (default 256).
     #[arg(long, env = "FERROHUB_HTTPS_MAX_REQUESTS")]
     pub https_max_requests: Option<usize>,
+    /// Seconds a client has to finish the TLS handshake, on both listeners (default 10).
+    #[arg(long, env = "FERROHUB_TLS_HANDSHAKE_TIMEOUT_SECS")]
+    pub tls_handshake_timeout_secs: Option<u64>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -109,6 +112,7 @@ struct FileConfig {
     https_idle_timeout_secs: Option<u64>,
     https_body_timeout_secs: Option<u64>,
     https_max_requests: Option<usize>,
+    tls_handshake_timeout_secs: Option<u64>,
 }
 
 /// The resolved configuration of a server.
@@ -141,6 +145,8 @@ pub struct ServerConfig {
     pub https_timeouts: HttpsTimeouts,
     /// Service API requests in progress at once (each may buffer a 2 MiB body).
     pub https_max_requests: usize,
+    /// Time a client has to finish the TLS handshake, MQTT and HTTPS alike.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// How long an HTTPS client may take; see `https_conn` for how each is enforced.
@@ -185,6 +191,7 @@ impl ServerConfig {
             max_connections: 200_000,
             https_timeouts: HttpsTimeouts::default(),
             https_max_requests: 256,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 
@@ -270,6 +277,12 @@ impl ServerConfig {
             Some(0) => Err(anyhow::anyhow!("{name} must be at least 1")),
             Some(s) => Ok(Duration::from_secs(s)),
         };
+        cfg.tls_handshake_timeout = secs(
+            "tls_handshake_timeout_secs",
+            args.tls_handshake_timeout_secs
+                .or(file.tls_handshake_timeout_secs),
+            cfg.tls_handshake_timeout,
+        )?;
         let t = cfg.https_timeouts;
         cfg.https_timeouts = HttpsTimeouts {
             header: secs(

@@ -53,8 +53,6 @@ impl HubInfo {
     }
 }
 
-/// Time a client gets to finish the TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Concurrent HTTPS connections (REST clients, WebSocket handshakes); past this, new sockets
 /// wait in the kernel's accept queue. An upgraded WebSocket session leaves this cap for the
 /// device-connection cap (`ServerConfig::max_connections`), which it shares with MQTT/TLS.
@@ -161,7 +159,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         },
         _ => tls::ensure_dev_pki(&data_dir.join("certs"), &cfg.certificate_names())?,
     };
-    let acceptor = TlsAcceptor::from(tls::server_config(&tls_files)?);
+    let acceptor = Handshaker {
+        acceptor: TlsAcceptor::from(tls::server_config(&tls_files)?),
+        timeout: cfg.tls_handshake_timeout,
+    };
     let (mqtt_listener, https_listener) = bind_listeners(&cfg).await?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let https_addr = https_listener.local_addr()?;
@@ -402,7 +403,7 @@ enum Listener {
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Handshaker,
     limit: Arc<Semaphore>,
     tracker: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
@@ -438,7 +439,7 @@ async fn accept_loop(
                     let _permit = permit;
                     // Both boxed: a task's allocation is sized for its largest state, and the
                     // handshake's is large but short-lived; idle devices should not pay for it.
-                    if let Some((tls, certs)) = Box::pin(handshake(&acceptor, socket, addr)).await {
+                    if let Some((tls, certs)) = Box::pin(acceptor.handshake(socket, addr)).await {
                         let peer = PeerInfo {
                             addr,
                             transport: Transport::Tls,
@@ -458,7 +459,7 @@ async fn accept_loop(
                 let sessions = sessions.clone();
                 tracker.spawn(async move {
                     let _permit = permit;
-                    if let Some((tls, certs)) = Box::pin(handshake(&acceptor, socket, addr)).await {
+                    if let Some((tls, certs)) = Box::pin(acceptor.handshake(socket, addr)).await {
                         let conn = HttpsConn {
                             addr,
                             client_certs: certs,
@@ -474,12 +475,30 @@ async fn accept_loop(
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
+/// The TLS side of both listeners: a client gets `timeout` to finish its handshake.
+#[derive(Clone)]
+struct Handshaker {
+    acceptor: TlsAcceptor,
+    timeout: Duration,
+}
+
+impl Handshaker {
+    async fn handshake(
+        &self,
+        socket: TcpStream,
+        addr: SocketAddr,
+    ) -> Option<(TlsStream, Arc<Vec<CertificateDer<'static>>>)> {
+        handshake(&self.acceptor, self.timeout, socket, addr).await
+    }
+}
+
 async fn handshake(
     acceptor: &TlsAcceptor,
+    limit: Duration,
     socket: TcpStream,
     addr: SocketAddr,
 ) -> Option<(TlsStream, Arc<Vec<CertificateDer<'static>>>)> {
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+    match tokio::time::timeout(limit, acceptor.accept(socket)).await {
         Ok(Ok(tls)) => {
             let certs = tls
                 .get_ref()

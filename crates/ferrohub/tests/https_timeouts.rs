@@ -337,3 +337,34 @@ async fn requests_past_the_in_flight_limit_get_429_with_retry_after_at_once() ->
     hub.stop().await;
     Ok(())
 }
+
+/// A socket that opens and then sends only half a TLS ClientHello is closed at the handshake
+/// limit, on the device listener and the HTTPS one alike.
+#[tokio::test]
+async fn a_tls_handshake_that_stalls_is_cut_at_the_handshake_limit() -> TestResult {
+    let hub = TestHub::start_with(|cfg| cfg.tls_handshake_timeout = Duration::from_secs(1)).await?;
+    for addr in [hub.mqtt_addr(), hub.https_addr()] {
+        let mut s = TcpStream::connect(addr).await?;
+        // A handshake record header announcing 512 bytes, and 4 of them.
+        s.write_all(&[22, 3, 1, 2, 0, 1, 0, 1, 252]).await?;
+        let opened = Instant::now();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(CLOSE_WAIT, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return Instant::now(),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| format!("{addr}: still open after {CLOSE_WAIT:?}"))?;
+        let took = closed - opened;
+        assert!(
+            took >= Duration::from_millis(900),
+            "{addr}: closed after {took:?}, before the limit"
+        );
+    }
+    hub.stop().await;
+    Ok(())
+}
