@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use ferrohub_mqtt::{Packet, Publish, QoS};
 use serde_json::{json, Value};
+use std::time::Duration;
 
 const DESIRED: &str = "$iothub/twin/PATCH/properties/desired/#";
 
@@ -635,6 +636,96 @@ async fn pipelined_gets_that_are_not_read_are_dropped_not_buffered() -> TestResu
         GETS as u64,
         "every GET was either answered or counted as dropped"
     );
+    hub.stop().await;
+    Ok(())
+}
+
+/// Connects `id` (persistent session), sends bursts of GETs of a 30 KB twin and reads none of
+/// the answers, until far more than the socket buffers hold was queued: the server's writes
+/// to it block, as to a device whose network vanished without a FIN.
+async fn stop_reading_with_writes_pending(hub: &TestHub, id: &str, key: &str) -> R<MqttClient> {
+    let desired: serde_json::Map<String, Value> = (0..8)
+        .map(|i| (format!("p{i}"), json!("x".repeat(3800))))
+        .collect();
+    hub.api
+        .patch(
+            &format!("/twins/{id}"),
+            &json!({"properties": {"desired": desired}}),
+            Some("*"),
+        )
+        .await?;
+    let (mut c, _) = hub.connect_device(id, key, false).await?;
+    let server_hub = hub.server().hub.clone();
+    // Each burst a connection handles leaves a full outbound queue (64 replies, 2 MB) written
+    // or waiting, and drops the rest. Once the socket buffers are full the connection sits in a
+    // write and handles no more bursts: that is the state wanted.
+    for burst_no in 0..40 {
+        let dropped_before = server_hub.dropped_replies();
+        let mut burst = bytes::BytesMut::new();
+        for i in 0..200 {
+            let get = publish(
+                &format!("$iothub/twin/GET/?$rid={burst_no}-{i}"),
+                b"",
+                QoS::AtMostOnce,
+                0,
+            );
+            ferrohub_mqtt::encode(&get, &mut burst)?;
+        }
+        c.send_raw(&burst).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while server_hub.dropped_replies() == dropped_before {
+            if tokio::time::Instant::now() > deadline {
+                // Not read: the connection is stuck in a write.
+                assert!(burst_no > 0, "the first burst was not handled at all");
+                return Ok(c);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Err("the server's writes never blocked".into())
+}
+
+/// A device whose old connection the server cannot write to reconnects: the takeover must not
+/// wait for that write to time out (the keep-alive window, 90 s here). Disabling a device in
+/// that state must close it at once too.
+#[tokio::test]
+async fn a_connection_stuck_in_a_write_does_not_hold_its_identity() -> TestResult {
+    let hub = TestHub::start().await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    let _stuck = stop_reading_with_writes_pending(&hub, "dev1", &key).await?;
+    let started = tokio::time::Instant::now();
+    let (_c, present) = tokio::time::timeout(
+        Duration::from_secs(10),
+        hub.connect_device("dev1", &key, false),
+    )
+    .await
+    .map_err(|_| "the reconnect waited for the stuck connection")??;
+    assert!(present, "the persistent session was taken over");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    let (key2, _) = hub.create_device("dev2").await?;
+    let _stuck = stop_reading_with_writes_pending(&hub, "dev2", &key2).await?;
+    let d = hub.api.get("/devices/dev2").await?;
+    assert_eq!(d["connectionState"], "Connected");
+    let etag = d["etag"].as_str().ok_or("etag")?.to_string();
+    hub.api
+        .put(
+            "/devices/dev2",
+            &json!({"deviceId": "dev2", "status": "disabled"}),
+            Some(&etag),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = hub.api.get("/devices/dev2").await?;
+        if d["connectionState"] == "Disconnected" {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("the disabled device's stuck connection stayed open".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     hub.stop().await;
     Ok(())
 }
