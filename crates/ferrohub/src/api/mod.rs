@@ -98,6 +98,33 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// One log line per second at most for refused requests, with how many there were: a flood
+/// of refusals must not become a flood of log lines.
+fn log_shed(path: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static REFUSED: AtomicU64 = AtomicU64::new(0);
+    static LAST_LOGGED_SEC: AtomicU64 = AtomicU64::new(0);
+    REFUSED.fetch_add(1, Ordering::Relaxed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = LAST_LOGGED_SEC.load(Ordering::Relaxed);
+    if now > last
+        && LAST_LOGGED_SEC
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let since = REFUSED.swap(0, Ordering::Relaxed);
+        tracing::warn!(
+            path,
+            refused = since,
+            error_code = 429001,
+            "service API requests refused: too many in progress (count since the last such line)"
+        );
+    }
+}
+
 /// Answers 429 `ThrottlingException` (with `Retry-After`) at once when the hub already works on
 /// as many requests as it takes: memory stays bounded by the permits (each request may buffer
 /// a body) however hard clients push, and the SDKs back off and retry. The permit is held until
@@ -108,11 +135,7 @@ async fn shed_load(
     next: axum::middleware::Next,
 ) -> Response {
     let Ok(_permit) = in_flight.try_acquire() else {
-        tracing::warn!(
-            path = %req.uri().path(),
-            error_code = 429001,
-            "service API request refused: too many in progress"
-        );
+        log_shed(req.uri().path());
         return ApiError::new(
             ferrohub_iothub::ErrorCode::ThrottlingException,
             "the hub is working on as many requests as it takes; retry later",
