@@ -1,0 +1,487 @@
+//! The AMQP 1.0 type system (part 1 of the spec): one [`Value`] enum, a decoder that checks
+//! every length against the bytes at hand before allocating, and an encoder.
+
+use thiserror::Error;
+
+/// Nesting deeper than this is refused, so a hostile frame cannot exhaust the stack.
+const MAX_DEPTH: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Value {
+    #[default]
+    Null,
+    Bool(bool),
+    Ubyte(u8),
+    Ushort(u16),
+    Uint(u32),
+    Ulong(u64),
+    Byte(i8),
+    Short(i16),
+    Int(i32),
+    Long(i64),
+    Float(f32),
+    Double(f64),
+    /// decimal32/64/128, kept as their bytes (nothing here computes with them).
+    Decimal(Vec<u8>),
+    Char(char),
+    /// Milliseconds since the Unix epoch.
+    Timestamp(i64),
+    Uuid([u8; 16]),
+    Binary(Vec<u8>),
+    String(String),
+    Symbol(String),
+    List(Vec<Value>),
+    /// In wire order; AMQP maps may repeat keys only in broken peers, which the first wins.
+    Map(Vec<(Value, Value)>),
+    Array(Vec<Value>),
+    Described(Box<Value>, Box<Value>),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("truncated value")]
+    Truncated,
+    #[error("unknown format code 0x{0:02x}")]
+    UnknownFormat(u8),
+    #[error("invalid UTF-8 in a string or symbol")]
+    Utf8,
+    #[error("invalid char")]
+    Char,
+    #[error("values nested too deeply")]
+    TooDeep,
+    #[error("map with an odd number of elements")]
+    OddMap,
+    #[error("{0}")]
+    Shape(&'static str),
+}
+
+impl Value {
+    pub fn str(s: impl Into<String>) -> Value {
+        Value::String(s.into())
+    }
+    pub fn sym(s: impl Into<String>) -> Value {
+        Value::Symbol(s.into())
+    }
+    pub fn described(code: u64, v: Value) -> Value {
+        Value::Described(Box::new(Value::Ulong(code)), Box::new(v))
+    }
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+    /// String or symbol text.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::String(s) | Value::Symbol(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// Any unsigned or non-negative signed integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::Ubyte(v) => Some(v.into()),
+            Value::Ushort(v) => Some(v.into()),
+            Value::Uint(v) => Some(v.into()),
+            Value::Ulong(v) => Some(v),
+            Value::Byte(v) => u64::try_from(v).ok(),
+            Value::Short(v) => u64::try_from(v).ok(),
+            Value::Int(v) => u64::try_from(v).ok(),
+            Value::Long(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_i64(&self) -> Option<i64> {
+        match *self {
+            Value::Byte(v) => Some(v.into()),
+            Value::Short(v) => Some(v.into()),
+            Value::Int(v) => Some(v.into()),
+            Value::Long(v) => Some(v),
+            Value::Timestamp(v) => Some(v),
+            _ => self.as_u64().and_then(|v| i64::try_from(v).ok()),
+        }
+    }
+    pub fn as_u32(&self) -> Option<u32> {
+        self.as_u64().and_then(|v| u32::try_from(v).ok())
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+    /// A map entry by string or symbol key.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        match self {
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(_, v)| v),
+            _ => None,
+        }
+    }
+    /// The descriptor code of a described value (numeric descriptors only).
+    pub fn descriptor(&self) -> Option<u64> {
+        match self {
+            Value::Described(d, _) => d.as_u64(),
+            _ => None,
+        }
+    }
+
+    /// Decodes one value from the front of `buf`, advancing it.
+    pub fn decode(buf: &mut &[u8]) -> Result<Value, DecodeError> {
+        decode_at(buf, 0)
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        encode(self, out)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(self, &mut out);
+        out
+    }
+}
+
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8], DecodeError> {
+    if buf.len() < n {
+        return Err(DecodeError::Truncated);
+    }
+    let (head, rest) = buf.split_at(n);
+    *buf = rest;
+    Ok(head)
+}
+
+fn u8_(buf: &mut &[u8]) -> Result<u8, DecodeError> {
+    Ok(take(buf, 1)?[0])
+}
+
+fn arr<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], DecodeError> {
+    let mut a = [0u8; N];
+    a.copy_from_slice(take(buf, N)?);
+    Ok(a)
+}
+
+fn size(buf: &mut &[u8], wide: bool) -> Result<usize, DecodeError> {
+    Ok(if wide {
+        u32::from_be_bytes(arr(buf)?) as usize
+    } else {
+        u8_(buf)? as usize
+    })
+}
+
+fn decode_at(buf: &mut &[u8], depth: usize) -> Result<Value, DecodeError> {
+    if depth > MAX_DEPTH {
+        return Err(DecodeError::TooDeep);
+    }
+    let code = u8_(buf)?;
+    if code == 0x00 {
+        let d = decode_at(buf, depth + 1)?;
+        let v = decode_at(buf, depth + 1)?;
+        return Ok(Value::Described(Box::new(d), Box::new(v)));
+    }
+    decode_body(code, buf, depth)
+}
+
+/// The value after its constructor `code` (shared with array elements, which omit it).
+fn decode_body(code: u8, buf: &mut &[u8], depth: usize) -> Result<Value, DecodeError> {
+    Ok(match code {
+        0x40 => Value::Null,
+        0x41 => Value::Bool(true),
+        0x42 => Value::Bool(false),
+        0x56 => Value::Bool(u8_(buf)? != 0),
+        0x50 => Value::Ubyte(u8_(buf)?),
+        0x60 => Value::Ushort(u16::from_be_bytes(arr(buf)?)),
+        0x70 => Value::Uint(u32::from_be_bytes(arr(buf)?)),
+        0x52 => Value::Uint(u8_(buf)?.into()),
+        0x43 => Value::Uint(0),
+        0x80 => Value::Ulong(u64::from_be_bytes(arr(buf)?)),
+        0x53 => Value::Ulong(u8_(buf)?.into()),
+        0x44 => Value::Ulong(0),
+        0x51 => Value::Byte(i8::from_be_bytes(arr(buf)?)),
+        0x61 => Value::Short(i16::from_be_bytes(arr(buf)?)),
+        0x71 => Value::Int(i32::from_be_bytes(arr(buf)?)),
+        0x54 => Value::Int(i8::from_be_bytes(arr(buf)?).into()),
+        0x81 => Value::Long(i64::from_be_bytes(arr(buf)?)),
+        0x55 => Value::Long(i8::from_be_bytes(arr(buf)?).into()),
+        0x72 => Value::Float(f32::from_be_bytes(arr(buf)?)),
+        0x82 => Value::Double(f64::from_be_bytes(arr(buf)?)),
+        0x74 => Value::Decimal(take(buf, 4)?.to_vec()),
+        0x84 => Value::Decimal(take(buf, 8)?.to_vec()),
+        0x94 => Value::Decimal(take(buf, 16)?.to_vec()),
+        0x73 => {
+            Value::Char(char::from_u32(u32::from_be_bytes(arr(buf)?)).ok_or(DecodeError::Char)?)
+        }
+        0x83 => Value::Timestamp(i64::from_be_bytes(arr(buf)?)),
+        0x98 => Value::Uuid(arr(buf)?),
+        0xa0 | 0xb0 => {
+            let n = size(buf, code == 0xb0)?;
+            Value::Binary(take(buf, n)?.to_vec())
+        }
+        0xa1 | 0xb1 | 0xa3 | 0xb3 => {
+            let n = size(buf, code & 0x10 != 0)?;
+            let s = std::str::from_utf8(take(buf, n)?).map_err(|_| DecodeError::Utf8)?;
+            if code & 0x02 != 0 {
+                Value::Symbol(s.to_owned())
+            } else {
+                Value::String(s.to_owned())
+            }
+        }
+        0x45 => Value::List(Vec::new()),
+        0xc0 | 0xd0 | 0xc1 | 0xd1 => {
+            let wide = code & 0x10 != 0;
+            let n = size(buf, wide)?;
+            let mut body = take(buf, n)?;
+            let count = size(&mut body, wide)?;
+            // Each element takes at least one byte: a count beyond that is a lie, and must
+            // not size an allocation.
+            if count > body.len() {
+                return Err(DecodeError::Truncated);
+            }
+            let mut items = Vec::with_capacity(count);
+            for _ in 0..count {
+                items.push(decode_at(&mut body, depth + 1)?);
+            }
+            if code & 0x01 != 0 {
+                if items.len() % 2 != 0 {
+                    return Err(DecodeError::OddMap);
+                }
+                let mut entries = Vec::with_capacity(items.len() / 2);
+                let mut it = items.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    entries.push((k, v));
+                }
+                Value::Map(entries)
+            } else {
+                Value::List(items)
+            }
+        }
+        0xe0 | 0xf0 => {
+            let wide = code == 0xf0;
+            let n = size(buf, wide)?;
+            let mut body = take(buf, n)?;
+            let count = size(&mut body, wide)?;
+            let mut elem = u8_(&mut body)?;
+            let mut descriptor = None;
+            if elem == 0x00 {
+                descriptor = Some(decode_at(&mut body, depth + 1)?);
+                elem = u8_(&mut body)?;
+            }
+            // Zero-width elements (true, null, uint0...) would let a tiny frame claim
+            // billions of them; anything else needs a byte per element at least.
+            if count > body.len() + 64 {
+                return Err(DecodeError::Truncated);
+            }
+            let mut items = Vec::with_capacity(count);
+            for _ in 0..count {
+                let v = decode_body(elem, &mut body, depth + 1)?;
+                items.push(match &descriptor {
+                    Some(d) => Value::Described(Box::new(d.clone()), Box::new(v)),
+                    None => v,
+                });
+            }
+            Value::Array(items)
+        }
+        other => return Err(DecodeError::UnknownFormat(other)),
+    })
+}
+
+fn put_sized(out: &mut Vec<u8>, short: u8, long: u8, bytes: &[u8]) {
+    match u8::try_from(bytes.len()) {
+        Ok(n) => {
+            out.push(short);
+            out.push(n);
+        }
+        Err(_) => {
+            out.push(long);
+            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(bytes);
+}
+
+fn encode(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Null => out.push(0x40),
+        Value::Bool(true) => out.push(0x41),
+        Value::Bool(false) => out.push(0x42),
+        Value::Ubyte(b) => out.extend_from_slice(&[0x50, *b]),
+        Value::Ushort(n) => {
+            out.push(0x60);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Value::Uint(n) => {
+            out.push(0x70);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Value::Ulong(n) => {
+            out.push(0x80);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Value::Byte(n) => out.extend_from_slice(&[0x51, *n as u8]),
+        Value::Short(n) => {
+            out.push(0x61);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Value::Int(n) => {
+            out.push(0x71);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Value::Long(n) => {
+            out.push(0x81);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        Value::Float(f) => {
+            out.push(0x72);
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+        Value::Double(f) => {
+            out.push(0x82);
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+        Value::Decimal(b) => {
+            out.push(match b.len() {
+                4 => 0x74,
+                8 => 0x84,
+                _ => 0x94,
+            });
+            let mut fixed = b.clone();
+            fixed.resize(
+                if b.len() <= 4 {
+                    4
+                } else if b.len() <= 8 {
+                    8
+                } else {
+                    16
+                },
+                0,
+            );
+            out.extend_from_slice(&fixed);
+        }
+        Value::Char(c) => {
+            out.push(0x73);
+            out.extend_from_slice(&u32::from(*c).to_be_bytes());
+        }
+        Value::Timestamp(t) => {
+            out.push(0x83);
+            out.extend_from_slice(&t.to_be_bytes());
+        }
+        Value::Uuid(u) => {
+            out.push(0x98);
+            out.extend_from_slice(u);
+        }
+        Value::Binary(b) => put_sized(out, 0xa0, 0xb0, b),
+        Value::String(s) => put_sized(out, 0xa1, 0xb1, s.as_bytes()),
+        Value::Symbol(s) => put_sized(out, 0xa3, 0xb3, s.as_bytes()),
+        Value::List(items) => {
+            let mut body = Vec::new();
+            for i in items {
+                encode(i, &mut body);
+            }
+            put_compound(out, 0xc0, 0xd0, items.len(), &body);
+        }
+        Value::Map(entries) => {
+            let mut body = Vec::new();
+            for (k, v) in entries {
+                encode(k, &mut body);
+                encode(v, &mut body);
+            }
+            put_compound(out, 0xc1, 0xd1, entries.len() * 2, &body);
+        }
+        Value::Array(items) => encode_array(items, out),
+        Value::Described(d, v) => {
+            out.push(0x00);
+            encode(d, out);
+            encode(v, out);
+        }
+    }
+}
+
+fn put_compound(out: &mut Vec<u8>, short: u8, long: u8, count: usize, body: &[u8]) {
+    if body.len() < 255 && count < 256 {
+        out.push(short);
+        out.push((body.len() + 1) as u8);
+        out.push(count as u8);
+    } else {
+        out.push(long);
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(&(count as u32).to_be_bytes());
+    }
+    out.extend_from_slice(body);
+}
+
+/// Arrays are written with the wide constructor of their first element's type, every element
+/// in that one encoding (what arrays require); only symbols and strings are needed here.
+fn encode_array(items: &[Value], out: &mut Vec<u8>) {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(items.len() as u32).to_be_bytes());
+    let code = match items.first() {
+        Some(Value::String(_)) => 0xb1,
+        Some(Value::Symbol(_)) => 0xb3,
+        Some(Value::Ulong(_)) => 0x80,
+        _ => 0x40,
+    };
+    body.push(code);
+    for i in items {
+        match (code, i) {
+            (0xb1, Value::String(s)) | (0xb3, Value::Symbol(s)) => {
+                body.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                body.extend_from_slice(s.as_bytes());
+            }
+            (0x80, Value::Ulong(n)) => body.extend_from_slice(&n.to_be_bytes()),
+            _ => {}
+        }
+    }
+    out.push(0xf0);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(v: Value) {
+        let bytes = v.to_bytes();
+        let mut s = bytes.as_slice();
+        assert_eq!(Value::decode(&mut s), Ok(v));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn values_round_trip() {
+        round(Value::Null);
+        round(Value::Ulong(u64::MAX));
+        round(Value::Int(-5));
+        round(Value::Timestamp(1_700_000_000_000));
+        round(Value::str("x".repeat(300)));
+        round(Value::Map(vec![(
+            Value::sym("k"),
+            Value::List(vec![Value::Bool(true)]),
+        )]));
+        round(Value::Array(vec![Value::sym("a"), Value::sym("bc")]));
+        round(Value::described(0x10, Value::List(vec![Value::Null; 300])));
+    }
+
+    #[test]
+    fn compact_encodings_decode() {
+        let mut s: &[u8] = &[0x52, 7, 0x53, 9, 0x43, 0x45, 0x54, 0xff];
+        assert_eq!(Value::decode(&mut s), Ok(Value::Uint(7)));
+        assert_eq!(Value::decode(&mut s), Ok(Value::Ulong(9)));
+        assert_eq!(Value::decode(&mut s), Ok(Value::Uint(0)));
+        assert_eq!(Value::decode(&mut s), Ok(Value::List(vec![])));
+        assert_eq!(Value::decode(&mut s), Ok(Value::Int(-1)));
+    }
+
+    #[test]
+    fn lying_lengths_and_deep_nesting_fail_without_allocating() {
+        let mut s: &[u8] = &[0xd0, 0, 0, 0, 8, 0xff, 0xff, 0xff, 0xff];
+        assert!(Value::decode(&mut s).is_err());
+        let mut s: &[u8] = &[0xf0, 0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0x40];
+        assert!(Value::decode(&mut s).is_err());
+        let deep = vec![0x00u8; 100];
+        assert_eq!(
+            Value::decode(&mut deep.as_slice()),
+            Err(DecodeError::TooDeep)
+        );
+    }
+}
