@@ -309,10 +309,17 @@ fn encode(v: &Value, out: &mut Vec<u8>) {
             out.push(0x60);
             out.extend_from_slice(&n.to_be_bytes());
         }
+        // The compact forms are not only shorter: pyamqp (azure-eventhub <= 5.15.1) reads a
+        // performative's descriptor as the byte after `00 53`, so descriptors must be
+        // smallulong.
+        Value::Uint(0) => out.push(0x43),
+        Value::Uint(n) if *n < 256 => out.extend_from_slice(&[0x52, *n as u8]),
         Value::Uint(n) => {
             out.push(0x70);
             out.extend_from_slice(&n.to_be_bytes());
         }
+        Value::Ulong(0) => out.push(0x44),
+        Value::Ulong(n) if *n < 256 => out.extend_from_slice(&[0x53, *n as u8]),
         Value::Ulong(n) => {
             out.push(0x80);
             out.extend_from_slice(&n.to_be_bytes());
@@ -460,6 +467,12 @@ mod tests {
         )]));
         round(Value::Array(vec![Value::sym("a"), Value::sym("bc")]));
         round(Value::described(0x10, Value::List(vec![Value::Null; 300])));
+    }
+
+    #[test]
+    fn descriptors_are_written_as_smallulong() {
+        let v = Value::described(0x10, Value::List(vec![]));
+        assert_eq!(&v.to_bytes()[..3], &[0x00, 0x53, 0x10]);
     }
 
     #[test]
