@@ -42,6 +42,7 @@ pub fn config(dir: &Path) -> ServerConfig {
     let mut cfg = ServerConfig::new(dir);
     cfg.mqtt_bind = "127.0.0.1:0".parse().expect("literal address");
     cfg.https_bind = "127.0.0.1:0".parse().expect("literal address");
+    cfg.amqp_bind = "127.0.0.1:0".parse().expect("literal address");
     cfg.https_bind_explicit = true;
     cfg.hostnames = vec![HOST.to_string()];
     cfg
