@@ -135,6 +135,8 @@ pub struct ServerConfig {
     /// privileges we lack, the server falls back to 8443 instead of failing.
     pub https_bind_explicit: bool,
     pub amqp_bind: SocketAddr,
+    /// Time an AMQP client has from its TLS handshake to its Open (SASL included).
+    pub amqp_open_timeout: Duration,
     /// The Event Hubs-compatible entity name; `None`: from the host name ([`Self::hub_name`]).
     pub hub_name: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -192,6 +194,7 @@ impl ServerConfig {
             https_bind: SocketAddr::from(([0, 0, 0, 0], 443)),
             https_bind_explicit: false,
             amqp_bind: SocketAddr::from(([0, 0, 0, 0], 5671)),
+            amqp_open_timeout: Duration::from_secs(30),
             hub_name: None,
             tls_cert: None,
             tls_key: None,

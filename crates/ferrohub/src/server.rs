@@ -67,8 +67,6 @@ const MAX_HTTPS_CONNECTIONS: usize = 10_000;
 
 /// Concurrent AMQP connections (back ends reading events; each holds few links).
 const MAX_AMQP_CONNECTIONS: usize = 10_000;
-/// Time from the TLS handshake to the client's Open (SASL included).
-const AMQP_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest AMQP frame accepted: requests are small, and events are sent in frames of the
 /// client's size.
 const AMQP_MAX_FRAME_SIZE: u32 = 64 * 1024;
@@ -208,7 +206,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let amqp = crate::amqp::AmqpFrontEnd {
         hub: hub.clone(),
         entity: cfg.hub_name(),
-        open_timeout: AMQP_OPEN_TIMEOUT,
+        open_timeout: cfg.amqp_open_timeout,
         max_frame_size: AMQP_MAX_FRAME_SIZE,
         created_ms: time::OffsetDateTime::now_utc().unix_timestamp() * 1000,
     };

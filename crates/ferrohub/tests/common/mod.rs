@@ -2,6 +2,7 @@
 //! a raw MQTT-over-TLS client built on the project's codec, and REST helpers.
 #![allow(dead_code)]
 
+pub mod amqp;
 pub mod process;
 
 use std::net::SocketAddr;
