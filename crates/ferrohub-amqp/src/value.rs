@@ -5,6 +5,8 @@ use thiserror::Error;
 
 /// Nesting deeper than this is refused, so a hostile frame cannot exhaust the stack.
 const MAX_DEPTH: usize = 32;
+/// Elements an array of zero-width values (null, true, false, uint0, ulong0, list0) may have.
+const MAX_ZERO_WIDTH_ELEMENTS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Value {
@@ -267,8 +269,12 @@ fn decode_body(code: u8, buf: &mut &[u8], depth: usize) -> Result<Value, DecodeE
                 elem = u8_(&mut body)?;
             }
             // Zero-width elements (true, null, uint0...) would let a tiny frame claim
-            // billions of them; anything else needs a byte per element at least.
-            if count > body.len() + 64 {
+            // billions of them, so they get a fixed cap; anything else needs a byte per
+            // element at least.
+            let zero_width = matches!(elem, 0x40..=0x45);
+            if (zero_width && count > MAX_ZERO_WIDTH_ELEMENTS)
+                || (!zero_width && count > body.len())
+            {
                 return Err(DecodeError::Truncated);
             }
             let mut items = Vec::with_capacity(count);
@@ -416,28 +422,96 @@ fn put_compound(out: &mut Vec<u8>, short: u8, long: u8, count: usize, body: &[u8
     out.extend_from_slice(body);
 }
 
-/// Arrays are written with the wide constructor of their first element's type, every element
-/// in that one encoding (what arrays require); only symbols and strings are needed here.
-fn encode_array(items: &[Value], out: &mut Vec<u8>) {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(items.len() as u32).to_be_bytes());
-    let code = match items.first() {
-        Some(Value::String(_)) => 0xb1,
-        Some(Value::Symbol(_)) => 0xb3,
-        Some(Value::Ulong(_)) => 0x80,
-        _ => 0x40,
+/// One element of an array: a constructor shared by every element, and this element's bytes
+/// after it. Arrays need one encoding for all their elements, so each type has one fixed
+/// (widest) form here.
+fn element(v: &Value) -> (Vec<u8>, Vec<u8>) {
+    let fixed = |code: u8, bytes: &[u8]| (vec![code], bytes.to_vec());
+    let sized = |code: u8, bytes: &[u8]| {
+        let mut b = (bytes.len() as u32).to_be_bytes().to_vec();
+        b.extend_from_slice(bytes);
+        (vec![code], b)
     };
-    body.push(code);
-    for i in items {
-        match (code, i) {
-            (0xb1, Value::String(s)) | (0xb3, Value::Symbol(s)) => {
-                body.extend_from_slice(&(s.len() as u32).to_be_bytes());
-                body.extend_from_slice(s.as_bytes());
-            }
-            (0x80, Value::Ulong(n)) => body.extend_from_slice(&n.to_be_bytes()),
-            _ => {}
+    match v {
+        Value::Null => fixed(0x40, &[]),
+        Value::Bool(b) => fixed(0x56, &[u8::from(*b)]),
+        Value::Ubyte(n) => fixed(0x50, &[*n]),
+        Value::Ushort(n) => fixed(0x60, &n.to_be_bytes()),
+        Value::Uint(n) => fixed(0x70, &n.to_be_bytes()),
+        Value::Ulong(n) => fixed(0x80, &n.to_be_bytes()),
+        Value::Byte(n) => fixed(0x51, &n.to_be_bytes()),
+        Value::Short(n) => fixed(0x61, &n.to_be_bytes()),
+        Value::Int(n) => fixed(0x71, &n.to_be_bytes()),
+        Value::Long(n) => fixed(0x81, &n.to_be_bytes()),
+        Value::Float(f) => fixed(0x72, &f.to_be_bytes()),
+        Value::Double(f) => fixed(0x82, &f.to_be_bytes()),
+        Value::Decimal(_) | Value::List(_) | Value::Map(_) | Value::Array(_) => {
+            // Their general encoding, split into constructor and body.
+            let mut all = Vec::new();
+            encode(v, &mut all);
+            let body = all.split_off(1);
+            let (code, body) = match all[0] {
+                0xc0 | 0xc1 | 0x45 | 0xe0 => widen(all[0], &body),
+                c => (c, body),
+            };
+            (vec![code], body)
+        }
+        Value::Char(c) => fixed(0x73, &u32::from(*c).to_be_bytes()),
+        Value::Timestamp(t) => fixed(0x83, &t.to_be_bytes()),
+        Value::Uuid(u) => fixed(0x98, u),
+        Value::Binary(b) => sized(0xb0, b),
+        Value::String(t) => sized(0xb1, t.as_bytes()),
+        Value::Symbol(t) => sized(0xb3, t.as_bytes()),
+        Value::Described(d, inner) => {
+            let mut code = vec![0x00];
+            encode(d, &mut code);
+            let (inner_code, body) = element(inner);
+            code.extend_from_slice(&inner_code);
+            (code, body)
         }
     }
+}
+
+/// The 32-bit form of a short list, map or array (as element bodies must share one width).
+fn widen(code: u8, body: &[u8]) -> (u8, Vec<u8>) {
+    let (size, count, items) = match code {
+        0x45 => return (0xd0, [4u32.to_be_bytes(), 0u32.to_be_bytes()].concat()),
+        _ => (
+            u32::from(body.first().copied().unwrap_or(0)),
+            u32::from(body.get(1).copied().unwrap_or(0)),
+            body.get(2..).unwrap_or_default(),
+        ),
+    };
+    let mut out = (size + 3).to_be_bytes().to_vec();
+    out.extend_from_slice(&count.to_be_bytes());
+    out.extend_from_slice(items);
+    let wide = match code {
+        0xc0 => 0xd0,
+        0xc1 => 0xd1,
+        _ => 0xf0,
+    };
+    (wide, out)
+}
+
+/// Writes an array; elements whose constructor differs from the first one's cannot be in
+/// the same array and are left out (decoded arrays never have them).
+fn encode_array(items: &[Value], out: &mut Vec<u8>) {
+    let mut constructor = None;
+    let mut bodies = Vec::new();
+    let mut count: u32 = 0;
+    for i in items {
+        let (code, body) = element(i);
+        match &constructor {
+            None => constructor = Some(code),
+            Some(c) if *c != code => continue,
+            Some(_) => {}
+        }
+        bodies.extend_from_slice(&body);
+        count += 1;
+    }
+    let mut body = count.to_be_bytes().to_vec();
+    body.extend_from_slice(&constructor.unwrap_or_else(|| vec![0x40]));
+    body.extend_from_slice(&bodies);
     out.push(0xf0);
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&body);
@@ -466,6 +540,13 @@ mod tests {
             Value::List(vec![Value::Bool(true)]),
         )]));
         round(Value::Array(vec![Value::sym("a"), Value::sym("bc")]));
+        round(Value::Array(vec![Value::Bool(true), Value::Bool(false)]));
+        round(Value::Array(vec![
+            Value::List(vec![Value::Uint(1)]),
+            Value::List(vec![]),
+        ]));
+        round(Value::Array(vec![Value::described(7, Value::Int(1))]));
+        round(Value::Array(vec![Value::Array(vec![Value::Long(1)])]));
         round(Value::described(0x10, Value::List(vec![Value::Null; 300])));
     }
 
@@ -483,6 +564,26 @@ mod tests {
         assert_eq!(Value::decode(&mut s), Ok(Value::Uint(0)));
         assert_eq!(Value::decode(&mut s), Ok(Value::List(vec![])));
         assert_eq!(Value::decode(&mut s), Ok(Value::Int(-1)));
+    }
+
+    #[test]
+    fn arrays_of_zero_width_elements_re_encode() {
+        // Found by the amqp_frame fuzz target: 66 `false` (and 66 nulls) in an array8 with no
+        // element bytes.
+        let mut s: &[u8] = &[0xe0, 0x02, 0x42, 0x40];
+        let nulls = Value::decode(&mut s).unwrap_or_default().to_bytes();
+        assert_eq!(
+            Value::decode(&mut nulls.as_slice()),
+            Ok(Value::Array(vec![Value::Null; 66]))
+        );
+        let mut s: &[u8] = &[0xe0, 0x07, 0x42, 0x42, 0x00, 0x00, 0x02, 0x0b, 0x01];
+        let v = Value::decode(&mut s);
+        assert_eq!(v, Ok(Value::Array(vec![Value::Bool(false); 66])));
+        let bytes = v.unwrap_or_default().to_bytes();
+        assert_eq!(
+            Value::decode(&mut bytes.as_slice()),
+            Ok(Value::Array(vec![Value::Bool(false); 66]))
+        );
     }
 
     #[test]
