@@ -209,6 +209,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         open_timeout: cfg.amqp_open_timeout,
         max_frame_size: AMQP_MAX_FRAME_SIZE,
         created_ms: time::OffsetDateTime::now_utc().unix_timestamp() * 1000,
+        port: amqp_addr.port(),
+        default_host: cfg
+            .hostnames
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into()),
     };
     tracker.spawn(accept_loop(
         amqp_listener,

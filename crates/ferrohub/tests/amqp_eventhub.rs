@@ -550,3 +550,46 @@ async fn connections_without_open_are_closed_and_frames_are_bounded() -> TestRes
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_iot_hub_events_path_redirects_to_the_entity() -> TestResult {
+    let hub = TestHub::start().await?;
+    let port = hub.server().amqp_addr.port();
+    let mut anon = AmqpClient::connect(&hub, Sasl::Anonymous, 65_536).await?;
+    assert_eq!(
+        refusal(
+            &mut anon,
+            1,
+            &format!("amqps://{HOST}/messages/events/$management")
+        )
+        .await?,
+        Some("amqp:unauthorized-access".into())
+    );
+    // As the CLI does it: SASL PLAIN with an IoT Hub-style service token.
+    let key = service_key(&hub, "service").await?;
+    let token = token_for(HOST, &key, 600, Some("service"));
+    let mut c = AmqpClient::connect(&hub, Sasl::Plain(&token), 65_536).await?;
+    for (rest, handle) in [
+        ("/$management", 1),
+        ("/ConsumerGroups/$Default/Partitions/0", 2),
+    ] {
+        let (_, detach) = c
+            .attach_receiver(
+                handle,
+                &format!("amqps://{HOST}/messages/events{rest}"),
+                None,
+            )
+            .await?;
+        let err = detach.and_then(|d| d.error).ok_or("no redirect")?;
+        assert_eq!(err.condition.0, "amqp:link:redirect");
+        let want = format!("amqps://{HOST}:{port}/{ENTITY}{rest}");
+        assert_eq!(err.info.get("address"), Some(&Value::str(want)));
+        assert_eq!(err.info.get("hostname"), Some(&Value::str(HOST)));
+        assert_eq!(err.info.get("network-host"), Some(&Value::str(HOST)));
+        assert_eq!(err.info.get("port"), Some(&Value::Int(i32::from(port))));
+    }
+    // Following the redirect works on the same connection.
+    assert_eq!(refusal(&mut c, 3, &address(0)).await?, None);
+    hub.stop().await;
+    Ok(())
+}

@@ -41,6 +41,8 @@ const MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
 const WINDOW: u32 = 5_000;
 /// Events queued from all pumps towards the connection loop.
 const EVENT_QUEUE: usize = 64;
+/// Events held for sessions whose window is shut, per connection.
+const MAX_WAITING: usize = 256;
 /// Links per session we accept.
 const HANDLE_MAX: u32 = 255;
 
@@ -186,6 +188,8 @@ struct Conn<W> {
     /// The peer's max frame size.
     peer_max_frame: u32,
     claims: Vec<Claim>,
+    /// The host name the client opened the connection for (Open's hostname).
+    host: String,
     sessions: HashMap<u16, Session>,
     events_tx: mpsc::Sender<(u16, u32, EventRecord)>,
     events_rx: mpsc::Receiver<(u16, u32, EventRecord)>,
@@ -200,6 +204,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             peer,
             peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
             claims: Vec::new(),
+            host: String::new(),
             sessions: HashMap::new(),
             events_tx,
             events_rx,
@@ -299,6 +304,11 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         mut frames: mpsc::Receiver<Result<frame::Frame, ConnError>>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), ConnError> {
+        self.host = open
+            .hostname
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| self.fe.default_host.clone());
         self.peer_max_frame = open
             .max_frame_size
             .unwrap_or(u32::MAX)
@@ -327,7 +337,9 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                         return Ok(());
                     }
                 }
-                Some((channel, handle, event)) = self.events_rx.recv() => {
+                // Events wait here only while a session's window is shut; past a bound the
+                // pumps block instead, whatever credit the client gave.
+                Some((channel, handle, event)) = self.events_rx.recv(), if self.waiting() < MAX_WAITING => {
                     self.on_event(channel, handle, event).await?;
                 }
                 _ = async { match beat_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
@@ -341,6 +353,10 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 }
             }
         }
+    }
+
+    fn waiting(&self) -> usize {
+        self.sessions.values().map(|s| s.waiting.len()).sum()
     }
 
     fn stop_pumps(&mut self) {
@@ -592,6 +608,51 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                     },
                 );
                 Ok(())
+            }
+            (Node::IotHubEvents(rest), _) => {
+                if !self.authorized(Right::ServiceConnect) {
+                    return self
+                        .refuse_attach(
+                            ch,
+                            &a,
+                            "amqp:unauthorized-access",
+                            format!("no valid token with ServiceConnect for {address}"),
+                        )
+                        .await;
+                }
+                // Tools given the IoT Hub connection string look for the Event Hubs endpoint
+                // this way; they read the entity from the address (`:PORT/ENTITY/...`).
+                let host = self.host.split(':').next().unwrap_or_default().to_owned();
+                let target =
+                    eventhub::redirect_address(&host, self.fe.port, &self.fe.entity, &rest);
+                let info = Value::Map(vec![
+                    (Value::sym("hostname"), Value::str(host.clone())),
+                    (Value::sym("network-host"), Value::str(host.clone())),
+                    (Value::sym("port"), Value::Int(i32::from(self.fe.port))),
+                    (Value::sym("address"), Value::str(target.clone())),
+                    (Value::sym("scheme"), Value::str("amqps")),
+                    (
+                        Value::sym("path"),
+                        Value::str(format!("{}{rest}", self.fe.entity)),
+                    ),
+                ]);
+                debug!(peer = %self.peer, from = %address, to = %target, "AMQP link redirected");
+                self.send(
+                    local,
+                    Performative::Attach(Self::attach_reply(&a, client_receives)),
+                )
+                .await?;
+                let mut error = AmqpError::new(
+                    "amqp:link:redirect",
+                    format!("the Event Hubs-compatible endpoint is {target}"),
+                );
+                error.info = info;
+                let detach = Detach {
+                    handle: a.handle,
+                    closed: Some(true),
+                    error: Some(error),
+                };
+                self.send(local, Performative::Detach(detach)).await
             }
             (_, _) => {
                 self.refuse_attach(ch, &a, "amqp:not-found", format!("no node at {address:?}"))

@@ -27,7 +27,15 @@ pub enum Node {
     Cbs,
     Management,
     Partition(PartitionAddress),
+    /// The IoT Hub-style events path (`messages/events[/...]`), answered with a redirect to
+    /// the entity; carries what follows `messages/events`.
+    IotHubEvents(String),
     Unknown,
+}
+
+/// Where an IoT Hub-style events address is redirected: the same path below the entity.
+pub fn redirect_address(host: &str, port: u16, entity: &str, rest: &str) -> String {
+    format!("amqps://{host}:{port}/{entity}{rest}")
 }
 
 /// The path of an address: `amqps://HOST[:PORT]/path`, `/path` or `path` all give `path`.
@@ -48,6 +56,11 @@ pub fn node(address: &str, entity: &str) -> Node {
     if path == "$management" || path.eq_ignore_ascii_case(&format!("{entity}/$management")) {
         return Node::Management;
     }
+    if let Some(rest) = strip_prefix_ignore_case(path, "messages/events") {
+        if rest.is_empty() || rest.starts_with('/') {
+            return Node::IotHubEvents(rest.to_owned());
+        }
+    }
     let seg: Vec<&str> = path.split('/').collect();
     match seg.as_slice() {
         [e, cg, group, p, n]
@@ -66,6 +79,12 @@ pub fn node(address: &str, entity: &str) -> Node {
         }
         _ => Node::Unknown,
     }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
 }
 
 /// The selector expression of a source's filter set, if it has one.
@@ -289,6 +308,18 @@ mod tests {
         );
         assert_eq!(node("$cbs", "hub"), Node::Cbs);
         assert_eq!(node("amqps://h/hub/$management", "hub"), Node::Management);
+        assert_eq!(
+            node("amqps://h/messages/events/$management", "hub"),
+            Node::IotHubEvents("/$management".into())
+        );
+        assert_eq!(
+            node(
+                "/messages/events/ConsumerGroups/$Default/Partitions/0",
+                "hub"
+            ),
+            Node::IotHubEvents("/ConsumerGroups/$Default/Partitions/0".into())
+        );
+        assert_eq!(node("messages/eventsx", "hub"), Node::Unknown);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct AmqpFrontEnd {
     pub max_frame_size: u32,
     /// Start of the hub's event stream, reported as the event hub's `created_at`.
     pub created_ms: i64,
+    /// The port AMQP listens on, for redirects.
+    pub port: u16,
+    /// The host name redirects name when the client's Open gave none.
+    pub default_host: String,
 }
 
 /// The AMQP error condition for a hub failure.
