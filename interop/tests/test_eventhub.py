@@ -74,8 +74,10 @@ class Reader:
                 return ev
 
     def close(self):
-        self.client.close()
-        self.thread.join(10)
+        if self.thread is not None:
+            self.client.close()
+            self.thread.join(10)
+            self.thread = None
 
 
 @pytest.fixture
@@ -141,21 +143,27 @@ def test_telemetry_from_start_offset_time_and_latest(hub, eventhub_cs, create_de
         assert json.loads(ev.body_as_str()) == {"n": json.loads(msg.data)["n"]}
         assert ev.partition_key is None
     assert [e.sequence_number for e in got] == sorted(e.sequence_number for e in got)
+    # Each reader is closed once done: Event Hubs allows five per partition and group.
+    start.close()
 
     # From an offset (exclusive, the SDK's default): resumes right after it, nothing repeated.
     after = readers(hub, eventhub_cs, partition, got[0].offset)
     assert after.next_of(device_id).sequence_number == got[1].sequence_number
+    after.close()
     # Inclusive offset.
     incl = readers(hub, eventhub_cs, partition, got[1].offset, inclusive=True)
     assert incl.next_of(device_id).sequence_number == got[1].sequence_number
+    incl.close()
     # From a sequence number.
     seq = readers(hub, eventhub_cs, partition, got[1].sequence_number)
     assert seq.next_of(device_id).sequence_number == got[2].sequence_number
+    seq.close()
     # From an enqueued time (inclusive): nothing enqueued before it.
     t = readers(hub, eventhub_cs, partition, got[2].enqueued_time, inclusive=True)
     first = t.next_of(device_id)
     assert first.enqueued_time >= got[2].enqueued_time
     assert first.sequence_number >= got[1].sequence_number
+    t.close()
 
     # @latest: only what is sent after the receiver opened; it arrives live (no polling).
     # The SDK reports a partition initialized before its link is attached, and what is sent

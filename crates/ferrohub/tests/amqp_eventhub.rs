@@ -83,6 +83,8 @@ async fn read(
         assert_eq!(t.handle, handle);
         got.push(seq(&m)?);
     }
+    // Detached, so the next reader of the partition has a place (five at most).
+    c.detach(handle).await?;
     Ok(got)
 }
 
@@ -135,6 +137,7 @@ async fn selector_filters_choose_where_a_receiver_starts() -> TestResult {
             }
         }
     }
+    c.detach(7).await?;
     let t = times[2].1;
     let at_or_after: Vec<i64> = times
         .iter()
@@ -590,6 +593,68 @@ async fn the_iot_hub_events_path_redirects_to_the_entity() -> TestResult {
     }
     // Following the redirect works on the same connection.
     assert_eq!(refusal(&mut c, 3, &address(0)).await?, None);
+    hub.stop().await;
+    Ok(())
+}
+
+fn epoch(n: i64) -> Value {
+    Value::Map(vec![(Value::sym("com.microsoft:epoch"), Value::Long(n))])
+}
+
+/// Attaches with an epoch; the refusal's condition, if refused.
+async fn epoch_refusal(c: &mut AmqpClient, handle: u32, n: i64) -> R<Option<String>> {
+    let (_, detach) = c
+        .attach_receiver_with(handle, &address(0), None, epoch(n))
+        .await?;
+    Ok(detach.and_then(|d| d.error).map(|e| e.condition.0))
+}
+
+/// The handles detached with `amqp:link:stolen` among the next frames.
+async fn stolen_handles(c: &mut AmqpClient, want: usize) -> R<Vec<u32>> {
+    let mut handles = Vec::new();
+    while handles.len() < want {
+        match c.recv_perf_within(WAIT).await? {
+            Some((Performative::Detach(d), _)) => {
+                assert_eq!(
+                    d.error.map(|e| e.condition.0).as_deref(),
+                    Some("amqp:link:stolen")
+                );
+                handles.push(d.handle);
+            }
+            Some(_) => continue,
+            None => return Err(format!("only {handles:?} were detached").into()),
+        }
+    }
+    handles.sort();
+    Ok(handles)
+}
+
+#[tokio::test]
+async fn five_readers_per_partition_and_group_and_epochs_take_over() -> TestResult {
+    let hub = TestHub::start().await?;
+    let mut c1 = authorized(&hub).await?;
+    for h in 1..=5 {
+        assert_eq!(refusal(&mut c1, h, &address(0)).await?, None);
+    }
+    assert_eq!(
+        refusal(&mut c1, 6, &address(0)).await?,
+        Some("amqp:resource-limit-exceeded".into())
+    );
+    let other_group = format!("{ENTITY}/ConsumerGroups/other/Partitions/0");
+    assert_eq!(refusal(&mut c1, 7, &other_group).await?, None);
+    assert_eq!(refusal(&mut c1, 8, &address(1)).await?, None);
+
+    // An epoch reader takes partition 0 of $Default from all five.
+    let mut c2 = authorized(&hub).await?;
+    assert_eq!(epoch_refusal(&mut c2, 1, 1).await?, None);
+    assert_eq!(stolen_handles(&mut c1, 5).await?, vec![1, 2, 3, 4, 5]);
+    // While it holds it, neither readers without an epoch nor lower epochs get in.
+    let stolen = Some("amqp:link:stolen".to_string());
+    assert_eq!(refusal(&mut c1, 9, &address(0)).await?, stolen);
+    assert_eq!(epoch_refusal(&mut c1, 10, 0).await?, stolen);
+    // A higher epoch takes over in turn.
+    assert_eq!(epoch_refusal(&mut c1, 11, 2).await?, None);
+    assert_eq!(stolen_handles(&mut c2, 1).await?, vec![1]);
     hub.stop().await;
     Ok(())
 }

@@ -18,6 +18,7 @@ use ferrohub_amqp::performative::{
 };
 use ferrohub_amqp::{Message, Performative, SaslFrame, Value};
 use ferrohub_hub::events::{EventQuery, EventStart, EventStream};
+use ferrohub_hub::readers::{ReaderLease, ReaderRefusal};
 use ferrohub_hub::service_auth::{Claim, Right};
 use ferrohub_store::telemetry::EventRecord;
 use tokio::io::{
@@ -191,8 +192,9 @@ struct Conn<W> {
     /// The host name the client opened the connection for (Open's hostname).
     host: String,
     sessions: HashMap<u16, Session>,
-    events_tx: mpsc::Sender<(u16, u32, EventRecord)>,
-    events_rx: mpsc::Receiver<(u16, u32, EventRecord)>,
+    /// From the pumps: an event for (channel, handle), or None when the link was stolen.
+    events_tx: mpsc::Sender<(u16, u32, Option<EventRecord>)>,
+    events_rx: mpsc::Receiver<(u16, u32, Option<EventRecord>)>,
 }
 
 impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
@@ -340,7 +342,10 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 // Events wait here only while a session's window is shut; past a bound the
                 // pumps block instead, whatever credit the client gave.
                 Some((channel, handle, event)) = self.events_rx.recv(), if self.waiting() < MAX_WAITING => {
-                    self.on_event(channel, handle, event).await?;
+                    match event {
+                        Some(e) => self.on_event(channel, handle, e).await?,
+                        None => self.stolen(channel, handle).await?,
+                    }
                 }
                 _ = async { match beat_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                     self.write(&frame::encode(FrameKind::Amqp, 0, None, &[])).await?;
@@ -579,6 +584,27 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                     module_id: None,
                     track_checkpoint: false,
                 };
+                let epoch = a
+                    .properties
+                    .get("com.microsoft:epoch")
+                    .and_then(Value::as_i64);
+                let lease =
+                    match self
+                        .fe
+                        .hub
+                        .admit_reader(&addr.consumer_group, addr.partition, epoch)
+                    {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let condition = match e {
+                                ReaderRefusal::TooManyReaders => "amqp:resource-limit-exceeded",
+                                ReaderRefusal::LowerEpoch { .. } | ReaderRefusal::EpochHeld(_) => {
+                                    "amqp:link:stolen"
+                                }
+                            };
+                            return self.refuse_attach(ch, &a, condition, e.to_string()).await;
+                        }
+                    };
                 let stream = match self.fe.hub.open_events(query).await {
                     Ok(s) => s,
                     Err(e) => {
@@ -595,8 +621,14 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 self.send(local, Performative::Attach(Self::attach_reply(&a, true)))
                     .await?;
                 let (limit_tx, limit_rx) = watch::channel(0u32);
-                let pump =
-                    tokio::spawn(pump(stream, limit_rx, self.events_tx.clone(), ch, a.handle));
+                let pump = tokio::spawn(pump(
+                    stream,
+                    limit_rx,
+                    self.events_tx.clone(),
+                    ch,
+                    a.handle,
+                    lease,
+                ));
                 debug!(peer = %self.peer, address = %address, ?start, "AMQP partition receiver attached");
                 self.session(ch)?.links.insert(
                     a.handle,
@@ -911,6 +943,29 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         }
     }
 
+    /// A newer epoch reader took the partition: this link ends with `amqp:link:stolen`.
+    async fn stolen(&mut self, ch: u16, handle: u32) -> Result<(), ConnError> {
+        let Some(s) = self.sessions.get_mut(&ch) else {
+            return Ok(());
+        };
+        if !matches!(s.links.get(&handle), Some(LinkKind::Events { .. })) {
+            return Ok(());
+        }
+        s.links.remove(&handle);
+        let local = s.local;
+        info!(peer = %self.peer, handle, "AMQP receiver detached: a reader with a newer epoch took the partition");
+        let error = AmqpError::new(
+            "amqp:link:stolen",
+            "a receiver with a higher epoch took this partition",
+        );
+        let detach = Detach {
+            handle,
+            closed: Some(true),
+            error: Some(error),
+        };
+        self.send(local, Performative::Detach(detach)).await
+    }
+
     async fn on_event(&mut self, ch: u16, handle: u32, e: EventRecord) -> Result<(), ConnError> {
         let Some(s) = self.sessions.get_mut(&ch) else {
             return Ok(());
@@ -1023,23 +1078,42 @@ fn response(req: &Message, status: i32, description: &str, body: Value) -> Messa
 async fn pump(
     mut stream: EventStream,
     mut limit: watch::Receiver<u32>,
-    tx: mpsc::Sender<(u16, u32, EventRecord)>,
+    tx: mpsc::Sender<(u16, u32, Option<EventRecord>)>,
     ch: u16,
     handle: u32,
+    lease: ReaderLease,
 ) {
-    let mut credit = Credit::default();
-    loop {
-        credit.limit = *limit.borrow_and_update();
-        if credit.available() == 0 {
-            if limit.changed().await.is_err() {
+    let mut stolen = lease.stolen.clone();
+    let events = tx.clone();
+    let work = async move {
+        let mut credit = Credit::default();
+        loop {
+            credit.limit = *limit.borrow_and_update();
+            if credit.available() == 0 {
+                if limit.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let Some(e) = stream.next().await else { return };
+            credit.sent = credit.sent.wrapping_add(1);
+            if events.send((ch, handle, Some(e))).await.is_err() {
                 return;
             }
-            continue;
         }
-        let Some(e) = stream.next().await else { return };
-        credit.sent = credit.sent.wrapping_add(1);
-        if tx.send((ch, handle, e)).await.is_err() {
-            return;
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = async move {
+            let taken = stolen.wait_for(|s| *s).await.is_ok();
+            if !taken {
+                // Our place went without a thief (the lease is ours alone): never stolen.
+                std::future::pending::<()>().await;
+            }
+        } => {
+            let _ = tx.send((ch, handle, None)).await;
         }
     }
+    // The place is held until here, so a stolen reader never overlaps its successor.
+    drop(lease);
 }

@@ -250,7 +250,20 @@ impl AmqpClient {
         address: &str,
         selector: Option<&str>,
     ) -> R<(Attach, Option<Detach>)> {
+        self.attach_receiver_with(handle, address, selector, Value::Null)
+            .await
+    }
+
+    /// [`Self::attach_receiver`] with link properties (e.g. `com.microsoft:epoch`).
+    pub async fn attach_receiver_with(
+        &mut self,
+        handle: u32,
+        address: &str,
+        selector: Option<&str>,
+        properties: Value,
+    ) -> R<(Attach, Option<Detach>)> {
         self.attach(Attach {
+            properties,
             name: format!("receiver-{handle}"),
             handle,
             role: true,
@@ -271,6 +284,26 @@ impl AmqpClient {
             Some(other) => return Err(format!("expected nothing or Detach, got {other:?}").into()),
         };
         Ok((attach, detach))
+    }
+
+    /// Detaches a link and waits for the server's Detach (skipping deliveries in flight).
+    pub async fn detach(&mut self, handle: u32) -> R<()> {
+        self.send(
+            0,
+            Performative::Detach(Detach {
+                handle,
+                closed: Some(true),
+                error: None,
+            }),
+        )
+        .await?;
+        loop {
+            match self.recv_perf().await? {
+                Performative::Detach(d) if d.handle == handle => return Ok(()),
+                Performative::Transfer(_) | Performative::Flow(_) => continue,
+                other => return Err(format!("expected Detach, got {other:?}").into()),
+            }
+        }
     }
 
     pub async fn flow(&mut self, handle: u32, delivery_count: u32, credit: u32) -> R<()> {
