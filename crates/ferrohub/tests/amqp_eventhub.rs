@@ -658,3 +658,48 @@ async fn five_readers_per_partition_and_group_and_epochs_take_over() -> TestResu
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn receivers_are_detached_when_their_token_expires_unless_renewed() -> TestResult {
+    let hub = TestHub::start().await?;
+    let audience = format!("sb://{HOST}/{ENTITY}");
+    let key = service_key(&hub, "service").await?;
+
+    let mut c = AmqpClient::connect(&hub, Sasl::Anonymous, 65_536).await?;
+    assert_eq!(
+        c.put_token(&eventhub_token(&audience, &key, "service", 2), &audience)
+            .await?,
+        200
+    );
+    assert_eq!(refusal(&mut c, 1, &address(0)).await?, None);
+    match c.recv_perf_within(WAIT).await? {
+        Some((Performative::Detach(d), _)) => {
+            assert_eq!(d.handle, 1);
+            assert_eq!(
+                d.error.map(|e| e.condition.0).as_deref(),
+                Some("amqp:unauthorized-access")
+            );
+        }
+        other => return Err(format!("expected the expired link's Detach, got {other:?}").into()),
+    }
+
+    // Renewed before it expires: the link stays.
+    let mut r = AmqpClient::connect(&hub, Sasl::Anonymous, 65_536).await?;
+    assert_eq!(
+        r.put_token(&eventhub_token(&audience, &key, "service", 2), &audience)
+            .await?,
+        200
+    );
+    assert_eq!(refusal(&mut r, 1, &address(0)).await?, None);
+    assert_eq!(
+        r.put_token(&eventhub_token(&audience, &key, "service", 600), &audience)
+            .await?,
+        200
+    );
+    assert!(
+        r.recv_perf_within(Duration::from_secs(3)).await?.is_none(),
+        "renewed link was detached"
+    );
+    hub.stop().await;
+    Ok(())
+}

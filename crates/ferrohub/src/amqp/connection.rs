@@ -332,6 +332,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         let mut next_beat = heartbeat.map(|h| Instant::now() + h);
         loop {
             let beat_at = next_beat.map(tokio::time::Instant::from_std);
+            let expiry = self.receivers_expire_at();
             tokio::select! {
                 f = frames.recv() => {
                     let f = f.ok_or(ConnError::Closed)??;
@@ -351,6 +352,9 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                     self.write(&frame::encode(FrameKind::Amqp, 0, None, &[])).await?;
                     next_beat = heartbeat.map(|h| Instant::now() + h);
                 }
+                _ = async { match expiry { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    self.expire_receivers().await?;
+                }
                 _ = ferrohub_broker::until_shutdown(&mut shutdown) => {
                     let close = Close { error: Some(AmqpError::new("amqp:connection:forced", "the hub is shutting down")) };
                     let _ = self.send(0, Performative::Close(close)).await;
@@ -358,6 +362,69 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 }
             }
         }
+    }
+
+    fn has_receivers(&self) -> bool {
+        self.sessions.values().any(|s| {
+            s.links
+                .values()
+                .any(|l| matches!(l, LinkKind::Events { .. }))
+        })
+    }
+
+    /// When the last claim that lets the partition receivers read lapses (None: no
+    /// receivers). A put-token with a later expiry moves it.
+    fn receivers_expire_at(&self) -> Option<tokio::time::Instant> {
+        if !self.has_receivers() {
+            return None;
+        }
+        let now = now_secs();
+        let until = self
+            .claims
+            .iter()
+            .filter(|c| c.grants(Right::ServiceConnect, now))
+            .map(|c| c.expiry)
+            .max()
+            .unwrap_or(now);
+        let left = Duration::from_secs(until.saturating_sub(now));
+        Some(tokio::time::Instant::now() + left)
+    }
+
+    /// Detaches every partition receiver once no claim grants it any more, as Event Hubs
+    /// does when a link's token expires without a renewal.
+    async fn expire_receivers(&mut self) -> Result<(), ConnError> {
+        if self.authorized(Right::ServiceConnect) {
+            return Ok(());
+        }
+        let mut expired = Vec::new();
+        for (ch, s) in self.sessions.iter_mut() {
+            let handles: Vec<u32> = s
+                .links
+                .iter()
+                .filter(|(_, l)| matches!(l, LinkKind::Events { .. }))
+                .map(|(h, _)| *h)
+                .collect();
+            for h in handles {
+                if let Some(LinkKind::Events { pump, .. }) = s.links.remove(&h) {
+                    pump.abort();
+                }
+                expired.push((*ch, s.local, h));
+            }
+        }
+        for (_, local, handle) in expired {
+            info!(peer = %self.peer, handle, "AMQP receiver detached: its token expired");
+            let error = AmqpError::new(
+                "amqp:unauthorized-access",
+                "the token for this link expired; put a new one on $cbs",
+            );
+            let detach = Detach {
+                handle,
+                closed: Some(true),
+                error: Some(error),
+            };
+            self.send(local, Performative::Detach(detach)).await?;
+        }
+        Ok(())
     }
 
     fn waiting(&self) -> usize {
