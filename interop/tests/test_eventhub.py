@@ -9,7 +9,7 @@ import threading
 import uuid
 
 import pytest
-from azure.eventhub import EventHubConsumerClient
+from azure.eventhub import EventHubConsumerClient, TransportType
 from azure.eventhub.exceptions import AuthenticationError
 from azure.iot.device import Message
 
@@ -45,8 +45,8 @@ def _partition_of(device_id: str, partitions: int) -> str:
 class Reader:
     """consumer.receive() on one partition in a thread; events land in a queue."""
 
-    def __init__(self, hub, cs, partition, starting_position, inclusive=False):
-        self.client = _consumer(hub, cs)
+    def __init__(self, hub, cs, partition, starting_position, inclusive=False, **client_kwargs):
+        self.client = _consumer(hub, cs, **client_kwargs)
         self.events = queue.Queue()
         self.ready = threading.Event()
         self.errors = []
@@ -183,6 +183,24 @@ def test_telemetry_from_start_offset_time_and_latest(hub, eventhub_cs, create_de
     assert ev is not None, f"@latest receiver got nothing; errors: {latest.errors}"
     assert ev.sequence_number > got[2].sequence_number
     assert ev.system_properties[b"message-id"] in {m.message_id.encode() for m in newer}
+
+
+def test_over_websocket(hub, eventhub_cs, create_device, device_clients, readers):
+    """The same endpoint over AMQP over WebSocket (443, `/$servicebus/websocket`, AMQPWSB10)."""
+    client = _consumer(hub, eventhub_cs, transport_type=TransportType.AmqpOverWebsocket)
+    try:
+        ids = call_with_timeout(client.get_partition_ids, CONNECT_TIMEOUT, "get_partition_ids()")
+        assert ids == ["0", "1", "2", "3"]
+    finally:
+        client.close()
+    cs = create_device()
+    device_id = parse_connection_string(cs)["DeviceId"]
+    device = device_clients(cs)
+    call_with_timeout(device.connect, CONNECT_TIMEOUT, "connect()")
+    msg = _send(device, 7)
+    r = readers(hub, eventhub_cs, _partition_of(device_id, 4), "-1",
+                transport_type=TransportType.AmqpOverWebsocket)
+    assert r.next_of(device_id).system_properties[b"message-id"] == msg.message_id.encode()
 
 
 def test_a_wrong_key_is_refused(hub, eventhub_cs):

@@ -197,12 +197,6 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown_rx.clone(),
         Listener::Mqtt(broker.clone()),
     ));
-    let router = api::router(api::ApiState {
-        hub: hub.clone(),
-        broker: broker.clone(),
-        body_timeout: cfg.https_timeouts.body,
-        in_flight: Arc::new(Semaphore::new(cfg.https_max_requests)),
-    });
     let amqp = crate::amqp::AmqpFrontEnd {
         hub: hub.clone(),
         entity: cfg.hub_name(),
@@ -216,6 +210,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             .cloned()
             .unwrap_or_else(|| "localhost".into()),
     };
+    let router = api::router(api::ApiState {
+        hub: hub.clone(),
+        broker: broker.clone(),
+        amqp: amqp.clone(),
+        body_timeout: cfg.https_timeouts.body,
+        in_flight: Arc::new(Semaphore::new(cfg.https_max_requests)),
+    });
     tracker.spawn(accept_loop(
         amqp_listener,
         acceptor.clone(),
@@ -229,13 +230,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         acceptor,
         Arc::new(Semaphore::new(MAX_HTTPS_CONNECTIONS)),
         tracker.clone(),
-        shutdown_rx,
+        shutdown_rx.clone(),
         Listener::Https {
             router,
             timeouts: cfg.https_timeouts,
             sessions: crate::ws::Sessions {
                 slots: device_slots,
                 tracker: tracker.clone(),
+                shutdown: shutdown_rx,
             },
         },
     ));

@@ -214,7 +214,14 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.w.write_all(bytes)).await {
+        // Flushed every time: a WebSocket only sends a message when flushed, and TLS
+        // records should not wait either.
+        let w = &mut self.w;
+        let write = async move {
+            w.write_all(bytes).await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
             Ok(r) => Ok(r?),
             Err(_) => Err(ConnError::Timeout),
         }

@@ -68,11 +68,22 @@ impl AmqpClient {
     /// TLS, the protocol headers, SASL as asked, Open (with `max_frame` as our frame size)
     /// and Begin on channel 0.
     pub async fn connect(hub: &TestHub, sasl: Sasl<'_>, max_frame: u32) -> R<Self> {
-        let mut c = Self::tls(hub).await?;
+        let c = Self::tls(hub).await?;
+        Self::connect_over(c.stream, sasl, max_frame).await
+    }
+
+    /// [`Self::connect`] over a stream already open (a WebSocket, say).
+    pub async fn connect_over(stream: Box<dyn Io>, sasl: Sasl<'_>, max_frame: u32) -> R<Self> {
+        let mut c = AmqpClient {
+            stream,
+            next_message_id: 1,
+            cbs_attached: false,
+            mgmt_attached: false,
+        };
         match sasl {
             Sasl::None => {}
             Sasl::Anonymous | Sasl::Plain(_) => {
-                c.stream.write_all(&SASL_HEADER).await?;
+                c.put(&SASL_HEADER).await?;
                 let mut h = [0u8; 8];
                 c.read_exact_within(&mut h).await?;
                 assert_eq!(h, SASL_HEADER);
@@ -100,14 +111,14 @@ impl AmqpClient {
                     },
                 };
                 let bytes = frame::encode(FrameKind::Sasl, 0, Some(&init.to_value()), &[]);
-                c.stream.write_all(&bytes).await?;
+                c.put(&bytes).await?;
                 match c.recv_sasl().await? {
                     SaslFrame::Outcome(SaslOutcome { code: 0, .. }) => {}
                     other => return Err(format!("SASL outcome {other:?}").into()),
                 }
             }
         }
-        c.stream.write_all(&AMQP_HEADER).await?;
+        c.put(&AMQP_HEADER).await?;
         let mut h = [0u8; 8];
         c.read_exact_within(&mut h).await?;
         assert_eq!(h, AMQP_HEADER);
@@ -158,6 +169,13 @@ impl AmqpClient {
         })
     }
 
+    /// Writes and flushes (a WebSocket sends a message only when flushed).
+    pub async fn put(&mut self, bytes: &[u8]) -> R<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
     async fn read_exact_within(&mut self, buf: &mut [u8]) -> R<()> {
         tokio::time::timeout(WAIT, self.stream.read_exact(buf))
             .await
@@ -167,7 +185,7 @@ impl AmqpClient {
 
     pub async fn send(&mut self, channel: u16, p: Performative) -> R<()> {
         let bytes = frame::encode(FrameKind::Amqp, channel, Some(&p.to_value()), &[]);
-        self.stream.write_all(&bytes).await?;
+        self.put(&bytes).await?;
         Ok(())
     }
 
@@ -378,7 +396,7 @@ impl AmqpClient {
             ..Default::default()
         };
         let bytes = frame::encode(FrameKind::Amqp, 0, Some(&t.to_value()), &m.encode());
-        self.stream.write_all(&bytes).await?;
+        self.put(&bytes).await?;
         let (_, reply) = self
             .recv_delivery_within(WAIT)
             .await?
