@@ -15,7 +15,7 @@ results=()
 for run in $(seq "$runs"); do
   data="$work/data$run"
   FERROHUB_LOG=warn "$bin/ferrohub" serve --data-dir "$data" --mqtt-bind "127.0.0.1:$(free_port)" \
-    --https-bind "127.0.0.1:$(free_port)" >"$work/server$run.log" 2>&1 &
+    --https-bind "127.0.0.1:$(free_port)" --amqp-bind 127.0.0.1:0 >"$work/server$run.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do [ -f "$data/hub.json" ] && break; sleep 0.1; done
   line=$("$bin/ferrohub-bench" connect --data-dir "$data" --devices "$devices" --hold-secs 3 | grep '^RESULT ')

@@ -15,7 +15,7 @@ stop_server() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
 start_ferrohub() {
   local mqtt; mqtt=$(free_port)
   FERROHUB_LOG=warn "$bin/ferrohub" serve --data-dir "$1" --mqtt-bind "127.0.0.1:$mqtt" \
-    --https-bind "127.0.0.1:$(free_port)" >>"$work/ferrohub.log" 2>&1 &
+    --https-bind "127.0.0.1:$(free_port)" --amqp-bind 127.0.0.1:0 >>"$work/ferrohub.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do [ -f "$1/hub.json" ] && break; sleep 0.1; done
   [ -f "$1/hub.json" ] || { echo "ferrohub wrote no $1/hub.json; see $logs/ferrohub.log" >&2; return 1; }

@@ -17,7 +17,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 mqtt_port=$(free_port); https_port=$(free_port)
 data="$work/ferrohub-data"
 
-"$bin" serve --data-dir "$data" --mqtt-bind "127.0.0.1:$mqtt_port" --https-bind "127.0.0.1:$https_port" \
+"$bin" serve --data-dir "$data" --mqtt-bind "127.0.0.1:$mqtt_port" --https-bind "127.0.0.1:$https_port" --amqp-bind 127.0.0.1:0 \
   >"$work/server.out" 2>"$work/server.log" &
 server_pid=$!
 for _ in $(seq 100); do [ -f "$data/hub.json" ] && break; sleep 0.1; done

@@ -27,6 +27,7 @@ from ferrohub_helpers import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MQTT_ADDR = ("127.0.0.1", 8883)
 HTTPS_ADDR = ("127.0.0.1", 443)
+AMQP_ADDR = ("127.0.0.1", 5671)
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 LOG_TAIL_LINES = 120
@@ -93,7 +94,7 @@ def hub(tmp_path_factory):
     if not (binary.is_file() and os.access(binary, os.X_OK)):
         pytest.fail(f"ferrohub binary not found: {binary} (cargo build -p ferrohub, or set FERROHUB_BIN)",
                     pytrace=False)
-    busy = [f"{h}:{p}" for h, p in (MQTT_ADDR, HTTPS_ADDR) if _port_open((h, p))]
+    busy = [f"{h}:{p}" for h, p in (MQTT_ADDR, HTTPS_ADDR, AMQP_ADDR) if _port_open((h, p))]
     if busy:
         pytest.fail(f"port(s) {', '.join(busy)} already in use before the server started: is another "
                     f"server running? (ss -ltnp)", pytrace=False)
@@ -106,6 +107,7 @@ def hub(tmp_path_factory):
         "--hostname", "localhost",
         "--mqtt-bind", f"{MQTT_ADDR[0]}:{MQTT_ADDR[1]}",
         "--https-bind", f"{HTTPS_ADDR[0]}:{HTTPS_ADDR[1]}",
+        "--amqp-bind", f"{AMQP_ADDR[0]}:{AMQP_ADDR[1]}",
     ]
     # Only the flags above configure the server: drop FERROHUB_* settings from the caller's
     # environment, and run it in the data dir so no stray ./ferrohub.toml is picked up.
@@ -136,7 +138,7 @@ def hub(tmp_path_factory):
             startup_failure(f"ferrohub exited with code {rc} during start-up")
         if raw is None:
             raw = _read_hub_json(hub_json)
-        if raw is not None and _port_open(MQTT_ADDR) and _port_open(HTTPS_ADDR):
+        if raw is not None and _port_open(MQTT_ADDR) and _port_open(HTTPS_ADDR) and _port_open(AMQP_ADDR):
             break
         if time.monotonic() > deadline:
             state = (f"hub.json {'present' if raw is not None else 'missing/unparsable'}, "

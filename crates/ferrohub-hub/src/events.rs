@@ -73,6 +73,18 @@ pub struct EventQuery {
     pub partition: Option<u32>,
     pub device_id: Option<String>,
     pub module_id: Option<String>,
+    /// Whether the group's checkpoint follows this reader (`GET /events`). Event Hubs readers
+    /// keep their own checkpoints and only read, so theirs do not move the group's.
+    pub track_checkpoint: bool,
+}
+
+/// What the Event Hubs `$management` READ of a partition reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The oldest retained sequence number (the next one to be written when empty).
+    pub begin_sequence: u64,
+    /// The newest stored event's sequence number and enqueued time (ms), if any.
+    pub last: Option<(u64, i64)>,
 }
 
 fn valid_group(g: &str) -> bool {
@@ -156,6 +168,7 @@ impl Hub {
         let reader = Reader {
             log,
             group,
+            track_checkpoint: q.track_checkpoint,
             device: q.device_id,
             module: q.module_id,
             tx,
@@ -166,10 +179,49 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// How many partitions the telemetry log has.
+    pub fn event_partitions(&self) -> u32 {
+        self.telemetry.partition_count()
+    }
+
+    /// The retained range of one partition.
+    pub async fn partition_info(&self, partition: u32) -> Result<PartitionInfo, HubError> {
+        let count = self.telemetry.partition_count();
+        if partition >= count {
+            return Err(HubError::argument(format!(
+                "partition must be below {count}"
+            )));
+        }
+        let begin = self
+            .telemetry
+            .resolve(partition, StartPosition::Start)
+            .await?;
+        let end = self
+            .telemetry
+            .resolve(partition, StartPosition::End)
+            .await?;
+        let last = match end.checked_sub(1).filter(|l| *l >= begin) {
+            Some(l) => self
+                .telemetry
+                .read(partition, l, 1)
+                .await?
+                .first()
+                .map(|e| (e.sequence, e.event.enqueued_ms)),
+            None => None,
+        };
+        Ok(PartitionInfo {
+            begin_sequence: begin,
+            last,
+        })
+    }
+}
+
 /// The task behind one [`EventStream`].
 struct Reader {
     log: Arc<dyn TelemetryLog>,
     group: String,
+    track_checkpoint: bool,
     device: Option<String>,
     module: Option<String>,
     tx: mpsc::Sender<EventRecord>,
@@ -239,6 +291,9 @@ impl Reader {
     }
 
     async fn save(&self) {
+        if !self.track_checkpoint {
+            return;
+        }
         for (p, n) in snapshot(&self.taken) {
             if let Err(e) = self.log.save_checkpoint(&self.group, p, n).await {
                 tracing::warn!(error = %e, group = %self.group, "could not save a checkpoint");

@@ -20,6 +20,7 @@ pub mod feedback;
 pub mod link;
 pub mod methods;
 pub mod presence;
+pub mod readers;
 pub mod registry;
 pub mod retention;
 pub mod service_auth;
@@ -185,6 +186,8 @@ pub struct Hub {
     pub(crate) telemetry: Arc<dyn TelemetryLog>,
     /// Service tokens already checked.
     tokens: service_auth::TokenCache,
+    /// Event Hubs readers per partition and consumer group (epochs, the reader limit).
+    readers: Arc<readers::Readers>,
     /// Names the hub answers to: `sr` hosts in tokens must be one of them.
     pub hostnames: Vec<String>,
     pub presence: Arc<dyn PresenceRegistry>,
@@ -234,6 +237,7 @@ impl Hub {
             store,
             telemetry,
             tokens: service_auth::TokenCache::default(),
+            readers: Arc::default(),
             hostnames,
             presence: live.presence,
             throttles: throttle::Throttles::new(settings.throttle),

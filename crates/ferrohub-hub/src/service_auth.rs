@@ -158,6 +158,95 @@ impl Hub {
     }
 }
 
+/// What a claims-based-security token (AMQP `$cbs` put-token, or SASL PLAIN's password)
+/// proved: the policy it was signed with and when it stops counting.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub policy: AccessPolicy,
+    /// The token's `se`, seconds since the Unix epoch.
+    pub expiry: u64,
+}
+
+impl Claim {
+    /// Whether the claim still holds and its policy grants `need`.
+    pub fn grants(&self, need: Right, now_secs: u64) -> bool {
+        self.expiry > now_secs && permits_quietly(&self.policy, need)
+    }
+}
+
+fn permits_quietly(policy: &AccessPolicy, need: Right) -> bool {
+    match need {
+        Right::RegistryRead => policy.rights.registry_read,
+        Right::RegistryWrite => policy.rights.registry_write,
+        Right::ServiceConnect => policy.rights.service_connect,
+    }
+}
+
+/// Whether a claim's audience (`sr`) is this hub's service side: the host alone, or a path
+/// below it that a service client names (the Event Hubs entity, `messages/...`, IoT
+/// Explorer's `messages/events`), with or without a scheme. `devices/...` is a device's
+/// scope and never opens service links.
+fn service_audience(resource: &str, hostnames: &[String], entity: &str) -> bool {
+    let rest = ["sb://", "amqps://", "amqp://", "https://", "http://"]
+        .iter()
+        .find_map(|s| resource.strip_prefix(s))
+        .unwrap_or(resource)
+        .trim_end_matches('/');
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !host_matches(host, hostnames) {
+        return false;
+    }
+    let first = path.split('/').next().unwrap_or("");
+    path.is_empty() || first.eq_ignore_ascii_case(entity) || first == "messages"
+}
+
+impl Hub {
+    /// Checks a claims-based-security token presented for `audience` over AMQP. Event Hubs
+    /// clients sign with the policy key's text, IoT Hub clients with its decoded bytes; both
+    /// are accepted (`SasToken::verify_signature_any_convention`). `entity` is the Event
+    /// Hubs-compatible name, which Event Hubs audiences carry as their path.
+    pub async fn authorize_claim(&self, token: &str, entity: &str) -> Result<Claim, HubError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let token = SasToken::parse(token).map_err(|_| unauthorized("malformed SAS token"))?;
+        if token.is_expired(now) {
+            return Err(unauthorized("token expired"));
+        }
+        if !service_audience(&token.resource, &self.hostnames, entity) {
+            return Err(unauthorized(
+                "token resource is not this hub's service side",
+            ));
+        }
+        let name = token
+            .key_name
+            .as_deref()
+            .ok_or_else(|| unauthorized("token has no skn"))?;
+        let policy = self
+            .store
+            .get_policy(name)
+            .await
+            .map_err(|e| {
+                HubError::from_store(
+                    e,
+                    unauthorized("policy lookup failed"),
+                    unauthorized("policy lookup failed"),
+                )
+            })?
+            .ok_or_else(|| unauthorized("unknown policy"))?;
+        let valid = token.verify_signature_any_convention(&policy.primary_key)
+            | token.verify_signature_any_convention(&policy.secondary_key);
+        if !valid {
+            return Err(unauthorized("signature does not match the policy key"));
+        }
+        Ok(Claim {
+            policy,
+            expiry: token.expiry,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +282,35 @@ mod tests {
         assert!(cache.lock().len() <= CACHE_CAPACITY);
         let last = format!("t{}", CACHE_CAPACITY + 9);
         assert_eq!(cache.get(&last, 900), Some(policy()));
+    }
+
+    #[test]
+    fn claim_audiences_are_the_hubs_service_side() {
+        let hosts = vec!["hub.example".to_string()];
+        assert!(service_audience("sb://hub.example/myhub", &hosts, "myhub"));
+        assert!(service_audience(
+            "amqps://hub.example:5671/MyHub/ConsumerGroups/$Default",
+            &hosts,
+            "myhub"
+        ));
+        assert!(service_audience("hub.example", &hosts, "myhub"));
+        assert!(service_audience("https://hub.example", &hosts, "myhub"));
+        assert!(service_audience(
+            "hub.example/messages/events",
+            &hosts,
+            "myhub"
+        ));
+        assert!(!service_audience("hub.example/devices/d1", &hosts, "myhub"));
+        assert!(!service_audience(
+            "sb://other.example/myhub",
+            &hosts,
+            "myhub"
+        ));
+        assert!(!service_audience(
+            "sb://hub.example/otherhub",
+            &hosts,
+            "myhub"
+        ));
     }
 
     #[test]

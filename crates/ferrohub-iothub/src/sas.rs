@@ -145,6 +145,30 @@ impl SasToken {
         }
     }
 
+    /// True if a policy key produced this token's signature under either convention a
+    /// service client may use over AMQP claims-based security: IoT Hub's (HMAC keyed with the
+    /// base64-decoded key) or Service Bus's, which Event Hubs clients follow (HMAC keyed with
+    /// the key's text as written in the connection string). Clients differ in how they encode
+    /// `sr`, so both the `sr` as sent and its canonical re-encoding are tried.
+    pub fn verify_signature_any_convention(&self, key_b64: &str) -> bool {
+        let reencoded = format!("{}\n{}", encoding::encode(&self.resource), self.expiry);
+        let mut ok = false;
+        for msg in [self.string_to_sign(), reencoded] {
+            ok |= match sign(&msg, key_b64) {
+                Ok(expected) => bool::from(expected.ct_eq(&self.sig)),
+                Err(_) => false,
+            };
+            ok |= match Hmac::<Sha256>::new_from_slice(key_b64.as_bytes()) {
+                Ok(mut mac) => {
+                    mac.update(msg.as_bytes());
+                    bool::from(mac.finalize().into_bytes().as_slice().ct_eq(&self.sig))
+                }
+                Err(_) => false,
+            };
+        }
+        ok
+    }
+
     /// A token is valid until `se`; at `se` itself it has expired.
     pub fn is_expired(&self, now_epoch_secs: u64) -> bool {
         now_epoch_secs >= self.expiry

@@ -28,6 +28,13 @@ pub struct ServeArgs {
     /// Address for HTTPS: the service REST API and MQTT over WebSocket.
     #[arg(long, env = "FERROHUB_HTTPS_BIND")]
     pub https_bind: Option<SocketAddr>,
+    /// Address for AMQP over TLS: the Event Hubs-compatible endpoint.
+    #[arg(long, env = "FERROHUB_AMQP_BIND")]
+    pub amqp_bind: Option<SocketAddr>,
+    /// Event Hubs-compatible name of the telemetry stream (default: the first label of the
+    /// first host name).
+    #[arg(long, env = "FERROHUB_HUB_NAME")]
+    pub hub_name: Option<String>,
     /// Server certificate chain (PEM). Without it a development CA and certificate are created.
     #[arg(long, env = "FERROHUB_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -95,6 +102,8 @@ struct FileConfig {
     hostnames: Option<Vec<String>>,
     mqtt_bind: Option<SocketAddr>,
     https_bind: Option<SocketAddr>,
+    amqp_bind: Option<SocketAddr>,
+    hub_name: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
@@ -125,6 +134,11 @@ pub struct ServerConfig {
     /// Whether `https_bind` was chosen by the user. When it was not and port 443 needs
     /// privileges we lack, the server falls back to 8443 instead of failing.
     pub https_bind_explicit: bool,
+    pub amqp_bind: SocketAddr,
+    /// Time an AMQP client has from its TLS handshake to its Open (SASL included).
+    pub amqp_open_timeout: Duration,
+    /// The Event Hubs-compatible entity name; `None`: from the host name ([`Self::hub_name`]).
+    pub hub_name: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_ca: Option<PathBuf>,
@@ -179,6 +193,9 @@ impl ServerConfig {
             mqtt_bind: SocketAddr::from(([0, 0, 0, 0], 8883)),
             https_bind: SocketAddr::from(([0, 0, 0, 0], 443)),
             https_bind_explicit: false,
+            amqp_bind: SocketAddr::from(([0, 0, 0, 0], 5671)),
+            amqp_open_timeout: Duration::from_secs(30),
+            hub_name: None,
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
@@ -221,6 +238,19 @@ impl ServerConfig {
         if let Some(a) = args.https_bind.or(file.https_bind) {
             cfg.https_bind = a;
             cfg.https_bind_explicit = true;
+        }
+        if let Some(a) = args.amqp_bind.or(file.amqp_bind) {
+            cfg.amqp_bind = a;
+        }
+        cfg.hub_name = args.hub_name.clone().or(file.hub_name);
+        if let Some(n) = &cfg.hub_name {
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+            {
+                anyhow::bail!("hub_name must be letters, digits, '-', '.' or '_', not {n:?}");
+            }
         }
         cfg.tls_cert = args.tls_cert.clone().or(file.tls_cert);
         cfg.tls_key = args.tls_key.clone().or(file.tls_key);
@@ -315,6 +345,24 @@ impl ServerConfig {
 
     /// The names the dev server certificate must cover: the configured ones, localhost,
     /// 127.0.0.1 and this machine's host name.
+    /// The Event Hubs-compatible entity name: `hub_name`, else the first label of the first
+    /// host name (IoT Hub names its endpoint's entity after the hub).
+    pub fn hub_name(&self) -> String {
+        if let Some(n) = &self.hub_name {
+            return n.clone();
+        }
+        let host = self
+            .hostnames
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localhost");
+        host.split('.')
+            .next()
+            .filter(|l| !l.is_empty())
+            .unwrap_or("localhost")
+            .to_owned()
+    }
+
     pub fn certificate_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.hostnames.clone();
         for extra in [

@@ -5,6 +5,7 @@
 //! (time limits of HTTPS connections), [`tls`],
 //! [`config`], and [`cli`] (the command line, a client of the REST API).
 
+pub mod amqp;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -146,6 +146,8 @@ fn print_banner(cfg: &ServerConfig, info: &ferrohub::server::HubInfo) {
          \n  HTTPS (REST API, MQTT over WebSocket at /$iothub/websocket): port {https}\
          \n  CA certificate to trust:  {ca}\
          \n  Owner connection string:  {cs}\
+         \n  AMQP over TLS (Event Hubs-compatible endpoint): port {amqp}\
+         \n  Event Hubs-compatible connection string: {eh}\
          \n\nCreate a device:\
          \n  ferrohub device create my-device --data-dir {data_dir}\
          \nThen get its connection string for an IoT Hub SDK:\
@@ -156,6 +158,8 @@ fn print_banner(cfg: &ServerConfig, info: &ferrohub::server::HubInfo) {
         mqtt = info.mqtt_port,
         https = info.https_port,
         cs = info.owner_connection_string,
+        amqp = info.amqp_port,
+        eh = info.eventhub_connection_string,
     );
 }
 

@@ -35,8 +35,15 @@ pub struct HubInfo {
     pub hostname: String,
     pub mqtt_port: u16,
     pub https_port: u16,
+    /// Absent in files written before the AMQP listener existed.
+    #[serde(default)]
+    pub amqp_port: u16,
     pub ca_file: Option<PathBuf>,
     pub owner_connection_string: String,
+    /// The Event Hubs-compatible connection string (the `service` policy), for
+    /// `azure-eventhub` and other Event Hubs consumers.
+    #[serde(default)]
+    pub eventhub_connection_string: String,
     pub pid: u32,
 }
 
@@ -58,12 +65,19 @@ impl HubInfo {
 /// device-connection cap (`ServerConfig::max_connections`), which it shares with MQTT/TLS.
 const MAX_HTTPS_CONNECTIONS: usize = 10_000;
 
+/// Concurrent AMQP connections (back ends reading events; each holds few links).
+const MAX_AMQP_CONNECTIONS: usize = 10_000;
+/// The largest AMQP frame accepted: requests are small, and events are sent in frames of the
+/// client's size.
+const AMQP_MAX_FRAME_SIZE: u32 = 64 * 1024;
+
 type HubBroker = Broker<crate::mqtt::MqttFrontEnd>;
 
 /// A started server. Dropping it does not stop it; call [`RunningServer::shutdown`].
 pub struct RunningServer {
     pub mqtt_addr: SocketAddr,
     pub https_addr: SocketAddr,
+    pub amqp_addr: SocketAddr,
     pub info: HubInfo,
     pub hub: Arc<Hub>,
     pub broker: Arc<HubBroker>,
@@ -163,9 +177,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         acceptor: TlsAcceptor::from(tls::server_config(&tls_files)?),
         timeout: cfg.tls_handshake_timeout,
     };
-    let (mqtt_listener, https_listener) = bind_listeners(&cfg).await?;
+    let (mqtt_listener, https_listener, amqp_listener) = bind_listeners(&cfg).await?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let https_addr = https_listener.local_addr()?;
+    let amqp_addr = amqp_listener.local_addr()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (hub, broker, owner) = compose(store, telemetry, &cfg, shutdown_rx.clone()).await?;
@@ -182,39 +197,70 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown_rx.clone(),
         Listener::Mqtt(broker.clone()),
     ));
+    let amqp = crate::amqp::AmqpFrontEnd {
+        hub: hub.clone(),
+        entity: cfg.hub_name(),
+        open_timeout: cfg.amqp_open_timeout,
+        max_frame_size: AMQP_MAX_FRAME_SIZE,
+        created_ms: time::OffsetDateTime::now_utc().unix_timestamp() * 1000,
+        port: amqp_addr.port(),
+        default_host: cfg
+            .hostnames
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into()),
+    };
     let router = api::router(api::ApiState {
         hub: hub.clone(),
         broker: broker.clone(),
+        amqp: amqp.clone(),
         body_timeout: cfg.https_timeouts.body,
         in_flight: Arc::new(Semaphore::new(cfg.https_max_requests)),
     });
+    tracker.spawn(accept_loop(
+        amqp_listener,
+        acceptor.clone(),
+        Arc::new(Semaphore::new(MAX_AMQP_CONNECTIONS)),
+        tracker.clone(),
+        shutdown_rx.clone(),
+        Listener::Amqp(amqp),
+    ));
     tracker.spawn(accept_loop(
         https_listener,
         acceptor,
         Arc::new(Semaphore::new(MAX_HTTPS_CONNECTIONS)),
         tracker.clone(),
-        shutdown_rx,
+        shutdown_rx.clone(),
         Listener::Https {
             router,
             timeouts: cfg.https_timeouts,
             sessions: crate::ws::Sessions {
                 slots: device_slots,
                 tracker: tracker.clone(),
+                shutdown: shutdown_rx,
             },
         },
     ));
 
-    let info = hub_info(&cfg, mqtt_addr, https_addr, &tls_files, &owner);
+    let service = hub
+        .policy("service")
+        .await?
+        .unwrap_or_else(|| owner.clone());
+    let mut info = hub_info(&cfg, mqtt_addr, https_addr, &tls_files, &owner);
+    info.amqp_port = amqp_addr.port();
+    info.eventhub_connection_string =
+        eventhub_connection_string(&info.hostname, amqp_addr.port(), &cfg.hub_name(), &service);
     // hub.json only helps the CLI find the hub: a hub on a full disk must still start, since
     // refusing to would turn a full disk into an outage that outlives it.
     if let Err(e) = write_hub_file(&data_dir, &info) {
         let _ = std::fs::remove_file(data_dir.join(format!("{HUB_FILE}.tmp")));
         tracing::error!(error = %format!("{e:#}"), file = %data_dir.join(HUB_FILE).display(), "could not write the hub file; the CLI may find stale ports in it");
     }
-    info!(mqtt = %mqtt_addr, https = %https_addr, data_dir = %data_dir.display(), "ferrohub listening");
+    info!(mqtt = %mqtt_addr, https = %https_addr, amqp = %amqp_addr, data_dir = %data_dir.display(), "ferrohub listening");
     Ok(RunningServer {
         mqtt_addr,
         https_addr,
+        amqp_addr,
         info,
         hub,
         broker,
@@ -235,8 +281,30 @@ fn open_storage(
     Ok((Arc::new(store), Arc::new(telemetry)))
 }
 
-/// The MQTT and HTTPS listeners, with a message naming the setting when an address is taken.
-async fn bind_listeners(cfg: &ServerConfig) -> anyhow::Result<(TcpListener, TcpListener)> {
+/// `Endpoint=sb://HOST/;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=HUB`, the
+/// string IoT Hub shows for its built-in endpoint (with `:PORT` when not 5671).
+pub fn eventhub_connection_string(
+    host: &str,
+    port: u16,
+    entity: &str,
+    policy: &AccessPolicy,
+) -> String {
+    let endpoint = if port == 5671 {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    };
+    format!(
+        "Endpoint=sb://{endpoint}/;SharedAccessKeyName={};SharedAccessKey={};EntityPath={entity}",
+        policy.key_name, policy.primary_key
+    )
+}
+
+/// The listeners (MQTT, HTTPS, AMQP), with a message naming the setting when an address is
+/// taken.
+async fn bind_listeners(
+    cfg: &ServerConfig,
+) -> anyhow::Result<(TcpListener, TcpListener, TcpListener)> {
     let mqtt_listener = bind(
         cfg.mqtt_bind,
         "MQTT over TLS",
@@ -271,7 +339,15 @@ async fn bind_listeners(cfg: &ServerConfig) -> anyhow::Result<(TcpListener, TcpL
         }
         Err(_) => https_bind(cfg.https_bind).await?,
     };
-    Ok((mqtt_listener, https_listener))
+    let amqp_listener = bind(
+        cfg.amqp_bind,
+        "AMQP over TLS (the Event Hubs-compatible endpoint)",
+        "--amqp-bind",
+        "FERROHUB_AMQP_BIND",
+        "amqp_bind",
+    )
+    .await?;
+    Ok((mqtt_listener, https_listener, amqp_listener))
 }
 
 /// The hub on its storage, with the default policies, and the MQTT front end over the broker
@@ -367,6 +443,8 @@ fn hub_info(
             .clone()
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p)),
         owner_connection_string: owner_cs.to_string(),
+        amqp_port: 0,
+        eventhub_connection_string: String::new(),
         pid: std::process::id(),
     }
 }
@@ -393,6 +471,7 @@ fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {
 
 enum Listener {
     Mqtt(Arc<HubBroker>),
+    Amqp(crate::amqp::AmqpFrontEnd),
     Https {
         router: axum::Router,
         timeouts: crate::config::HttpsTimeouts,
@@ -446,6 +525,15 @@ async fn accept_loop(
                             client_certs: certs,
                         };
                         Box::pin(serve_connection(broker, tls, peer)).await;
+                    }
+                });
+            }
+            Listener::Amqp(front_end) => {
+                let front_end = front_end.clone();
+                tracker.spawn(async move {
+                    let _permit = permit;
+                    if let Some((tls, _)) = Box::pin(acceptor.handshake(socket, addr)).await {
+                        Box::pin(crate::amqp::serve(front_end, tls, addr, shutdown)).await;
                     }
                 });
             }

@@ -1,5 +1,6 @@
-//! MQTT over WebSocket: the `/$iothub/websocket` endpoint and a byte-stream view of a
-//! WebSocket, so the broker serves it exactly like a TLS socket.
+//! MQTT and AMQP over WebSocket: the `/$iothub/websocket` (MQTT, or AMQP when the client asks
+//! for `AMQPWSB10`) and `/$servicebus/websocket` (AMQP) endpoints, and a byte-stream view of a
+//! WebSocket, so the broker and the AMQP front end serve it exactly like a TLS socket.
 //!
 //! An upgraded session is a device connection like one over TLS: it holds a place of the same
 //! connection cap for its whole life and runs under the server's task tracker, so shutdown
@@ -32,6 +33,45 @@ pub struct Sessions {
     pub slots: Arc<Semaphore>,
     /// What shutdown waits on.
     pub tracker: TaskTracker,
+    /// Tells AMQP sessions to close (the broker has its own).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The WebSocket subprotocol of AMQP 1.0.
+pub const AMQP_SUBPROTOCOL: &str = "AMQPWSB10";
+
+/// Upgrades to an AMQP connection (the Event Hubs endpoint), under the same cap and tracker
+/// as MQTT sessions.
+pub fn upgrade_amqp(
+    ws: WebSocketUpgrade,
+    front_end: crate::amqp::AmqpFrontEnd,
+    conn: HttpsConn,
+) -> Response {
+    let Ok(permit) = conn.sessions.slots.clone().try_acquire_owned() else {
+        debug!(peer = %conn.addr, "connection cap reached; AMQP WebSocket upgrade refused");
+        let mut resp = ApiError::new(
+            ferrohub_iothub::ErrorCode::ServiceUnavailable,
+            "the hub is at its connection limit; retry later",
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+        return resp;
+    };
+    let tracked = conn.sessions.tracker.token();
+    let max = front_end.max_frame_size as usize;
+    let shutdown = conn.sessions.shutdown.clone();
+    ws.protocols([AMQP_SUBPROTOCOL])
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            crate::amqp::serve(front_end, WsByteStream::new(socket), conn.addr, shutdown).await;
+            drop(permit);
+            drop(tracked);
+        })
+        .into_response()
 }
 
 /// Seconds a refused client is told to wait before it tries again.

@@ -521,6 +521,13 @@ async fn a_port_in_use_fails_start_up_naming_the_flag() -> TestResult {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("--https-bind"), "{err}");
+    let mut cfg = config(dir.path());
+    cfg.amqp_bind = hub.server().amqp_addr;
+    let err = match ferrohub::server::start(cfg).await {
+        Ok(_) => return Err("second server bound the same port".into()),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("--amqp-bind"), "{err}");
     hub.stop().await;
     Ok(())
 }

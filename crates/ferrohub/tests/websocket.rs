@@ -74,6 +74,58 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 }
 
+/// Opens a WebSocket asking for `protocol`; returns it as a byte stream and the
+/// subprotocol the server chose.
+async fn ws_stream(hub: &TestHub, path: &str, protocol: &str) -> R<(Box<dyn Io>, Option<String>)> {
+    let tcp = tokio::net::TcpStream::connect(hub.https_addr()).await?;
+    let tls = tokio_rustls::TlsConnector::from(client_tls_config(&hub.ca, None)?)
+        .connect(ServerName::try_from(HOST)?, tcp)
+        .await?;
+    let mut req =
+        format!("wss://{HOST}:{}{path}", hub.https_addr().port()).into_client_request()?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse()?);
+    let (ws, resp) = tokio_tungstenite::client_async(req, tls).await?;
+    let proto = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok((
+        Box::new(WsIo {
+            ws,
+            pending: bytes::Bytes::new(),
+        }),
+        proto,
+    ))
+}
+
+#[tokio::test]
+async fn amqp_runs_over_websocket_at_both_paths_by_subprotocol() -> TestResult {
+    use common::amqp::{AmqpClient, Sasl};
+    use ferrohub_amqp::Value;
+    let hub = TestHub::start().await?;
+    for path in ["/$servicebus/websocket", "/$iothub/websocket"] {
+        let (stream, proto) = ws_stream(&hub, path, "AMQPWSB10").await?;
+        assert_eq!(proto.as_deref(), Some("AMQPWSB10"), "{path}");
+        let mut c = AmqpClient::connect_over(stream, Sasl::Anonymous, 65_536).await?;
+        let reply = c
+            .management(vec![
+                (Value::str("operation"), Value::str("READ")),
+                (Value::str("type"), Value::str("com.microsoft:eventhub")),
+                (Value::str("name"), Value::str("localhost")),
+            ])
+            .await?;
+        // No token: refused, but answered in AMQP over the WebSocket.
+        assert_eq!(common::amqp::status_of(&reply)?, 401, "{path}");
+    }
+    // MQTT keeps its subprotocol at /$iothub/websocket.
+    let (_, proto) = ws_stream(&hub, "/$iothub/websocket", "mqtt").await?;
+    assert_eq!(proto.as_deref(), Some("mqtt"));
+    hub.stop().await;
+    Ok(())
+}
+
 /// Opens the WebSocket; returns the client and the subprotocol the server chose.
 async fn ws_client(hub: &TestHub, path: &str) -> R<(MqttClient, Option<String>)> {
     let tcp = tokio::net::TcpStream::connect(hub.https_addr()).await?;

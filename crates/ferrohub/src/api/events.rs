@@ -86,6 +86,7 @@ pub async fn stream(
         partition,
         device_id: q.get("deviceId").cloned(),
         module_id: q.get("moduleId").cloned(),
+        track_checkpoint: true,
     };
     let events = state.hub.open_events(query).await?;
     // Each event is taken from the stream only when the connection wants the next line, so

@@ -29,6 +29,9 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     /// For `/$iothub/websocket`, which hands MQTT connections to the broker.
     pub broker: Arc<Broker<MqttFrontEnd>>,
+    /// For AMQP over WebSocket (`/$servicebus/websocket`, or `/$iothub/websocket` with the
+    /// `AMQPWSB10` subprotocol).
+    pub amqp: crate::amqp::AmqpFrontEnd,
     /// Time a client has to send a request body (`api::extract::BodyBytes`).
     pub body_timeout: std::time::Duration,
     /// Permits for requests in progress (`--https-max-requests`); see [`shed_load`].
@@ -48,6 +51,7 @@ pub fn router(state: ApiState) -> Router {
     };
     Router::new()
         .route("/$iothub/websocket", get(websocket))
+        .route("/$servicebus/websocket", get(amqp_websocket))
         .route("/devices", get(devices::list_devices))
         .route("/devices/{id}", identity())
         .route("/devices/{id}/modules", get(devices::list_modules))
@@ -170,7 +174,27 @@ async fn websocket(
     State(state): State<ApiState>,
     Extension(conn): Extension<HttpsConn>,
     Query(_q): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // The Node service SDK speaks AMQP on this path too; the subprotocol tells them apart.
+    let wants_amqp = headers
+        .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case(crate::ws::AMQP_SUBPROTOCOL));
+    if wants_amqp {
+        return crate::ws::upgrade_amqp(ws, state.amqp.clone(), conn);
+    }
     crate::ws::upgrade(ws, state.broker.clone(), conn)
+}
+
+/// AMQP over WebSocket, where Event Hubs clients look for it.
+async fn amqp_websocket(
+    State(state): State<ApiState>,
+    Extension(conn): Extension<HttpsConn>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    crate::ws::upgrade_amqp(ws, state.amqp.clone(), conn)
 }

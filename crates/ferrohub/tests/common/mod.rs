@@ -2,6 +2,7 @@
 //! a raw MQTT-over-TLS client built on the project's codec, and REST helpers.
 #![allow(dead_code)]
 
+pub mod amqp;
 pub mod process;
 
 use std::net::SocketAddr;
@@ -42,6 +43,7 @@ pub fn config(dir: &Path) -> ServerConfig {
     let mut cfg = ServerConfig::new(dir);
     cfg.mqtt_bind = "127.0.0.1:0".parse().expect("literal address");
     cfg.https_bind = "127.0.0.1:0".parse().expect("literal address");
+    cfg.amqp_bind = "127.0.0.1:0".parse().expect("literal address");
     cfg.https_bind_explicit = true;
     cfg.hostnames = vec![HOST.to_string()];
     cfg

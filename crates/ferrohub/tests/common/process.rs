@@ -39,6 +39,7 @@ pub async fn spawn_server(data: &Path, mqtt: u16, https: u16) -> R<Server> {
         .arg(format!("127.0.0.1:{mqtt}"))
         .arg("--https-bind")
         .arg(format!("127.0.0.1:{https}"))
+        .args(["--amqp-bind", "127.0.0.1:0"])
         .env("FERROHUB_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

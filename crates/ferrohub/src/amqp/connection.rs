@@ -1,0 +1,1193 @@
+//! One AMQP connection: protocol header (SASL or not), Open, sessions and links, and the
+//! three nodes of the Event Hubs endpoint (`$cbs`, `$management`, partition receivers).
+//!
+//! A reader task turns bytes into frames (size checked before reading a body) and hands them
+//! over a channel, so the connection loop can wait on frames, events and timers at once
+//! without cancelling a half-read frame. Each partition receiver has a pump task that takes
+//! events from the hub's stream only while the link has credit; the loop assigns delivery
+//! ids and writes the transfers, within the session's window.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use ferrohub_amqp::frame::{self, FrameKind, AMQP_HEADER, SASL_HEADER, TRANSFER_OVERHEAD};
+use ferrohub_amqp::message::{Body, Properties};
+use ferrohub_amqp::performative::{
+    accepted, AmqpError, Attach, Begin, Close, Detach, Disposition, End, Flow, Open,
+    SaslMechanisms, SaslOutcome, Source, Transfer,
+};
+use ferrohub_amqp::{Message, Performative, SaslFrame, Value};
+use ferrohub_hub::events::{EventQuery, EventStart, EventStream};
+use ferrohub_hub::readers::{ReaderLease, ReaderRefusal};
+use ferrohub_hub::service_auth::{Claim, Right};
+use ferrohub_store::telemetry::EventRecord;
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use super::eventhub::{self, Node};
+use super::{condition_of, AmqpFrontEnd};
+
+/// A write the peer does not take within this long ends the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Credit we give a client's sender on `$cbs` and `$management`, topped up as it is used.
+const REQUEST_CREDIT: u32 = 100;
+/// Largest request message (tokens, READs) we assemble.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest message we send: telemetry is at most 256 KB plus its annotations.
+const MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
+/// Our session windows (in transfer frames).
+const WINDOW: u32 = 5_000;
+/// Events queued from all pumps towards the connection loop.
+const EVENT_QUEUE: usize = 64;
+/// Events held for sessions whose window is shut, per connection.
+const MAX_WAITING: usize = 256;
+/// Links per session we accept.
+const HANDLE_MAX: u32 = 255;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Frame(#[from] frame::FrameError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("closed by the peer")]
+    Closed,
+}
+
+fn protocol(what: impl Into<String>) -> ConnError {
+    ConnError::Protocol(what.into())
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<frame::Frame, ConnError> {
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head).await?;
+    let size = frame::frame_size(&head, max)? as usize;
+    let mut buf = vec![0u8; size];
+    buf[..8].copy_from_slice(&head);
+    r.read_exact(&mut buf[8..]).await?;
+    Ok(frame::decode(&buf)?)
+}
+
+/// Serves one connection (TLS already done) until it closes.
+pub async fn serve<S>(
+    fe: AmqpFrontEnd,
+    stream: S,
+    peer: std::net::SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    let mut conn = Conn::new(fe, w, peer);
+    let mut reader = BufReader::new(r);
+    let opened = tokio::time::timeout(conn.fe.open_timeout, conn.handshake(&mut reader)).await;
+    let open = match opened {
+        Ok(Ok(open)) => open,
+        Ok(Err(e)) => {
+            debug!(peer = %peer, error = %e, "AMQP connection refused before Open");
+            return;
+        }
+        Err(_) => {
+            info!(peer = %peer, "AMQP connection closed: no Open in time");
+            return;
+        }
+    };
+    let (frames_tx, frames_rx) = mpsc::channel(16);
+    let max = conn.fe.max_frame_size;
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let f = read_frame(&mut reader, max).await;
+            let failed = f.is_err();
+            if frames_tx.send(f).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let result = conn.run(open, frames_rx, shutdown).await;
+    reader_task.abort();
+    conn.stop_pumps();
+    match result {
+        Ok(()) | Err(ConnError::Closed) => debug!(peer = %peer, "AMQP connection closed"),
+        Err(e) => info!(peer = %peer, error = %e, "AMQP connection ended"),
+    }
+}
+
+/// What a link is for.
+enum LinkKind {
+    /// The client sends requests to `$cbs` or `$management`; we receive.
+    Requests {
+        node: Node,
+        credit: u32,
+        delivery_count: u32,
+        partial: Vec<u8>,
+        delivery: Option<(u32, bool)>,
+    },
+    /// We send replies from `$cbs` or `$management`.
+    Replies {
+        node: Node,
+        credit: Credit,
+        queue: VecDeque<Message>,
+    },
+    /// We send a partition's events.
+    Events {
+        credit: Credit,
+        limit: watch::Sender<u32>,
+        pump: tokio::task::JoinHandle<()>,
+        settled: bool,
+    },
+}
+
+/// Sender-side credit: we may send while `sent` is below `limit` (serial arithmetic).
+#[derive(Default, Clone, Copy)]
+struct Credit {
+    sent: u32,
+    limit: u32,
+}
+
+impl Credit {
+    fn available(&self) -> u32 {
+        let d = self.limit.wrapping_sub(self.sent);
+        if d > u32::MAX / 2 {
+            0
+        } else {
+            d
+        }
+    }
+}
+
+struct Session {
+    local: u16,
+    next_outgoing_id: u32,
+    next_delivery_id: u32,
+    /// How many more transfer frames the peer takes from us.
+    remote_incoming: u32,
+    /// The transfer id the peer will use next.
+    next_incoming_id: u32,
+    links: HashMap<u32, LinkKind>,
+    /// Events whose transfer waits for the session window.
+    waiting: VecDeque<(u32, EventRecord)>,
+}
+
+struct Conn<W> {
+    fe: AmqpFrontEnd,
+    w: WriteHalf<W>,
+    peer: std::net::SocketAddr,
+    /// The peer's max frame size.
+    peer_max_frame: u32,
+    claims: Vec<Claim>,
+    /// The host name the client opened the connection for (Open's hostname).
+    host: String,
+    sessions: HashMap<u16, Session>,
+    /// From the pumps: an event for (channel, handle), or None when the link was stolen.
+    events_tx: mpsc::Sender<(u16, u32, Option<EventRecord>)>,
+    events_rx: mpsc::Receiver<(u16, u32, Option<EventRecord>)>,
+}
+
+impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
+    fn new(fe: AmqpFrontEnd, w: WriteHalf<W>, peer: std::net::SocketAddr) -> Self {
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        Conn {
+            fe,
+            w,
+            peer,
+            peer_max_frame: frame::MIN_MAX_FRAME_SIZE,
+            claims: Vec::new(),
+            host: String::new(),
+            sessions: HashMap::new(),
+            events_tx,
+            events_rx,
+        }
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        // Flushed every time: a WebSocket only sends a message when flushed, and TLS
+        // records should not wait either.
+        let w = &mut self.w;
+        let write = async move {
+            w.write_all(bytes).await?;
+            w.flush().await
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(ConnError::Timeout),
+        }
+    }
+
+    async fn send(&mut self, channel: u16, p: Performative) -> Result<(), ConnError> {
+        let bytes = frame::encode(FrameKind::Amqp, channel, Some(&p.to_value()), &[]);
+        self.write(&bytes).await
+    }
+
+    /// Protocol header, optional SASL, AMQP header, and the client's Open.
+    async fn handshake(&mut self, r: &mut BufReader<ReadHalf<W>>) -> Result<Open, ConnError> {
+        let mut header = [0u8; 8];
+        r.read_exact(&mut header).await?;
+        if header == SASL_HEADER {
+            self.write(&SASL_HEADER).await?;
+            self.sasl(r).await?;
+            r.read_exact(&mut header).await?;
+        }
+        if header != AMQP_HEADER {
+            // Say what we speak, then hang up (part 2.2).
+            let _ = self.write(&SASL_HEADER).await;
+            return Err(protocol(format!(
+                "unsupported protocol header {header:02x?}"
+            )));
+        }
+        self.write(&AMQP_HEADER).await?;
+        let f = read_frame(r, self.fe.max_frame_size).await?;
+        match f.body.as_ref().map(Performative::decode) {
+            Some(Ok(Performative::Open(open))) if f.kind == FrameKind::Amqp => Ok(open),
+            _ => Err(protocol("the first frame is not Open")),
+        }
+    }
+
+    async fn sasl(&mut self, r: &mut BufReader<ReadHalf<W>>) -> Result<(), ConnError> {
+        let mechanisms = SaslMechanisms {
+            mechanisms: Value::Array(
+                ["MSSBCBS", "ANONYMOUS", "PLAIN"]
+                    .iter()
+                    .map(|m| Value::sym(*m))
+                    .collect(),
+            ),
+        };
+        let bytes = frame::encode(FrameKind::Sasl, 0, Some(&mechanisms.to_value()), &[]);
+        self.write(&bytes).await?;
+        let f = read_frame(r, self.fe.max_frame_size).await?;
+        let init = match f.body.as_ref().map(SaslFrame::decode) {
+            Some(Ok(SaslFrame::Init(i))) => i,
+            _ => return Err(protocol("expected sasl-init")),
+        };
+        let code = match init.mechanism.0.as_str() {
+            "ANONYMOUS" | "MSSBCBS" => 0,
+            "PLAIN" => {
+                // authzid NUL authcid NUL password; the password is a SAS token.
+                let response = init.initial_response.unwrap_or_default();
+                let password = response.split(|b| *b == 0).nth(2).unwrap_or_default();
+                let token = String::from_utf8_lossy(password).into_owned();
+                match self.fe.hub.authorize_claim(&token, &self.fe.entity).await {
+                    Ok(claim) => {
+                        self.claims.push(claim);
+                        0
+                    }
+                    Err(e) => {
+                        info!(peer = %self.peer, reason = %e.message(), "AMQP SASL PLAIN refused");
+                        1
+                    }
+                }
+            }
+            other => {
+                info!(peer = %self.peer, mechanism = other, "AMQP SASL mechanism refused");
+                1
+            }
+        };
+        let outcome = SaslOutcome {
+            code,
+            additional_data: None,
+        };
+        let bytes = frame::encode(FrameKind::Sasl, 0, Some(&outcome.to_value()), &[]);
+        self.write(&bytes).await?;
+        if code != 0 {
+            return Err(protocol("SASL authentication failed"));
+        }
+        Ok(())
+    }
+
+    async fn run(
+        &mut self,
+        open: Open,
+        mut frames: mpsc::Receiver<Result<frame::Frame, ConnError>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        self.host = open
+            .hostname
+            .clone()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| self.fe.default_host.clone());
+        self.peer_max_frame = open
+            .max_frame_size
+            .unwrap_or(u32::MAX)
+            .max(frame::MIN_MAX_FRAME_SIZE);
+        let reply = Open {
+            container_id: "ferrohub".into(),
+            hostname: None,
+            max_frame_size: Some(self.fe.max_frame_size),
+            channel_max: Some(open.channel_max.unwrap_or(u16::MAX).min(255)),
+            idle_time_out: None,
+            ..Default::default()
+        };
+        self.send(0, Performative::Open(reply)).await?;
+        // The peer asks for traffic at least this often; half leaves room for latency.
+        let heartbeat = open
+            .idle_time_out
+            .filter(|ms| *ms > 0)
+            .map(|ms| Duration::from_millis(u64::from(ms) / 2).max(Duration::from_millis(100)));
+        let mut next_beat = heartbeat.map(|h| Instant::now() + h);
+        loop {
+            let beat_at = next_beat.map(tokio::time::Instant::from_std);
+            let expiry = self.receivers_expire_at();
+            tokio::select! {
+                f = frames.recv() => {
+                    let f = f.ok_or(ConnError::Closed)??;
+                    if self.on_frame(f).await? {
+                        return Ok(());
+                    }
+                }
+                // Events wait here only while a session's window is shut; past a bound the
+                // pumps block instead, whatever credit the client gave.
+                Some((channel, handle, event)) = self.events_rx.recv(), if self.waiting() < MAX_WAITING => {
+                    match event {
+                        Some(e) => self.on_event(channel, handle, e).await?,
+                        None => self.stolen(channel, handle).await?,
+                    }
+                }
+                _ = async { match beat_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    self.write(&frame::encode(FrameKind::Amqp, 0, None, &[])).await?;
+                    next_beat = heartbeat.map(|h| Instant::now() + h);
+                }
+                _ = async { match expiry { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    self.expire_receivers().await?;
+                }
+                _ = ferrohub_broker::until_shutdown(&mut shutdown) => {
+                    let close = Close { error: Some(AmqpError::new("amqp:connection:forced", "the hub is shutting down")) };
+                    let _ = self.send(0, Performative::Close(close)).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn has_receivers(&self) -> bool {
+        self.sessions.values().any(|s| {
+            s.links
+                .values()
+                .any(|l| matches!(l, LinkKind::Events { .. }))
+        })
+    }
+
+    /// When the last claim that lets the partition receivers read lapses (None: no
+    /// receivers). A put-token with a later expiry moves it.
+    fn receivers_expire_at(&self) -> Option<tokio::time::Instant> {
+        if !self.has_receivers() {
+            return None;
+        }
+        let now = now_secs();
+        let until = self
+            .claims
+            .iter()
+            .filter(|c| c.grants(Right::ServiceConnect, now))
+            .map(|c| c.expiry)
+            .max()
+            .unwrap_or(now);
+        let left = Duration::from_secs(until.saturating_sub(now));
+        Some(tokio::time::Instant::now() + left)
+    }
+
+    /// Detaches every partition receiver once no claim grants it any more, as Event Hubs
+    /// does when a link's token expires without a renewal.
+    async fn expire_receivers(&mut self) -> Result<(), ConnError> {
+        if self.authorized(Right::ServiceConnect) {
+            return Ok(());
+        }
+        let mut expired = Vec::new();
+        for (ch, s) in self.sessions.iter_mut() {
+            let handles: Vec<u32> = s
+                .links
+                .iter()
+                .filter(|(_, l)| matches!(l, LinkKind::Events { .. }))
+                .map(|(h, _)| *h)
+                .collect();
+            for h in handles {
+                if let Some(LinkKind::Events { pump, .. }) = s.links.remove(&h) {
+                    pump.abort();
+                }
+                expired.push((*ch, s.local, h));
+            }
+        }
+        for (_, local, handle) in expired {
+            info!(peer = %self.peer, handle, "AMQP receiver detached: its token expired");
+            let error = AmqpError::new(
+                "amqp:unauthorized-access",
+                "the token for this link expired; put a new one on $cbs",
+            );
+            let detach = Detach {
+                handle,
+                closed: Some(true),
+                error: Some(error),
+            };
+            self.send(local, Performative::Detach(detach)).await?;
+        }
+        Ok(())
+    }
+
+    fn waiting(&self) -> usize {
+        self.sessions.values().map(|s| s.waiting.len()).sum()
+    }
+
+    fn stop_pumps(&mut self) {
+        for s in self.sessions.values() {
+            for l in s.links.values() {
+                if let LinkKind::Events { pump, .. } = l {
+                    pump.abort();
+                }
+            }
+        }
+    }
+
+    /// Handles one frame; true once the connection is closed.
+    async fn on_frame(&mut self, f: frame::Frame) -> Result<bool, ConnError> {
+        let Some(body) = f.body else {
+            return Ok(false); // heartbeat
+        };
+        if f.kind != FrameKind::Amqp {
+            return Err(protocol("SASL frame after SASL"));
+        }
+        let p =
+            Performative::decode(&body).map_err(|e| protocol(format!("bad performative: {e}")))?;
+        let ch = f.channel;
+        match p {
+            Performative::Open(_) => return Err(protocol("second Open")),
+            Performative::Close(_) => {
+                self.send(0, Performative::Close(Close { error: None }))
+                    .await?;
+                return Ok(true);
+            }
+            Performative::Begin(b) => self.on_begin(ch, b).await?,
+            Performative::End(_) => {
+                if let Some(mut s) = self.sessions.remove(&ch) {
+                    for l in s.links.drain() {
+                        if let (_, LinkKind::Events { pump, .. }) = l {
+                            pump.abort();
+                        }
+                    }
+                    self.send(s.local, Performative::End(End { error: None }))
+                        .await?;
+                }
+            }
+            Performative::Attach(a) => self.on_attach(ch, a).await?,
+            Performative::Detach(d) => {
+                let session = self.session(ch)?;
+                let local = session.local;
+                if let Some(LinkKind::Events { pump, .. }) = session.links.remove(&d.handle) {
+                    pump.abort();
+                }
+                let reply = Detach {
+                    handle: d.handle,
+                    closed: Some(true),
+                    error: None,
+                };
+                self.send(local, Performative::Detach(reply)).await?;
+            }
+            Performative::Flow(fl) => self.on_flow(ch, fl).await?,
+            Performative::Transfer(t) => self.on_transfer(ch, t, f.payload).await?,
+            // Our deliveries are either pre-settled or need nothing when settled: events stay
+            // in the log whatever the consumer does with them.
+            Performative::Disposition(_) => {}
+        }
+        Ok(false)
+    }
+
+    fn session(&mut self, ch: u16) -> Result<&mut Session, ConnError> {
+        self.sessions
+            .get_mut(&ch)
+            .ok_or_else(|| protocol(format!("no session on channel {ch}")))
+    }
+
+    async fn on_begin(&mut self, ch: u16, b: Begin) -> Result<(), ConnError> {
+        if self.sessions.contains_key(&ch) {
+            return Err(protocol("Begin on a channel already in use"));
+        }
+        self.sessions.insert(
+            ch,
+            Session {
+                local: ch,
+                next_outgoing_id: 0,
+                next_delivery_id: 0,
+                remote_incoming: b.incoming_window,
+                next_incoming_id: b.next_outgoing_id,
+                links: HashMap::new(),
+                waiting: VecDeque::new(),
+            },
+        );
+        let reply = Begin {
+            remote_channel: Some(ch),
+            next_outgoing_id: 0,
+            incoming_window: WINDOW,
+            outgoing_window: WINDOW,
+            handle_max: Some(HANDLE_MAX),
+            ..Default::default()
+        };
+        self.send(ch, Performative::Begin(reply)).await
+    }
+
+    /// Our Attach answering `a`: the same name, handle and terminus, the other role.
+    fn attach_reply(a: &Attach, as_sender: bool) -> Attach {
+        Attach {
+            name: a.name.clone(),
+            handle: a.handle,
+            role: !as_sender,
+            snd_settle_mode: a.snd_settle_mode.or(Some(2)),
+            rcv_settle_mode: a.rcv_settle_mode.or(Some(0)),
+            source: a.source.clone(),
+            target: a.target.clone(),
+            unsettled: Value::Null,
+            incomplete_unsettled: Some(false),
+            initial_delivery_count: if as_sender { Some(0) } else { None },
+            max_message_size: Some(if as_sender {
+                MAX_MESSAGE_BYTES
+            } else {
+                MAX_REQUEST_BYTES as u64
+            }),
+            offered_capabilities: Value::Null,
+            desired_capabilities: Value::Null,
+            properties: Value::Null,
+        }
+    }
+
+    async fn refuse_attach(
+        &mut self,
+        ch: u16,
+        a: &Attach,
+        condition: &str,
+        why: String,
+    ) -> Result<(), ConnError> {
+        info!(peer = %self.peer, link = %a.name, condition, reason = %why, "AMQP link refused");
+        // The terminus is echoed rather than nulled (part 2.6.3 allows either): pyamqp
+        // <= 5.15.1 drops a link with a null terminus without reading the detach's error,
+        // and the error is what tells the user why.
+        self.send(ch, Performative::Attach(Self::attach_reply(a, a.role)))
+            .await?;
+        let detach = Detach {
+            handle: a.handle,
+            closed: Some(true),
+            error: Some(AmqpError::new(condition, why)),
+        };
+        self.send(ch, Performative::Detach(detach)).await
+    }
+
+    fn authorized(&self, need: Right) -> bool {
+        let now = now_secs();
+        self.claims.iter().any(|c| c.grants(need, now))
+    }
+
+    async fn on_attach(&mut self, ch: u16, a: Attach) -> Result<(), ConnError> {
+        let local = self.session(ch)?.local;
+        if a.handle > HANDLE_MAX || self.session(ch)?.links.contains_key(&a.handle) {
+            return Err(protocol("attach handle out of range or in use"));
+        }
+        // role true: the client receives, so we send from the source it names.
+        let client_receives = a.role;
+        let terminus = if client_receives {
+            &a.source
+        } else {
+            &a.target
+        };
+        let address = match terminus {
+            Value::Described(d, list) if matches!(d.as_u64(), Some(0x28) | Some(0x29)) => {
+                match list.as_ref() {
+                    Value::List(f) => f.first().and_then(Value::as_str).map(str::to_owned),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+        .unwrap_or_default();
+        let node = eventhub::node(&address, &self.fe.entity);
+        match (node, client_receives) {
+            (n @ (Node::Cbs | Node::Management), false) => {
+                let count = a.initial_delivery_count.unwrap_or(0);
+                self.send(local, Performative::Attach(Self::attach_reply(&a, false)))
+                    .await?;
+                self.session(ch)?.links.insert(
+                    a.handle,
+                    LinkKind::Requests {
+                        node: n,
+                        credit: REQUEST_CREDIT,
+                        delivery_count: count,
+                        partial: Vec::new(),
+                        delivery: None,
+                    },
+                );
+                self.grant(ch, a.handle, count, REQUEST_CREDIT).await
+            }
+            (n @ (Node::Cbs | Node::Management), true) => {
+                self.send(local, Performative::Attach(Self::attach_reply(&a, true)))
+                    .await?;
+                self.session(ch)?.links.insert(
+                    a.handle,
+                    LinkKind::Replies {
+                        node: n,
+                        credit: Credit::default(),
+                        queue: VecDeque::new(),
+                    },
+                );
+                Ok(())
+            }
+            (Node::Partition(addr), true) => {
+                if !self.authorized(Right::ServiceConnect) {
+                    return self.refuse_attach(ch, &a, "amqp:unauthorized-access", format!(
+                        "no valid token with ServiceConnect for {address}: put a token on $cbs first")).await;
+                }
+                let filter = Source::from_value(&a.source)
+                    .map(|s| s.filter)
+                    .unwrap_or_default();
+                let expr = eventhub::selector(&filter);
+                let start = match eventhub::start_position(expr.as_deref()) {
+                    Ok(s) => s,
+                    Err(why) => return self.refuse_attach(ch, &a, "amqp:invalid-field", why).await,
+                };
+                let query = EventQuery {
+                    consumer_group: Some(addr.consumer_group.clone()),
+                    start: EventStart::Position(start),
+                    partition: Some(addr.partition),
+                    device_id: None,
+                    module_id: None,
+                    track_checkpoint: false,
+                };
+                let epoch = a
+                    .properties
+                    .get("com.microsoft:epoch")
+                    .and_then(Value::as_i64);
+                let lease =
+                    match self
+                        .fe
+                        .hub
+                        .admit_reader(&addr.consumer_group, addr.partition, epoch)
+                    {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let condition = match e {
+                                ReaderRefusal::TooManyReaders => "amqp:resource-limit-exceeded",
+                                ReaderRefusal::LowerEpoch { .. } | ReaderRefusal::EpochHeld(_) => {
+                                    "amqp:link:stolen"
+                                }
+                            };
+                            return self.refuse_attach(ch, &a, condition, e.to_string()).await;
+                        }
+                    };
+                let stream = match self.fe.hub.open_events(query).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let condition = if addr.partition >= self.fe.hub.event_partitions() {
+                            "amqp:not-found"
+                        } else {
+                            condition_of(&e)
+                        };
+                        return self
+                            .refuse_attach(ch, &a, condition, e.message().to_owned())
+                            .await;
+                    }
+                };
+                self.send(local, Performative::Attach(Self::attach_reply(&a, true)))
+                    .await?;
+                let (limit_tx, limit_rx) = watch::channel(0u32);
+                let pump = tokio::spawn(pump(
+                    stream,
+                    limit_rx,
+                    self.events_tx.clone(),
+                    ch,
+                    a.handle,
+                    lease,
+                ));
+                debug!(peer = %self.peer, address = %address, ?start, "AMQP partition receiver attached");
+                self.session(ch)?.links.insert(
+                    a.handle,
+                    LinkKind::Events {
+                        credit: Credit::default(),
+                        limit: limit_tx,
+                        pump,
+                        settled: a.snd_settle_mode == Some(1),
+                    },
+                );
+                Ok(())
+            }
+            (Node::IotHubEvents(rest), _) => {
+                if !self.authorized(Right::ServiceConnect) {
+                    return self
+                        .refuse_attach(
+                            ch,
+                            &a,
+                            "amqp:unauthorized-access",
+                            format!("no valid token with ServiceConnect for {address}"),
+                        )
+                        .await;
+                }
+                // Tools given the IoT Hub connection string look for the Event Hubs endpoint
+                // this way; they read the entity from the address (`:PORT/ENTITY/...`).
+                let host = self.host.split(':').next().unwrap_or_default().to_owned();
+                let target =
+                    eventhub::redirect_address(&host, self.fe.port, &self.fe.entity, &rest);
+                let info = Value::Map(vec![
+                    (Value::sym("hostname"), Value::str(host.clone())),
+                    (Value::sym("network-host"), Value::str(host.clone())),
+                    (Value::sym("port"), Value::Int(i32::from(self.fe.port))),
+                    (Value::sym("address"), Value::str(target.clone())),
+                    (Value::sym("scheme"), Value::str("amqps")),
+                    (
+                        Value::sym("path"),
+                        Value::str(format!("{}{rest}", self.fe.entity)),
+                    ),
+                ]);
+                debug!(peer = %self.peer, from = %address, to = %target, "AMQP link redirected");
+                self.send(
+                    local,
+                    Performative::Attach(Self::attach_reply(&a, client_receives)),
+                )
+                .await?;
+                let mut error = AmqpError::new(
+                    "amqp:link:redirect",
+                    format!("the Event Hubs-compatible endpoint is {target}"),
+                );
+                error.info = info;
+                let detach = Detach {
+                    handle: a.handle,
+                    closed: Some(true),
+                    error: Some(error),
+                };
+                self.send(local, Performative::Detach(detach)).await
+            }
+            (_, _) => {
+                self.refuse_attach(ch, &a, "amqp:not-found", format!("no node at {address:?}"))
+                    .await
+            }
+        }
+    }
+
+    /// A link Flow from us, giving a client's sender `credit`.
+    async fn grant(
+        &mut self,
+        ch: u16,
+        handle: u32,
+        delivery_count: u32,
+        credit: u32,
+    ) -> Result<(), ConnError> {
+        let s = self.session(ch)?;
+        let flow = Flow {
+            next_incoming_id: Some(s.next_incoming_id),
+            incoming_window: WINDOW,
+            next_outgoing_id: s.next_outgoing_id,
+            outgoing_window: WINDOW,
+            handle: Some(handle),
+            delivery_count: Some(delivery_count),
+            link_credit: Some(credit),
+            available: Some(0),
+            drain: Some(false),
+            echo: Some(false),
+            properties: Value::Null,
+        };
+        let local = s.local;
+        self.send(local, Performative::Flow(flow)).await
+    }
+
+    async fn on_flow(&mut self, ch: u16, fl: Flow) -> Result<(), ConnError> {
+        let s = self.session(ch)?;
+        // The peer's window, counted from the transfer id it expects next.
+        let next_in = fl.next_incoming_id.unwrap_or(0);
+        s.remote_incoming = next_in
+            .wrapping_add(fl.incoming_window)
+            .wrapping_sub(s.next_outgoing_id);
+        if let Some(handle) = fl.handle {
+            match s.links.get_mut(&handle) {
+                Some(LinkKind::Events { credit, limit, .. }) => {
+                    credit.limit = fl
+                        .delivery_count
+                        .unwrap_or(0)
+                        .wrapping_add(fl.link_credit.unwrap_or(0));
+                    let _ = limit.send(credit.limit);
+                }
+                Some(LinkKind::Replies { credit, .. }) => {
+                    credit.limit = fl
+                        .delivery_count
+                        .unwrap_or(0)
+                        .wrapping_add(fl.link_credit.unwrap_or(0));
+                    self.flush_replies(ch, handle).await?;
+                }
+                _ => {}
+            }
+        }
+        self.flush_waiting(ch).await
+    }
+
+    async fn on_transfer(
+        &mut self,
+        ch: u16,
+        t: Transfer,
+        payload: Vec<u8>,
+    ) -> Result<(), ConnError> {
+        let s = self.session(ch)?;
+        s.next_incoming_id = s.next_incoming_id.wrapping_add(1);
+        let Some(LinkKind::Requests {
+            node,
+            credit,
+            delivery_count,
+            partial,
+            delivery,
+        }) = s.links.get_mut(&t.handle)
+        else {
+            return Err(protocol("transfer on a link that does not take them"));
+        };
+        if delivery.is_none() {
+            if *credit == 0 {
+                return Err(protocol("transfer beyond credit"));
+            }
+            *credit -= 1;
+            *delivery_count = delivery_count.wrapping_add(1);
+            *delivery = Some((t.delivery_id.unwrap_or(0), t.settled.unwrap_or(false)));
+        }
+        if partial.len() + payload.len() > MAX_REQUEST_BYTES {
+            return Err(protocol("request message too large"));
+        }
+        partial.extend_from_slice(&payload);
+        if t.more.unwrap_or(false) {
+            return Ok(());
+        }
+        let node = node.clone();
+        let bytes = std::mem::take(partial);
+        let (delivery_id, settled) = delivery.take().unwrap_or((0, true));
+        let (count, left) = (*delivery_count, *credit);
+        let local = s.local;
+        if !settled {
+            let d = Disposition {
+                role: true,
+                first: delivery_id,
+                last: Some(delivery_id),
+                settled: Some(true),
+                state: accepted(),
+                batchable: Some(false),
+            };
+            self.send(local, Performative::Disposition(d)).await?;
+        }
+        if left < REQUEST_CREDIT / 2 {
+            if let Some(LinkKind::Requests { credit, .. }) =
+                self.session(ch)?.links.get_mut(&t.handle)
+            {
+                *credit = REQUEST_CREDIT;
+            }
+            self.grant(ch, t.handle, count, REQUEST_CREDIT).await?;
+        }
+        let request = match Message::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => return Err(protocol(format!("undecodable request message: {e}"))),
+        };
+        let reply = match node {
+            Node::Cbs => self.cbs(&request).await,
+            _ => self.management(&request).await,
+        };
+        self.queue_reply(ch, &node, reply).await
+    }
+
+    /// A `$cbs` put-token: the token becomes one of the connection's claims.
+    async fn cbs(&mut self, req: &Message) -> Message {
+        let op = req
+            .application_property("operation")
+            .and_then(Value::as_str);
+        let token = match &req.body {
+            Body::Value(v) => v.as_str().map(str::to_owned),
+            _ => None,
+        };
+        let (status, description) = match (op, token) {
+            (Some("put-token"), Some(token)) => {
+                match self.fe.hub.authorize_claim(&token, &self.fe.entity).await {
+                    Ok(claim) => {
+                        self.claims.retain(|c| c.expiry > now_secs());
+                        // A connection renews its tokens; keep only a bounded few.
+                        if self.claims.len() >= 16 {
+                            self.claims.remove(0);
+                        }
+                        self.claims.push(claim);
+                        (200, "OK".to_owned())
+                    }
+                    Err(e) => {
+                        let audience = req
+                            .application_property("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default();
+                        info!(peer = %self.peer, audience, reason = %e.message(), "AMQP put-token refused");
+                        (401, e.message().to_owned())
+                    }
+                }
+            }
+            _ => (400, "expected a put-token with a string token".to_owned()),
+        };
+        response(req, status, &description, Value::Null)
+    }
+
+    /// A `$management` READ of the event hub or a partition.
+    async fn management(&mut self, req: &Message) -> Message {
+        let prop = |k: &str| {
+            req.application_property(k)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        if !self.authorized(Right::ServiceConnect) {
+            let token = prop("security_token").unwrap_or_default();
+            match self.fe.hub.authorize_claim(&token, &self.fe.entity).await {
+                Ok(c) if c.grants(Right::ServiceConnect, now_secs()) => {}
+                Ok(_) | Err(_) => {
+                    info!(peer = %self.peer, "AMQP $management request refused: no valid token with ServiceConnect");
+                    return response(req, 401, "Unauthorized", Value::Null);
+                }
+            }
+        }
+        if prop("operation").as_deref() != Some("READ") {
+            return response(req, 400, "only READ is supported", Value::Null);
+        }
+        if !prop("name").is_some_and(|n| n.eq_ignore_ascii_case(&self.fe.entity)) {
+            return response(req, 404, "no such event hub", Value::Null);
+        }
+        let hub = self.fe.hub.clone();
+        match prop("type").as_deref() {
+            Some("com.microsoft:eventhub") => {
+                let body = eventhub::eventhub_properties(
+                    &self.fe.entity,
+                    hub.event_partitions(),
+                    self.fe.created_ms,
+                );
+                response(req, 200, "OK", body)
+            }
+            Some("com.microsoft:partition") => {
+                let Some(p) = prop("partition")
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .filter(|p| *p < hub.event_partitions())
+                else {
+                    return response(req, 404, "no such partition", Value::Null);
+                };
+                match hub.partition_info(p).await {
+                    Ok(info) => response(
+                        req,
+                        200,
+                        "OK",
+                        eventhub::partition_properties(&self.fe.entity, p, &info),
+                    ),
+                    Err(e) => response(req, 500, e.message(), Value::Null),
+                }
+            }
+            _ => response(req, 400, "unknown type", Value::Null),
+        }
+    }
+
+    async fn queue_reply(&mut self, ch: u16, node: &Node, reply: Message) -> Result<(), ConnError> {
+        let s = self.session(ch)?;
+        let handle = s.links.iter().find_map(|(h, l)| match l {
+            LinkKind::Replies { node: n, .. } if n == node => Some(*h),
+            _ => None,
+        });
+        let Some(handle) = handle else {
+            debug!(peer = %self.peer, "AMQP reply dropped: no reply link attached");
+            return Ok(());
+        };
+        if let Some(LinkKind::Replies { queue, .. }) = s.links.get_mut(&handle) {
+            // Bounded: a client that asks without ever giving credit gets no more answers.
+            if queue.len() < 64 {
+                queue.push_back(reply);
+            }
+        }
+        self.flush_replies(ch, handle).await
+    }
+
+    async fn flush_replies(&mut self, ch: u16, handle: u32) -> Result<(), ConnError> {
+        loop {
+            let s = self.session(ch)?;
+            let window = s.remote_incoming;
+            let Some(LinkKind::Replies { credit, queue, .. }) = s.links.get_mut(&handle) else {
+                return Ok(());
+            };
+            if credit.available() == 0 || window == 0 {
+                return Ok(());
+            }
+            let Some(m) = queue.pop_front() else {
+                return Ok(());
+            };
+            credit.sent = credit.sent.wrapping_add(1);
+            self.transfer(ch, handle, true, &m.encode()).await?;
+        }
+    }
+
+    /// A newer epoch reader took the partition: this link ends with `amqp:link:stolen`.
+    async fn stolen(&mut self, ch: u16, handle: u32) -> Result<(), ConnError> {
+        let Some(s) = self.sessions.get_mut(&ch) else {
+            return Ok(());
+        };
+        if !matches!(s.links.get(&handle), Some(LinkKind::Events { .. })) {
+            return Ok(());
+        }
+        s.links.remove(&handle);
+        let local = s.local;
+        info!(peer = %self.peer, handle, "AMQP receiver detached: a reader with a newer epoch took the partition");
+        let error = AmqpError::new(
+            "amqp:link:stolen",
+            "a receiver with a higher epoch took this partition",
+        );
+        let detach = Detach {
+            handle,
+            closed: Some(true),
+            error: Some(error),
+        };
+        self.send(local, Performative::Detach(detach)).await
+    }
+
+    async fn on_event(&mut self, ch: u16, handle: u32, e: EventRecord) -> Result<(), ConnError> {
+        let Some(s) = self.sessions.get_mut(&ch) else {
+            return Ok(());
+        };
+        s.waiting.push_back((handle, e));
+        self.flush_waiting(ch).await
+    }
+
+    /// Sends the events the pumps handed over, while the session window allows.
+    async fn flush_waiting(&mut self, ch: u16) -> Result<(), ConnError> {
+        loop {
+            let s = self.session(ch)?;
+            if s.remote_incoming == 0 {
+                return Ok(());
+            }
+            let Some((handle, e)) = s.waiting.pop_front() else {
+                return Ok(());
+            };
+            let Some(LinkKind::Events {
+                credit, settled, ..
+            }) = s.links.get_mut(&handle)
+            else {
+                continue; // detached meanwhile
+            };
+            // The pump only takes an event within credit, so this cannot overdraw; counted here
+            // as the delivery-count the receiver sees.
+            credit.sent = credit.sent.wrapping_add(1);
+            let settled = *settled;
+            let bytes = eventhub::event_message(&e).encode();
+            self.transfer(ch, handle, settled, &bytes).await?;
+        }
+    }
+
+    /// Writes one delivery, split into frames the peer accepts.
+    async fn transfer(
+        &mut self,
+        ch: u16,
+        handle: u32,
+        settled: bool,
+        payload: &[u8],
+    ) -> Result<(), ConnError> {
+        let chunk = (self.peer_max_frame as usize)
+            .saturating_sub(TRANSFER_OVERHEAD)
+            .max(64);
+        let s = self.session(ch)?;
+        let delivery_id = s.next_delivery_id;
+        s.next_delivery_id = s.next_delivery_id.wrapping_add(1);
+        let local = s.local;
+        let mut pieces = payload.chunks(chunk).peekable();
+        let mut out = Vec::with_capacity(payload.len() + TRANSFER_OVERHEAD);
+        let mut first = true;
+        while let Some(piece) = pieces.next() {
+            let more = pieces.peek().is_some();
+            let t = Transfer {
+                handle,
+                delivery_id: Some(delivery_id),
+                delivery_tag: Some(delivery_id.to_be_bytes().to_vec()),
+                message_format: Some(0),
+                settled: Some(settled),
+                more: Some(more),
+                rcv_settle_mode: None,
+                state: Value::Null,
+                resume: Some(false),
+                aborted: Some(false),
+                batchable: Some(!first || more),
+            };
+            first = false;
+            out.extend_from_slice(&frame::encode(
+                FrameKind::Amqp,
+                local,
+                Some(&t.to_value()),
+                piece,
+            ));
+            let s = self.session(ch)?;
+            s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
+            s.remote_incoming = s.remote_incoming.saturating_sub(1);
+        }
+        self.write(&out).await
+    }
+}
+
+/// A `$cbs` / `$management` response: `correlation-id` echoes the request's message-id with
+/// its AMQP type (clients match on both), `status-code` is an int.
+fn response(req: &Message, status: i32, description: &str, body: Value) -> Message {
+    let message_id = req
+        .properties
+        .as_ref()
+        .map(|p| p.message_id.clone())
+        .unwrap_or_default();
+    Message {
+        properties: Some(Properties {
+            message_id: Value::str(format!("ferrohub-{}", rand::random::<u64>())),
+            correlation_id: message_id,
+            to: req.properties.as_ref().and_then(|p| p.reply_to.clone()),
+            ..Default::default()
+        }),
+        application_properties: vec![
+            (Value::str("status-code"), Value::Int(status)),
+            (Value::str("status-description"), Value::str(description)),
+        ],
+        body: Body::Value(body),
+        ..Default::default()
+    }
+}
+
+/// Takes events from the hub's stream only while the link has credit, so nothing is read
+/// ahead of what the consumer asked for (and a consumer that restarts from its last offset
+/// misses nothing). Ends when the link or connection goes (the task is aborted) or the
+/// stream ends.
+async fn pump(
+    mut stream: EventStream,
+    mut limit: watch::Receiver<u32>,
+    tx: mpsc::Sender<(u16, u32, Option<EventRecord>)>,
+    ch: u16,
+    handle: u32,
+    lease: ReaderLease,
+) {
+    let mut stolen = lease.stolen.clone();
+    let events = tx.clone();
+    let work = async move {
+        let mut credit = Credit::default();
+        loop {
+            credit.limit = *limit.borrow_and_update();
+            if credit.available() == 0 {
+                if limit.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let Some(e) = stream.next().await else { return };
+            credit.sent = credit.sent.wrapping_add(1);
+            if events.send((ch, handle, Some(e))).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = async move {
+            let taken = stolen.wait_for(|s| *s).await.is_ok();
+            if !taken {
+                // Our place went without a thief (the lease is ours alone): never stolen.
+                std::future::pending::<()>().await;
+            }
+        } => {
+            let _ = tx.send((ch, handle, None)).await;
+        }
+    }
+    // The place is held until here, so a stolen reader never overlaps its successor.
+    drop(lease);
+}
