@@ -19,6 +19,7 @@
 
 import argparse
 import base64
+import concurrent.futures
 import csv
 import hashlib
 import hmac
@@ -213,9 +214,12 @@ class Abuser:
         return self.ctx.wrap_socket(raw, server_hostname="localhost")
 
     @staticmethod
-    def closed_or_refused(s, timeout=5):
+    def closed_or_refused(s, timeout=35):
         """True when the peer closes the connection within `timeout` (after a TLS alert or a
-        CONNACK refusal, if it sends one); False when it keeps it open or accepts a CONNECT."""
+        CONNACK refusal, if it sends one); False when it keeps it open or accepts a CONNECT.
+        The default outlasts the hub's own limits (10 s for a TLS handshake, 30 s for CONNECT),
+        as junk can be a plausible start: a handshake message announcing more records, a
+        packet header announcing more bytes, which the hub rightly waits for until then."""
         s.settimeout(timeout)
         deadline = time.monotonic() + timeout
         first = b""
@@ -520,11 +524,26 @@ def cmd_abuse(a):
     out = IntervalLog(a.out)
     ab = Abuser(hub)
     counts = {}  # kind -> [expected, unexpected]
-    silent = {}  # the same, filled by the silent holders; merged into counts at each interval
+    silent = {}  # the same, filled by the attempts and the silent holders; merged at each interval
     lock = threading.Lock()
     stop = threading.Event()
     for _ in range(a.silent):
         threading.Thread(target=silent_holder, args=(hub, stop, silent, lock), daemon=True).start()
+    def attempt(kind):
+        try:
+            good = getattr(ab, kind)()
+        except (OSError, ssl.SSLError, http.client.HTTPException) as e:
+            # A refused or reset connection is the hub saying no; anything else is noted.
+            good = isinstance(e, (ConnectionError, ssl.SSLError))
+            if not good:
+                kind = f"{kind}:{type(e).__name__}"
+        with lock:
+            c = silent.setdefault(kind, [0, 0])
+            c[0 if good else 1] += 1
+
+    # Attempts run on a pool, so the few the hub rightly keeps until its timeouts do not hold
+    # back the rest.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=32)
     period = 1.0 / a.rate
     nxt = time.monotonic()
     last_emit = time.monotonic()
@@ -534,17 +553,8 @@ def cmd_abuse(a):
         if now < nxt:
             time.sleep(nxt - now)
         nxt = max(nxt + period, time.monotonic() - 1)
-        kind = ABUSES[i % len(ABUSES)]
+        pool.submit(attempt, ABUSES[i % len(ABUSES)])
         i += 1
-        try:
-            good = getattr(ab, kind)()
-        except (OSError, ssl.SSLError, http.client.HTTPException) as e:
-            # A refused or reset connection is the hub saying no; anything else is noted.
-            good = isinstance(e, (ConnectionError, ssl.SSLError))
-            if not good:
-                kind = f"{kind}:{type(e).__name__}"
-        c = counts.setdefault(kind, [0, 0])
-        c[0 if good else 1] += 1
         if time.monotonic() - last_emit >= a.interval:
             with lock:
                 for k, (good, bad) in silent.items():
@@ -606,13 +616,15 @@ def proc_figures(pid):
             k, _, v = line.partition(":")
             st[k] = v.strip()
     rss = int(st["VmRSS"].split()[0])
+    anon = int(st.get("RssAnon", "0 kB").split()[0])
+    file_ = int(st.get("RssFile", "0 kB").split()[0])
     threads = int(st["Threads"])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     cpu = (int(fields[11]) + int(fields[12])) / tick
-    return rss, fds, threads, cpu
+    return rss, fds, threads, cpu, anon, file_
 
 
 COLUMNS = (
@@ -620,6 +632,8 @@ COLUMNS = (
     + [f"{k}_{p}_ms" for k in ["telemetry", "c2d", "methods", "twin", "desired"] for p in ["p50", "p99"]]
     + [f"{k}_ops" for k in ["telemetry", "c2d", "methods", "twin", "desired", "connect", "abuse"]]
     + ["load_failures", "load_runs_failed", "desired_errors", "abuse_unexpected", "log_warn", "log_error"]
+    # VmRSS split: heap and other anonymous memory, and mapped files (the binary, SQLite's -shm).
+    + ["rss_anon_kib", "rss_file_kib"]
 )
 
 
@@ -647,12 +661,13 @@ def cmd_sample(a):
         next_t += a.interval
         time.sleep(max(0, next_t - time.time()))
         try:
-            rss, fds, threads, cpu = proc_figures(a.pid)
+            rss, fds, threads, cpu, anon, file_ = proc_figures(a.pid)
         except (FileNotFoundError, ProcessLookupError, KeyError):
             print("sample: the server process is gone", file=sys.stderr)
             sys.exit(3)
         row = {"elapsed_s": round(time.time() - t0, 1), "rss_kib": rss, "fds": fds,
-               "threads": threads, "server_cpu_s": round(cpu, 2)}
+               "threads": threads, "server_cpu_s": round(cpu, 2), "rss_anon_kib": anon,
+               "rss_file_kib": file_}
         for n, (lat_path, op_key) in LOOPS.items():
             p50s, p99s = [], []
             for line in tails[n].new_lines():
