@@ -12,9 +12,10 @@ wait_port() {
 stop_server() { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=; }
 
 # Starts a Ferrohub on free loopback ports with data dir $1 and waits until it accepts MQTT.
+# BENCH_SERVER_LOG sets its log filter (default warn).
 start_ferrohub() {
   local mqtt; mqtt=$(free_port)
-  FERROHUB_LOG=warn "$bin/ferrohub" serve --data-dir "$1" --mqtt-bind "127.0.0.1:$mqtt" \
+  FERROHUB_LOG=${BENCH_SERVER_LOG:-warn} "$bin/ferrohub" serve --data-dir "$1" --mqtt-bind "127.0.0.1:$mqtt" \
     --https-bind "127.0.0.1:$(free_port)" --amqp-bind 127.0.0.1:0 >>"$work/ferrohub.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do [ -f "$1/hub.json" ] && break; sleep 0.1; done

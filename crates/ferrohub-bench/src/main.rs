@@ -38,6 +38,13 @@ enum Scenario {
     /// Have N devices publish reported-property patches at a fixed total rate; measure the time
     /// from PUBLISH to the hub's 204 (sent once the patch is durable) and server CPU per patch.
     TwinReported(scenario::twin::TwinArgs),
+    /// Drive every kind of durable write (QoS 1 telemetry, C2D sends, reported patches,
+    /// registry creates) until killed, appending each acknowledged write to an ack log the
+    /// moment its acknowledgement arrives (scripts/crash-loop.sh).
+    CrashWriter(scenario::crash::WriterArgs),
+    /// Check that every write in crash-writer ack logs is still there after the hub restarted;
+    /// prints a `CHECK {json}` line, fails when anything acknowledged is missing.
+    CrashCheck(scenario::crash::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +72,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::C2d(args) => scenario::c2d::run(args).await,
             Scenario::Methods(args) => scenario::methods::run(args).await,
             Scenario::TwinReported(args) => scenario::twin::run(args).await,
+            Scenario::CrashWriter(args) => scenario::crash::run_writer(args).await,
+            Scenario::CrashCheck(args) => scenario::crash::run_check(args).await,
         }
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod c2d;
 pub mod connect;
+pub mod crash;
 pub mod methods;
 pub mod push;
 pub mod telemetry;
