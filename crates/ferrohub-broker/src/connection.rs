@@ -39,6 +39,8 @@ enum ConnError {
     Encode(#[from] ferrohub_mqtt::EncodeError),
     #[error("a write to the client did not finish within {0:?} (the client is not reading)")]
     WriteTimeout(std::time::Duration),
+    #[error("the first packet is not a CONNECT")]
+    NotConnect,
     /// A takeover or kick arrived while a write waited on the client.
     #[error("taken over while writing")]
     Kicked,
@@ -86,8 +88,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         Ok(())
     }
 
-    async fn read_packet(&mut self) -> Result<Packet, ConnError> {
+    /// The first packet, which must be CONNECT: a first byte of any other type ends the
+    /// connection at once, instead of after the connect timeout while random bytes look like
+    /// the start of a long packet.
+    async fn read_first_packet(&mut self) -> Result<Packet, ConnError> {
         loop {
+            if self.rbuf.first().is_some_and(|b| b >> 4 != 1) {
+                return Err(ConnError::NotConnect);
+            }
             if let Some(p) = self.next_buffered()? {
                 return Ok(p);
             }
@@ -164,7 +172,7 @@ where
     // otherwise hold shutdown up for the whole connect timeout.
     let mut shutdown = broker.shutdown.clone();
     let first = tokio::select! {
-        r = tokio::time::timeout(broker.config.connect_timeout, wire.read_packet()) => r,
+        r = tokio::time::timeout(broker.config.connect_timeout, wire.read_first_packet()) => r,
         _ = crate::until_shutdown(&mut shutdown) => {
             debug!(peer = %peer.addr, "server shutting down before CONNECT; closing");
             return;
@@ -817,6 +825,37 @@ mod tests {
             .await
             .expect("the connection ends at shutdown, not at the connect timeout")
             .expect("no panic");
+    }
+
+    /// Bytes that cannot start a CONNECT end the connection at once, not at the connect
+    /// timeout (random bytes often look like the start of a long packet).
+    #[tokio::test(start_paused = true)]
+    async fn a_first_byte_that_is_not_connect_closes_at_once() {
+        let handler = Arc::new(Recorder::default());
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let broker = Broker::new(
+            handler,
+            BrokerConfig::default(),
+            Arc::new(NoPersistence),
+            shutdown,
+        );
+        let (mut client, server) = tokio::io::duplex(1024);
+        let task = tokio::spawn(super::serve_connection(broker, server, tls_peer()));
+        // A PUBLISH header announcing a 2 MB packet.
+        client
+            .write_all(&[0x30, 0xff, 0xff, 0x7f])
+            .await
+            .expect("write");
+        let started = tokio::time::Instant::now();
+        task.await.expect("no panic");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("closed");
+        assert!(rest.is_empty(), "nothing is answered: {rest:?}");
     }
 
     /// A session store whose disk has failed.
