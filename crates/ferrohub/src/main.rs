@@ -3,8 +3,8 @@
 
 use clap::{Parser, Subcommand};
 use ferrohub::cli::{
-    self, C2dCommand, CertificateCommand, ClientArgs, DeviceCommand, InvokeArgs, ModuleCommand,
-    MonitorArgs, SasTokenArgs, TwinCommand,
+    self, C2dCommand, CertificateCommand, ClientArgs, DeviceCommand, EventhubArgs, InvokeArgs,
+    ModuleCommand, MonitorArgs, SasTokenArgs, TwinCommand,
 };
 use ferrohub::config::{ServeArgs, ServerConfig};
 use tracing_subscriber::EnvFilter;
@@ -78,6 +78,14 @@ enum Command {
         #[command(flatten)]
         args: InvokeArgs,
     },
+    /// Print the Event Hubs-compatible connection string of the built-in events endpoint, for
+    /// `azure-eventhub` and other Event Hubs clients.
+    EventhubConnectionString {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: EventhubArgs,
+    },
     /// Generate a SAS token for a device, a module or a hub policy.
     SasToken {
         #[command(flatten)]
@@ -96,6 +104,9 @@ async fn main() -> std::process::ExitCode {
         Command::Module { client, cmd } => cli::run_module(&client, cmd).await,
         Command::Certificate { client, cmd } => cli::run_certificate(&client, cmd).await,
         Command::SasToken { client, args } => cli::run_sas_token(&client, args).await,
+        Command::EventhubConnectionString { client, args } => {
+            cli::run_eventhub_connection_string(&client, args)
+        }
         Command::Monitor { client, args } => cli::run_monitor(&client, args).await,
         Command::C2d { client, cmd } => cli::run_c2d(&client, cmd).await,
         Command::Twin { client, cmd } => cli::run_twin(&client, cmd).await,

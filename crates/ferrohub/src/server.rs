@@ -248,8 +248,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .unwrap_or_else(|| owner.clone());
     let mut info = hub_info(&cfg, mqtt_addr, https_addr, &tls_files, &owner);
     info.amqp_port = amqp_addr.port();
-    info.eventhub_connection_string =
-        eventhub_connection_string(&info.hostname, amqp_addr.port(), &cfg.hub_name(), &service);
+    info.eventhub_connection_string = eventhub_connection_string(
+        &info.hostname,
+        amqp_addr.port(),
+        &cfg.hub_name(),
+        &service.key_name,
+        &service.primary_key,
+    );
     // hub.json only helps the CLI find the hub: a hub on a full disk must still start, since
     // refusing to would turn a full disk into an outage that outlives it.
     if let Err(e) = write_hub_file(&data_dir, &info) {
@@ -287,7 +292,8 @@ pub fn eventhub_connection_string(
     host: &str,
     port: u16,
     entity: &str,
-    policy: &AccessPolicy,
+    key_name: &str,
+    key: &str,
 ) -> String {
     let endpoint = if port == 5671 {
         host.to_owned()
@@ -295,8 +301,7 @@ pub fn eventhub_connection_string(
         format!("{host}:{port}")
     };
     format!(
-        "Endpoint=sb://{endpoint}/;SharedAccessKeyName={};SharedAccessKey={};EntityPath={entity}",
-        policy.key_name, policy.primary_key
+        "Endpoint=sb://{endpoint}/;SharedAccessKeyName={key_name};SharedAccessKey={key};EntityPath={entity}"
     )
 }
 

@@ -253,3 +253,41 @@ async fn c2d_twin_and_invoke_commands_work_as_a_user_runs_them() -> TestResult {
     hub.stop().await;
     Ok(())
 }
+
+/// The Event Hubs-compatible connection string as `az iot hub connection-string show
+/// --default-eventhub` gives it: from the running hub's data directory, and built from a
+/// service connection string for a hub elsewhere.
+#[tokio::test]
+async fn eventhub_connection_string_comes_from_the_hub_or_a_service_connection_string() -> TestResult
+{
+    let hub = TestHub::start().await?;
+    let dir = hub.dir.path().to_path_buf();
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || ferrohub(&dir, &["eventhub-connection-string"])
+    })
+    .await??;
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), hub.server().info.eventhub_connection_string);
+    assert!(out.starts_with("Endpoint=sb://localhost:"), "{out}");
+    assert!(out.contains(";SharedAccessKeyName=service;"), "{out}");
+
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        ferrohub(
+            &dir,
+            &[
+                "eventhub-connection-string",
+                "--connection-string",
+                "HostName=myhub.example.com;SharedAccessKeyName=service;SharedAccessKey=a2V5",
+            ],
+        )
+    })
+    .await??;
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "Endpoint=sb://myhub.example.com/;SharedAccessKeyName=service;SharedAccessKey=a2V5;EntityPath=myhub"
+    );
+    hub.stop().await;
+    Ok(())
+}

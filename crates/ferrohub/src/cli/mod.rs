@@ -228,6 +228,51 @@ pub enum CertificateCommand {
     Delete { name: String },
 }
 
+/// `eventhub-connection-string`: the string Event Hubs clients (`azure-eventhub`,
+/// `@azure/event-hubs`, Functions triggers) take, like `az iot hub connection-string show
+/// --default-eventhub`.
+#[derive(Debug, Args)]
+pub struct EventhubArgs {
+    /// With --connection-string (a hub elsewhere): the hub's AMQP port.
+    #[arg(long, default_value_t = 5671)]
+    pub amqp_port: u16,
+    /// With --connection-string: the event hub's name [default: the host name's first label].
+    #[arg(long)]
+    pub hub_name: Option<String>,
+}
+
+/// Prints the Event Hubs-compatible connection string: from the running hub's `hub.json`, or
+/// built from --connection-string's policy and host.
+pub fn run_eventhub_connection_string(args: &ClientArgs, e: EventhubArgs) -> anyhow::Result<()> {
+    let text = match &args.connection_string {
+        None => {
+            let info = crate::server::HubInfo::load(&args.data_dir)
+                .context("no --connection-string or FERROHUB_CONNECTION_STRING given")?;
+            if info.eventhub_connection_string.is_empty() {
+                bail!(
+                    "{} has no Event Hubs connection string: the hub there predates the AMQP endpoint; restart it",
+                    args.data_dir.join(crate::server::HUB_FILE).display()
+                );
+            }
+            info.eventhub_connection_string
+        }
+        Some(_) => {
+            let cs = load_connection_string(args)?;
+            let (Some(name), Some(key)) = (&cs.shared_access_key_name, &cs.shared_access_key)
+            else {
+                bail!("the connection string must name a policy (SharedAccessKeyName and SharedAccessKey)");
+            };
+            let host = client::strip_port(&cs.host_name).to_string();
+            let entity = e
+                .hub_name
+                .unwrap_or_else(|| host.split('.').next().unwrap_or(&host).to_string());
+            crate::server::eventhub_connection_string(&host, e.amqp_port, &entity, name, key)
+        }
+    };
+    println!("{text}");
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 pub struct SasTokenArgs {
     /// Device the token is for.
