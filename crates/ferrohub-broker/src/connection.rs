@@ -990,36 +990,7 @@ mod tests {
             Arc::new(NoPersistence),
             shutdown,
         );
-        // A small pipe: the client's receive buffer, full after a few messages.
-        let (mut client, server) = tokio::io::duplex(4 * 1024);
-        let peer = tls_peer();
-        let task = tokio::spawn(super::serve_connection(broker, server, peer));
-        client
-            .write_all(&connect_bytes(true))
-            .await
-            .expect("write CONNECT");
-        let mut connack = [0u8; 4];
-        client.read_exact(&mut connack).await.expect("CONNACK");
-        assert_eq!(connack, [0x20, 2, 0, 0]);
-        let outbound = handler
-            .outbound
-            .lock()
-            .expect("not poisoned")
-            .clone()
-            .expect("connected");
-        // Far more than the pipe holds; the client reads none of it.
-        let pusher = tokio::spawn(async move {
-            for _ in 0..64 {
-                let msg = crate::OutboundMessage::new(
-                    "t".into(),
-                    Bytes::from(vec![0u8; 1024]),
-                    QoS::AtMostOnce,
-                );
-                if outbound.send(msg).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (client, task, pusher) = blocked_in_a_write(&handler, &broker).await;
         let started = tokio::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(600), task)
             .await
