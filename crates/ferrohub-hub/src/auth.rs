@@ -107,7 +107,8 @@ pub struct Authenticated {
     pub credentials_expiry: Option<u64>,
 }
 
-fn now_epoch() -> u64 {
+/// The wall clock in Unix seconds, as token expiries count.
+pub(crate) fn now_epoch() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
