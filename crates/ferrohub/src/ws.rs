@@ -49,16 +49,7 @@ pub fn upgrade_amqp(
 ) -> Response {
     let Ok(permit) = conn.sessions.slots.clone().try_acquire_owned() else {
         debug!(peer = %conn.addr, "connection cap reached; AMQP WebSocket upgrade refused");
-        let mut resp = ApiError::new(
-            ferrohub_iothub::ErrorCode::ServiceUnavailable,
-            "the hub is at its connection limit; retry later",
-        )
-        .into_response();
-        resp.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static(RETRY_AFTER_SECS),
-        );
-        return resp;
+        return at_connection_cap("the hub is at its connection limit; retry later");
     };
     let tracked = conn.sessions.tracker.token();
     let max = front_end.max_frame_size as usize;
@@ -77,6 +68,18 @@ pub fn upgrade_amqp(
 /// Seconds a refused client is told to wait before it tries again.
 const RETRY_AFTER_SECS: &str = "5";
 
+/// The 503 for an upgrade the connection cap has no room for. Its `Retry-After` is shorter
+/// than the one `ApiError` gives a 503 (a full disk): a slot frees as soon as any session ends.
+fn at_connection_cap(message: &str) -> Response {
+    let mut resp =
+        ApiError::new(ferrohub_iothub::ErrorCode::ServiceUnavailable, message).into_response();
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECS),
+    );
+    resp
+}
+
 /// Upgrades to an MQTT session when the device-connection cap has room, else answers 503.
 ///
 /// Refused rather than queued: the request is already accepted, and a handshake left waiting
@@ -89,16 +92,7 @@ pub fn upgrade(
 ) -> Response {
     let Ok(permit) = conn.sessions.slots.clone().try_acquire_owned() else {
         debug!(peer = %conn.addr, "device connection cap reached; WebSocket upgrade refused");
-        let mut resp = ApiError::new(
-            ferrohub_iothub::ErrorCode::ServiceUnavailable,
-            "the hub is at its device connection limit; retry later",
-        )
-        .into_response();
-        resp.headers_mut().insert(
-            header::RETRY_AFTER,
-            HeaderValue::from_static(RETRY_AFTER_SECS),
-        );
-        return resp;
+        return at_connection_cap("the hub is at its device connection limit; retry later");
     };
     // Taken before the 101 goes out, so shutdown also waits for an upgrade still completing.
     let tracked = conn.sessions.tracker.token();

@@ -126,29 +126,10 @@ async fn amqp_runs_over_websocket_at_both_paths_by_subprotocol() -> TestResult {
     Ok(())
 }
 
-/// Opens the WebSocket; returns the client and the subprotocol the server chose.
+/// Opens an MQTT WebSocket; returns the client and the subprotocol the server chose.
 async fn ws_client(hub: &TestHub, path: &str) -> R<(MqttClient, Option<String>)> {
-    let tcp = tokio::net::TcpStream::connect(hub.https_addr()).await?;
-    let tls = tokio_rustls::TlsConnector::from(client_tls_config(&hub.ca, None)?)
-        .connect(ServerName::try_from(HOST)?, tcp)
-        .await?;
-    let mut req =
-        format!("wss://{HOST}:{}{path}", hub.https_addr().port()).into_client_request()?;
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "mqtt".parse()?);
-    let (ws, resp) = tokio_tungstenite::client_async(req, tls).await?;
-    let proto = resp
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    Ok((
-        MqttClient::over(Box::new(WsIo {
-            ws,
-            pending: bytes::Bytes::new(),
-        })),
-        proto,
-    ))
+    let (stream, proto) = ws_stream(hub, path, "mqtt").await?;
+    Ok((MqttClient::over(stream), proto))
 }
 
 #[tokio::test]
