@@ -581,33 +581,24 @@ impl Handshaker {
         socket: TcpStream,
         addr: SocketAddr,
     ) -> Option<(TlsStream, Arc<Vec<CertificateDer<'static>>>)> {
-        handshake(&self.acceptor, self.timeout, socket, addr).await
-    }
-}
-
-async fn handshake(
-    acceptor: &TlsAcceptor,
-    limit: Duration,
-    socket: TcpStream,
-    addr: SocketAddr,
-) -> Option<(TlsStream, Arc<Vec<CertificateDer<'static>>>)> {
-    match tokio::time::timeout(limit, acceptor.accept(socket)).await {
-        Ok(Ok(tls)) => {
-            let certs = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
-                .unwrap_or_default();
-            Some((tls, Arc::new(certs)))
-        }
-        Ok(Err(e)) => {
-            debug!(peer = %addr, error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            debug!(peer = %addr, "TLS handshake timed out");
-            None
+        match tokio::time::timeout(self.timeout, self.acceptor.accept(socket)).await {
+            Ok(Ok(tls)) => {
+                let certs = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                    .unwrap_or_default();
+                Some((tls, Arc::new(certs)))
+            }
+            Ok(Err(e)) => {
+                debug!(peer = %addr, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!(peer = %addr, "TLS handshake timed out");
+                None
+            }
         }
     }
 }
