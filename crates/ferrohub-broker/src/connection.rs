@@ -831,14 +831,7 @@ mod tests {
     /// timeout (random bytes often look like the start of a long packet).
     #[tokio::test(start_paused = true)]
     async fn a_first_byte_that_is_not_connect_closes_at_once() {
-        let handler = Arc::new(Recorder::default());
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let broker = Broker::new(
-            handler,
-            BrokerConfig::default(),
-            Arc::new(NoPersistence),
-            shutdown,
-        );
+        let (_handler, broker, _stop) = recorder_broker();
         let (mut client, server) = tokio::io::duplex(1024);
         let task = tokio::spawn(super::serve_connection(broker, server, tls_peer()));
         // A PUBLISH header announcing a 2 MB packet.
@@ -982,14 +975,7 @@ mod tests {
     /// holds its identity against every reconnect.
     #[tokio::test(start_paused = true)]
     async fn a_client_that_stops_reading_is_closed_when_a_write_cannot_finish() {
-        let handler = Arc::new(Recorder::default());
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let broker = Broker::new(
-            handler.clone(),
-            BrokerConfig::default(),
-            Arc::new(NoPersistence),
-            shutdown,
-        );
+        let (handler, broker, _stop) = recorder_broker();
         let (client, task, pusher) = blocked_in_a_write(&handler, &broker).await;
         let started = tokio::time::Instant::now();
         tokio::time::timeout(Duration::from_secs(600), task)
@@ -1008,6 +994,23 @@ mod tests {
         );
         pusher.abort();
         drop(client);
+    }
+
+    /// A broker with default limits over a [`Recorder`], and the sender that shuts it down.
+    fn recorder_broker() -> (
+        Arc<Recorder>,
+        Arc<Broker<Recorder>>,
+        tokio::sync::watch::Sender<bool>,
+    ) {
+        let handler = Arc::new(Recorder::default());
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let broker = Broker::new(
+            handler.clone(),
+            BrokerConfig::default(),
+            Arc::new(NoPersistence),
+            shutdown,
+        );
+        (handler, broker, stop)
     }
 
     /// A connection whose client has stopped reading, with the server blocked in a write to it.
@@ -1054,14 +1057,7 @@ mod tests {
     /// the old connection's write timeout: the takeover interrupts the blocked write.
     #[tokio::test(start_paused = true)]
     async fn a_takeover_interrupts_a_write_blocked_on_a_client_that_stopped_reading() {
-        let handler = Arc::new(Recorder::default());
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        let broker = Broker::new(
-            handler.clone(),
-            BrokerConfig::default(),
-            Arc::new(NoPersistence),
-            shutdown,
-        );
+        let (handler, broker, _stop) = recorder_broker();
         let (_old_client, old_task, pusher) = blocked_in_a_write(&handler, &broker).await;
 
         let started = tokio::time::Instant::now();
@@ -1090,14 +1086,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_kick_and_shutdown_interrupt_a_blocked_write() {
         for shut_down in [false, true] {
-            let handler = Arc::new(Recorder::default());
-            let (stop, shutdown) = tokio::sync::watch::channel(false);
-            let broker = Broker::new(
-                handler.clone(),
-                BrokerConfig::default(),
-                Arc::new(NoPersistence),
-                shutdown,
-            );
+            let (handler, broker, stop) = recorder_broker();
             let (_client, task, pusher) = blocked_in_a_write(&handler, &broker).await;
             let started = tokio::time::Instant::now();
             if shut_down {

@@ -115,7 +115,6 @@ async fn create_until_refused(hub: &TestHub, from: usize) -> R<Vec<String>> {
     let mut created = Vec::new();
     for i in from..from + 3000 {
         let id = format!("full-{i}");
-        // Tags make each create big enough to fill what the WAL can still reuse.
         let a = rest(
             hub,
             Method::PUT,

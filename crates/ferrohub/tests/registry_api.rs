@@ -15,11 +15,7 @@ async fn call(
     body: Option<&str>,
     if_match: Option<&str>,
 ) -> R<(u16, Value, Option<String>)> {
-    let pem = std::fs::read(&hub.ca)?;
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
-        .build()?;
+    let client = https_client(hub)?;
     let url = format!("https://{HOST}:{}{path}", hub.https_addr().port());
     let mut req = client.request(method, url);
     if let Some(a) = auth {

@@ -407,6 +407,16 @@ impl Answer {
     }
 }
 
+/// An HTTPS client that trusts only the hub's CA, for raw service API calls.
+pub fn https_client(hub: &TestHub) -> R<reqwest::Client> {
+    let pem = std::fs::read(&hub.ca)?;
+    Ok(reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
 /// A raw HTTPS call with the owner's token and a JSON body, to see status codes, headers and
 /// error bodies as a service SDK does.
 pub async fn rest(
@@ -415,12 +425,7 @@ pub async fn rest(
     path: &str,
     body: Option<&Value>,
 ) -> R<Answer> {
-    let pem = std::fs::read(&hub.ca)?;
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
-        .timeout(Duration::from_secs(30))
-        .build()?;
+    let client = https_client(hub)?;
     let sep = if path.contains('?') { '&' } else { '?' };
     let url = format!(
         "https://{HOST}:{}{path}{sep}api-version=2021-04-12",
