@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in fuzz/ for a while on its committed seed corpus, as CI does:
-#   scripts/fuzz.sh [seconds-per-target]      (default 60)
+#   scripts/fuzz.sh [seconds-per-target] [target...]      (default 60 s, every target)
 # Installs cargo-fuzz if missing, builds all targets once (AddressSanitizer), then runs each
 # target in turn. New corpus entries go to a scratch directory, so the checkout stays clean;
 # the committed fuzz/corpus/<target>/ is only read. Fails if any target finds a crash, a leak
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 seconds="${1:-60}"
 if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
-  echo "usage: $0 [seconds-per-target]" >&2
+  echo "usage: $0 [seconds-per-target] [target...]" >&2
   exit 2
 fi
 
@@ -26,8 +26,21 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 
+shift $(($# > 0 ? 1 : 0))
+
 cd fuzz
-mapfile -t targets < <(cargo fuzz list)
+mapfile -t known < <(cargo fuzz list)
+if [ "$#" -gt 0 ]; then
+  targets=("$@")
+  for target in "${targets[@]}"; do
+    if ! printf '%s\n' "${known[@]}" | grep -qx -- "$target"; then
+      echo "unknown fuzz target '$target'; the targets are: ${known[*]}" >&2
+      exit 2
+    fi
+  done
+else
+  targets=("${known[@]}")
+fi
 echo "== building ${#targets[@]} fuzz targets ($(rustc --version))"
 cargo fuzz build
 
@@ -44,7 +57,10 @@ for target in "${targets[@]}"; do
   if cargo fuzz run "$target" "$corpus" "corpus/$target" -- \
     -max_total_time="$seconds" -timeout=25 -print_final_stats=1 >"$log" 2>&1; then
     runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
-    echo "   ok: ${runs:-?} runs, $(find "$corpus" -type f | wc -l) new corpus entries"
+    speed="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")"
+    # libFuzzer's last status line: "#N DONE cov: C ft: F corp: I/SIZE ..."
+    final="$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 | sed 's/^#[0-9]*[[:space:]]*DONE[[:space:]]*//')"
+    echo "   ok: ${runs:-?} runs (${speed:-?}/s), $(find "$corpus" -type f | wc -l) new corpus entries; ${final:-no final stats}"
   else
     failed+=("$target")
     echo "   FAILED: $target found a problem; libFuzzer's report:"
