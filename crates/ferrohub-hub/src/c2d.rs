@@ -231,6 +231,9 @@ impl Hub {
                 )
                 .await
                 .map_err(SendError::from)?;
+            if n > 0 {
+                hub.feedback_produced();
+            }
             Ok(n)
         })
         .await
@@ -390,6 +393,9 @@ async fn settle(hub: &Hub, identity: &Identity, seq: u64, status: FeedbackStatus
             Timestamp::now(),
         )
         .await;
+    if matches!(&r, Ok(Some(m)) if m.ack.wants(status)) {
+        hub.feedback_produced();
+    }
     match r {
         Ok(Some(m)) if status != FeedbackStatus::Success => info!(
             identity = %identity,
@@ -462,6 +468,7 @@ pub async fn expiry_loop(hub: Arc<Hub>, mut shutdown: tokio::sync::watch::Receiv
         {
             Ok(touched) if !touched.is_empty() => {
                 debug!(queues = touched.len(), "expired C2D messages dead-lettered");
+                hub.feedback_produced();
                 continue;
             }
             Ok(_) => {}

@@ -33,6 +33,17 @@ pub enum Settle {
 }
 
 impl Hub {
+    /// Changes whenever feedback may have been added to the queue or released back into it
+    /// (a C2D message settled with feedback asked for, a purge, an expiry, an abandon). A
+    /// receiver marks the value seen, looks at the queue, and waits for the next change.
+    pub fn feedback_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.feedback_seq.subscribe()
+    }
+
+    pub(crate) fn feedback_produced(&self) {
+        self.feedback_seq.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Up to `max` (1 to [`MAX_FEEDBACK_BATCH`], all of that when `None`) feedback records,
     /// locked under the batch's token; `None` when there is nothing to receive.
     pub async fn feedback_receive(
@@ -59,7 +70,11 @@ impl Hub {
             let now = Timestamp::now();
             let r = match how {
                 Settle::Complete => hub.store.feedback_complete(&token, now).await,
-                Settle::Abandon => hub.store.feedback_abandon(&token, now).await,
+                Settle::Abandon => {
+                    let r = hub.store.feedback_abandon(&token, now).await;
+                    hub.feedback_produced();
+                    r
+                }
             };
             lock_result(r, &token)
         })

@@ -196,6 +196,9 @@ pub struct Hub {
     connections: Arc<dyn ConnectionDirectory>,
     /// Wakes the C2D expiry loop when a message may expire sooner than it planned.
     expiry_wake: tokio::sync::Notify,
+    /// Counts the changes that may have put feedback in the queue, so live feedback
+    /// receivers (AMQP) wait for one instead of polling.
+    feedback_seq: tokio::sync::watch::Sender<u64>,
     /// When (Unix ms) the expiry loop plans to look next, `i64::MAX` while it is deciding; a
     /// send only wakes it for a sooner expiry, so a steady stream of sends costs it nothing.
     expiry_planned: std::sync::atomic::AtomicI64,
@@ -244,6 +247,7 @@ impl Hub {
             settings,
             connections: live.connections,
             expiry_wake: tokio::sync::Notify::new(),
+            feedback_seq: tokio::sync::watch::channel(0).0,
             expiry_planned: std::sync::atomic::AtomicI64::new(i64::MAX),
             c2d_handed: Mutex::new(HashMap::new()),
             methods: live.pending_calls,
