@@ -1,16 +1,19 @@
-//! Crash safety of cloud-to-device queues and twins: while a back end sends C2D messages and a
-//! device patches its reported properties, the server is killed with SIGKILL. After a restart
-//! every send that was answered 200 is delivered, once, and every patch that was answered 204
-//! is in the twin.
+//! Crash safety of cloud-to-device queues and twins: while back ends send C2D messages (over
+//! REST and over AMQP) and a device patches its reported properties, the server is killed
+//! with SIGKILL. After a restart every send that was answered 200 or Accepted is delivered,
+//! once, and every patch that was answered 204 is in the twin.
 
 mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use common::amqp::{AmqpClient, Sasl};
 use common::process::{free_port, spawn_server};
 use common::*;
 use ferrohub::cli::ApiClient;
+use ferrohub_amqp::message::{Body, Properties};
+use ferrohub_amqp::{Message, Performative, Value};
 use ferrohub_iothub::ConnectionString;
 use ferrohub_mqtt::{Packet, QoS};
 use serde_json::json;
@@ -33,6 +36,50 @@ async fn send_until_dead(api: ApiClient, device: String) -> Vec<u32> {
         }
     }
     acked
+}
+
+/// Sends numbered C2D messages to `device` over one AMQP link, up to 8 unsettled at a time,
+/// until the server dies; returns the numbers it answered Accepted.
+async fn amqp_send_until_dead(mut c: AmqpClient, device: String) -> Vec<u32> {
+    let mut accepted = Vec::new();
+    if !matches!(
+        c.attach_sender(1, &format!("amqps://{HOST}/messages/devicebound"))
+            .await,
+        Ok((_, Ok(_)))
+    ) {
+        return accepted;
+    }
+    let (mut next, mut open) = (1u32, 0u32);
+    loop {
+        while next <= 50 && open < 8 {
+            let m = Message {
+                properties: Some(Properties {
+                    to: Some(format!("/devices/{device}/messages/devicebound")),
+                    ..Default::default()
+                }),
+                body: Body::Data(vec![next.to_string().into_bytes()]),
+                ..Default::default()
+            };
+            if c.send_message(1, next, &m, false).await.is_err() {
+                return accepted;
+            }
+            next += 1;
+            open += 1;
+        }
+        if open == 0 {
+            return accepted;
+        }
+        match c.recv_perf_within(Duration::from_secs(5)).await {
+            Ok(Some((Performative::Disposition(d), _))) => {
+                open -= 1;
+                if matches!(&d.state, Value::Described(code, _) if code.as_u64() == Some(0x24)) {
+                    accepted.push(d.first);
+                }
+            }
+            Ok(Some((Performative::Flow(_), _))) => {}
+            _ => return accepted,
+        }
+    }
 }
 
 /// Pipelines reported patches `{"pN": N}` (rid N) until the connection dies; returns the rids
@@ -91,6 +138,29 @@ async fn acknowledged_c2d_sends_and_twin_patches_survive_sigkill() -> TestResult
             .await?;
         keys.insert(d, keys_of(&v)?.0);
     }
+    let amqp_dev = "c-amqp".to_string();
+    let v = api
+        .put(
+            &format!("/devices/{amqp_dev}"),
+            &json!({"deviceId": amqp_dev}),
+            None,
+        )
+        .await?;
+    keys.insert(amqp_dev.clone(), keys_of(&v)?.0);
+    let owner = ConnectionString::parse(&server.info.owner_connection_string)?;
+    let mut amqp = AmqpClient::connect_over(
+        AmqpClient::tls_to(format!("127.0.0.1:{}", server.info.amqp_port).parse()?, &ca).await?,
+        Sasl::Anonymous,
+        65_536,
+    )
+    .await?;
+    let token = token_for(
+        HOST,
+        owner.shared_access_key.as_deref().ok_or("owner key")?,
+        3600,
+        owner.shared_access_key_name.as_deref(),
+    );
+    assert_eq!(amqp.put_token(&token, HOST).await?, 200);
     let twin_dev = "c-0".to_string();
     let mut c = MqttClient::open(addr, &ca, None).await?;
     let t = token_for(
@@ -102,6 +172,7 @@ async fn acknowledged_c2d_sends_and_twin_patches_survive_sigkill() -> TestResult
     c.connect(connect_packet(&twin_dev, Some(&t), true, 60))
         .await?;
     let patcher = tokio::spawn(patch_until_dead(c));
+    let amqp_sender = tokio::spawn(amqp_send_until_dead(amqp, amqp_dev.clone()));
     let mut senders = Vec::new();
     for i in 0..DEVICES {
         senders.push(tokio::spawn(send_until_dead(api.clone(), format!("c-{i}"))));
@@ -114,12 +185,15 @@ async fn acknowledged_c2d_sends_and_twin_patches_survive_sigkill() -> TestResult
     for (i, s) in senders.into_iter().enumerate() {
         sent.insert(format!("c-{i}"), s.await?);
     }
+    let over_amqp = amqp_sender.await?;
     let total: usize = sent.values().map(Vec::len).sum();
     assert!(
-        total > 0 && !patched.is_empty(),
-        "the load was real: {total} sends, {} patches",
+        total > 0 && !patched.is_empty() && !over_amqp.is_empty(),
+        "the load was real: {total} REST sends, {} AMQP sends, {} patches",
+        over_amqp.len(),
         patched.len()
     );
+    sent.insert(amqp_dev, over_amqp);
 
     let server = spawn_server(dir.path(), mqtt, https).await?;
     let api = ApiClient::new(

@@ -1,32 +1,43 @@
 //! One AMQP connection: protocol header (SASL or not), Open, sessions and links, and the
-//! three nodes of the Event Hubs endpoint (`$cbs`, `$management`, partition receivers).
+//! nodes behind them: the Event Hubs endpoint (`$cbs`, `$management`, partition receivers)
+//! and service-side C2D (`messages/devicebound` senders, the feedback and file-notification
+//! receivers).
 //!
 //! A reader task turns bytes into frames (size checked before reading a body) and hands them
 //! over a channel, so the connection loop can wait on frames, events and timers at once
 //! without cancelling a half-read frame. Each partition receiver has a pump task that takes
 //! events from the hub's stream only while the link has credit; the loop assigns delivery
-//! ids and writes the transfers, within the session's window.
+//! ids and writes the transfers, within the session's window. The feedback receiver has a
+//! pump of the same kind over the feedback queue. A C2D send runs as its own task (so one
+//! connection's sends share commits), after the previous send to the same identity on the
+//! link, and its outcome comes back to the loop as the delivery's disposition.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrohub_amqp::frame::{self, FrameKind, AMQP_HEADER, SASL_HEADER, TRANSFER_OVERHEAD};
 use ferrohub_amqp::message::{Body, Properties};
 use ferrohub_amqp::performative::{
-    accepted, AmqpError, Attach, Begin, Close, Detach, Disposition, End, Flow, Open,
+    accepted, rejected, AmqpError, Attach, Begin, Close, Detach, Disposition, End, Flow, Open,
     SaslMechanisms, SaslOutcome, Source, Transfer,
 };
 use ferrohub_amqp::{Message, Performative, SaslFrame, Value};
 use ferrohub_hub::events::{EventQuery, EventStart, EventStream};
+use ferrohub_hub::feedback::Settle;
 use ferrohub_hub::readers::{ReaderLease, ReaderRefusal};
 use ferrohub_hub::service_auth::{Claim, Right};
+use ferrohub_hub::Hub;
+use ferrohub_iothub::{ErrorCode, Identity};
 use ferrohub_store::telemetry::EventRecord;
+use ferrohub_store::FeedbackBatch;
 use tokio::io::{
     AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
 };
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, info};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
 
+use super::c2d;
 use super::eventhub::{self, Node};
 use super::{condition_of, AmqpFrontEnd};
 
@@ -46,6 +57,15 @@ const EVENT_QUEUE: usize = 64;
 const MAX_WAITING: usize = 256;
 /// Links per session we accept.
 const HANDLE_MAX: u32 = 255;
+/// C2D messages a back end's sender may have unsettled on one link (credit plus sends in
+/// progress), which bounds what one link holds in memory.
+const C2D_CREDIT: u32 = 100;
+/// Largest C2D message we assemble: the hub allows 64 KB of body and properties, and the
+/// AMQP sections around them add a little. A larger one is rejected, the link stays.
+const C2D_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// How often an idle feedback receiver looks at the queue even without a change: records a
+/// REST receiver locked and never settled come back when their lock lapses, unannounced.
+const FEEDBACK_RECHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -126,6 +146,17 @@ pub async fn serve<S>(
     }
 }
 
+/// What a pump hands the connection loop.
+enum Outgoing {
+    Event(EventRecord),
+    /// A feedback batch, locked for this link until it is settled.
+    Feedback(FeedbackBatch),
+}
+
+/// A C2D send's result, back from its task: (channel, handle, delivery id, whether the client
+/// sent it settled, the outcome).
+type C2dOutcome = (u16, u32, u32, bool, Result<(), AmqpError>);
+
 /// What a link is for.
 enum LinkKind {
     /// The client sends requests to `$cbs` or `$management`; we receive.
@@ -149,6 +180,72 @@ enum LinkKind {
         pump: tokio::task::JoinHandle<()>,
         settled: bool,
     },
+    /// The client sends C2D messages to `messages/devicebound`; we receive.
+    DeviceBound {
+        credit: u32,
+        delivery_count: u32,
+        partial: Vec<u8>,
+        /// The delivery being assembled went past [`C2D_MAX_MESSAGE_BYTES`]: its bytes are
+        /// dropped as they come and it is rejected once complete.
+        oversize: bool,
+        delivery: Option<(u32, bool)>,
+        /// Sends whose outcome has not come back.
+        in_flight: u32,
+        /// Per identity, a signal that the link's latest send to it finished; the next send
+        /// to that identity waits for it, so one link's messages queue in the order sent.
+        chains: HashMap<Identity, oneshot::Receiver<()>>,
+    },
+    /// We send feedback batches; each delivery holds its batch's lock token until settled.
+    Feedback {
+        credit: Credit,
+        limit: watch::Sender<u32>,
+        pump: tokio::task::JoinHandle<()>,
+        settled: bool,
+        unsettled: HashMap<u32, String>,
+    },
+    /// A receiver that stays quiet: file upload notifications (no file upload yet).
+    Quiet,
+}
+
+impl LinkKind {
+    /// Whether the link needs a token granting ServiceConnect for as long as it is open.
+    fn is_service(&self) -> bool {
+        matches!(
+            self,
+            LinkKind::Events { .. }
+                | LinkKind::DeviceBound { .. }
+                | LinkKind::Feedback { .. }
+                | LinkKind::Quiet
+        )
+    }
+
+    /// Stops what the link runs and gives back what it holds: feedback it was handed and
+    /// never settled is abandoned, so it is offered again at once.
+    fn close(self, hub: &Arc<Hub>) {
+        match self {
+            LinkKind::Events { pump, .. } => pump.abort(),
+            LinkKind::Feedback {
+                pump, unsettled, ..
+            } => {
+                pump.abort();
+                for token in unsettled.into_values() {
+                    settle_feedback(hub, token, Settle::Abandon);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Completes or abandons a feedback batch in the background: the connection loop does not
+/// wait for the store, and a token whose lock lapsed meanwhile is only worth a debug line.
+fn settle_feedback(hub: &Arc<Hub>, token: String, how: Settle) {
+    let hub = hub.clone();
+    tokio::spawn(async move {
+        if let Err(e) = hub.feedback_settle(&token, how).await {
+            debug!(token = %token, ?how, error = %e.message(), "AMQP feedback settlement failed");
+        }
+    });
 }
 
 /// Sender-side credit: we may send while `sent` is below `limit` (serial arithmetic).
@@ -178,8 +275,8 @@ struct Session {
     /// The transfer id the peer will use next.
     next_incoming_id: u32,
     links: HashMap<u32, LinkKind>,
-    /// Events whose transfer waits for the session window.
-    waiting: VecDeque<(u32, EventRecord)>,
+    /// Deliveries whose transfer waits for the session window.
+    waiting: VecDeque<(u32, Outgoing)>,
 }
 
 struct Conn<W> {
@@ -192,14 +289,18 @@ struct Conn<W> {
     /// The host name the client opened the connection for (Open's hostname).
     host: String,
     sessions: HashMap<u16, Session>,
-    /// From the pumps: an event for (channel, handle), or None when the link was stolen.
-    events_tx: mpsc::Sender<(u16, u32, Option<EventRecord>)>,
-    events_rx: mpsc::Receiver<(u16, u32, Option<EventRecord>)>,
+    /// From the pumps: a delivery for (channel, handle), or None when the link was stolen.
+    events_tx: mpsc::Sender<(u16, u32, Option<Outgoing>)>,
+    events_rx: mpsc::Receiver<(u16, u32, Option<Outgoing>)>,
+    /// From the C2D send tasks.
+    outcomes_tx: mpsc::Sender<C2dOutcome>,
+    outcomes_rx: mpsc::Receiver<C2dOutcome>,
 }
 
 impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
     fn new(fe: AmqpFrontEnd, w: WriteHalf<W>, peer: std::net::SocketAddr) -> Self {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (outcomes_tx, outcomes_rx) = mpsc::channel(C2D_CREDIT as usize);
         Conn {
             fe,
             w,
@@ -210,6 +311,8 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             sessions: HashMap::new(),
             events_tx,
             events_rx,
+            outcomes_tx,
+            outcomes_rx,
         }
     }
 
@@ -339,7 +442,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         let mut next_beat = heartbeat.map(|h| Instant::now() + h);
         loop {
             let beat_at = next_beat.map(tokio::time::Instant::from_std);
-            let expiry = self.receivers_expire_at();
+            let expiry = self.service_links_expire_at();
             tokio::select! {
                 f = frames.recv() => {
                     let f = f.ok_or(ConnError::Closed)??;
@@ -355,12 +458,13 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                         None => self.stolen(channel, handle).await?,
                     }
                 }
+                Some(outcome) = self.outcomes_rx.recv() => self.on_c2d_outcome(outcome).await?,
                 _ = async { match beat_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                     self.write(&frame::encode(FrameKind::Amqp, 0, None, &[])).await?;
                     next_beat = heartbeat.map(|h| Instant::now() + h);
                 }
                 _ = async { match expiry { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
-                    self.expire_receivers().await?;
+                    self.expire_service_links().await?;
                 }
                 _ = ferrohub_broker::until_shutdown(&mut shutdown) => {
                     let close = Close { error: Some(AmqpError::new("amqp:connection:forced", "the hub is shutting down")) };
@@ -371,18 +475,16 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         }
     }
 
-    fn has_receivers(&self) -> bool {
-        self.sessions.values().any(|s| {
-            s.links
-                .values()
-                .any(|l| matches!(l, LinkKind::Events { .. }))
-        })
+    fn has_service_links(&self) -> bool {
+        self.sessions
+            .values()
+            .any(|s| s.links.values().any(LinkKind::is_service))
     }
 
-    /// When the last claim that lets the partition receivers read lapses (None: no
-    /// receivers). A put-token with a later expiry moves it.
-    fn receivers_expire_at(&self) -> Option<tokio::time::Instant> {
-        if !self.has_receivers() {
+    /// When the last claim that keeps the service links (partition receivers, C2D senders,
+    /// feedback) open lapses (None: no such links). A put-token with a later expiry moves it.
+    fn service_links_expire_at(&self) -> Option<tokio::time::Instant> {
+        if !self.has_service_links() {
             return None;
         }
         let now = now_secs();
@@ -397,9 +499,9 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         Some(tokio::time::Instant::now() + left)
     }
 
-    /// Detaches every partition receiver once no claim grants it any more, as Event Hubs
-    /// does when a link's token expires without a renewal.
-    async fn expire_receivers(&mut self) -> Result<(), ConnError> {
+    /// Detaches every service link once no claim grants it any more, as Event Hubs and IoT
+    /// Hub do when a link's token expires without a renewal.
+    async fn expire_service_links(&mut self) -> Result<(), ConnError> {
         if self.authorized(Right::ServiceConnect) {
             return Ok(());
         }
@@ -408,18 +510,18 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             let handles: Vec<u32> = s
                 .links
                 .iter()
-                .filter(|(_, l)| matches!(l, LinkKind::Events { .. }))
+                .filter(|(_, l)| l.is_service())
                 .map(|(h, _)| *h)
                 .collect();
             for h in handles {
-                if let Some(LinkKind::Events { pump, .. }) = s.links.remove(&h) {
-                    pump.abort();
+                if let Some(link) = s.links.remove(&h) {
+                    link.close(&self.fe.hub);
                 }
                 expired.push((*ch, s.local, h));
             }
         }
         for (_, local, handle) in expired {
-            info!(peer = %self.peer, handle, "AMQP receiver detached: its token expired");
+            info!(peer = %self.peer, handle, "AMQP link detached: its token expired");
             let error = AmqpError::new(
                 "amqp:unauthorized-access",
                 "the token for this link expired; put a new one on $cbs",
@@ -438,12 +540,24 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         self.sessions.values().map(|s| s.waiting.len()).sum()
     }
 
+    /// The connection is over: every link closes, and feedback still on its way to the
+    /// client (waiting for the window, or queued from a pump) is abandoned.
     fn stop_pumps(&mut self) {
-        for s in self.sessions.values() {
-            for l in s.links.values() {
-                if let LinkKind::Events { pump, .. } = l {
-                    pump.abort();
+        let hub = self.fe.hub.clone();
+        for (_, mut s) in self.sessions.drain() {
+            for (_, l) in s.links.drain() {
+                l.close(&hub);
+            }
+            for (_, out) in s.waiting.drain(..) {
+                if let Outgoing::Feedback(b) = out {
+                    settle_feedback(&hub, b.lock_token, Settle::Abandon);
                 }
+            }
+        }
+        self.events_rx.close();
+        while let Ok((_, _, out)) = self.events_rx.try_recv() {
+            if let Some(Outgoing::Feedback(b)) = out {
+                settle_feedback(&hub, b.lock_token, Settle::Abandon);
             }
         }
     }
@@ -469,9 +583,12 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             Performative::Begin(b) => self.on_begin(ch, b).await?,
             Performative::End(_) => {
                 if let Some(mut s) = self.sessions.remove(&ch) {
-                    for l in s.links.drain() {
-                        if let (_, LinkKind::Events { pump, .. }) = l {
-                            pump.abort();
+                    for (_, l) in s.links.drain() {
+                        l.close(&self.fe.hub);
+                    }
+                    for (_, out) in s.waiting.drain(..) {
+                        if let Outgoing::Feedback(b) = out {
+                            settle_feedback(&self.fe.hub, b.lock_token, Settle::Abandon);
                         }
                     }
                     self.send(s.local, Performative::End(End { error: None }))
@@ -482,8 +599,8 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             Performative::Detach(d) => {
                 let session = self.session(ch)?;
                 let local = session.local;
-                if let Some(LinkKind::Events { pump, .. }) = session.links.remove(&d.handle) {
-                    pump.abort();
+                if let Some(link) = session.links.remove(&d.handle) {
+                    link.close(&self.fe.hub);
                 }
                 let reply = Detach {
                     handle: d.handle,
@@ -494,9 +611,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             }
             Performative::Flow(fl) => self.on_flow(ch, fl).await?,
             Performative::Transfer(t) => self.on_transfer(ch, t, f.payload).await?,
-            // Our deliveries are either pre-settled or need nothing when settled: events stay
-            // in the log whatever the consumer does with them.
-            Performative::Disposition(_) => {}
+            Performative::Disposition(d) => self.on_disposition(ch, d).await?,
         }
         Ok(false)
     }
@@ -715,6 +830,60 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 );
                 Ok(())
             }
+            (Node::DeviceBound, false) => {
+                if !self.authorized(Right::ServiceConnect) {
+                    return self.refuse_attach(ch, &a, "amqp:unauthorized-access", format!(
+                        "no valid token with ServiceConnect for {address}: put a token on $cbs first")).await;
+                }
+                let count = a.initial_delivery_count.unwrap_or(0);
+                let mut reply = Self::attach_reply(&a, false);
+                reply.max_message_size = Some(C2D_MAX_MESSAGE_BYTES as u64);
+                self.send(local, Performative::Attach(reply)).await?;
+                self.session(ch)?.links.insert(
+                    a.handle,
+                    LinkKind::DeviceBound {
+                        credit: C2D_CREDIT,
+                        delivery_count: count,
+                        partial: Vec::new(),
+                        oversize: false,
+                        delivery: None,
+                        in_flight: 0,
+                        chains: HashMap::new(),
+                    },
+                );
+                debug!(peer = %self.peer, address = %address, "AMQP C2D sender attached");
+                self.grant(ch, a.handle, count, C2D_CREDIT).await
+            }
+            (n @ (Node::Feedback | Node::FileNotifications), true) => {
+                if !self.authorized(Right::ServiceConnect) {
+                    return self.refuse_attach(ch, &a, "amqp:unauthorized-access", format!(
+                        "no valid token with ServiceConnect for {address}: put a token on $cbs first")).await;
+                }
+                self.send(local, Performative::Attach(Self::attach_reply(&a, true)))
+                    .await?;
+                let link = if n == Node::Feedback {
+                    let (limit_tx, limit_rx) = watch::channel(0u32);
+                    let pump = tokio::spawn(feedback_pump(
+                        self.fe.hub.clone(),
+                        limit_rx,
+                        self.events_tx.clone(),
+                        ch,
+                        a.handle,
+                    ));
+                    LinkKind::Feedback {
+                        credit: Credit::default(),
+                        limit: limit_tx,
+                        pump,
+                        settled: a.snd_settle_mode == Some(1),
+                        unsettled: HashMap::new(),
+                    }
+                } else {
+                    LinkKind::Quiet
+                };
+                debug!(peer = %self.peer, address = %address, "AMQP service receiver attached");
+                self.session(ch)?.links.insert(a.handle, link);
+                Ok(())
+            }
             (Node::IotHubEvents(rest), _) => {
                 if !self.authorized(Right::ServiceConnect) {
                     return self
@@ -802,7 +971,8 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             .wrapping_sub(s.next_outgoing_id);
         if let Some(handle) = fl.handle {
             match s.links.get_mut(&handle) {
-                Some(LinkKind::Events { credit, limit, .. }) => {
+                Some(LinkKind::Events { credit, limit, .. })
+                | Some(LinkKind::Feedback { credit, limit, .. }) => {
                     credit.limit = fl
                         .delivery_count
                         .unwrap_or(0)
@@ -830,6 +1000,10 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
     ) -> Result<(), ConnError> {
         let s = self.session(ch)?;
         s.next_incoming_id = s.next_incoming_id.wrapping_add(1);
+        if matches!(s.links.get(&t.handle), Some(LinkKind::DeviceBound { .. })) {
+            return self.on_c2d_transfer(ch, t, payload).await;
+        }
+        let s = self.session(ch)?;
         let Some(LinkKind::Requests {
             node,
             credit,
@@ -888,6 +1062,217 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             _ => self.management(&request).await,
         };
         self.queue_reply(ch, &node, reply).await
+    }
+
+    /// A frame of a C2D message from a back end. Once the message is whole, a malformed one
+    /// is rejected at once; a well-formed one is sent by a task of its own, and its outcome
+    /// comes back through [`Self::on_c2d_outcome`].
+    async fn on_c2d_transfer(
+        &mut self,
+        ch: u16,
+        t: Transfer,
+        payload: Vec<u8>,
+    ) -> Result<(), ConnError> {
+        let handle = t.handle;
+        let s = self.session(ch)?;
+        let Some(LinkKind::DeviceBound {
+            credit,
+            delivery_count,
+            partial,
+            oversize,
+            delivery,
+            in_flight,
+            chains,
+        }) = s.links.get_mut(&handle)
+        else {
+            return Err(protocol("transfer on a link that does not take them"));
+        };
+        if delivery.is_none() {
+            if *credit == 0 {
+                return Err(protocol("transfer beyond credit"));
+            }
+            *credit -= 1;
+            *delivery_count = delivery_count.wrapping_add(1);
+            *delivery = Some((t.delivery_id.unwrap_or(0), t.settled.unwrap_or(false)));
+        }
+        if t.aborted == Some(true) {
+            // The sender gave up on this delivery (part 2.6.14): nothing to settle.
+            partial.clear();
+            *oversize = false;
+            *delivery = None;
+            return Ok(());
+        }
+        if !*oversize {
+            if partial.len() + payload.len() > C2D_MAX_MESSAGE_BYTES {
+                *oversize = true;
+                *partial = Vec::new();
+            } else {
+                partial.extend_from_slice(&payload);
+            }
+        }
+        if t.more.unwrap_or(false) {
+            return Ok(());
+        }
+        let bytes = std::mem::take(partial);
+        let too_large = std::mem::take(oversize);
+        let (delivery_id, settled) = delivery.take().unwrap_or((0, true));
+        let parsed = if too_large {
+            Err(c2d::invalid(
+                "amqp:link:message-size-exceeded",
+                ErrorCode::MessageTooLarge,
+                &format!("the message is over {C2D_MAX_MESSAGE_BYTES} bytes"),
+            ))
+        } else {
+            Message::decode(&bytes)
+                .map_err(|e| format!("undecodable message: {e}"))
+                .and_then(|m| c2d::send_request(&m))
+                .map_err(|why| c2d::invalid("amqp:invalid-field", ErrorCode::ArgumentInvalid, &why))
+        };
+        let (identity, req) = match parsed {
+            Ok(p) => p,
+            Err(error) => {
+                info!(peer = %self.peer, reason = %error.description.as_deref().unwrap_or_default(), "AMQP C2D send rejected");
+                let local = self.session(ch)?.local;
+                if !settled {
+                    self.send(
+                        local,
+                        Performative::Disposition(c2d_disposition(delivery_id, rejected(error))),
+                    )
+                    .await?;
+                }
+                return self.c2d_refill(ch, handle).await;
+            }
+        };
+        *in_flight += 1;
+        let (done_tx, done_rx) = oneshot::channel::<()>();
+        let previous = chains.insert(identity.clone(), done_rx);
+        let hub = self.fe.hub.clone();
+        let outcomes = self.outcomes_tx.clone();
+        let peer = self.peer;
+        tokio::spawn(async move {
+            if let Some(previous) = previous {
+                // Err: that send's task is gone, which also means it is over.
+                let _ = previous.await;
+            }
+            let outcome = match hub.c2d_send(&identity, req).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    info!(peer = %peer, identity = %identity, code = %e.code(), reason = %e.message(), "AMQP C2D send rejected");
+                    Err(c2d::rejection(&e))
+                }
+            };
+            drop(done_tx);
+            let _ = outcomes
+                .send((ch, handle, delivery_id, settled, outcome))
+                .await;
+        });
+        Ok(())
+    }
+
+    /// A C2D send finished: the client learns it (Accepted only now that the message is on
+    /// disk), and the link gets its credit back.
+    async fn on_c2d_outcome(&mut self, outcome: C2dOutcome) -> Result<(), ConnError> {
+        let (ch, handle, delivery_id, settled, result) = outcome;
+        let Some(s) = self.sessions.get_mut(&ch) else {
+            return Ok(()); // the session ended meanwhile
+        };
+        let local = s.local;
+        let Some(LinkKind::DeviceBound {
+            in_flight, chains, ..
+        }) = s.links.get_mut(&handle)
+        else {
+            return Ok(()); // the link went meanwhile: nobody to tell
+        };
+        *in_flight = in_flight.saturating_sub(1);
+        if *in_flight == 0 {
+            chains.clear();
+        }
+        if !settled {
+            let state = match result {
+                Ok(()) => accepted(),
+                Err(error) => rejected(error),
+            };
+            self.send(
+                local,
+                Performative::Disposition(c2d_disposition(delivery_id, state)),
+            )
+            .await?;
+        }
+        self.c2d_refill(ch, handle).await
+    }
+
+    /// Tops a C2D sender's credit back up once half of it is used and settled.
+    async fn c2d_refill(&mut self, ch: u16, handle: u32) -> Result<(), ConnError> {
+        let s = self.session(ch)?;
+        let Some(LinkKind::DeviceBound {
+            credit,
+            delivery_count,
+            in_flight,
+            ..
+        }) = s.links.get_mut(&handle)
+        else {
+            return Ok(());
+        };
+        if *credit + *in_flight >= C2D_CREDIT / 2 {
+            return Ok(());
+        }
+        *credit = C2D_CREDIT.saturating_sub(*in_flight);
+        let (count, grant) = (*delivery_count, *credit);
+        self.grant(ch, handle, count, grant).await
+    }
+
+    /// The client settled deliveries of ours. Events need nothing (they stay in the log);
+    /// feedback is completed when accepted (or rejected: it is not wanted again) and
+    /// abandoned when released or modified, so it is offered again.
+    async fn on_disposition(&mut self, ch: u16, d: Disposition) -> Result<(), ConnError> {
+        if !d.role {
+            return Ok(()); // a sender settling: not ours to act on
+        }
+        let how = match &d.state {
+            Value::Described(code, _) => match code.as_u64() {
+                Some(0x24) | Some(0x25) => Some(Settle::Complete),
+                Some(0x26) | Some(0x27) => Some(Settle::Abandon),
+                _ => None,
+            },
+            // Settled with no outcome: nothing says it was processed, so it comes back.
+            _ if d.settled == Some(true) => Some(Settle::Abandon),
+            _ => None,
+        };
+        let Some(how) = how else { return Ok(()) };
+        let first = d.first;
+        let span = d.last.unwrap_or(first).wrapping_sub(first);
+        let hub = self.fe.hub.clone();
+        let s = self.session(ch)?;
+        let local = s.local;
+        let mut settled_any = false;
+        for l in s.links.values_mut() {
+            if let LinkKind::Feedback { unsettled, .. } = l {
+                let ids: Vec<u32> = unsettled
+                    .keys()
+                    .filter(|id| id.wrapping_sub(first) <= span)
+                    .copied()
+                    .collect();
+                for id in ids {
+                    if let Some(token) = unsettled.remove(&id) {
+                        settle_feedback(&hub, token, how);
+                        settled_any = true;
+                    }
+                }
+            }
+        }
+        if settled_any && d.settled != Some(true) {
+            // rcv-settle-mode second: the receiver waits for us to settle.
+            let reply = Disposition {
+                role: false,
+                first,
+                last: d.last,
+                settled: Some(true),
+                state: d.state.clone(),
+                batchable: Some(false),
+            };
+            self.send(local, Performative::Disposition(reply)).await?;
+        }
+        Ok(())
     }
 
     /// A `$cbs` put-token: the token becomes one of the connection's claims.
@@ -1040,47 +1425,77 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         self.send(local, Performative::Detach(detach)).await
     }
 
-    async fn on_event(&mut self, ch: u16, handle: u32, e: EventRecord) -> Result<(), ConnError> {
+    async fn on_event(&mut self, ch: u16, handle: u32, e: Outgoing) -> Result<(), ConnError> {
         let Some(s) = self.sessions.get_mut(&ch) else {
+            if let Outgoing::Feedback(b) = e {
+                settle_feedback(&self.fe.hub, b.lock_token, Settle::Abandon);
+            }
             return Ok(());
         };
         s.waiting.push_back((handle, e));
         self.flush_waiting(ch).await
     }
 
-    /// Sends the events the pumps handed over, while the session window allows.
+    /// Sends what the pumps handed over, while the session window allows.
     async fn flush_waiting(&mut self, ch: u16) -> Result<(), ConnError> {
         loop {
             let s = self.session(ch)?;
             if s.remote_incoming == 0 {
                 return Ok(());
             }
-            let Some((handle, e)) = s.waiting.pop_front() else {
+            let Some((handle, out)) = s.waiting.pop_front() else {
                 return Ok(());
             };
-            let Some(LinkKind::Events {
-                credit, settled, ..
-            }) = s.links.get_mut(&handle)
-            else {
-                continue; // detached meanwhile
-            };
-            // The pump only takes an event within credit, so this cannot overdraw; counted here
-            // as the delivery-count the receiver sees.
-            credit.sent = credit.sent.wrapping_add(1);
-            let settled = *settled;
-            let bytes = eventhub::event_message(&e).encode();
-            self.transfer(ch, handle, settled, &bytes).await?;
+            // The pumps only take a delivery within credit, so this cannot overdraw; counted
+            // here as the delivery-count the receiver sees.
+            match (s.links.get_mut(&handle), out) {
+                (
+                    Some(LinkKind::Events {
+                        credit, settled, ..
+                    }),
+                    Outgoing::Event(e),
+                ) => {
+                    credit.sent = credit.sent.wrapping_add(1);
+                    let settled = *settled;
+                    let bytes = eventhub::event_message(&e).encode();
+                    self.transfer(ch, handle, settled, &bytes).await?;
+                }
+                (
+                    Some(LinkKind::Feedback {
+                        credit, settled, ..
+                    }),
+                    Outgoing::Feedback(b),
+                ) => {
+                    credit.sent = credit.sent.wrapping_add(1);
+                    let settled = *settled;
+                    let bytes = c2d::feedback_message(&b, &self.fe.entity).encode();
+                    let id = self.transfer(ch, handle, settled, &bytes).await?;
+                    if settled {
+                        // Pre-settled: the client takes it as delivered the moment it is sent.
+                        settle_feedback(&self.fe.hub, b.lock_token, Settle::Complete);
+                    } else if let Some(LinkKind::Feedback { unsettled, .. }) =
+                        self.session(ch)?.links.get_mut(&handle)
+                    {
+                        unsettled.insert(id, b.lock_token);
+                    }
+                }
+                // Detached meanwhile: feedback goes back to the queue, events stay in the log.
+                (_, Outgoing::Feedback(b)) => {
+                    settle_feedback(&self.fe.hub, b.lock_token, Settle::Abandon)
+                }
+                (_, Outgoing::Event(_)) => {}
+            }
         }
     }
 
-    /// Writes one delivery, split into frames the peer accepts.
+    /// Writes one delivery, split into frames the peer accepts; returns its delivery id.
     async fn transfer(
         &mut self,
         ch: u16,
         handle: u32,
         settled: bool,
         payload: &[u8],
-    ) -> Result<(), ConnError> {
+    ) -> Result<u32, ConnError> {
         let chunk = (self.peer_max_frame as usize)
             .saturating_sub(TRANSFER_OVERHEAD)
             .max(64);
@@ -1117,7 +1532,20 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
             s.remote_incoming = s.remote_incoming.saturating_sub(1);
         }
-        self.write(&out).await
+        self.write(&out).await?;
+        Ok(delivery_id)
+    }
+}
+
+/// Our settlement of a C2D delivery we received.
+fn c2d_disposition(delivery_id: u32, state: Value) -> Disposition {
+    Disposition {
+        role: true,
+        first: delivery_id,
+        last: Some(delivery_id),
+        settled: Some(true),
+        state,
+        batchable: Some(false),
     }
 }
 
@@ -1152,7 +1580,7 @@ fn response(req: &Message, status: i32, description: &str, body: Value) -> Messa
 async fn pump(
     mut stream: EventStream,
     mut limit: watch::Receiver<u32>,
-    tx: mpsc::Sender<(u16, u32, Option<EventRecord>)>,
+    tx: mpsc::Sender<(u16, u32, Option<Outgoing>)>,
     ch: u16,
     handle: u32,
     lease: ReaderLease,
@@ -1171,7 +1599,11 @@ async fn pump(
             }
             let Some(e) = stream.next().await else { return };
             credit.sent = credit.sent.wrapping_add(1);
-            if events.send((ch, handle, Some(e))).await.is_err() {
+            if events
+                .send((ch, handle, Some(Outgoing::Event(e))))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -1190,4 +1622,50 @@ async fn pump(
     }
     // The place is held until here, so a stolen reader never overlaps its successor.
     drop(lease);
+}
+
+/// Takes feedback batches from the hub's queue while the link has credit (one batch per
+/// delivery, as IoT Hub sends them), waiting for the hub to announce new feedback rather
+/// than polling. A batch is locked once taken; the loop abandons it if it cannot deliver it.
+async fn feedback_pump(
+    hub: Arc<Hub>,
+    mut limit: watch::Receiver<u32>,
+    tx: mpsc::Sender<(u16, u32, Option<Outgoing>)>,
+    ch: u16,
+    handle: u32,
+) {
+    let mut changes = hub.feedback_changes();
+    let mut credit = Credit::default();
+    loop {
+        credit.limit = *limit.borrow_and_update();
+        if credit.available() == 0 {
+            if limit.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        // Marked seen before looking, so a change during the look wakes the next wait.
+        changes.borrow_and_update();
+        match hub.feedback_receive(None).await {
+            Ok(Some(batch)) => {
+                credit.sent = credit.sent.wrapping_add(1);
+                if let Err(mpsc::error::SendError((_, _, Some(Outgoing::Feedback(b))))) =
+                    tx.send((ch, handle, Some(Outgoing::Feedback(batch)))).await
+                {
+                    settle_feedback(&hub, b.lock_token, Settle::Abandon);
+                    return;
+                }
+            }
+            Ok(None) => {
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(FEEDBACK_RECHECK) => {}
+                }
+            }
+            Err(e) => {
+                warn!(error = %e.message(), "AMQP feedback receive failed; trying again");
+                tokio::time::sleep(FEEDBACK_RECHECK).await;
+            }
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! The Event Hubs shape of the telemetry log over AMQP: receiver addresses, selector filters
+//! The Event Hubs shape of the telemetry log over AMQP: link addresses (every node's), selector filters
 //! -> start positions, a stored event -> the AMQP message Event Hubs consumers read, and the
 //! `$management` READ answers. Pure mapping; the connection calls the hub with the results.
 
@@ -30,6 +30,12 @@ pub enum Node {
     /// The IoT Hub-style events path (`messages/events[/...]`), answered with a redirect to
     /// the entity; carries what follows `messages/events`.
     IotHubEvents(String),
+    /// `messages/devicebound`: back ends send C2D messages here.
+    DeviceBound,
+    /// `messages/serviceBound/feedback`: C2D feedback for back ends.
+    Feedback,
+    /// `messages/serviceBound/filenotifications`: file upload notifications.
+    FileNotifications,
     Unknown,
 }
 
@@ -55,6 +61,19 @@ pub fn node(address: &str, entity: &str) -> Node {
     }
     if path == "$management" || path.eq_ignore_ascii_case(&format!("{entity}/$management")) {
         return Node::Management;
+    }
+    // Node spells `serviceBound`, the CLI `servicebound`.
+    for (name, n) in [
+        ("messages/devicebound", Node::DeviceBound),
+        ("messages/servicebound/feedback", Node::Feedback),
+        (
+            "messages/servicebound/filenotifications",
+            Node::FileNotifications,
+        ),
+    ] {
+        if path.eq_ignore_ascii_case(name) {
+            return n;
+        }
     }
     if let Some(rest) = strip_prefix_ignore_case(path, "messages/events") {
         if rest.is_empty() || rest.starts_with('/') {
@@ -307,6 +326,24 @@ mod tests {
             Node::Unknown
         );
         assert_eq!(node("$cbs", "hub"), Node::Cbs);
+        assert_eq!(
+            node("amqps://h.example/messages/devicebound", "hub"),
+            Node::DeviceBound
+        );
+        assert_eq!(node("/messages/devicebound", "hub"), Node::DeviceBound);
+        assert_eq!(
+            node("/messages/serviceBound/feedback", "hub"),
+            Node::Feedback
+        );
+        assert_eq!(
+            node("amqps://h/messages/servicebound/feedback", "hub"),
+            Node::Feedback
+        );
+        assert_eq!(
+            node("/messages/serviceBound/filenotifications", "hub"),
+            Node::FileNotifications
+        );
+        assert_eq!(node("/messages/devicebound/x", "hub"), Node::Unknown);
         assert_eq!(node("amqps://h/hub/$management", "hub"), Node::Management);
         assert_eq!(
             node("amqps://h/messages/events/$management", "hub"),

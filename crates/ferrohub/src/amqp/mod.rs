@@ -1,9 +1,12 @@
 //! The AMQP 1.0 front end: the Event Hubs-compatible endpoint over the telemetry log (SASL,
-//! claims-based security on `$cbs`, `$management` READ, partition receivers). It parses AMQP,
-//! calls one hub service per request (`Hub::authorize_claim`, `Hub::open_events`,
-//! `Hub::partition_info`) and formats the answer; `HubError`s become AMQP errors in
-//! [`condition_of`] only. TLS is terminated by the listener before it gets here.
+//! claims-based security on `$cbs`, `$management` READ, partition receivers) and service-side
+//! C2D (sends to `messages/devicebound`, the feedback receiver). It parses AMQP, calls one hub
+//! service per request (`Hub::authorize_claim`, `Hub::open_events`, `Hub::partition_info`,
+//! `Hub::c2d_send`, `Hub::feedback_receive` / `feedback_settle`) and formats the answer;
+//! `HubError`s become AMQP errors in [`condition_of`] and [`c2d::rejection`] only. TLS is
+//! terminated by the listener before it gets here.
 
+pub mod c2d;
 mod connection;
 pub mod eventhub;
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 use ferrohub_amqp::frame::{self, FrameKind, AMQP_HEADER, SASL_HEADER};
 use ferrohub_amqp::message::{Body, Properties};
 use ferrohub_amqp::performative::{
-    Attach, Begin, Detach, Flow, Open, SaslInit, SaslOutcome, Source, Symbol, Target, Transfer,
+    Attach, Begin, Detach, Disposition, Flow, Open, SaslInit, SaslOutcome, Source, Symbol, Target,
+    Transfer,
 };
 use ferrohub_amqp::{Message, Performative, SaslFrame, Value};
 use rustls::pki_types::ServerName;
@@ -157,16 +158,21 @@ impl AmqpClient {
 
     /// A bare TLS connection to the AMQP port.
     pub async fn tls(hub: &TestHub) -> R<Self> {
-        let tcp = TcpStream::connect(hub.server().amqp_addr).await?;
-        let tls = TlsConnector::from(client_tls_config(&hub.ca, None)?)
-            .connect(ServerName::try_from(HOST)?, tcp)
-            .await?;
         Ok(AmqpClient {
-            stream: Box::new(tls),
+            stream: Self::tls_to(hub.server().amqp_addr, &hub.ca).await?,
             next_message_id: 1,
             cbs_attached: false,
             mgmt_attached: false,
         })
+    }
+
+    /// A TLS stream to any AMQP listener whose certificate `ca` signed.
+    pub async fn tls_to(addr: std::net::SocketAddr, ca: &std::path::Path) -> R<Box<dyn Io>> {
+        let tcp = TcpStream::connect(addr).await?;
+        let tls = TlsConnector::from(client_tls_config(ca, None)?)
+            .connect(ServerName::try_from(HOST)?, tcp)
+            .await?;
+        Ok(Box::new(tls))
     }
 
     /// Writes and flushes (a WebSocket sends a message only when flushed).
@@ -410,6 +416,64 @@ impl AmqpClient {
         Ok(reply)
     }
 
+    /// Attaches a sender (we send, unsettled) to `address`; returns the server's Attach and
+    /// either the credit it then gave or, if it refused, its Detach.
+    pub async fn attach_sender(
+        &mut self,
+        handle: u32,
+        address: &str,
+    ) -> R<(Attach, Result<u32, Detach>)> {
+        self.attach(Attach {
+            name: format!("sender-{handle}"),
+            handle,
+            role: false,
+            snd_settle_mode: Some(0),
+            rcv_settle_mode: Some(0),
+            source: source("test-sender", None),
+            target: target(address),
+            initial_delivery_count: Some(0),
+            ..Default::default()
+        })
+        .await?;
+        let attach = match self.recv_perf().await? {
+            Performative::Attach(a) => a,
+            other => return Err(format!("expected Attach, got {other:?}").into()),
+        };
+        match self.recv_perf().await? {
+            Performative::Flow(f) if f.handle == Some(handle) => {
+                Ok((attach, Ok(f.link_credit.unwrap_or(0))))
+            }
+            Performative::Detach(d) => Ok((attach, Err(d))),
+            other => Err(format!("expected Flow or Detach, got {other:?}").into()),
+        }
+    }
+
+    /// Sends `m` as delivery `id` on `handle`, in frames of at most 16 KiB of payload.
+    pub async fn send_message(
+        &mut self,
+        handle: u32,
+        id: u32,
+        m: &Message,
+        settled: bool,
+    ) -> R<()> {
+        let out = transfer_frames(handle, id, &m.encode(), settled);
+        self.put(&out).await
+    }
+
+    /// The next Disposition within `wait`, skipping flows; None if none came.
+    pub async fn recv_disposition_within(&mut self, wait: Duration) -> R<Option<Disposition>> {
+        loop {
+            match self.recv_perf_within(wait).await? {
+                None => return Ok(None),
+                Some((Performative::Disposition(d), _)) => return Ok(Some(d)),
+                Some((Performative::Flow(_), _)) => continue,
+                Some((other, _)) => {
+                    return Err(format!("expected a Disposition, got {other:?}").into())
+                }
+            }
+        }
+    }
+
     /// A `$cbs` put-token; returns the reply's status-code.
     pub async fn put_token(&mut self, token: &str, audience: &str) -> R<i32> {
         if !self.cbs_attached {
@@ -436,6 +500,35 @@ impl AmqpClient {
         }
         self.request(MGMT_OUT, app, Value::Null).await
     }
+}
+
+/// The frames of one delivery: 16 KiB of payload each, and one (empty) frame for an empty
+/// message.
+fn transfer_frames(handle: u32, id: u32, payload: &[u8], settled: bool) -> Vec<u8> {
+    let mut chunks: Vec<&[u8]> = payload.chunks(16 * 1024).collect();
+    if chunks.is_empty() {
+        chunks.push(&[]);
+    }
+    let last = chunks.len() - 1;
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let t = Transfer {
+            handle,
+            delivery_id: (i == 0).then_some(id),
+            delivery_tag: (i == 0).then(|| id.to_be_bytes().to_vec()),
+            message_format: Some(0),
+            settled: Some(settled),
+            more: Some(i < last),
+            ..Default::default()
+        };
+        out.extend(frame::encode(
+            FrameKind::Amqp,
+            0,
+            Some(&t.to_value()),
+            chunk,
+        ));
+    }
+    out
 }
 
 pub fn status_of(reply: &Message) -> R<i32> {
