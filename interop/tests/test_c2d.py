@@ -1,6 +1,6 @@
-"""Cloud-to-device messages: sent over the service REST API (POST .../messages/deviceBound: the
-Python service SDK's send_c2d_message speaks AMQP, which ferrohub does not implement) and received
-by the official Python device SDK (azure-iot-device 2.14.0) through on_message_received."""
+"""Cloud-to-device messages: sent over the service REST API (POST .../messages/deviceBound) and
+received by the official Python device SDK (azure-iot-device 2.14.0) through
+on_message_received. The service SDK's own send_c2d_message speaks AMQP: test_service_amqp.py."""
 
 import base64
 import json
