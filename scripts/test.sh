@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (Debian
-# mosquitto-clients, a Python venv with the official Azure SDKs), then runs
+# mosquitto-clients and Node.js, a Python venv with the official Azure SDKs, the Node
+# service clients), then runs
 #   1. cargo test for every crate (unit + integration tests over real TLS sockets),
 #   2. the README quickstart with mosquitto_pub against a real server,
-#   3. the Python SDK interop suite (azure-iot-device, azure-iot-hub) on ports 8883/443,
+#   3. the SDK interop suite (Python azure-iot-device, azure-iot-hub, azure-eventhub; Node
+#      azure-iothub, @azure/event-hubs) on ports 8883/443/5671,
 #   4. every fuzz target for a short while on its committed corpus (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto_pub >/dev/null 2>&1; then
-  echo "== installing mosquitto-clients"
+missing=()
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+# @azure/event-hubs 6 needs Node.js 20 or later.
+if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' 2>/dev/null; then
+  missing+=(nodejs npm)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "== installing ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
   "${apt_get[@]}" update -qq
-  DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq mosquitto-clients >/dev/null
+  DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq "${missing[@]}" >/dev/null
 fi
 
 echo "== cargo test"
@@ -22,7 +30,7 @@ cargo test --workspace
 echo "== README quickstart with mosquitto_pub"
 bash scripts/quickstart-test.sh
 
-echo "== Python SDK interop"
+echo "== SDK interop (Python, Node)"
 FERROHUB_BIN="$PWD/target/debug/ferrohub" bash interop/run.sh
 
 # 45 s per target, not 60: from scratch (cargo-fuzz not installed, fuzz/target deleted) on two
