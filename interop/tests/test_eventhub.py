@@ -45,13 +45,18 @@ def _partition_of(device_id: str, partitions: int) -> str:
 class Reader:
     """consumer.receive() on one partition in a thread; events land in a queue."""
 
-    def __init__(self, hub, cs, partition, starting_position, inclusive=False, **client_kwargs):
+    def __init__(self, hub, cs, partition, starting_position, inclusive=False, track_last=False,
+                 **client_kwargs):
         self.client = _consumer(hub, cs, **client_kwargs)
         self.events = queue.Queue()
         self.ready = threading.Event()
         self.errors = []
+        # With track_last: the partition context's last_enqueued_event_properties, per event.
+        self.last_enqueued = {}
 
-        def on_event(_ctx, ev):
+        def on_event(ctx, ev):
+            if track_last:
+                self.last_enqueued[ev.sequence_number] = ctx.last_enqueued_event_properties
             self.events.put(ev)
 
         def on_error(_ctx, err):
@@ -60,7 +65,8 @@ class Reader:
         self.thread = threading.Thread(daemon=True, target=lambda: self.client.receive(
             on_event=on_event, on_error=on_error, partition_id=partition,
             starting_position=starting_position, starting_position_inclusive=inclusive,
-            on_partition_initialize=lambda _ctx: self.ready.set(), prefetch=10))
+            on_partition_initialize=lambda _ctx: self.ready.set(), prefetch=10,
+            track_last_enqueued_event_properties=track_last))
         self.thread.start()
 
     def next_of(self, device_id, timeout=RECEIVE_TIMEOUT):
@@ -183,6 +189,32 @@ def test_telemetry_from_start_offset_time_and_latest(hub, eventhub_cs, create_de
     assert ev is not None, f"@latest receiver got nothing; errors: {latest.errors}"
     assert ev.sequence_number > got[2].sequence_number
     assert ev.system_properties[b"message-id"] in {m.message_id.encode() for m in newer}
+
+
+def test_last_enqueued_event_properties_are_tracked(hub, eventhub_cs, create_device, device_clients,
+                                                    readers):
+    """track_last_enqueued_event_properties=True: the receiver asks for runtime metrics and every
+    event carries the partition's newest event (sequence number, offset, time)."""
+    cs = create_device()
+    device_id = parse_connection_string(cs)["DeviceId"]
+    device = device_clients(cs)
+    call_with_timeout(device.connect, CONNECT_TIMEOUT, "connect()")
+    _send(device, 1)
+    _send(device, 2)
+    partition = _partition_of(device_id, 4)
+    client = _consumer(hub, eventhub_cs)
+    try:
+        props = call_with_timeout(lambda: client.get_partition_properties(partition), CONNECT_TIMEOUT,
+                                  "get_partition_properties()")
+    finally:
+        client.close()
+    r = readers(hub, eventhub_cs, partition, "-1", track_last=True)
+    first = r.next_of(device_id)
+    last = r.last_enqueued[first.sequence_number]
+    assert last is not None, "no runtime metrics with the event"
+    assert last["sequence_number"] >= props["last_enqueued_sequence_number"] >= first.sequence_number
+    assert last["offset"] == str(last["sequence_number"])
+    assert last["enqueued_time"] is not None and last["retrieval_time"] is not None
 
 
 def test_over_websocket(hub, eventhub_cs, create_device, device_clients, readers):

@@ -79,7 +79,7 @@ pub struct EventQuery {
 }
 
 /// What the Event Hubs `$management` READ of a partition reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionInfo {
     /// The oldest retained sequence number (the next one to be written when empty).
     pub begin_sequence: u64,
@@ -119,6 +119,14 @@ impl EventStream {
     /// The group's position moves past the event as it is handed out.
     pub async fn next(&mut self) -> Option<EventRecord> {
         let e = self.rx.recv().await?;
+        advance(&self.taken, e.partition, e.sequence + 1);
+        Some(e)
+    }
+
+    /// The next event if one is already read and waiting, without waiting for more (an AMQP
+    /// drain: send what is there, then give up the rest of the credit).
+    pub fn try_next(&mut self) -> Option<EventRecord> {
+        let e = self.rx.try_recv().ok()?;
         advance(&self.taken, e.partition, e.sequence + 1);
         Some(e)
     }

@@ -703,3 +703,149 @@ async fn receivers_are_detached_when_their_token_expires_unless_renewed() -> Tes
     hub.stop().await;
     Ok(())
 }
+
+/// A link Flow from the client with `drain` set.
+async fn drain(c: &mut AmqpClient, handle: u32, delivery_count: u32, credit: u32) -> R<()> {
+    c.send(
+        0,
+        Performative::Flow(ferrohub_amqp::performative::Flow {
+            next_incoming_id: Some(0),
+            incoming_window: 10_000,
+            next_outgoing_id: 0,
+            outgoing_window: 10_000,
+            handle: Some(handle),
+            delivery_count: Some(delivery_count),
+            link_credit: Some(credit),
+            drain: Some(true),
+            ..Default::default()
+        }),
+    )
+    .await
+}
+
+/// The deliveries that come before the server's answer to a drain, and that answer.
+async fn until_drained(
+    c: &mut AmqpClient,
+    handle: u32,
+) -> R<(Vec<i64>, ferrohub_amqp::performative::Flow)> {
+    let mut got = Vec::new();
+    let mut payload = Vec::new();
+    loop {
+        match c.recv_perf_within(WAIT).await? {
+            Some((Performative::Transfer(t), bytes)) => {
+                assert_eq!(t.handle, handle);
+                payload.extend_from_slice(&bytes);
+                if !t.more.unwrap_or(false) {
+                    got.push(seq(&Message::decode(&std::mem::take(&mut payload))?)?);
+                }
+            }
+            Some((Performative::Flow(f), _)) if f.handle == Some(handle) => return Ok((got, f)),
+            other => return Err(format!("expected transfers and a Flow, got {other:?}").into()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_drain_sends_what_is_there_and_gives_up_the_rest_of_the_credit() -> TestResult {
+    let hub = TestHub::start().await?;
+    let (key, _) = hub.create_device("drained").await?;
+    let (mut dev, _) = hub.connect_device("drained", &key, true).await?;
+    for i in 0..3u16 {
+        dev.publish_qos1(i + 1, "devices/drained/messages/events/", b"e")
+            .await?;
+    }
+    let p = partition_for("drained", 4);
+    let mut c = authorized(&hub).await?;
+    let (_, detach) = c
+        .attach_receiver(1, &address(p), Some("amqp.annotation.x-opt-offset > '-1'"))
+        .await?;
+    assert!(detach.is_none());
+    c.flow(1, 0, 1).await?;
+    let (_, first) = c.recv_delivery_within(WAIT).await?.ok_or("no event")?;
+    assert_eq!(seq(&first)?, 0);
+    // Ten credits, drained: the two stored events come, then the flow that spends the rest.
+    drain(&mut c, 1, 1, 10).await?;
+    let (got, f) = until_drained(&mut c, 1).await?;
+    assert_eq!(got, [1, 2]);
+    assert_eq!(f.drain, Some(true));
+    assert_eq!(
+        f.delivery_count,
+        Some(11),
+        "delivery-count advanced over the unused credit"
+    );
+    assert_eq!(f.link_credit, Some(0));
+    // Nothing there: the answer comes at once.
+    drain(&mut c, 1, 11, 5).await?;
+    let (got, f) = until_drained(&mut c, 1).await?;
+    assert!(got.is_empty());
+    assert_eq!((f.delivery_count, f.link_credit), (Some(16), Some(0)));
+    // No credit left: a new event waits for the next grant, then comes.
+    dev.publish_qos1(4, "devices/drained/messages/events/", b"late")
+        .await?;
+    assert!(
+        c.recv_delivery_within(QUIET).await?.is_none(),
+        "sent without credit"
+    );
+    c.flow(1, 16, 1).await?;
+    let (_, late) = c
+        .recv_delivery_within(WAIT)
+        .await?
+        .ok_or("the late event")?;
+    assert_eq!(seq(&late)?, 3);
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn receivers_that_ask_for_runtime_metrics_get_the_partitions_newest_event_with_each(
+) -> TestResult {
+    let hub = TestHub::start().await?;
+    let p = publish(&hub, "metrics", 4).await?;
+    let mut c = authorized(&hub).await?;
+    c.attach(ferrohub_amqp::performative::Attach {
+        name: "metrics".into(),
+        handle: 1,
+        role: true,
+        snd_settle_mode: Some(1),
+        rcv_settle_mode: Some(0),
+        source: common::amqp::source(&address(p), Some("amqp.annotation.x-opt-offset > '-1'")),
+        target: common::amqp::target("t"),
+        desired_capabilities: Value::Array(vec![Value::sym(
+            "com.microsoft:enable-receiver-runtime-metric",
+        )]),
+        ..Default::default()
+    })
+    .await?;
+    match c.recv_perf().await? {
+        Performative::Attach(a) => assert!(
+            format!("{:?}", a.offered_capabilities).contains("enable-receiver-runtime-metric"),
+            "offered back: {:?}",
+            a.offered_capabilities
+        ),
+        other => return Err(format!("expected Attach, got {other:?}").into()),
+    }
+    c.flow(1, 0, 1).await?;
+    let (_, m) = c.recv_delivery_within(WAIT).await?.ok_or("no event")?;
+    assert_eq!(seq(&m)?, 0);
+    let da = |k: &str| {
+        m.delivery_annotations
+            .iter()
+            .find(|(key, _)| key.as_str() == Some(k))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(da("last_enqueued_sequence_number"), Some(Value::Long(3)));
+    assert_eq!(da("last_enqueued_offset"), Some(Value::str("3")));
+    assert!(matches!(da("last_enqueued_time_utc"), Some(Value::Timestamp(t)) if t > 0));
+    assert!(matches!(da("runtime_info_retrieval_time_utc"), Some(Value::Timestamp(t)) if t > 0));
+
+    // Without the capability, no delivery annotations.
+    let (_, detach) = c
+        .attach_receiver(2, &address(p), Some("amqp.annotation.x-opt-offset > '-1'"))
+        .await?;
+    assert!(detach.is_none());
+    c.flow(2, 0, 1).await?;
+    let (_, plain) = c.recv_delivery_within(WAIT).await?.ok_or("no event")?;
+    assert!(plain.delivery_annotations.is_empty());
+    hub.stop().await;
+    Ok(())
+}

@@ -23,7 +23,7 @@ use ferrohub_amqp::performative::{
     SaslMechanisms, SaslOutcome, Source, Transfer,
 };
 use ferrohub_amqp::{Message, Performative, SaslFrame, Value};
-use ferrohub_hub::events::{EventQuery, EventStart, EventStream};
+use ferrohub_hub::events::{EventQuery, EventStart, EventStream, PartitionInfo};
 use ferrohub_hub::feedback::Settle;
 use ferrohub_hub::readers::{ReaderLease, ReaderRefusal};
 use ferrohub_hub::service_auth::{Claim, Right};
@@ -148,10 +148,30 @@ pub async fn serve<S>(
 
 /// What a pump hands the connection loop.
 enum Outgoing {
-    Event(EventRecord),
+    /// An event, with the partition's newest event when the receiver asked for runtime
+    /// metrics (`com.microsoft:enable-receiver-runtime-metric`).
+    Event(EventRecord, Option<PartitionInfo>),
     /// A feedback batch, locked for this link until it is settled.
     Feedback(FeedbackBatch),
+    /// The pump answered a drain: whatever it had is queued ahead of this, and the rest of
+    /// the link's credit is given up.
+    Drained,
 }
+
+/// What the loop tells a pump: the credit limit (delivery-count plus credit, serial) and how
+/// many drain requests the link has had.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Grant {
+    limit: u32,
+    drains: u64,
+}
+
+/// Asks Event Hubs receivers may make at attach for the partition's newest event with every
+/// delivery (delivery annotations); we offer it back.
+const RUNTIME_METRIC: &str = "com.microsoft:enable-receiver-runtime-metric";
+
+/// How old the partition's newest-event figures may be when sent with an event.
+const METRIC_REFRESH: Duration = Duration::from_millis(250);
 
 /// A C2D send's result, back from its task: (channel, handle, delivery id, whether the client
 /// sent it settled, the outcome).
@@ -176,7 +196,7 @@ enum LinkKind {
     /// We send a partition's events.
     Events {
         credit: Credit,
-        limit: watch::Sender<u32>,
+        limit: watch::Sender<Grant>,
         pump: tokio::task::JoinHandle<()>,
         settled: bool,
     },
@@ -198,7 +218,7 @@ enum LinkKind {
     /// We send feedback batches; each delivery holds its batch's lock token until settled.
     Feedback {
         credit: Credit,
-        limit: watch::Sender<u32>,
+        limit: watch::Sender<Grant>,
         pump: tokio::task::JoinHandle<()>,
         settled: bool,
         unsettled: HashMap<u32, String>,
@@ -807,16 +827,20 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                             .await;
                     }
                 };
-                self.send(local, Performative::Attach(Self::attach_reply(&a, true)))
-                    .await?;
-                let (limit_tx, limit_rx) = watch::channel(0u32);
+                let metric = wants(&a.desired_capabilities, RUNTIME_METRIC);
+                let mut reply = Self::attach_reply(&a, true);
+                if metric {
+                    reply.offered_capabilities = Value::Array(vec![Value::sym(RUNTIME_METRIC)]);
+                }
+                self.send(local, Performative::Attach(reply)).await?;
+                let (limit_tx, limit_rx) = watch::channel(Grant::default());
                 let pump = tokio::spawn(pump(
                     stream,
                     limit_rx,
                     self.events_tx.clone(),
-                    ch,
-                    a.handle,
+                    (ch, a.handle),
                     lease,
+                    metric.then(|| (self.fe.hub.clone(), addr.partition)),
                 ));
                 debug!(peer = %self.peer, address = %address, ?start, "AMQP partition receiver attached");
                 self.session(ch)?.links.insert(
@@ -862,7 +886,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 self.send(local, Performative::Attach(Self::attach_reply(&a, true)))
                     .await?;
                 let link = if n == Node::Feedback {
-                    let (limit_tx, limit_rx) = watch::channel(0u32);
+                    let (limit_tx, limit_rx) = watch::channel(Grant::default());
                     let pump = tokio::spawn(feedback_pump(
                         self.fe.hub.clone(),
                         limit_rx,
@@ -944,6 +968,19 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         delivery_count: u32,
         credit: u32,
     ) -> Result<(), ConnError> {
+        self.link_flow(ch, handle, delivery_count, credit, false)
+            .await
+    }
+
+    /// A link Flow from us with the link's delivery-count and credit, and drain as given.
+    async fn link_flow(
+        &mut self,
+        ch: u16,
+        handle: u32,
+        delivery_count: u32,
+        credit: u32,
+        drain: bool,
+    ) -> Result<(), ConnError> {
         let s = self.session(ch)?;
         let flow = Flow {
             next_incoming_id: Some(s.next_incoming_id),
@@ -954,7 +991,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             delivery_count: Some(delivery_count),
             link_credit: Some(credit),
             available: Some(0),
-            drain: Some(false),
+            drain: Some(drain),
             echo: Some(false),
             properties: Value::Null,
         };
@@ -977,7 +1014,11 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                         .delivery_count
                         .unwrap_or(0)
                         .wrapping_add(fl.link_credit.unwrap_or(0));
-                    let _ = limit.send(credit.limit);
+                    let drain = fl.drain == Some(true);
+                    limit.send_modify(|g| {
+                        g.limit = credit.limit;
+                        g.drains += u64::from(drain);
+                    });
                 }
                 Some(LinkKind::Replies { credit, .. }) => {
                     credit.limit = fl
@@ -1453,12 +1494,26 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                     Some(LinkKind::Events {
                         credit, settled, ..
                     }),
-                    Outgoing::Event(e),
+                    Outgoing::Event(e, metric),
                 ) => {
                     credit.sent = credit.sent.wrapping_add(1);
                     let settled = *settled;
-                    let bytes = eventhub::event_message(&e).encode();
-                    self.transfer(ch, handle, settled, &bytes).await?;
+                    let mut m = eventhub::event_message(&e);
+                    if let Some(info) = metric {
+                        m.delivery_annotations =
+                            eventhub::runtime_metrics(&info, ferrohub_hub::c2d::now_ms());
+                    }
+                    self.transfer(ch, handle, settled, &m.encode()).await?;
+                }
+                (
+                    Some(LinkKind::Events { credit, .. } | LinkKind::Feedback { credit, .. }),
+                    Outgoing::Drained,
+                ) => {
+                    // Part 2.6.7: the unused credit is consumed by advancing the delivery-count,
+                    // and the sender says so with a flow that keeps drain set.
+                    credit.sent = credit.limit;
+                    let count = credit.sent;
+                    self.link_flow(ch, handle, count, 0, true).await?;
                 }
                 (
                     Some(LinkKind::Feedback {
@@ -1483,7 +1538,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 (_, Outgoing::Feedback(b)) => {
                     settle_feedback(&self.fe.hub, b.lock_token, Settle::Abandon)
                 }
-                (_, Outgoing::Event(_)) => {}
+                (_, Outgoing::Event(..) | Outgoing::Drained) => {}
             }
         }
     }
@@ -1575,32 +1630,70 @@ fn response(req: &Message, status: i32, description: &str, body: Value) -> Messa
 
 /// Takes events from the hub's stream only while the link has credit, so nothing is read
 /// ahead of what the consumer asked for (and a consumer that restarts from its last offset
-/// misses nothing). Ends when the link or connection goes (the task is aborted) or the
-/// stream ends.
+/// misses nothing). Answers a drain with what is already read and gives up the rest of the
+/// credit. With `metric`, each event carries the partition's newest event (refreshed every
+/// [`METRIC_REFRESH`] or when the event is newer). Ends when the link or connection goes (the
+/// task is aborted) or the stream ends.
 async fn pump(
     mut stream: EventStream,
-    mut limit: watch::Receiver<u32>,
+    mut grant: watch::Receiver<Grant>,
     tx: mpsc::Sender<(u16, u32, Option<Outgoing>)>,
-    ch: u16,
-    handle: u32,
+    (ch, handle): (u16, u32),
     lease: ReaderLease,
+    metric: Option<(Arc<Hub>, u32)>,
 ) {
     let mut stolen = lease.stolen.clone();
     let events = tx.clone();
     let work = async move {
         let mut credit = Credit::default();
+        let mut drains = 0u64;
+        let mut info: Option<(Instant, PartitionInfo)> = None;
         loop {
-            credit.limit = *limit.borrow_and_update();
-            if credit.available() == 0 {
-                if limit.changed().await.is_err() {
+            let g = *grant.borrow_and_update();
+            credit.limit = g.limit;
+            if g.drains != drains {
+                drains = g.drains;
+                while credit.available() > 0 {
+                    let Some(e) = stream.try_next() else { break };
+                    credit.sent = credit.sent.wrapping_add(1);
+                    let m = metrics(&metric, &mut info, &e).await;
+                    if events
+                        .send((ch, handle, Some(Outgoing::Event(e, m))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                credit.sent = credit.limit;
+                if events
+                    .send((ch, handle, Some(Outgoing::Drained)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
             }
-            let Some(e) = stream.next().await else { return };
+            if credit.available() == 0 {
+                if grant.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            // A drain may come while we wait for the next event; `next` is cancel-safe.
+            let e = tokio::select! {
+                e = stream.next() => e,
+                r = grant.changed() => match r {
+                    Ok(()) => continue,
+                    Err(_) => return,
+                },
+            };
+            let Some(e) = e else { return };
             credit.sent = credit.sent.wrapping_add(1);
+            let m = metrics(&metric, &mut info, &e).await;
             if events
-                .send((ch, handle, Some(Outgoing::Event(e))))
+                .send((ch, handle, Some(Outgoing::Event(e, m))))
                 .await
                 .is_err()
             {
@@ -1624,29 +1717,73 @@ async fn pump(
     drop(lease);
 }
 
+/// The partition's newest event for a receiver that asked for runtime metrics: looked up
+/// again when the cached figures are older than [`METRIC_REFRESH`] or behind `e`. A failed
+/// look-up sends the event without them rather than not at all.
+async fn metrics(
+    metric: &Option<(Arc<Hub>, u32)>,
+    cache: &mut Option<(Instant, PartitionInfo)>,
+    e: &EventRecord,
+) -> Option<PartitionInfo> {
+    let (hub, partition) = metric.as_ref()?;
+    let fresh = cache.as_ref().is_some_and(|(at, info)| {
+        at.elapsed() < METRIC_REFRESH && info.last.is_some_and(|(seq, _)| seq >= e.sequence)
+    });
+    if !fresh {
+        match hub.partition_info(*partition).await {
+            Ok(info) => *cache = Some((Instant::now(), info)),
+            Err(err) => {
+                debug!(partition, error = %err.message(), "runtime metrics unavailable");
+                return None;
+            }
+        }
+    }
+    cache.as_ref().map(|(_, info)| *info)
+}
+
+/// Whether a capabilities field (a symbol or an array of them) holds `capability`.
+fn wants(capabilities: &Value, capability: &str) -> bool {
+    match capabilities {
+        Value::Symbol(s) => s == capability,
+        Value::Array(items) | Value::List(items) => {
+            items.iter().any(|v| v.as_str() == Some(capability))
+        }
+        _ => false,
+    }
+}
+
 /// Takes feedback batches from the hub's queue while the link has credit (one batch per
 /// delivery, as IoT Hub sends them), waiting for the hub to announce new feedback rather
 /// than polling. A batch is locked once taken; the loop abandons it if it cannot deliver it.
 async fn feedback_pump(
     hub: Arc<Hub>,
-    mut limit: watch::Receiver<u32>,
+    mut grant: watch::Receiver<Grant>,
     tx: mpsc::Sender<(u16, u32, Option<Outgoing>)>,
     ch: u16,
     handle: u32,
 ) {
     let mut changes = hub.feedback_changes();
     let mut credit = Credit::default();
+    let mut drains = 0u64;
     loop {
-        credit.limit = *limit.borrow_and_update();
-        if credit.available() == 0 {
-            if limit.changed().await.is_err() {
+        let g = *grant.borrow_and_update();
+        credit.limit = g.limit;
+        let draining = g.drains != drains;
+        drains = g.drains;
+        if credit.available() == 0 && !draining {
+            if grant.changed().await.is_err() {
                 return;
             }
             continue;
         }
         // Marked seen before looking, so a change during the look wakes the next wait.
         changes.borrow_and_update();
-        match hub.feedback_receive(None).await {
+        let got = if credit.available() > 0 {
+            hub.feedback_receive(None).await
+        } else {
+            Ok(None)
+        };
+        match got {
             Ok(Some(batch)) => {
                 credit.sent = credit.sent.wrapping_add(1);
                 if let Err(mpsc::error::SendError((_, _, Some(Outgoing::Feedback(b))))) =
@@ -1655,10 +1792,25 @@ async fn feedback_pump(
                     settle_feedback(&hub, b.lock_token, Settle::Abandon);
                     return;
                 }
+                if draining {
+                    // Go on draining: the next look sends more or ends the drain.
+                    drains -= 1;
+                }
+            }
+            Ok(None) if draining => {
+                credit.sent = credit.limit;
+                if tx
+                    .send((ch, handle, Some(Outgoing::Drained)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
             Ok(None) => {
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
+                    r = grant.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep(FEEDBACK_RECHECK) => {}
                 }
             }

@@ -248,6 +248,34 @@ pub fn event_message(e: &EventRecord) -> Message {
     }
 }
 
+/// The delivery annotations of a receiver that asked for runtime metrics: the partition's
+/// newest event (the same figures as a `$management` partition READ) and when they were
+/// taken, as `azure-eventhub`'s `last_enqueued_event_properties` reads them.
+pub fn runtime_metrics(info: &PartitionInfo, now_ms: i64) -> Vec<(Value, Value)> {
+    let (last_seq, last_time) = match info.last {
+        Some((s, t)) => (s as i64, t),
+        None => (-1, 0),
+    };
+    vec![
+        (
+            Value::sym("last_enqueued_sequence_number"),
+            Value::Long(last_seq),
+        ),
+        (
+            Value::sym("last_enqueued_offset"),
+            Value::str(last_seq.to_string()),
+        ),
+        (
+            Value::sym("last_enqueued_time_utc"),
+            Value::Timestamp(last_time),
+        ),
+        (
+            Value::sym("runtime_info_retrieval_time_utc"),
+            Value::Timestamp(now_ms),
+        ),
+    ]
+}
+
 /// The `$management` READ answer for the event hub.
 pub fn eventhub_properties(entity: &str, partitions: u32, created_ms: i64) -> Value {
     Value::Map(vec![
