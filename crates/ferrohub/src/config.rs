@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// refused with 503.
     #[arg(long, env = "FERROHUB_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// AMQP connections over TLS at once (back ends: Event Hubs readers, C2D senders;
+    /// default 10000). Past it, new sockets wait in the accept queue. AMQP over WebSocket
+    /// counts against --max-connections instead, as MQTT over WebSocket does.
+    #[arg(long, env = "FERROHUB_AMQP_MAX_CONNECTIONS")]
+    pub amqp_max_connections: Option<usize>,
     /// Seconds an HTTPS client has to send a complete request head: from the TLS handshake
     /// for the first request, from its first byte for later ones (default 10).
     #[arg(long, env = "FERROHUB_HTTPS_HEADER_TIMEOUT_SECS")]
@@ -117,6 +122,7 @@ struct FileConfig {
     throttle_twin_updates: Option<u32>,
     throttle_method_calls: Option<u32>,
     max_connections: Option<usize>,
+    amqp_max_connections: Option<usize>,
     https_header_timeout_secs: Option<u64>,
     https_idle_timeout_secs: Option<u64>,
     https_body_timeout_secs: Option<u64>,
@@ -153,8 +159,11 @@ pub struct ServerConfig {
     pub retention_interval: std::time::Duration,
     /// C2D limits and throttles of the device-facing features.
     pub hub: ferrohub_hub::HubSettings,
-    /// Device connections at once (MQTT over TLS and over WebSocket share the cap).
+    /// Device connections at once (MQTT over TLS and over WebSocket share the cap, and AMQP
+    /// over WebSocket counts too).
     pub max_connections: usize,
+    /// AMQP connections over TLS at once.
+    pub amqp_max_connections: usize,
     /// Time limits of HTTPS connections, so idle or trickling clients cannot hold sockets.
     pub https_timeouts: HttpsTimeouts,
     /// Service API requests in progress at once (each may buffer a 2 MiB body).
@@ -206,6 +215,7 @@ impl ServerConfig {
             retention_interval: std::time::Duration::from_secs(60),
             hub: ferrohub_hub::HubSettings::default(),
             max_connections: 200_000,
+            amqp_max_connections: 10_000,
             https_timeouts: HttpsTimeouts::default(),
             https_max_requests: 256,
             tls_handshake_timeout: Duration::from_secs(10),
@@ -295,6 +305,12 @@ impl ServerConfig {
                 anyhow::bail!("max_connections must be at least 1");
             }
             cfg.max_connections = n;
+        }
+        if let Some(n) = args.amqp_max_connections.or(file.amqp_max_connections) {
+            if n == 0 {
+                anyhow::bail!("amqp_max_connections must be at least 1");
+            }
+            cfg.amqp_max_connections = n;
         }
         if let Some(n) = args.https_max_requests.or(file.https_max_requests) {
             if n == 0 {

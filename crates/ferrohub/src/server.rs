@@ -65,8 +65,6 @@ impl HubInfo {
 /// device-connection cap (`ServerConfig::max_connections`), which it shares with MQTT/TLS.
 const MAX_HTTPS_CONNECTIONS: usize = 10_000;
 
-/// Concurrent AMQP connections (back ends reading events; each holds few links).
-const MAX_AMQP_CONNECTIONS: usize = 10_000;
 /// The largest AMQP frame accepted: requests are small, and events are sent in frames of the
 /// client's size.
 const AMQP_MAX_FRAME_SIZE: u32 = 64 * 1024;
@@ -220,7 +218,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     tracker.spawn(accept_loop(
         amqp_listener,
         acceptor.clone(),
-        Arc::new(Semaphore::new(MAX_AMQP_CONNECTIONS)),
+        Arc::new(Semaphore::new(
+            cfg.amqp_max_connections.min(Semaphore::MAX_PERMITS),
+        )),
         tracker.clone(),
         shutdown_rx.clone(),
         Listener::Amqp(amqp),

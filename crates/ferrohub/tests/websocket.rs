@@ -244,6 +244,44 @@ async fn websocket_sessions_count_against_the_same_connection_cap_as_tls() -> Te
 }
 
 #[tokio::test]
+async fn amqp_over_websocket_counts_against_the_device_cap_and_amqp_over_tls_has_its_own(
+) -> TestResult {
+    use common::amqp::{AmqpClient, Sasl};
+    let hub = TestHub::start_with(|cfg| {
+        cfg.max_connections = 1;
+        cfg.amqp_max_connections = 1;
+    })
+    .await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    let (mut dev, _) = hub.connect_device("dev1", &key, true).await?;
+    // The device holds the one device place: an AMQP WebSocket upgrade is refused with 503.
+    let refused = ws_stream(&hub, "/$servicebus/websocket", "AMQPWSB10")
+        .await
+        .err()
+        .ok_or("an AMQP WebSocket session was admitted past the device cap")?;
+    assert!(refused.to_string().contains("503"), "{refused}");
+
+    // AMQP over TLS has its own cap, untouched by the device: one connection gets in, the
+    // next waits until it goes.
+    let first = AmqpClient::connect(&hub, Sasl::Anonymous, 65_536).await?;
+    let mut second = Box::pin(AmqpClient::connect(&hub, Sasl::Anonymous, 65_536));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut second)
+            .await
+            .is_err(),
+        "a second AMQP connection was served past the AMQP cap"
+    );
+    drop(first);
+    tokio::time::timeout(WAIT, second)
+        .await
+        .map_err(|_| "the waiting AMQP connection did not get the freed place")??;
+    dev.send(&Packet::PingReq).await?;
+    assert_eq!(dev.recv().await?, Some(Packet::PingResp));
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn shutdown_closes_websocket_sessions_and_waits_for_them() -> TestResult {
     let hub = TestHub::start().await?;
     let (key, _) = hub.create_device("dev1").await?;
