@@ -27,6 +27,9 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The frame size we offer; pyamqp offers 1 MiB, the server offers 64 KiB, so frames the
 /// server sends are bounded by its own figure.
 const MAX_FRAME: u32 = 1024 * 1024;
+/// The largest delivery we join from its frames: telemetry is at most 256 KiB plus what the hub
+/// adds, and the server itself says 1 MiB in its Attach.
+const MAX_MESSAGE: usize = 1024 * 1024;
 /// Our session's incoming window, in transfer frames, reopened with every link flow. pyamqp's
 /// default.
 const SESSION_WINDOW: u32 = 65_536;
@@ -406,7 +409,7 @@ impl Connection {
     /// A `$cbs` put-token for `audience`; fails unless the server answers 200.
     pub async fn put_token(&mut self, token: &str, audience: &str) -> Result<()> {
         if !self.cbs_attached {
-            self.attach_pair("$cbs", CBS_OUT, CBS_IN).await?;
+            within(self.attach_pair("$cbs", CBS_OUT, CBS_IN)).await?;
             self.cbs_attached = true;
         }
         let app = vec![
@@ -418,9 +421,7 @@ impl Connection {
             (Value::str("name"), Value::str(audience)),
             (Value::str("expiration"), Value::Timestamp(0)),
         ];
-        let reply = self
-            .request(CBS_OUT, "$cbs", app, Value::str(token))
-            .await?;
+        let reply = within(self.request(CBS_OUT, "$cbs", app, Value::str(token))).await?;
         match status_of(&reply) {
             Some(200) => Ok(()),
             other => bail!(
@@ -438,7 +439,7 @@ impl Connection {
         partition: Option<u32>,
     ) -> Result<Value> {
         if !self.mgmt_attached {
-            self.attach_pair("$management", MGMT_OUT, MGMT_IN).await?;
+            within(self.attach_pair("$management", MGMT_OUT, MGMT_IN)).await?;
             self.mgmt_attached = true;
         }
         let mut app = vec![
@@ -453,9 +454,7 @@ impl Connection {
                 app.push((Value::str("partition"), Value::str(p.to_string())));
             }
         }
-        let reply = self
-            .request(MGMT_OUT, "$management", app, Value::Null)
-            .await?;
+        let reply = within(self.request(MGMT_OUT, "$management", app, Value::Null)).await?;
         match (status_of(&reply), reply.body) {
             (Some(200), Body::Value(v)) => Ok(v),
             (status, _) => bail!("$management READ answered {status:?}"),
@@ -586,6 +585,9 @@ impl Connection {
         let more = t.more.unwrap_or(false);
         let (first, payload) = match self.partial.take() {
             Some((first, mut joined)) => {
+                if joined.len() + payload.len() > MAX_MESSAGE {
+                    bail!("a delivery larger than {MAX_MESSAGE} bytes");
+                }
                 joined.extend_from_slice(&payload);
                 (first, joined)
             }
@@ -639,6 +641,14 @@ impl Connection {
         let _ = self.stream.shutdown().await;
         Ok(())
     }
+}
+
+/// `step` within [`SETUP_TIMEOUT`] as a whole: a server that keeps sending other frames (flows,
+/// heartbeats) does not keep a set-up step waiting longer.
+async fn within<T>(step: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(SETUP_TIMEOUT, step)
+        .await
+        .context("the server did not answer in time")?
 }
 
 fn source(address: &str) -> Value {
