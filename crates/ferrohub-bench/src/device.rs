@@ -280,7 +280,7 @@ async fn read_packet(tls: &mut MqttStream) -> Result<Packet, ConnectFailure> {
 
 /// Resolves the MQTT host once, so name lookups stay out of the measured connects. With several
 /// addresses (localhost is often ::1 and 127.0.0.1) the first that accepts TCP is used.
-async fn resolve_mqtt(host: &str, port: u16) -> Result<SocketAddr> {
+pub(crate) async fn resolve_mqtt(host: &str, port: u16) -> Result<SocketAddr> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
         .with_context(|| format!("resolving {host}"))?

@@ -50,6 +50,8 @@ pub struct Hub {
     pub mqtt_host: String,
     pub mqtt_port: u16,
     pub server_pid: Option<u32>,
+    /// hub.json's Event Hubs-compatible connection string (signed with the `service` policy).
+    pub eventhub_connection_string: Option<String>,
 }
 
 /// The subset of hub.json the bench uses; every field is optional because flags may supply it.
@@ -60,6 +62,7 @@ struct HubJson {
     https_port: Option<u16>,
     ca_file: Option<PathBuf>,
     owner_connection_string: Option<String>,
+    eventhub_connection_string: Option<String>,
     pid: Option<u32>,
 }
 
@@ -85,6 +88,7 @@ impl HubJson {
             // A relative path in hub.json is relative to the directory holding it.
             ca_file: string("ca_file").map(|f| data_dir.join(f)),
             owner_connection_string: string("owner_connection_string"),
+            eventhub_connection_string: string("eventhub_connection_string"),
             pid: number("pid").and_then(|p| u32::try_from(p).ok()),
         })
     }
@@ -144,6 +148,7 @@ impl Hub {
             mqtt_host,
             mqtt_port,
             server_pid: args.server_pid.or(json.pid),
+            eventhub_connection_string: json.eventhub_connection_string,
         })
     }
 

@@ -38,6 +38,14 @@ enum Scenario {
     /// Have N devices publish reported-property patches at a fixed total rate; measure the time
     /// from PUBLISH to the hub's 204 (sent once the patch is durable) and server CPU per patch.
     TwinReported(scenario::twin::TwinArgs),
+    /// Fill the telemetry log through MQTT (1,000,000 events by default), then read it all from
+    /// the start over AMQP with one Event Hubs receiver per partition; measure events read per
+    /// second and server CPU per event, checking every sequence number.
+    EventhubRead(scenario::eventhub::read::ReadArgs),
+    /// Have N devices publish QoS 1 telemetry at a fixed total rate while one Event Hubs
+    /// receiver per partition reads at @latest over AMQP; measure the latency from the device's
+    /// PUBLISH to the event's arrival and server CPU per event.
+    EventhubLive(scenario::eventhub::live::LiveArgs),
     /// Drive every kind of durable write (QoS 1 telemetry, C2D sends, reported patches,
     /// registry creates) until killed, appending each acknowledged write to an ack log the
     /// moment its acknowledgement arrives (scripts/crash-loop.sh).
@@ -72,6 +80,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::C2d(args) => scenario::c2d::run(args).await,
             Scenario::Methods(args) => scenario::methods::run(args).await,
             Scenario::TwinReported(args) => scenario::twin::run(args).await,
+            Scenario::EventhubRead(args) => scenario::eventhub::read::run(args).await,
+            Scenario::EventhubLive(args) => scenario::eventhub::live::run(args).await,
             Scenario::CrashWriter(args) => scenario::crash::run_writer(args).await,
             Scenario::CrashCheck(args) => scenario::crash::run_check(args).await,
         }

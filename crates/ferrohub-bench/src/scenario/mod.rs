@@ -4,6 +4,7 @@
 pub mod c2d;
 pub mod connect;
 pub mod crash;
+pub mod eventhub;
 pub mod methods;
 pub mod push;
 pub mod telemetry;

@@ -6,9 +6,9 @@
 //! This module holds the flags and the run from start to RESULT line; the publishers, reaching
 //! the server under test and the report are submodules.
 
-mod publisher;
+pub(crate) mod publisher;
 mod report;
-mod target;
+pub(crate) mod target;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -206,7 +206,7 @@ impl Publisher {
 
 /// A QoS 1 PUBLISH and the offset of its packet identifier, so messages are made by copying and
 /// patching two bytes rather than encoding.
-fn publish_template(topic: String, body: Bytes) -> Result<(Vec<u8>, usize)> {
+pub(crate) fn publish_template(topic: String, body: Bytes) -> Result<(Vec<u8>, usize)> {
     let body_len = body.len();
     let mut buf = BytesMut::new();
     encode(
@@ -252,7 +252,7 @@ async fn drive(
 }
 
 /// Filler for message bodies: printable, so a broker log or a stored event stays readable.
-fn body(len: usize) -> Bytes {
+pub(crate) fn body(len: usize) -> Bytes {
     let pattern = b"ferrohub-bench telemetry ";
     Bytes::from(
         pattern

@@ -16,7 +16,7 @@ use crate::registry::{self, FleetArgs};
 
 /// Opens every connection, `concurrency` at a time; any failure fails the run, since figures
 /// from fewer connections than asked for would describe a different load.
-pub(super) async fn connect_all(
+pub(crate) async fn connect_all(
     connector: Arc<Connector>,
     fleet: &FleetArgs,
     concurrency: usize,
