@@ -53,6 +53,11 @@ const MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
 const WINDOW: u32 = 5_000;
 /// Events queued from all pumps towards the connection loop.
 const EVENT_QUEUE: usize = 64;
+/// Deliveries the loop takes from the pumps before it writes: one write (one TLS record
+/// batch, one system call) for all of them instead of one each.
+const EVENT_BATCH: usize = 64;
+/// Bytes of transfers gathered before they are written.
+const WRITE_BATCH: usize = 256 * 1024;
 /// Events held for sessions whose window is shut, per connection.
 const MAX_WAITING: usize = 256;
 /// Links per session we accept.
@@ -472,11 +477,8 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 }
                 // Events wait here only while a session's window is shut; past a bound the
                 // pumps block instead, whatever credit the client gave.
-                Some((channel, handle, event)) = self.events_rx.recv(), if self.waiting() < MAX_WAITING => {
-                    match event {
-                        Some(e) => self.on_event(channel, handle, e).await?,
-                        None => self.stolen(channel, handle).await?,
-                    }
+                Some(first) = self.events_rx.recv(), if self.waiting() < MAX_WAITING => {
+                    self.on_events(first).await?;
                 }
                 Some(outcome) = self.outcomes_rx.recv() => self.on_c2d_outcome(outcome).await?,
                 _ = async { match beat_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
@@ -1466,20 +1468,62 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         self.send(local, Performative::Detach(detach)).await
     }
 
-    async fn on_event(&mut self, ch: u16, handle: u32, e: Outgoing) -> Result<(), ConnError> {
-        let Some(s) = self.sessions.get_mut(&ch) else {
-            if let Outgoing::Feedback(b) = e {
-                settle_feedback(&self.fe.hub, b.lock_token, Settle::Abandon);
+    /// Takes `first` and whatever else the pumps have ready (up to [`EVENT_BATCH`]), then
+    /// sends them, so a busy receiver gets its deliveries in few large writes.
+    async fn on_events(&mut self, first: (u16, u32, Option<Outgoing>)) -> Result<(), ConnError> {
+        let mut channels: Vec<u16> = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some((ch, handle, out)) = next.take() {
+            match out {
+                Some(out) => {
+                    if let Some(s) = self.sessions.get_mut(&ch) {
+                        s.waiting.push_back((handle, out));
+                        if !channels.contains(&ch) {
+                            channels.push(ch);
+                        }
+                    } else if let Outgoing::Feedback(b) = out {
+                        settle_feedback(&self.fe.hub, b.lock_token, Settle::Abandon);
+                    }
+                }
+                None => {
+                    // What the link was sent before it was stolen goes out first.
+                    if self.sessions.contains_key(&ch) {
+                        self.flush_waiting(ch).await?;
+                    }
+                    self.stolen(ch, handle).await?;
+                }
             }
-            return Ok(());
-        };
-        s.waiting.push_back((handle, e));
-        self.flush_waiting(ch).await
+            taken += 1;
+            if taken < EVENT_BATCH && self.waiting() < MAX_WAITING {
+                next = self.events_rx.try_recv().ok();
+            }
+        }
+        for ch in channels {
+            if self.sessions.contains_key(&ch) {
+                self.flush_waiting(ch).await?;
+            }
+        }
+        Ok(())
     }
 
-    /// Sends what the pumps handed over, while the session window allows.
+    /// Sends what the pumps handed over, while the session window allows, gathered into few
+    /// writes.
     async fn flush_waiting(&mut self, ch: u16) -> Result<(), ConnError> {
+        let mut out = Vec::new();
+        let r = self.gather_waiting(ch, &mut out).await;
+        if !out.is_empty() {
+            self.write(&out).await?;
+        }
+        r
+    }
+
+    async fn gather_waiting(&mut self, ch: u16, buf: &mut Vec<u8>) -> Result<(), ConnError> {
         loop {
+            if buf.len() >= WRITE_BATCH {
+                self.write(buf).await?;
+                buf.clear();
+            }
             let s = self.session(ch)?;
             if s.remote_incoming == 0 {
                 return Ok(());
@@ -1503,7 +1547,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                         m.delivery_annotations =
                             eventhub::runtime_metrics(&info, ferrohub_hub::c2d::now_ms());
                     }
-                    self.transfer(ch, handle, settled, &m.encode()).await?;
+                    self.encode_transfer(ch, handle, settled, &m.encode(), buf)?;
                 }
                 (
                     Some(LinkKind::Events { credit, .. } | LinkKind::Feedback { credit, .. }),
@@ -1513,6 +1557,9 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                     // and the sender says so with a flow that keeps drain set.
                     credit.sent = credit.limit;
                     let count = credit.sent;
+                    // After the deliveries gathered so far, which it counts.
+                    self.write(buf).await?;
+                    buf.clear();
                     self.link_flow(ch, handle, count, 0, true).await?;
                 }
                 (
@@ -1524,7 +1571,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                     credit.sent = credit.sent.wrapping_add(1);
                     let settled = *settled;
                     let bytes = c2d::feedback_message(&b, &self.fe.entity).encode();
-                    let id = self.transfer(ch, handle, settled, &bytes).await?;
+                    let id = self.encode_transfer(ch, handle, settled, &bytes, buf)?;
                     if settled {
                         // Pre-settled: the client takes it as delivered the moment it is sent.
                         settle_feedback(&self.fe.hub, b.lock_token, Settle::Complete);
@@ -1551,6 +1598,22 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         settled: bool,
         payload: &[u8],
     ) -> Result<u32, ConnError> {
+        let mut out = Vec::with_capacity(payload.len() + TRANSFER_OVERHEAD);
+        let id = self.encode_transfer(ch, handle, settled, payload, &mut out)?;
+        self.write(&out).await?;
+        Ok(id)
+    }
+
+    /// Appends one delivery's transfer frames to `out`, counting them against the session
+    /// window; returns its delivery id.
+    fn encode_transfer(
+        &mut self,
+        ch: u16,
+        handle: u32,
+        settled: bool,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<u32, ConnError> {
         let chunk = (self.peer_max_frame as usize)
             .saturating_sub(TRANSFER_OVERHEAD)
             .max(64);
@@ -1559,7 +1622,6 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
         s.next_delivery_id = s.next_delivery_id.wrapping_add(1);
         let local = s.local;
         let mut pieces = payload.chunks(chunk).peekable();
-        let mut out = Vec::with_capacity(payload.len() + TRANSFER_OVERHEAD);
         let mut first = true;
         while let Some(piece) = pieces.next() {
             let more = pieces.peek().is_some();
@@ -1587,7 +1649,6 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
             s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
             s.remote_incoming = s.remote_incoming.saturating_sub(1);
         }
-        self.write(&out).await?;
         Ok(delivery_id)
     }
 }
