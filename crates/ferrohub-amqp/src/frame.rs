@@ -86,15 +86,28 @@ pub fn decode(frame: &[u8]) -> Result<Frame, FrameError> {
 
 /// Encodes a frame; `body` None is the empty (heartbeat) frame.
 pub fn encode(kind: FrameKind, channel: u16, body: Option<&Value>, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0, 0, 0, 0, 2, kind_byte(kind)];
+    let mut out = Vec::with_capacity(payload.len() + TRANSFER_OVERHEAD);
+    encode_into(&mut out, kind, channel, body, payload);
+    out
+}
+
+/// [`encode`], appending the frame to `out` (several frames for one write, no copy).
+pub fn encode_into(
+    out: &mut Vec<u8>,
+    kind: FrameKind,
+    channel: u16,
+    body: Option<&Value>,
+    payload: &[u8],
+) {
+    let start = out.len();
+    out.extend_from_slice(&[0, 0, 0, 0, 2, kind_byte(kind)]);
     out.extend_from_slice(&channel.to_be_bytes());
     if let Some(b) = body {
-        b.encode(&mut out);
+        b.encode(out);
     }
     out.extend_from_slice(payload);
-    let size = out.len() as u32;
-    out[..4].copy_from_slice(&size.to_be_bytes());
-    out
+    let size = (out.len() - start) as u32;
+    out[start..start + 4].copy_from_slice(&size.to_be_bytes());
 }
 
 fn kind_byte(k: FrameKind) -> u8 {

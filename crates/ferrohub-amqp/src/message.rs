@@ -147,13 +147,24 @@ impl Message {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let body_len = match &self.body {
+            Body::Data(chunks) => chunks.iter().map(Vec::len).sum(),
+            _ => 0,
+        };
+        // Sections are written straight into one buffer sized for the body and a typical
+        // set of properties and annotations, without building `Value`s of them.
+        let mut out = Vec::with_capacity(body_len + 512);
         if !self.header.is_null() {
             self.header.encode(&mut out);
         }
+        let descriptor = |out: &mut Vec<u8>, code: u64| {
+            out.push(0x00);
+            crate::value::encode(&Value::Ulong(code), out);
+        };
         let map_section = |out: &mut Vec<u8>, code, entries: &Vec<(Value, Value)>| {
             if !entries.is_empty() {
-                Value::described(code, Value::Map(entries.clone())).encode(out);
+                descriptor(out, code);
+                crate::value::encode_map(out, entries);
             }
         };
         map_section(&mut out, DELIVERY_ANNOTATIONS, &self.delivery_annotations);
@@ -170,13 +181,17 @@ impl Message {
             Body::Empty => {}
             Body::Data(chunks) => {
                 for c in chunks {
-                    Value::described(DATA, Value::Binary(c.clone())).encode(&mut out);
+                    descriptor(&mut out, DATA);
+                    crate::value::put_sized(&mut out, 0xa0, 0xb0, c);
                 }
             }
             Body::Sequence(items) => {
                 Value::described(AMQP_SEQUENCE, Value::List(items.clone())).encode(&mut out)
             }
-            Body::Value(v) => Value::described(AMQP_VALUE, v.clone()).encode(&mut out),
+            Body::Value(v) => {
+                descriptor(&mut out, AMQP_VALUE);
+                v.encode(&mut out);
+            }
         }
         out
     }

@@ -291,7 +291,7 @@ fn decode_body(code: u8, buf: &mut &[u8], depth: usize) -> Result<Value, DecodeE
     })
 }
 
-fn put_sized(out: &mut Vec<u8>, short: u8, long: u8, bytes: &[u8]) {
+pub(crate) fn put_sized(out: &mut Vec<u8>, short: u8, long: u8, bytes: &[u8]) {
     match u8::try_from(bytes.len()) {
         Ok(n) => {
             out.push(short);
@@ -305,7 +305,7 @@ fn put_sized(out: &mut Vec<u8>, short: u8, long: u8, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-fn encode(v: &Value, out: &mut Vec<u8>) {
+pub(crate) fn encode(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Null => out.push(0x40),
         Value::Bool(true) => out.push(0x41),
@@ -385,21 +385,12 @@ fn encode(v: &Value, out: &mut Vec<u8>) {
         Value::Binary(b) => put_sized(out, 0xa0, 0xb0, b),
         Value::String(s) => put_sized(out, 0xa1, 0xb1, s.as_bytes()),
         Value::Symbol(s) => put_sized(out, 0xa3, 0xb3, s.as_bytes()),
-        Value::List(items) => {
-            let mut body = Vec::new();
+        Value::List(items) => encode_compound(out, 0xc0, 0xd0, items.len(), |out| {
             for i in items {
-                encode(i, &mut body);
+                encode(i, out);
             }
-            put_compound(out, 0xc0, 0xd0, items.len(), &body);
-        }
-        Value::Map(entries) => {
-            let mut body = Vec::new();
-            for (k, v) in entries {
-                encode(k, &mut body);
-                encode(v, &mut body);
-            }
-            put_compound(out, 0xc1, 0xd1, entries.len() * 2, &body);
-        }
+        }),
+        Value::Map(entries) => encode_map(out, entries),
         Value::Array(items) => encode_array(items, out),
         Value::Described(d, v) => {
             out.push(0x00);
@@ -409,17 +400,43 @@ fn encode(v: &Value, out: &mut Vec<u8>) {
     }
 }
 
-fn put_compound(out: &mut Vec<u8>, short: u8, long: u8, count: usize, body: &[u8]) {
-    if body.len() < 255 && count < 256 {
-        out.push(short);
-        out.push((body.len() + 1) as u8);
-        out.push(count as u8);
+/// A map from its entries in wire order (also for message sections, without building a
+/// `Value` of them).
+pub(crate) fn encode_map(out: &mut Vec<u8>, entries: &[(Value, Value)]) {
+    encode_compound(out, 0xc1, 0xd1, entries.len() * 2, |out| {
+        for (k, v) in entries {
+            encode(k, out);
+            encode(v, out);
+        }
+    });
+}
+
+/// A list or map whose `count` items `body` writes: in the compact form (`short`, one-byte
+/// size and count) when it fits, else the long one. The items are written in place after
+/// room for the long header, and moved down over the unused bytes when the compact form fits
+/// (at most 254 bytes, so the move is short), rather than written elsewhere and copied.
+fn encode_compound(
+    out: &mut Vec<u8>,
+    short: u8,
+    long: u8,
+    count: usize,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
+    const LONG_HEADER: usize = 9;
+    let start = out.len();
+    out.extend_from_slice(&[long, 0, 0, 0, 0, 0, 0, 0, 0]);
+    body(out);
+    let len = out.len() - start - LONG_HEADER;
+    if len < 255 && count < 256 {
+        out[start] = short;
+        out[start + 1] = (len + 1) as u8;
+        out[start + 2] = count as u8;
+        out.copy_within(start + LONG_HEADER.., start + 3);
+        out.truncate(start + 3 + len);
     } else {
-        out.push(long);
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(&(count as u32).to_be_bytes());
+        out[start + 1..start + 5].copy_from_slice(&((len + 4) as u32).to_be_bytes());
+        out[start + 5..start + 9].copy_from_slice(&(count as u32).to_be_bytes());
     }
-    out.extend_from_slice(body);
 }
 
 /// One element of an array: a constructor shared by every element, and this element's bytes
@@ -520,6 +537,33 @@ fn encode_array(items: &[Value], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Compact forms up to a 254-byte body and 255 items, long ones past either, nested
+    /// ones included: the in-place writing must choose as the size says and decode back.
+    #[test]
+    fn lists_and_maps_pick_their_form_at_the_boundaries() {
+        // A binary of n bytes takes n + 2 bytes (a0, len) up to 255.
+        for (body, form) in [(253usize, 0xc0u8), (254, 0xc0), (255, 0xd0), (300, 0xd0)] {
+            let list = Value::List(vec![Value::Binary(vec![7; body - 2])]);
+            let bytes = list.to_bytes();
+            assert_eq!(bytes[0], form, "body {body}");
+            assert_eq!(Value::decode(&mut bytes.as_slice()), Ok(list.clone()));
+            let nested = Value::List(vec![Value::Null, list.clone(), Value::Bool(true)]);
+            let bytes = nested.to_bytes();
+            assert_eq!(Value::decode(&mut bytes.as_slice()), Ok(nested));
+        }
+        let many = Value::List(vec![Value::Null; 256]);
+        let bytes = many.to_bytes();
+        assert_eq!(bytes[0], 0xd0, "256 items need the long form");
+        assert_eq!(Value::decode(&mut bytes.as_slice()), Ok(many));
+        let map = Value::Map(vec![(
+            Value::sym("k"),
+            Value::Map(vec![(Value::Null, Value::str("v"))]),
+        )]);
+        let bytes = map.to_bytes();
+        assert_eq!(&bytes[..3], &[0xc1, 11, 2]);
+        assert_eq!(Value::decode(&mut bytes.as_slice()), Ok(map));
+    }
 
     fn round(v: Value) {
         let bytes = v.to_bytes();

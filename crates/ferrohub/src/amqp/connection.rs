@@ -1673,12 +1673,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                 batchable: Some(!first || more),
             };
             first = false;
-            out.extend_from_slice(&frame::encode(
-                FrameKind::Amqp,
-                local,
-                Some(&t.to_value()),
-                piece,
-            ));
+            frame::encode_into(out, FrameKind::Amqp, local, Some(&t.to_value()), piece);
             let s = self.session(ch)?;
             s.next_outgoing_id = s.next_outgoing_id.wrapping_add(1);
             s.remote_incoming = s.remote_incoming.saturating_sub(1);
