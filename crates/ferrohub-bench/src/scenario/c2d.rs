@@ -1,21 +1,25 @@
-//! `c2d`: cloud-to-device messages sent through the service REST API at a fixed aggregate rate
-//! (open loop, round-robin over the devices) to connected devices subscribed at QoS 1 that
-//! PUBACK at once; measures the latency from the start of the REST send to the device holding the
-//! PUBLISH, the REST send latency (request to 200), achieved sends per second and server CPU per
-//! message.
+//! `c2d`: cloud-to-device messages sent through the service REST API, or over AMQP as the
+//! service SDKs send them (`--via amqp`: sender links on `messages/devicebound`), at a fixed
+//! aggregate rate (open loop, round-robin over the devices) to connected devices subscribed at
+//! QoS 1 that PUBACK at once; measures the latency from the start of the send to the device
+//! holding the PUBLISH, the send latency (request to 200, or transfer to Accepted), achieved
+//! sends per second and server CPU per message.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
+use ferrohub_amqp::message::{Body, Properties};
+use ferrohub_amqp::{Message, Performative};
 use ferrohub_mqtt::{encode, Packet, QoS};
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
+use super::eventhub::{self, Connection};
 use super::push::{
     self, histogram, lock, record, Connections, DeviceEnd, Failures, Latency, Progress, PushArgs,
     Role, Schedule, SharedHistogram, Summary, DRAIN_TIMEOUT,
@@ -39,6 +43,19 @@ pub struct C2dArgs {
     /// Keep-alive connections opened before the run, so handshakes stay out of it.
     #[arg(long, default_value_t = 32)]
     pub http_warm: usize,
+    /// How the back end sends: the service REST API, or AMQP as the service SDKs do.
+    #[arg(long, value_enum, default_value_t = Via::Rest)]
+    pub via: Via,
+    /// With `--via amqp`: AMQP connections, one sender link each, the sends are spread over
+    /// (each link has the server's credit of 100 unsettled sends).
+    #[arg(long, default_value_t = 4)]
+    pub amqp_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    Rest,
+    Amqp,
 }
 
 impl C2dArgs {
@@ -46,6 +63,9 @@ impl C2dArgs {
         self.push.validate()?;
         if self.http_inflight == 0 {
             bail!("--http-inflight must be at least 1");
+        }
+        if self.amqp_connections == 0 {
+            bail!("--amqp-connections must be at least 1");
         }
         // IoT Hub's limit for a C2D message.
         if self.payload_bytes > 64 * 1024 {
@@ -74,6 +94,8 @@ struct Shared {
     rest: SharedHistogram,
     lag: SharedHistogram,
     failures: Mutex<Failures>,
+    /// With `--via amqp`, the sender tasks (sends go round-robin over them).
+    amqp: Vec<mpsc::Sender<AmqpSend>>,
 }
 
 impl push::OpenLoopState for Shared {
@@ -129,6 +151,15 @@ async fn send(shared: Arc<Shared>, seq: u64, due: Instant) {
         shared.payload_bytes,
     );
     let message_id = seq.to_string();
+    if !shared.amqp.is_empty() {
+        let link = &shared.amqp[(seq % shared.amqp.len() as u64) as usize];
+        let failure = amqp_send(link, &id, message_id, payload).await;
+        let elapsed = start.elapsed();
+        push::finish_slot(&*shared, &shared.rest, measured, elapsed, failure, || {
+            format!("{id} message {seq}")
+        });
+        return;
+    }
     let body = json!({"payload": payload, "messageId": message_id, "ack": "none"}).to_string();
     let answer = shared
         .service
@@ -157,6 +188,113 @@ async fn send(shared: Arc<Shared>, seq: u64, due: Instant) {
     push::finish_slot(&*shared, &shared.rest, measured, elapsed, failure, || {
         format!("{id} message {seq}")
     });
+}
+
+/// One C2D send for an AMQP sender task: the message and where its outcome goes.
+struct AmqpSend {
+    message: Message,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// Sends one message over an AMQP sender link; a failure as `finish_slot` takes it.
+async fn amqp_send(
+    link: &mpsc::Sender<AmqpSend>,
+    device: &str,
+    message_id: String,
+    payload: String,
+) -> Option<(String, String)> {
+    let message = Message {
+        properties: Some(Properties {
+            message_id: ferrohub_amqp::Value::String(message_id),
+            to: Some(format!("/devices/{device}/messages/devicebound")),
+            ..Default::default()
+        }),
+        body: Body::Data(vec![payload.into_bytes()]),
+        ..Default::default()
+    };
+    let (done, outcome) = oneshot::channel();
+    if link.send(AmqpSend { message, done }).await.is_err() {
+        return Some(("c2d send: the AMQP sender is gone".into(), String::new()));
+    }
+    match tokio::time::timeout(REQUEST_TIMEOUT, outcome).await {
+        Ok(Ok(Ok(()))) => None,
+        Ok(Ok(Err(state))) => Some(("c2d send: not accepted over AMQP".into(), state)),
+        Ok(Err(_)) => Some(("c2d send: the AMQP connection failed".into(), String::new())),
+        Err(_) => Some(("c2d send: no disposition in time".into(), String::new())),
+    }
+}
+
+/// The handle of every sender link (one per connection).
+const SENDER: u32 = 1;
+
+/// Owns one AMQP connection with one sender on `messages/devicebound`: sends what comes in as
+/// the link's credit allows (one write for all that are ready), and hands each send its
+/// disposition. Ends when every sender handle is dropped and nothing is in flight.
+async fn amqp_sender(mut conn: Connection, mut rx: mpsc::Receiver<AmqpSend>) -> Result<()> {
+    let credit = conn.attach_sender(SENDER, "/messages/devicebound").await?;
+    // Serial numbers: the delivery-count we have reached, and what the credit lets us reach.
+    let (mut sent, mut limit) = (0u32, credit);
+    let mut queue: VecDeque<AmqpSend> = VecDeque::new();
+    let mut pending: HashMap<u32, oneshot::Sender<Result<(), String>>> = HashMap::new();
+    let mut perfs = Vec::new();
+    let mut open = true;
+    loop {
+        let mut wrote = false;
+        while limit.wrapping_sub(sent) > 0 && limit.wrapping_sub(sent) < u32::MAX / 2 {
+            let Some(req) = queue.pop_front() else { break };
+            conn.queue_message(SENDER, sent, &req.message);
+            pending.insert(sent, req.done);
+            sent = sent.wrapping_add(1);
+            wrote = true;
+        }
+        if wrote {
+            conn.flush().await?;
+        }
+        if !open && queue.is_empty() && pending.is_empty() {
+            return Ok(());
+        }
+        tokio::select! {
+            r = rx.recv(), if open => match r {
+                Some(req) => queue.push_back(req),
+                None => open = false,
+            },
+            r = conn.read_performatives(Duration::from_secs(1), &mut perfs) => { r?; }
+        }
+        while let Ok(req) = rx.try_recv() {
+            queue.push_back(req);
+        }
+        for p in perfs.drain(..) {
+            match p {
+                Performative::Flow(f) if f.handle == Some(SENDER) => {
+                    limit = f
+                        .delivery_count
+                        .unwrap_or(0)
+                        .wrapping_add(f.link_credit.unwrap_or(0));
+                }
+                Performative::Disposition(d) if d.role => {
+                    let last = d.last.unwrap_or(d.first);
+                    let ids: Vec<u32> = pending
+                        .keys()
+                        .filter(|id| id.wrapping_sub(d.first) <= last.wrapping_sub(d.first))
+                        .copied()
+                        .collect();
+                    let accepted = matches!(&d.state,
+                        ferrohub_amqp::Value::Described(code, _) if code.as_u64() == Some(0x24));
+                    for id in ids {
+                        if let Some(done) = pending.remove(&id) {
+                            let _ = done.send(if accepted {
+                                Ok(())
+                            } else {
+                                Err(format!("{:?}", d.state))
+                            });
+                        }
+                    }
+                }
+                Performative::Detach(d) => bail!("the server detached the sender: {:?}", d.error),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// A device that PUBACKs every C2D message at once and records how long it took to arrive.
@@ -218,15 +356,17 @@ impl Role for C2dDevice {
 pub async fn run(args: C2dArgs) -> Result<()> {
     args.validate()?;
     let push = &args.push;
+    let via = match args.via {
+        Via::Rest => format!("REST, at most {} sends in flight", args.http_inflight),
+        Via::Amqp => format!(
+            "AMQP, {} sender links of up to 100 unsettled sends",
+            args.amqp_connections
+        ),
+    };
     println!(
         "c2d: {} devices, {:.0} sends/s offered (open loop, round-robin), {}-byte payloads, \
-         at most {} REST sends in flight, warm-up {} s, measured {} s",
-        push.fleet.devices,
-        push.rate,
-        args.payload_bytes,
-        args.http_inflight,
-        push.warmup_secs,
-        push.secs,
+         over {via}, warm-up {} s, measured {} s",
+        push.fleet.devices, push.rate, args.payload_bytes, push.warmup_secs, push.secs,
     );
     let fleet = push::fleet(push, args.http_inflight, |id| {
         vec![(
@@ -244,6 +384,20 @@ pub async fn run(args: C2dArgs) -> Result<()> {
         .await
         .context("opening the REST connections")?;
 
+    let mut amqp = Vec::new();
+    let mut senders = Vec::new();
+    if args.via == Via::Amqp {
+        let ep = eventhub::endpoint(&fleet.hub, None, None).await?;
+        for i in 0..args.amqp_connections {
+            let mut conn = Connection::open(&ep, &format!("ferrohub-bench-c2d-{i}"))
+                .await
+                .context("opening an AMQP connection for C2D")?;
+            conn.put_token(&ep.token(3600)?, &ep.audience()).await?;
+            let (tx, rx) = mpsc::channel(1024);
+            amqp.push(tx);
+            senders.push(tokio::spawn(amqp_sender(conn, rx)));
+        }
+    }
     let schedule = Schedule::new(push);
     let shared = Arc::new(Shared {
         schedule,
@@ -260,6 +414,7 @@ pub async fn run(args: C2dArgs) -> Result<()> {
         rest: Mutex::new(histogram()),
         lag: Mutex::new(histogram()),
         failures: Mutex::new(Failures::default()),
+        amqp,
     });
     let (close_tx, close_rx) = watch::channel(false);
     let devices: Vec<_> = fleet
@@ -294,6 +449,9 @@ pub async fn run(args: C2dArgs) -> Result<()> {
     .await;
     // Receivers only fail if every device has already ended, which is fine.
     let _ = close_tx.send(true);
+    for sender in senders {
+        sender.abort();
+    }
 
     let mut latency = histogram();
     let mut failures = Failures::default();
@@ -326,12 +484,19 @@ pub async fn run(args: C2dArgs) -> Result<()> {
     let mut extra = Map::new();
     extra.insert("payload_bytes".into(), json!(args.payload_bytes));
     extra.insert("http_inflight".into(), json!(args.http_inflight));
+    extra.insert(
+        "via".into(),
+        json!(format!("{:?}", args.via).to_lowercase()),
+    );
     extra.insert("accepted_total".into(), json!(accepted));
     extra.insert("delivered_total".into(), json!(delivered));
     extra.insert("drained".into(), json!(drained));
     let summary =
         Summary {
-            scenario: "c2d",
+            scenario: match args.via {
+                Via::Rest => "c2d",
+                Via::Amqp => "c2d-amqp",
+            },
             unit: "sends",
             one: "message",
             devices: push.fleet.devices,
@@ -345,12 +510,15 @@ pub async fn run(args: C2dArgs) -> Result<()> {
             latencies: vec![
                 Latency {
                     key: "delivery",
-                    label: "C2D latency (REST send start -> device has the PUBLISH)",
+                    label: "C2D latency (send start -> device has the PUBLISH)",
                     histogram: latency,
                 },
                 Latency {
                     key: "rest",
-                    label: "REST send latency (request -> 200)",
+                    label: match args.via {
+                        Via::Rest => "REST send latency (request -> 200)",
+                        Via::Amqp => "AMQP send latency (transfer -> Accepted)",
+                    },
                     histogram: lock(&shared.rest).clone(),
                 },
             ],

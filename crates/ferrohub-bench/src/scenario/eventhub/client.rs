@@ -1,7 +1,8 @@
 //! A raw AMQP 1.0 client over TLS on the project's codec, doing what the Event Hubs clients
 //! (azure-eventhub's pyamqp) do on the wire: SASL ANONYMOUS, Open, one session, a `$cbs`
 //! put-token signed the Service Bus way, `$management` READs, and partition receivers with a
-//! selector filter, link credit and settlement.
+//! selector filter, link credit and settlement; and, as the IoT Hub service SDKs do, a sender
+//! on `messages/devicebound` for C2D.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -512,6 +513,83 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Attaches a sender (unsettled deliveries) to `address`; returns the credit the server
+    /// then gave it.
+    pub async fn attach_sender(&mut self, handle: u32, address: &str) -> Result<u32> {
+        self.queue(Performative::Attach(Attach {
+            name: format!("ferrohub-bench-sender-{handle}"),
+            handle,
+            role: false,
+            snd_settle_mode: Some(0),
+            rcv_settle_mode: Some(0),
+            source: source("ferrohub-bench-sender"),
+            target: target(address),
+            initial_delivery_count: Some(0),
+            ..Default::default()
+        }));
+        self.flush().await?;
+        within(async {
+            let mut attached = false;
+            loop {
+                match self.performative().await?.0 {
+                    Performative::Attach(_) => attached = true,
+                    Performative::Flow(f) if attached && f.handle == Some(handle) => {
+                        return Ok(f.link_credit.unwrap_or(0));
+                    }
+                    Performative::Flow(_) => {}
+                    Performative::Detach(d) => bail!("{address} refused the sender: {:?}", d.error),
+                    other => bail!("expected Attach and Flow for {address}, got {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Queues `m` as unsettled delivery `delivery_id` on sender `handle`, in one frame (C2D
+    /// messages are at most 64 KB; the server's frames are 64 KiB).
+    pub fn queue_message(&mut self, handle: u32, delivery_id: u32, m: &Message) {
+        let t = Transfer {
+            handle,
+            delivery_id: Some(delivery_id),
+            delivery_tag: Some(delivery_id.to_be_bytes().to_vec()),
+            message_format: Some(0),
+            settled: Some(false),
+            more: Some(false),
+            ..Default::default()
+        };
+        frame::encode_into(
+            &mut self.out,
+            FrameKind::Amqp,
+            0,
+            Some(&t.to_value()),
+            &m.encode(),
+        );
+        self.next_outgoing_id = self.next_outgoing_id.wrapping_add(1);
+    }
+
+    /// Reads what the server sent next (waiting up to `wait`) and appends every performative
+    /// in it to `out` (a sender's flows and dispositions). Returns false when nothing came.
+    pub async fn read_performatives(
+        &mut self,
+        wait: Duration,
+        out: &mut Vec<Performative>,
+    ) -> Result<bool> {
+        match tokio::time::timeout(wait, self.stream.read_buf(&mut self.input)).await {
+            Err(_) => return Ok(false),
+            Ok(Ok(0)) => bail!("the server closed the AMQP connection"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e).context("reading from the AMQP connection"),
+        }
+        while let Some(f) = self.take_frame()? {
+            let Some(body) = f.body else { continue };
+            match Performative::decode(&body)? {
+                Performative::Close(c) => bail!("the server closed the connection: {:?}", c.error),
+                p => out.push(p),
+            }
+        }
+        Ok(true)
     }
 
     /// Queues a link flow: `credit` from `delivery_count`, and our session window reopened from

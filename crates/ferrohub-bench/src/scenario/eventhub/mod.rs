@@ -16,8 +16,9 @@ use ferrohub_amqp::Value;
 
 use crate::device;
 use crate::hub::{split_host_port, Hub, HubArgs};
+use client::Delivery;
 pub use client::Settle;
-use client::{Connection, Delivery, Endpoint};
+pub(crate) use client::{Connection, Endpoint};
 
 /// The handle every receiver link uses (each has a connection of its own).
 const RECEIVER_HANDLE: u32 = 1;
@@ -113,19 +114,30 @@ fn parse_connection_string(cs: &str) -> Result<EventHubConnectionString> {
 async fn resolve(args: &EventHubArgs) -> Result<(Hub, Endpoint)> {
     args.validate()?;
     let hub = Hub::resolve(&args.hub)?;
-    let text = args
-        .eventhub_connection_string
-        .clone()
+    let endpoint = endpoint(
+        &hub,
+        args.eventhub_connection_string.clone(),
+        args.amqp_host.clone(),
+    )
+    .await?;
+    Ok((hub, endpoint))
+}
+
+/// The hub's AMQP endpoint, from an Event Hubs connection string (given, or the hub.json one)
+/// and the host to connect to (default: the MQTT host).
+pub(crate) async fn endpoint(
+    hub: &Hub,
+    connection_string: Option<String>,
+    amqp_host: Option<String>,
+) -> Result<Endpoint> {
+    let text = connection_string
         .or_else(|| hub.eventhub_connection_string.clone())
         .context(
             "no Event Hubs connection string: pass --eventhub-connection-string or a --data-dir \
              whose hub.json has one",
         )?;
     let cs = parse_connection_string(&text)?;
-    let connect_host = args
-        .amqp_host
-        .clone()
-        .unwrap_or_else(|| hub.mqtt_host.clone());
+    let connect_host = amqp_host.unwrap_or_else(|| hub.mqtt_host.clone());
     let addr = device::resolve_mqtt(&connect_host, cs.port).await?;
     let endpoint = Endpoint {
         host: cs.host,
@@ -135,7 +147,7 @@ async fn resolve(args: &EventHubArgs) -> Result<(Hub, Endpoint)> {
         key: cs.key,
         tls: device::tls_config(&hub.ca_pem, false)?,
     };
-    Ok((hub, endpoint))
+    Ok(endpoint)
 }
 
 /// The retained range of one partition, from `$management`.
