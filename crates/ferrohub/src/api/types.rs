@@ -10,7 +10,9 @@ use ferrohub_store::{Authentication, CaCertificate, Capabilities, FeedbackReques
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use ferrohub_hub::bulk::{BulkError, BulkResult, BulkWarning, ImportEntry, ImportMode};
 pub use ferrohub_hub::registry::{AuthRequest, IdentityRequest};
+pub use ferrohub_hub::statistics::{RegistryStatistics, ServiceStatistics};
 pub use ferrohub_store::FeedbackRecord;
 
 /// Whether an identity is connected (IoT Hub's `connectionState`).
@@ -199,10 +201,39 @@ pub struct MethodRequest {
     pub method_name: String,
     #[serde(default)]
     pub payload: Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "number_or_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub response_timeout_in_seconds: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "number_or_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub connect_timeout_in_seconds: Option<u64>,
+}
+
+/// A whole number of seconds, as a JSON number or a string of digits: clients that build the
+/// body from strings (forms, shell scripts, some SDK samples) send `"30"`, which IoT Hub takes.
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number of seconds"))),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{s:?} is not a whole number of seconds"))),
+        Some(other) => Err(D::Error::custom(format!(
+            "{other} is not a whole number of seconds"
+        ))),
+    }
 }
 
 /// What the device answered a method call.
