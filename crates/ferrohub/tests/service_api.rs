@@ -345,3 +345,64 @@ async fn small_things_real_clients_send() -> TestResult {
     hub.stop().await;
     Ok(())
 }
+
+/// `ferrohub device import` as a user runs it: the real binary, a JSON-lines file of more
+/// than two batches, a line that is not JSON and a device that exists already.
+#[tokio::test]
+async fn device_import_sends_batches_and_reports_each_failure() -> TestResult {
+    let hub = TestHub::start().await?;
+    hub.create_device("already").await?;
+    let mut lines: Vec<String> = (0..205)
+        .map(|i| json!({"id": format!("imp{i:03}")}).to_string())
+        .collect();
+    lines.insert(150, "{not json".into());
+    lines.insert(10, String::new());
+    lines.push(json!({"deviceId": "already"}).to_string());
+    lines.push(
+        json!({"deviceId": "tagged", "status": "disabled", "tags": {"floor": 3}}).to_string(),
+    );
+    let file = hub.dir.path().join("devices.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n")?;
+
+    let dir = hub.dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
+            .args(["device", "import"])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&dir)
+            .env_remove("FERROHUB_CONNECTION_STRING")
+            .env_remove("FERROHUB_CA_FILE")
+            .output()
+    })
+    .await??;
+    let stdout = String::from_utf8(out.stdout)?;
+    assert!(
+        !out.status.success(),
+        "failures make the command fail: {stdout}"
+    );
+    assert!(
+        stdout.contains("imported 206 of 208 entries, 2 failed"),
+        "{stdout}"
+    );
+    // Line numbers as in the file (the empty line 11 counts as a line, not an entry).
+    assert!(
+        stdout.contains("line 152: -: ArgumentInvalid: not JSON"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("line 208: already: DeviceAlreadyExists"),
+        "{stdout}"
+    );
+    let stats = hub.api.get("/statistics/devices").await?;
+    assert_eq!(
+        stats,
+        json!({"totalDeviceCount": 207, "enabledDeviceCount": 206, "disabledDeviceCount": 1})
+    );
+    assert_eq!(
+        hub.api.get("/twins/tagged").await?["tags"],
+        json!({"floor": 3})
+    );
+    hub.stop().await;
+    Ok(())
+}
