@@ -347,7 +347,8 @@ async fn small_things_real_clients_send() -> TestResult {
 }
 
 /// `ferrohub device import` as a user runs it: the real binary, a JSON-lines file of more
-/// than two batches, a line that is not JSON and a device that exists already.
+/// than two batches, a line that is not JSON, a device that exists already and a batch the hub
+/// refuses as a whole.
 #[tokio::test]
 async fn device_import_sends_batches_and_reports_each_failure() -> TestResult {
     let hub = TestHub::start().await?;
@@ -357,10 +358,15 @@ async fn device_import_sends_batches_and_reports_each_failure() -> TestResult {
         .collect();
     lines.insert(150, "{not json".into());
     lines.insert(10, String::new());
-    lines.push(json!({"deviceId": "already"}).to_string());
-    lines.push(
+    lines.insert(
+        0,
         json!({"deviceId": "tagged", "status": "disabled", "tags": {"floor": 3}}).to_string(),
     );
+    lines.insert(0, json!({"deviceId": "already"}).to_string());
+    // The third batch names "twice" twice: refused as a whole, each of its entries fails, and
+    // what the first two applied stays.
+    lines.push(json!({"id": "twice"}).to_string());
+    lines.push(json!({"id": "twice", "importMode": "delete"}).to_string());
     let file = hub.dir.path().join("devices.jsonl");
     std::fs::write(&file, lines.join("\n") + "\n")?;
 
@@ -382,27 +388,28 @@ async fn device_import_sends_batches_and_reports_each_failure() -> TestResult {
         "failures make the command fail: {stdout}"
     );
     assert!(
-        stdout.contains("imported 206 of 208 entries, 2 failed"),
+        stdout.contains("imported 199 of 210 entries, 11 failed"),
         "{stdout}"
     );
-    // Line numbers as in the file (the empty line 11 counts as a line, not an entry).
-    assert!(
-        stdout.contains("line 152: -: ArgumentInvalid: not JSON"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("line 208: already: DeviceAlreadyExists"),
-        "{stdout}"
-    );
+    // Line numbers as in the file (the empty line 13 counts as a line, not an entry).
+    for failure in [
+        "line 1: already: DeviceAlreadyExists",
+        "line 154: -: ArgumentInvalid: not JSON",
+        "line 203: imp198: BatchRefused: the batch starting at line 203 was refused",
+        "line 211: twice: BatchRefused",
+    ] {
+        assert!(stdout.contains(failure), "{failure} missing from {stdout}");
+    }
     let stats = hub.api.get("/statistics/devices").await?;
     assert_eq!(
         stats,
-        json!({"totalDeviceCount": 207, "enabledDeviceCount": 206, "disabledDeviceCount": 1})
+        json!({"totalDeviceCount": 200, "enabledDeviceCount": 199, "disabledDeviceCount": 1})
     );
     assert_eq!(
         hub.api.get("/twins/tagged").await?["tags"],
         json!({"floor": 3})
     );
+    assert!(hub.api.get("/devices/imp198").await.is_err());
     hub.stop().await;
     Ok(())
 }

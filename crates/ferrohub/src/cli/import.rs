@@ -111,10 +111,26 @@ async fn send_batch(
 ) -> anyhow::Result<()> {
     let (lines, entries): (Vec<usize>, Vec<Value>) = std::mem::take(batch).into_iter().unzip();
     let first = lines.first().copied().unwrap_or(0);
-    let result: BulkResult = api
-        .post_as("/devices", &entries, None)
-        .await
-        .with_context(|| format!("the batch starting at line {first} was refused"))?;
+    let result: BulkResult = match api.post_as("/devices", &entries, None).await {
+        Ok(r) => r,
+        // A batch refused as a whole (an id twice in it, say) fails each of its entries; the
+        // batches before and after it still count.
+        Err(e) => {
+            for (line, entry) in lines.iter().zip(&entries) {
+                summary.errors.push(ImportFailure {
+                    line: *line,
+                    device_id: entry
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    error_code: "BatchRefused".into(),
+                    error_status: format!("the batch starting at line {first} was refused: {e:#}"),
+                });
+            }
+            return Ok(());
+        }
+    };
     // Errors name devices; map them back to lines (ids are unique within a batch).
     let line_of = |e: &BulkError| {
         entries
