@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Follows the README quickstart as a new user would: start the server, create a device, get a
-# SAS token, publish telemetry with mosquitto_pub over TLS with the printed CA. Also checks that
-# a wrong token is refused. Uses free loopback ports and its own data directory.
+# SAS token, publish telemetry with mosquitto_pub over TLS with the printed CA, receive C2D with
+# mosquitto_sub -t '#'. Also checks that a wrong token is refused. Uses free loopback ports and its own data directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin="${FERROHUB_BIN:-$PWD/target/debug/ferrohub}"
@@ -47,6 +47,15 @@ telemetry_acknowledged() { publish "$token" | tee /dev/stderr | grep -q "receive
 check "mosquitto_pub telemetry is acknowledged" telemetry_acknowledged
 wrong_token_refused() { ! publish "${token%?}x"; }
 check "a wrong token is refused" wrong_token_refused
+# Microsoft's mosquitto_sub sample for IoT Hub receives C2D with `-t "#"`. The message is sent
+# first: it waits in the device's queue and goes out as soon as the subscription is granted.
+c2d_through_hash() {
+  "$bin" c2d send my-device --data "hello through #" --data-dir "$data" &&
+  mosquitto_sub -h localhost -p "$mqtt_port" --cafile "$ca" -V mqttv311 \
+    -i my-device -u "localhost/my-device/?api-version=2021-04-12" -P "$token" \
+    -t "#" -q 1 -C 1 -W 10 -v | tee /dev/stderr | grep -q "^devices/my-device/messages/devicebound/.* hello through #$"
+}
+check "mosquitto_sub -t '#' receives the device's C2D" c2d_through_hash
 logged() { grep -q "device connected.*identity=my-device" "$work/server.log" && grep -q "connection refused.*401003" "$work/server.log"; }
 check "the server logs the connect and the refusal" logged
 

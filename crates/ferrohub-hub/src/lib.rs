@@ -8,6 +8,7 @@
 //! error code. It holds no sockets: front ends reach devices through [`link`].
 
 mod auth;
+pub mod bulk;
 pub mod c2d;
 pub mod certificates;
 mod detached;
@@ -24,6 +25,7 @@ pub mod readers;
 pub mod registry;
 pub mod retention;
 pub mod service_auth;
+pub mod statistics;
 mod telemetry;
 #[cfg(test)]
 mod testing;

@@ -94,6 +94,9 @@ pub trait PresenceRegistry: Send + Sync + 'static {
     fn get(&self, id: &Identity) -> Option<PresenceEntry>;
     /// Drops what is known of `id` (it was deleted from the registry).
     fn forget(&self, id: &Identity);
+    /// How many devices (not modules) are connected now (`connectedDeviceCount`); a shared
+    /// implementation counts every node's.
+    fn connected_devices(&self) -> u64;
 }
 
 struct Entry {
@@ -157,6 +160,13 @@ impl PresenceRegistry for LocalPresence {
 
     fn forget(&self, id: &Identity) {
         self.entries().remove(id);
+    }
+
+    fn connected_devices(&self) -> u64 {
+        self.entries()
+            .iter()
+            .filter(|(id, e)| id.module_id.is_none() && e.connected)
+            .count() as u64
     }
 }
 
@@ -235,5 +245,21 @@ mod tests {
 
         presence.forget(&id);
         assert_eq!(presence.get(&id), None);
+    }
+
+    #[test]
+    fn connected_devices_counts_devices_that_are_connected_now() {
+        let presence = LocalPresence::default();
+        presence.connected(&Identity::device("a"), Arc::new(ConnectionActivity::new(1)));
+        presence.connected(&Identity::device("b"), Arc::new(ConnectionActivity::new(2)));
+        presence.connected(
+            &Identity::module("a", "m"),
+            Arc::new(ConnectionActivity::new(3)),
+        );
+        assert_eq!(presence.connected_devices(), 2, "a module is not a device");
+        presence.disconnected(&Identity::device("b"), 2);
+        assert_eq!(presence.connected_devices(), 1, "b is known but gone");
+        presence.forget(&Identity::device("a"));
+        assert_eq!(presence.connected_devices(), 0);
     }
 }

@@ -278,7 +278,7 @@ impl Hub {
         .await
     }
 
-    async fn put_device_now(
+    pub(crate) async fn put_device_now(
         &self,
         id: &str,
         req: IdentityRequest,
@@ -305,32 +305,52 @@ impl Hub {
                 store.create_device(device).await.map_err(store_err)
             }
             (Some(_), None) => Err(device_exists(id)),
-            (Some(current), Some(cond)) => {
-                let mut device = current.clone();
-                if let Some(s) = req.status {
-                    if s != current.status {
-                        device.status_updated_time = Some(now);
-                    }
-                    device.status = s;
-                }
-                if req.status_reason.is_some() {
-                    device.status_reason = req.status_reason;
-                }
-                device.authentication =
-                    authentication(req.authentication, Some(&current.authentication))?;
-                if let Some(c) = req.capabilities {
-                    device.capabilities = c;
-                }
-                let saved = store.update_device(device, cond).await.map_err(store_err)?;
-                // New keys or a disabled status take effect at once, as in IoT Hub.
-                if saved.status == Status::Disabled
-                    || saved.authentication != current.authentication
-                {
-                    self.kick(&Identity::device(id));
-                }
-                Ok(saved)
-            }
+            (Some(current), Some(cond)) => self.update_device_record(current, req, cond).await,
         }
+    }
+
+    /// Updates a device that must exist (bulk `update` modes never create one).
+    pub(crate) async fn update_device_now(
+        &self,
+        id: &str,
+        req: IdentityRequest,
+        cond: IfMatch,
+    ) -> Result<Device, HubError> {
+        match self.store.get_device(id).await? {
+            None => Err(HubError::device_not_found(id)),
+            Some(current) => self.update_device_record(current, req, cond).await,
+        }
+    }
+
+    async fn update_device_record(
+        &self,
+        current: Device,
+        req: IdentityRequest,
+        cond: IfMatch,
+    ) -> Result<Device, HubError> {
+        let id = current.device_id.clone();
+        let mut device = current.clone();
+        if let Some(s) = req.status {
+            if s != current.status {
+                device.status_updated_time = Some(timefmt::now_iso());
+            }
+            device.status = s;
+        }
+        if req.status_reason.is_some() {
+            device.status_reason = req.status_reason;
+        }
+        device.authentication = authentication(req.authentication, Some(&current.authentication))?;
+        if let Some(c) = req.capabilities {
+            device.capabilities = c;
+        }
+        let saved = self.store.update_device(device, cond).await.map_err(|e| {
+            HubError::from_store(e, HubError::device_not_found(&id), device_exists(&id))
+        })?;
+        // New keys or a disabled status take effect at once, as in IoT Hub.
+        if saved.status == Status::Disabled || saved.authentication != current.authentication {
+            self.kick(&Identity::device(&id));
+        }
+        Ok(saved)
     }
 
     /// Deletes a device and its modules, closes their connections and forgets their sessions

@@ -71,6 +71,9 @@ impl RegistryStore for TestStore {
     async fn count_devices(&self) -> Result<u64> {
         self.inner.count_devices().await
     }
+    async fn count_disabled_devices(&self) -> Result<u64> {
+        self.inner.count_disabled_devices().await
+    }
     async fn create_module(&self, module: Module) -> Result<Module> {
         self.inner.create_module(module).await
     }

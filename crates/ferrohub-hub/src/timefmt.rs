@@ -9,6 +9,10 @@ pub fn iso(t: OffsetDateTime) -> String {
     ferrohub_iothub::telemetry::format_utc_timestamp(t)
 }
 
+/// What IoT Hub shows for a time that was never set (.NET's `DateTime.MinValue`), rather
+/// than null: SDK models and tools parse these fields as dates.
+pub const NEVER: &str = "0001-01-01T00:00:00Z";
+
 pub fn iso_system(t: SystemTime) -> String {
     iso(OffsetDateTime::from(t))
 }

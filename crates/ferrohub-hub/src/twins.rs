@@ -410,11 +410,12 @@ impl Hub {
             .await?
             .ok_or_else(|| TwinFailure::DeviceNotFound(identity.device_id.clone()))?;
         m.insert("deviceId".into(), Value::String(device.device_id.clone()));
-        let (auth, status, etag_of_identity) = match &identity.module_id {
+        let (auth, status, etag_of_identity, thumbprint) = match &identity.module_id {
             None => (
                 device.authentication.auth_type,
                 Some(device.status),
                 device.etag.clone(),
+                device.authentication.x509_thumbprint.clone(),
             ),
             Some(mid) => {
                 let module = self
@@ -423,7 +424,12 @@ impl Hub {
                     .await?
                     .ok_or_else(|| TwinFailure::ModuleNotFound(mid.clone()))?;
                 m.insert("moduleId".into(), Value::String(module.module_id.clone()));
-                (module.authentication.auth_type, None, module.etag.clone())
+                (
+                    module.authentication.auth_type,
+                    None,
+                    module.etag.clone(),
+                    module.authentication.x509_thumbprint.clone(),
+                )
             }
         };
         m.insert("deviceEtag".into(), Value::String(etag_of_identity));
@@ -431,6 +437,15 @@ impl Hub {
             m.insert(
                 "status".into(),
                 serde_json::to_value(s).unwrap_or(Value::Null),
+            );
+            m.insert(
+                "statusUpdateTime".into(),
+                Value::String(
+                    device
+                        .status_updated_time
+                        .clone()
+                        .unwrap_or_else(|| crate::timefmt::NEVER.into()),
+                ),
             );
         }
         let live = self.presence.get(identity);
@@ -446,16 +461,28 @@ impl Hub {
                 .into(),
             ),
         );
-        if let Some(p) = live {
-            m.insert(
-                "lastActivityTime".into(),
-                Value::String(crate::timefmt::iso_system(p.last_activity)),
-            );
-        }
+        m.insert(
+            "lastActivityTime".into(),
+            Value::String(match live {
+                Some(p) => crate::timefmt::iso_system(p.last_activity),
+                None => crate::timefmt::NEVER.into(),
+            }),
+        );
         m.insert(
             "authenticationType".into(),
             serde_json::to_value(auth).unwrap_or(Value::Null),
         );
+        // IoT Hub's twin carries these as objects even when empty; the SDK models read them so.
+        m.insert(
+            "x509Thumbprint".into(),
+            serde_json::to_value(thumbprint).unwrap_or(Value::Null),
+        );
+        if identity.module_id.is_none() {
+            m.insert(
+                "capabilities".into(),
+                serde_json::to_value(&device.capabilities).unwrap_or(Value::Null),
+            );
+        }
         m.insert(
             "cloudToDeviceMessageCount".into(),
             Value::from(

@@ -180,8 +180,16 @@ pub enum SubscriptionKind {
 /// Decides whether `identity` may subscribe to `filter`. The device segment may be `+`, which
 /// means the subscriber itself (the C SDK's C2D filter); no other wildcard position is allowed,
 /// so `#` only ever admits the property bags of the subscriber's own topics.
+///
+/// A bare `#` (Microsoft's mosquitto_sub sample for IoT Hub subscribes to it to receive C2D)
+/// means the subscriber's own topics outside `$iothub`: its C2D messages (and, for a module,
+/// everything addressed to it). MQTT 3.1.1 (4.7.2) keeps a leading wildcard from matching
+/// topics that start with `$`, so it grants no method requests or desired-property patches;
+/// those need their `$iothub/...` filters. Twin responses go out without any subscription.
 pub fn authorize_subscribe(identity: &Identity, filter: &str) -> Option<SubscriptionKind> {
     match filter {
+        "#" if identity.module_id.is_none() => return Some(SubscriptionKind::C2d),
+        "#" => return Some(SubscriptionKind::ModuleAll),
         "$iothub/twin/res/#" => return Some(SubscriptionKind::TwinResponses),
         "$iothub/twin/PATCH/properties/desired/#" => return Some(SubscriptionKind::TwinDesired),
         "$iothub/methods/POST/#" => return Some(SubscriptionKind::Methods),
@@ -587,8 +595,11 @@ mod tests {
                 Some(ModuleInputs),
             ),
             (&mod1, "devices/dev1/modules/mod1/#", Some(ModuleAll)),
+            // A bare `#` is the subscriber's own C2D (mosquitto_sub's IoT Hub sample).
+            (&dev1, "#", Some(C2d)),
+            (&mod1, "#", Some(ModuleAll)),
             // Hostile or unknown filters.
-            (&dev1, "#", None),
+            (&mod1, "+", None),
             (&dev1, "+", None),
             (&dev1, "+/#", None),
             (&dev1, "devices/#", None),

@@ -512,6 +512,20 @@ impl RegistryStore for SqliteStore {
         .await
     }
 
+    async fn count_disabled_devices(&self) -> Result<u64> {
+        self.read(|conn| {
+            // The status lives in the JSON document; counting there keeps the schema as it is
+            // (one pass over the table in SQLite, no record reaches Rust).
+            let n: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM devices WHERE json_extract(doc, '$.status') = 'disabled'",
+                )?
+                .query_row([], |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        })
+        .await
+    }
+
     async fn create_module(&self, mut module: Module) -> Result<Module> {
         self.write(move |conn| {
             let exists: Option<i64> = conn

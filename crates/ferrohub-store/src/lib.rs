@@ -104,6 +104,9 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// Devices ordered by id, at most `top`.
     async fn list_devices(&self, top: usize) -> Result<Vec<Device>>;
     async fn count_devices(&self) -> Result<u64>;
+    /// Devices whose status is `disabled`, counted by the engine (registry statistics must
+    /// not load every record).
+    async fn count_disabled_devices(&self) -> Result<u64>;
 
     /// Fails with [`StoreError::NotFound`] when the device does not exist.
     async fn create_module(&self, module: Module) -> Result<Module>;

@@ -20,7 +20,7 @@ use crate::telemetry::{
 use crate::{
     AccessPolicy, C2dMessage, C2dStore, CaCertificate, CertificateStore, Device, FeedbackBatch,
     FeedbackRecord, FeedbackStatus, IfMatch, Module, PolicyStore, RegistryStore, Result,
-    SessionStore, StoreError, StoredSession, Timestamp, TwinStore, VersionedTwin,
+    SessionStore, Status, StoreError, StoredSession, Timestamp, TwinStore, VersionedTwin,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -200,6 +200,15 @@ impl RegistryStore for MemoryStore {
 
     async fn count_devices(&self) -> Result<u64> {
         Ok(self.state().devices.len() as u64)
+    }
+
+    async fn count_disabled_devices(&self) -> Result<u64> {
+        Ok(self
+            .state()
+            .devices
+            .values()
+            .filter(|(_, d)| d.status == Status::Disabled)
+            .count() as u64)
     }
 
     async fn create_module(&self, module: Module) -> Result<Module> {

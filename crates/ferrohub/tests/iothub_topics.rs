@@ -2,8 +2,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use ferrohub_mqtt::{Packet, QoS, SubscribeReturnCode};
+use serde_json::json;
 
 const OK1: SubscribeReturnCode = SubscribeReturnCode::Success(QoS::AtLeastOnce);
 const OK0: SubscribeReturnCode = SubscribeReturnCode::Success(QoS::AtMostOnce);
@@ -20,7 +23,7 @@ async fn own_topics_are_granted_foreign_ones_refused() -> TestResult {
             &[
                 ("devices/dev1/messages/devicebound/#", QoS::AtLeastOnce),
                 ("devices/dev2/messages/devicebound/#", QoS::AtLeastOnce),
-                ("#", QoS::AtLeastOnce),
+                ("+/#", QoS::AtLeastOnce),
                 ("devices/+/messages/events/#", QoS::AtLeastOnce),
                 ("$iothub/methods/POST/#", QoS::AtMostOnce),
                 ("$iothub/twin/res/#", QoS::ExactlyOnce),
@@ -191,6 +194,66 @@ async fn every_topic_the_official_sdks_use_is_accepted() -> TestResult {
         }
     }
     assert!(answered, "the QoS 0 twin GET got its response");
+    hub.stop().await;
+    Ok(())
+}
+
+/// Microsoft's mosquitto_sub sample for IoT Hub subscribes to a bare `#` to receive C2D: it is
+/// granted as the subscriber's own C2D, and only its own messages arrive through it. It does
+/// not reach `$iothub` topics (MQTT 3.1.1, 4.7.2), so a method call finds no subscriber.
+#[tokio::test]
+async fn a_bare_hash_is_the_device_s_own_c2d_and_nothing_else() -> TestResult {
+    let hub = TestHub::start().await?;
+    let (key1, _) = hub.create_device("dev1").await?;
+    let (key2, _) = hub.create_device("dev2").await?;
+    let (mut c1, _) = hub.connect_device("dev1", &key1, true).await?;
+    let (mut c2, _) = hub.connect_device("dev2", &key2, true).await?;
+    assert_eq!(
+        c1.subscribe(1, &[("#", QoS::AtLeastOnce)]).await?,
+        vec![OK1]
+    );
+    assert_eq!(c2.subscribe(1, &[("#", QoS::AtMostOnce)]).await?, vec![OK0]);
+
+    for (device, text) in [("dev2", "for dev2"), ("dev1", "for dev1")] {
+        hub.api
+            .post(
+                &format!("/devices/{device}/messages/deviceBound"),
+                &json!({"payload": text}),
+            )
+            .await?;
+    }
+    let got = recv_publish(&mut c1, Duration::from_secs(10))
+        .await?
+        .ok_or("dev1 got no C2D through #")?;
+    assert!(
+        got.topic.starts_with("devices/dev1/messages/devicebound/"),
+        "{}",
+        got.topic
+    );
+    assert_eq!(&got.payload[..], b"for dev1");
+    assert_eq!(got.qos, QoS::AtLeastOnce, "C2D goes out at QoS 1");
+    c1.send(&Packet::PubAck(got.packet_id)).await?;
+    let got2 = recv_publish(&mut c2, Duration::from_secs(10))
+        .await?
+        .ok_or("dev2 got no C2D through #")?;
+    assert_eq!(&got2.payload[..], b"for dev2");
+
+    // dev2's message went to dev2 alone: dev1's next packet is the answer to its ping.
+    c1.send(&Packet::PingReq).await?;
+    assert_eq!(c1.recv().await?, Some(Packet::PingResp));
+    let call = rest(
+        &hub,
+        reqwest::Method::POST,
+        "/twins/dev1/methods",
+        Some(&json!({"methodName": "m", "payload": {}, "connectTimeoutInSeconds": 0, "responseTimeoutInSeconds": 5})),
+    )
+    .await?;
+    assert_eq!(
+        call.status, 404,
+        "# grants no method requests: {}",
+        call.body
+    );
+    assert_eq!(call.header("iothub-errorcode"), Some("DeviceNotOnline"));
     hub.stop().await;
     Ok(())
 }

@@ -2,8 +2,8 @@
 //! identity takes with it (its queues, sequences and twins).
 
 use crate::{
-    AccessPolicy, CaCertificate, Device, FeedbackRequest, IfMatch, Module, Result, Rights, Store,
-    StoreError, StoredSession, StoredSubscription,
+    AccessPolicy, CaCertificate, Device, FeedbackRequest, IfMatch, Module, Result, Rights, Status,
+    Store, StoreError, StoredSession, StoredSubscription,
 };
 
 use super::{drain_feedback, msg, with_ack};
@@ -50,6 +50,11 @@ pub async fn device_crud_with_etags<S: Store + Clone>(store: &S) -> Result<()> {
     assert_eq!(ids, ["dev0", "dev1"]);
     assert_eq!(store.list_devices(1).await?.len(), 1);
     assert_eq!(store.count_devices().await?, 2);
+    assert_eq!(store.count_disabled_devices().await?, 0);
+    let mut off = store.get_device("dev0").await?.expect("created above");
+    off.status = Status::Disabled;
+    store.update_device(off, IfMatch::Any).await?;
+    assert_eq!(store.count_disabled_devices().await?, 1);
     store
         .delete_device("dev1", IfMatch::Etag(d2.etag.clone()))
         .await?;

@@ -12,7 +12,7 @@ use axum::Json;
 use super::extract::{
     BodyBytes, IdentityPath, IfMatchHeader, PathParam, RegistryRead, RegistryWrite,
 };
-use super::types::{DeviceResponse, IdentityRequest, ModuleResponse};
+use super::types::{BulkResult, DeviceResponse, IdentityRequest, ModuleResponse};
 use super::{ApiError, ApiState};
 
 fn parse_body(body: &Bytes) -> Result<IdentityRequest, ApiError> {
@@ -108,4 +108,20 @@ pub async fn list_modules(
 ) -> Result<Json<Vec<ModuleResponse>>, ApiError> {
     let modules = state.hub.modules(&id).await?;
     Ok(Json(modules.into_iter().map(Into::into).collect()))
+}
+
+/// `POST /devices` with an array of import entries: each applies or fails on its own; the
+/// answer is 200 with the failures listed (see `ferrohub_hub::bulk`).
+pub async fn bulk(
+    _: RegistryWrite,
+    State(state): State<ApiState>,
+    BodyBytes(body): BodyBytes,
+) -> Result<Json<BulkResult>, ApiError> {
+    let entries: serde_json::Value = super::extract::json_body(&body, "bulk request")?;
+    let serde_json::Value::Array(entries) = entries else {
+        return Err(ApiError::argument(
+            "a bulk registry request is a JSON array of import entries",
+        ));
+    };
+    Ok(Json(state.hub.bulk_registry(entries).await?))
 }

@@ -13,6 +13,14 @@ const RETRY_AFTER_THROTTLED: &str = "1";
 /// enough not to hammer it, short enough to resume soon after space returns.
 const RETRY_AFTER_UNAVAILABLE: &str = "10";
 
+/// What a refused request was refused for, handed from the response to the request log
+/// (`api::log_refusals`), which runs where the route and the caller's policy are known.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub code: ErrorCode,
@@ -73,6 +81,10 @@ impl IntoResponse for ApiError {
         if let Ok(v) = HeaderValue::from_str(self.code.name()) {
             resp.headers_mut().insert("iothub-errorcode", v);
         }
+        resp.extensions_mut().insert(Refusal {
+            code: self.code,
+            message: self.message.clone(),
+        });
         // The service SDKs' retry policies honour Retry-After on these two; without it they
         // fall back to their own back-off, which starts far shorter.
         let retry_after = match self.status() {

@@ -7,6 +7,7 @@ mod error;
 mod events;
 pub mod extract;
 mod messaging;
+mod statistics;
 mod twins;
 pub mod types;
 
@@ -20,7 +21,7 @@ use axum::{Extension, Router};
 
 use crate::mqtt::MqttFrontEnd;
 use crate::server::HttpsConn;
-pub use error::ApiError;
+pub use error::{ApiError, Refusal};
 use ferrohub_broker::Broker;
 use ferrohub_hub::Hub;
 
@@ -49,10 +50,10 @@ pub fn router(state: ApiState) -> Router {
             .patch(twins::patch_twin)
             .put(twins::put_twin)
     };
-    Router::new()
+    let routes = Router::new()
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(amqp_websocket))
-        .route("/devices", get(devices::list_devices))
+        .route("/devices", get(devices::list_devices).post(devices::bulk))
         .route("/devices/{id}", identity())
         .route("/devices/{id}/modules", get(devices::list_modules))
         .route("/devices/{id}/modules/{mid}", identity())
@@ -85,6 +86,8 @@ pub fn router(state: ApiState) -> Router {
             "/twins/{id}/modules/{mid}/methods",
             post(twins::invoke_method),
         )
+        .route("/statistics/devices", get(statistics::devices))
+        .route("/statistics/service", get(statistics::service))
         .route("/events", get(events::stream))
         .route("/certificates", get(certificates::list))
         .route(
@@ -95,11 +98,88 @@ pub fn router(state: ApiState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside `shed_load`: its refusals have their own, rate-limited, log line.
+        .layer(axum::middleware::from_fn(log_refusals))
         .layer(axum::middleware::from_fn_with_state(
             state.in_flight.clone(),
             shed_load,
         ))
-        .with_state(state)
+        .with_state(state);
+    // A layer on the router itself would run after routing, too late to change the path.
+    Router::new().fallback_service(
+        tower::ServiceBuilder::new()
+            .map_request(trim_trailing_slash)
+            .service(routes),
+    )
+}
+
+/// IoT Hub takes its routes with a trailing slash too (the Node SDK's `Registry.list` sends
+/// `GET /devices/?api-version=...`, uamqp's WebSocket path is `/$servicebus/websocket/`), so
+/// trailing slashes come off before routing. The query string stays as it was.
+fn trim_trailing_slash(mut req: axum::extract::Request) -> axum::extract::Request {
+    let path = req.uri().path();
+    if path.len() <= 1 || !path.ends_with('/') {
+        return req;
+    }
+    let trimmed = match path.trim_end_matches('/') {
+        "" => "/",
+        t => t,
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{trimmed}?{q}"),
+        None => trimmed.to_owned(),
+    };
+    let mut parts = req.uri().clone().into_parts();
+    // Cannot fail: the new path is a prefix of one that parsed.
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+    req
+}
+
+/// The policy a service token names (`skn`), for logs: never the signature or a key.
+fn policy_name(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(['&', ' '])
+                .find_map(|field| field.strip_prefix("skn="))
+                .map(|skn| {
+                    percent_encoding::percent_decode_str(skn)
+                        .decode_utf8_lossy()
+                        .chars()
+                        .take(64)
+                        .collect()
+                })
+        })
+        .unwrap_or_default()
+}
+
+/// One line per refused service request (4xx or 5xx): the route, the status, IoT Hub's code,
+/// the policy that signed it and why. Without it an SDK's error was the only trace.
+async fn log_refusals(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let policy = policy_name(req.headers());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (code, name, reason) = match resp.extensions().get::<Refusal>() {
+        Some(r) => (r.code.code(), r.code.name(), r.message.as_str()),
+        None => (0, "", ""),
+    };
+    if status.is_server_error() {
+        tracing::warn!(%method, path, status = status.as_u16(), error_code = code, error_name = name, policy, reason, "service request failed");
+    } else {
+        tracing::info!(%method, path, status = status.as_u16(), error_code = code, error_name = name, policy, reason, "service request refused");
+    }
+    resp
 }
 
 /// One log line per second at most for refused requests, with how many there were: a flood
@@ -197,4 +277,112 @@ async fn amqp_websocket(
     ws: WebSocketUpgrade,
 ) -> Response {
     crate::ws::upgrade_amqp(ws, state.amqp.clone(), conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn uri_after_trim(uri: &str) -> String {
+        let req = axum::extract::Request::builder()
+            .uri(uri)
+            .body(axum::body::Body::empty())
+            .expect("a valid request");
+        trim_trailing_slash(req).uri().to_string()
+    }
+
+    #[test]
+    fn trailing_slashes_come_off_the_path_only() {
+        assert_eq!(
+            uri_after_trim("/devices/?api-version=2021-04-12"),
+            "/devices?api-version=2021-04-12"
+        );
+        assert_eq!(uri_after_trim("/devices//"), "/devices");
+        assert_eq!(
+            uri_after_trim("/$servicebus/websocket/"),
+            "/$servicebus/websocket"
+        );
+        assert_eq!(uri_after_trim("/"), "/");
+        assert_eq!(uri_after_trim("/devices?x=a/"), "/devices?x=a/");
+    }
+
+    #[test]
+    fn the_policy_is_read_from_the_token_and_nothing_else() {
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(policy_name(&h), "");
+        h.insert(
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderValue::from_static(
+                "SharedAccessSignature sr=localhost&sig=c2VjcmV0%3D&se=1&skn=iothubowner",
+            ),
+        );
+        assert_eq!(policy_name(&h), "iothubowner");
+    }
+
+    /// Collects what the log writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_is_logged_with_route_status_code_and_policy_but_no_key(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        use tower::ServiceExt;
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let app: Router = Router::new()
+            .route(
+                "/devices/{id}",
+                get(|| async { ApiError::argument("the id is wrong") }),
+            )
+            .route("/fine", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(log_refusals));
+        for path in ["/devices/d1", "/fine"] {
+            let req = axum::extract::Request::builder()
+                .uri(path)
+                .header(
+                    "authorization",
+                    "SharedAccessSignature sr=h&sig=U0VDUkVU&se=1&skn=service",
+                )
+                .body(axum::body::Body::empty())?;
+            app.clone().oneshot(req).await?;
+        }
+        let text = String::from_utf8(captured.0.lock().map_err(|e| e.to_string())?.clone())?;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "one line, for the refusal only: {text}");
+        for part in [
+            "service request refused",
+            "path=\"/devices/d1\"",
+            "status=400",
+            "error_code=400004",
+            "error_name=\"ArgumentInvalid\"",
+            "policy=\"service\"",
+            "the id is wrong",
+        ] {
+            assert!(lines[0].contains(part), "{part} missing from {text}");
+        }
+        assert!(
+            !text.contains("U0VDUkVU"),
+            "the signature was logged: {text}"
+        );
+        Ok(())
+    }
 }

@@ -10,7 +10,9 @@ use ferrohub_store::{Authentication, CaCertificate, Capabilities, FeedbackReques
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use ferrohub_hub::bulk::{BulkError, BulkResult, BulkWarning, ImportEntry, ImportMode};
 pub use ferrohub_hub::registry::{AuthRequest, IdentityRequest};
+pub use ferrohub_hub::statistics::{RegistryStatistics, ServiceStatistics};
 pub use ferrohub_store::FeedbackRecord;
 
 /// Whether an identity is connected (IoT Hub's `connectionState`).
@@ -21,10 +23,15 @@ pub enum ConnectionState {
     Connected,
 }
 
-/// The presence part of a device or module: state, when it last changed, last activity.
+/// The presence part of a device or module: state, when it last changed, last activity (IoT
+/// Hub's "never" for an identity not seen since the hub started).
 fn presence(live: &Live) -> (ConnectionState, Option<String>, Option<String>) {
     match &live.presence {
-        None => (ConnectionState::Disconnected, None, None),
+        None => (
+            ConnectionState::Disconnected,
+            Some(timefmt::NEVER.to_string()),
+            Some(timefmt::NEVER.to_string()),
+        ),
         Some(p) => (
             if p.connected {
                 ConnectionState::Connected
@@ -77,7 +84,9 @@ impl From<LiveDevice> for DeviceResponse {
             status: d.status,
             status_reason: d.status_reason,
             connection_state_updated_time: changed,
-            status_updated_time: d.status_updated_time,
+            status_updated_time: d
+                .status_updated_time
+                .or_else(|| Some(timefmt::NEVER.to_string())),
             last_activity_time: active,
             cloud_to_device_message_count: live.c2d_count,
             authentication: d.authentication,
@@ -192,10 +201,39 @@ pub struct MethodRequest {
     pub method_name: String,
     #[serde(default)]
     pub payload: Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "number_or_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub response_timeout_in_seconds: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "number_or_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub connect_timeout_in_seconds: Option<u64>,
+}
+
+/// A whole number of seconds, as a JSON number or a string of digits: clients that build the
+/// body from strings (forms, shell scripts, some SDK samples) send `"30"`, which IoT Hub takes.
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| D::Error::custom(format!("{n} is not a whole number of seconds"))),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("{s:?} is not a whole number of seconds"))),
+        Some(other) => Err(D::Error::custom(format!(
+            "{other} is not a whole number of seconds"
+        ))),
+    }
 }
 
 /// What the device answered a method call.
@@ -293,7 +331,8 @@ mod tests {
     }
 
     /// The responses are byte for byte the store records with the overlay laid on them, which
-    /// is what the API sent before it had types of its own.
+    /// is what the API sent before it had types of its own (times never set shown as IoT
+    /// Hub's `0001-01-01T00:00:00Z`).
     #[test]
     fn responses_are_the_records_with_the_overlay_byte_for_byte() -> Result<(), serde_json::Error> {
         let device = Device {
@@ -322,12 +361,14 @@ mod tests {
             device_id: "d1".into(),
             ..Default::default()
         };
-        let old = serde_json::to_string(&module)?;
+        let mut old = module.clone();
+        old.connection_state_updated_time = Some(timefmt::NEVER.into());
+        old.last_activity_time = Some(timefmt::NEVER.into());
         let new = ModuleResponse::from(LiveModule {
             module,
             live: Live::default(),
         });
-        assert_eq!(serde_json::to_string(&new)?, old);
+        assert_eq!(serde_json::to_string(&new)?, serde_json::to_string(&old)?);
         Ok(())
     }
 

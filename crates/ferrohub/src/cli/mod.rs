@@ -1,8 +1,9 @@
-//! The command line's client side: `device`, `module`, `certificate`, `sas-token`, `monitor`,
+//! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `sas-token`, `monitor`,
 //! `c2d`, `twin` and `invoke`, all speaking the service REST API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
+mod import;
 mod monitor;
 mod output;
 mod service;
@@ -171,6 +172,19 @@ pub enum DeviceCommand {
         #[arg(long, value_enum, default_value_t = KeyChoice::Primary)]
         key: KeyChoice,
     },
+    /// Create, update or delete devices in bulk from a JSON-lines file (`-` for stdin): one
+    /// IoT Hub import entry per line (`{"id", "importMode", "status", "authentication",
+    /// "tags", "properties": {"desired"}}`), sent 100 at a time.
+    Import {
+        file: PathBuf,
+        /// The importMode of lines that name none (create, update, delete, updateTwin, ...).
+        #[arg(long, default_value = "create", value_parser = parse_import_mode)]
+        mode: crate::api::types::ImportMode,
+    },
+}
+
+fn parse_import_mode(s: &str) -> Result<crate::api::types::ImportMode, String> {
+    crate::api::types::ImportMode::try_from(s.to_string())
 }
 
 #[derive(Debug, Subcommand)]
@@ -363,6 +377,9 @@ pub async fn run_device(args: &ClientArgs, cmd: DeviceCommand) -> anyhow::Result
             let d: DeviceResponse = api.get_as(&format!("/devices/{}", enc(&device_id))).await?;
             let cs = identity_connection_string(&api, &d.device_id, None, &d.authentication, key)?;
             out.connection_string(&cs)
+        }
+        DeviceCommand::Import { file, mode } => {
+            import::run_import(&api, &file, mode, args.output).await
         }
     }
 }
