@@ -4,11 +4,12 @@
 //                                    {"sent": ...}, then the feedback record for it as
 //                                    Client.getFeedbackReceiver delivers it ({"feedback": ...})
 //   node c2d.js send-unknown         send to DEVICE_ID (not registered): print the error's name
-// Environment: SERVICE_CS (a service connection string), DEVICE_ID, MESSAGE_ID, and
+// Environment: SERVICE_CS (a service connection string), DEVICE_ID, MESSAGE_ID, TRANSPORT
+// (`amqp`, the default: AMQP over TLS on 5671; `amqp-ws`: AMQP over WebSocket on 443), and
 // NODE_EXTRA_CA_CERTS (the hub's CA) set by the caller.
 'use strict';
 
-const { Client } = require('azure-iothub');
+const { Client, AmqpWs } = require('azure-iothub');
 const { Message } = require('azure-iothub/dist/common-core/message');
 
 const TIMEOUT_MS = 30000;
@@ -25,7 +26,9 @@ function fail(what, err) {
 async function main() {
   const mode = process.argv[2];
   const deviceId = process.env.DEVICE_ID;
-  const client = Client.fromConnectionString(process.env.SERVICE_CS);
+  const client = process.env.TRANSPORT === 'amqp-ws'
+    ? Client.fromConnectionString(process.env.SERVICE_CS, AmqpWs)
+    : Client.fromConnectionString(process.env.SERVICE_CS);
   setTimeout(() => fail(`${mode} did not finish in ${TIMEOUT_MS} ms`), TIMEOUT_MS).unref();
   await client.open();
 

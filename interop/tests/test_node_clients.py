@@ -1,6 +1,6 @@
 """The official Node service clients, unmodified, against the same server: azure-iothub 1.16.6
 (`Client.send` with `ack: 'full'`, its feedback through `Client.getFeedbackReceiver`, over
-AMQP on rhea without SASL) and @azure/event-hubs 6.0.4 (`EventHubConsumerClient` on the Event
+AMQP on rhea without SASL, on 5671 and over WebSocket on 443 with the `AmqpWs` transport) and @azure/event-hubs 6.0.4 (`EventHubConsumerClient` on the Event
 Hubs-compatible connection string). The scripts are in interop/node/; the devices are the
 Python device SDK's. Trust comes from NODE_EXTRA_CA_CERTS, set to the hub's CA explicitly."""
 
@@ -65,7 +65,8 @@ def _finish(proc: subprocess.Popen) -> None:
     assert rc == 0, f"Node script exited with {rc}; stderr:\n{proc.stderr.read()}"
 
 
-def test_node_client_send_with_full_ack_gets_its_feedback(hub, create_device, device_clients):
+@pytest.mark.parametrize("transport", ["amqp", "amqp-ws"], ids=["amqp-tls-5671", "amqp-websocket-443"])
+def test_node_client_send_with_full_ack_gets_its_feedback(hub, create_device, device_clients, transport):
     cs = create_device()
     device_id = parse_connection_string(cs)["DeviceId"]
     client = device_clients(cs)
@@ -76,7 +77,7 @@ def test_node_client_send_with_full_ack_gets_its_feedback(hub, create_device, de
 
     mid = f"node-{uuid.uuid4().hex[:8]}"
     proc = _node(hub, "c2d.js", "send-with-feedback", SERVICE_CS=_service_cs(hub), DEVICE_ID=device_id,
-                 MESSAGE_ID=mid)
+                 MESSAGE_ID=mid, TRANSPORT=transport)
     try:
         _line(proc, "Client.send")
         try:
