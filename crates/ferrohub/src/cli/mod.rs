@@ -1,10 +1,11 @@
 //! The command line's client side: `device`, `module`, `certificate`, `sas-token`, `monitor`,
-//! `c2d`, `twin` and `invoke`, all speaking the service REST API with the owner connection
+//! `c2d`, `twin`, `invoke` and `query`, all speaking the service REST API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
 mod monitor;
 mod output;
+mod query;
 mod service;
 
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ use crate::api::types::{
 pub use client::ApiClient;
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
+pub use query::{run_query, QueryArgs};
 pub use service::{run_c2d, run_invoke, run_twin, C2dCommand, InvokeArgs, TwinCommand};
 
 /// How the CLI finds and trusts the hub.
