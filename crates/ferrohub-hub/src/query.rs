@@ -118,7 +118,9 @@ fn field_of(segments: &[String], from: Collection) -> Option<Field> {
         ["properties", section @ ("desired" | "reported"), "$version"] => {
             Field::Twin(vec!["twin".into(), (*section).into(), "version".into()])
         }
-        ["properties", section @ ("desired" | "reported"), first, ..] if !first.starts_with('$') => {
+        ["properties", section @ ("desired" | "reported"), first, ..]
+            if !first.starts_with('$') =>
+        {
             Field::Twin(
                 [
                     vec!["twin".into(), (*section).into(), "props".into()],
@@ -253,7 +255,13 @@ impl Hub {
         }
     }
 
-    async fn scan(&self, plan: &Plan, kind: ScanKind, after: Option<(String, String)>, limit: usize) -> Result<Vec<TwinRow>, HubError> {
+    async fn scan(
+        &self,
+        plan: &Plan,
+        kind: ScanKind,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<TwinRow>, HubError> {
         let scan = TwinScan {
             kind,
             filter: plan.filter.clone(),
@@ -269,7 +277,11 @@ impl Hub {
 
     /// The twin documents of scanned rows, as `GET /twins` shows them (only the parts the
     /// query reads).
-    async fn documents(&self, plan: &Plan, rows: Vec<TwinRow>) -> Result<Vec<((String, String), Value)>, HubError> {
+    async fn documents(
+        &self,
+        plan: &Plan,
+        rows: Vec<TwinRow>,
+    ) -> Result<Vec<((String, String), Value)>, HubError> {
         let mut counts: HashMap<String, u64> = HashMap::new();
         if plan.needs.c2d {
             let ids: Vec<&str> = rows
@@ -294,7 +306,9 @@ impl Hub {
             let (identity, c2d) = match &row.identity {
                 ScannedIdentity::Device(d) => (
                     Identity::device(&d.device_id),
-                    plan.needs.c2d.then(|| counts.get(&d.device_id).copied().unwrap_or(0)),
+                    plan.needs
+                        .c2d
+                        .then(|| counts.get(&d.device_id).copied().unwrap_or(0)),
                 ),
                 ScannedIdentity::Module(m) => {
                     let id = Identity::module(&m.device_id, &m.module_id);
@@ -323,7 +337,12 @@ impl Hub {
         Ok(out)
     }
 
-    async fn row_page(&self, plan: &Plan, page: usize, cursor: Cursor) -> Result<QueryPage, HubError> {
+    async fn row_page(
+        &self,
+        plan: &Plan,
+        page: usize,
+        cursor: Cursor,
+    ) -> Result<QueryPage, HubError> {
         let item_type = plan.item_type();
         let mut room = page;
         if let Some(top) = plan.query.top {
@@ -383,7 +402,12 @@ impl Hub {
         })
     }
 
-    async fn aggregate_page(&self, plan: &Plan, page: usize, cursor: Cursor) -> Result<QueryPage, HubError> {
+    async fn aggregate_page(
+        &self,
+        plan: &Plan,
+        page: usize,
+        cursor: Cursor,
+    ) -> Result<QueryPage, HubError> {
         let mut agg = query::Aggregator::new(&plan.query);
         if let Some(kind) = plan.kind {
             let mut after = None;
@@ -410,7 +434,9 @@ impl Hub {
         if let Some(top) = plan.query.top {
             rows.truncate(usize::try_from(top).unwrap_or(usize::MAX));
         }
-        let from = usize::try_from(cursor.n).unwrap_or(usize::MAX).min(rows.len());
+        let from = usize::try_from(cursor.n)
+            .unwrap_or(usize::MAX)
+            .min(rows.len());
         let to = from.saturating_add(page).min(rows.len());
         let continuation = (to < rows.len()).then(|| {
             Cursor {

@@ -32,7 +32,9 @@ fn twin_fields(f: &Prefilter) -> bool {
     match f {
         Prefilter::All => false,
         Prefilter::And(p) | Prefilter::Or(p) => p.iter().any(twin_fields),
-        Prefilter::Compare(field, ..) | Prefilter::StartsWith(field, _) | Prefilter::Defined(field) => {
+        Prefilter::Compare(field, ..)
+        | Prefilter::StartsWith(field, _)
+        | Prefilter::Defined(field) => {
             matches!(field, Field::Twin(_))
         }
     }
@@ -185,9 +187,7 @@ fn scan(conn: &rusqlite::Connection, scan: &TwinScan) -> SqlResult<Vec<TwinRow>>
     let (twin_cols, join_sql) = if join {
         (
             "t.doc, t.version",
-            format!(
-                "LEFT JOIN twins t ON t.device_id = i.device_id AND t.module_id = {twin_key}"
-            ),
+            format!("LEFT JOIN twins t ON t.device_id = i.device_id AND t.module_id = {twin_key}"),
         )
     } else {
         ("NULL, NULL", String::new())

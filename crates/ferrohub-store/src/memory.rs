@@ -850,20 +850,20 @@ impl QueryStore for MemoryStore {
             Some(k) => Bound::Excluded(k.clone()),
             None => Bound::Unbounded,
         };
-        let identities: Box<dyn Iterator<Item = (IdKey, ScannedIdentity)> + '_> = match scan.kind
-        {
+        let identities: Box<dyn Iterator<Item = (IdKey, ScannedIdentity)> + '_> = match scan.kind {
             ScanKind::Devices => {
                 let from = match &from {
                     Bound::Excluded((d, _)) => Bound::Excluded(d.clone()),
                     _ => Bound::Unbounded,
                 };
-                Box::new(
-                    s.devices
-                        .range::<String, _>((from, Bound::Unbounded))
-                        .map(|(id, (_, d))| {
-                            ((id.clone(), String::new()), ScannedIdentity::Device(d.clone()))
-                        }),
-                )
+                Box::new(s.devices.range::<String, _>((from, Bound::Unbounded)).map(
+                    |(id, (_, d))| {
+                        (
+                            (id.clone(), String::new()),
+                            ScannedIdentity::Device(d.clone()),
+                        )
+                    },
+                ))
             }
             ScanKind::Modules => Box::new(
                 s.modules

@@ -2,9 +2,9 @@
 //! `x-ms-max-item-count` and `x-ms-continuation`; the answer says its item type in
 //! `x-ms-item-type` and carries `x-ms-continuation` only when another page exists.
 
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::extract::State;
 use axum::Json;
 use ferrohub_hub::query::DEFAULT_PAGE;
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,11 @@ pub async fn query(
         Some(v) => match v.parse::<usize>() {
             Ok(n) if n > 0 => n,
             _ => {
-                tracing::info!(value = v, error_code = 400004, "query refused: bad x-ms-max-item-count");
+                tracing::info!(
+                    value = v,
+                    error_code = 400004,
+                    "query refused: bad x-ms-max-item-count"
+                );
                 return Err(ApiError::argument(format!(
                     "{MAX_ITEM_COUNT} must be a positive whole number, not {v:?}"
                 )));

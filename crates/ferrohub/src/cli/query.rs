@@ -34,7 +34,9 @@ pub async fn run_query(args: &ClientArgs, q: QueryArgs) -> anyhow::Result<()> {
         if let Some(t) = &token {
             headers.push((CONTINUATION, t.clone()));
         }
-        let (page, head) = api.post_with_headers("/devices/query", &body, &headers).await?;
+        let (page, head) = api
+            .post_with_headers("/devices/query", &body, &headers)
+            .await?;
         let header = |name: &str| {
             head.get(name)
                 .and_then(|v| v.to_str().ok())
@@ -123,5 +125,9 @@ fn print_table(items: &[Value], item_type: &str) {
     for r in &rows {
         line(r);
     }
-    println!("({} result{})", items.len(), if items.len() == 1 { "" } else { "s" });
+    println!(
+        "({} result{})",
+        items.len(),
+        if items.len() == 1 { "" } else { "s" }
+    );
 }
