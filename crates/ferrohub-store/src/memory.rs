@@ -748,56 +748,6 @@ impl TelemetryLog for MemoryTelemetry {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open() -> Result<(MemoryStore, ())> {
-        Ok((MemoryStore::new(), ()))
-    }
-
-    fn open_log(partitions: u32) -> Result<(MemoryTelemetry, ())> {
-        Ok((MemoryTelemetry::new(partitions), ()))
-    }
-
-    crate::store_suite!(open);
-    crate::telemetry_suite!(open_log);
-
-    #[test]
-    fn behaves_like_the_model() {
-        if let Err(e) = crate::testsuite::model::check_against_model(open, 256, 60) {
-            panic!("{e}");
-        }
-    }
-
-    #[tokio::test]
-    async fn retention_keeps_to_the_size_budget_oldest_first() -> Result<()> {
-        let log = MemoryTelemetry::new(1);
-        for t in 0..50 {
-            log.append(NewEvent {
-                device_id: "d".into(),
-                module_id: None,
-                enqueued_ms: t,
-                system_properties: BTreeMap::new(),
-                properties: Vec::new(),
-                body: vec![0; 1_000],
-            })
-            .await?;
-        }
-        let budget = Retention {
-            max_age_ms: i64::MAX / 2,
-            max_bytes: 10_500,
-        };
-        assert_eq!(
-            log.enforce_retention(budget, Timestamp::from_unix_ms(100))
-                .await?,
-            40
-        );
-        assert_eq!(log.resolve(0, StartPosition::Start).await?, 40);
-        Ok(())
-    }
-}
-
 /// The value at `path` in `doc`.
 fn json_at<'a>(doc: &'a serde_json::Value, path: &[String]) -> Option<&'a serde_json::Value> {
     path.iter().try_fold(doc, |v, s| v.as_object()?.get(s))
@@ -894,5 +844,55 @@ impl QueryStore for MemoryStore {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> Result<(MemoryStore, ())> {
+        Ok((MemoryStore::new(), ()))
+    }
+
+    fn open_log(partitions: u32) -> Result<(MemoryTelemetry, ())> {
+        Ok((MemoryTelemetry::new(partitions), ()))
+    }
+
+    crate::store_suite!(open);
+    crate::telemetry_suite!(open_log);
+
+    #[test]
+    fn behaves_like_the_model() {
+        if let Err(e) = crate::testsuite::model::check_against_model(open, 256, 60) {
+            panic!("{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_keeps_to_the_size_budget_oldest_first() -> Result<()> {
+        let log = MemoryTelemetry::new(1);
+        for t in 0..50 {
+            log.append(NewEvent {
+                device_id: "d".into(),
+                module_id: None,
+                enqueued_ms: t,
+                system_properties: BTreeMap::new(),
+                properties: Vec::new(),
+                body: vec![0; 1_000],
+            })
+            .await?;
+        }
+        let budget = Retention {
+            max_age_ms: i64::MAX / 2,
+            max_bytes: 10_500,
+        };
+        assert_eq!(
+            log.enforce_retention(budget, Timestamp::from_unix_ms(100))
+                .await?,
+            40
+        );
+        assert_eq!(log.resolve(0, StartPosition::Start).await?, 40);
+        Ok(())
     }
 }

@@ -382,3 +382,62 @@ async fn bad_queries_answer_iot_hubs_error_body_naming_the_position() -> TestRes
     hub.stop().await;
     Ok(())
 }
+
+fn cli(data_dir: &std::path::Path, args: &[&str]) -> R<(bool, String, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("FERROHUB_CONNECTION_STRING")
+        .env_remove("FERROHUB_CA_FILE")
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
+}
+
+#[tokio::test]
+async fn the_cli_pages_through_everything_or_stops_at_top() -> TestResult {
+    let hub = TestHub::start().await?;
+    for i in 0..5 {
+        let id = format!("c{i}");
+        hub.create_device(&id).await?;
+        tag(&hub, &id, json!({"site": "s"})).await?;
+    }
+    let dir = hub.dir.path().to_path_buf();
+    let run = |args: Vec<&'static str>| {
+        let dir = dir.clone();
+        async move { tokio::task::spawn_blocking(move || cli(&dir, &args)).await? }
+    };
+    let (ok, out, err) = run(vec![
+        "query",
+        "SELECT deviceId FROM devices WHERE tags.site = 's'",
+        "--page-size",
+        "2",
+        "-o",
+        "json",
+    ])
+    .await?;
+    assert!(ok, "{err}");
+    let items: Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        items.as_array().map(Vec::len),
+        Some(5),
+        "three pages of 2, 2 and 1"
+    );
+    let (ok, out, err) = run(vec!["query", "SELECT * FROM devices", "--top", "3"]).await?;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("deviceId"), "{out}");
+    assert!(out.contains("c2 ") && !out.contains("c3 "), "{out}");
+    assert!(out.trim_end().ends_with("(3 results)"), "{out}");
+    let (ok, _, err) = run(vec!["query", "SELECT * FROM devices WHERE"]).await?;
+    assert!(!ok);
+    assert!(
+        err.contains("400 ArgumentInvalid: Syntax error at line 1, column 28"),
+        "{err}"
+    );
+    hub.stop().await;
+    Ok(())
+}

@@ -104,7 +104,7 @@ async fn populate(dir: PathBuf, n: usize) -> Result<()> {
                 store
                     .put_twin(&id, None, stored_twin(i, now)?, None)
                     .await?;
-                if i % 100 == 0 {
+                if i.is_multiple_of(100) {
                     store
                         .create_module(Module {
                             module_id: "edgeAgent".into(),
