@@ -104,7 +104,19 @@ impl SqlFilter<'_> {
                     Scalar::Bool(b) => SqlValue::Integer(i64::from(*b)),
                 };
                 let p = self.param(value);
-                (format!("{expr} {op} {p}"), twin)
+                let cond = format!("{expr} {op} {p}");
+                match (field, op, c) {
+                    // Documents are stored as serde_json writes them, so a member equal to a
+                    // string holds that string's JSON text: a substring search (no parse)
+                    // skips most rows before json_extract parses the document.
+                    (Field::Identity(_) | Field::Twin(_), "=", Scalar::Str(s)) => {
+                        let doc = if twin { "t.doc" } else { "i.doc" };
+                        let quoted = serde_json::to_string(s).unwrap_or_default();
+                        let q = self.param(SqlValue::Text(quoted));
+                        (format!("(instr({doc}, {q}) > 0 AND {cond})"), twin)
+                    }
+                    _ => (cond, twin),
+                }
             }
             Prefilter::StartsWith(field, prefix) => {
                 if prefix.is_empty() {

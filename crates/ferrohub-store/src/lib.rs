@@ -245,6 +245,8 @@ pub trait TwinStore: Send + Sync + 'static {
         device_id: &str,
         module_id: Option<&str>,
     ) -> Result<Option<VersionedTwin>>;
+    /// `doc` is JSON as `serde_json` writes it; an engine may rely on that escaping to search
+    /// the text (a scan looks for a string's JSON form before it parses a document).
     /// Stores `doc` durably if the twin is still as the caller read it: `expected = None` only
     /// if the identity has no twin, `Some(v)` only if its stored version is `v`. Returns the new
     /// version; [`StoreError::VersionMismatch`] (nothing written) otherwise.
