@@ -190,6 +190,17 @@ pub(crate) fn prefilter(s: &Sieve, from: Collection) -> Prefilter {
     }
 }
 
+/// The most conditions a prefilter hands the store.
+const MAX_PREFILTER_LEAVES: usize = 64;
+
+fn leaves(f: &Prefilter) -> usize {
+    match f {
+        Prefilter::All => 0,
+        Prefilter::And(p) | Prefilter::Or(p) => p.iter().map(leaves).sum(),
+        _ => 1,
+    }
+}
+
 /// A parsed query with its plan.
 struct Plan {
     query: Query,
@@ -213,6 +224,13 @@ impl Plan {
         let filter = match &query.condition {
             Some(c) => prefilter(&query::sieve(c), query.from),
             None => Prefilter::All,
+        };
+        // A store turns each leaf into SQL (or the like) with its own limits on expression
+        // depth and parameters; past this many, scanning without a prefilter is the safe plan.
+        let filter = if leaves(&filter) > MAX_PREFILTER_LEAVES {
+            Prefilter::All
+        } else {
+            filter
         };
         let needs = needs(&query);
         Ok(Plan {

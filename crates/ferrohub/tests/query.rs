@@ -366,6 +366,30 @@ async fn bad_queries_answer_iot_hubs_error_body_naming_the_position() -> TestRes
         .await?;
     assert_eq!(resp.status().as_u16(), 401);
 
+    // Nesting deep enough to overflow a recursive parser is refused; a long flat IN list (more
+    // conditions than a store is handed) still runs, scanned without a prefilter.
+    let deep = format!(
+        "SELECT * FROM devices WHERE {}tags.x = 1{}",
+        "(".repeat(3000),
+        ")".repeat(3000)
+    );
+    let a = query(&hub, &deep, None, None).await?;
+    assert_eq!(a.status, 400);
+    assert!(
+        a.body["Message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nests more than 64")),
+        "{}",
+        a.body
+    );
+    let list: Vec<String> = (0..1500).map(|i| i.to_string()).collect();
+    let long_in = format!(
+        "SELECT deviceId FROM devices WHERE deviceId = 'd1' OR tags.n IN [{}]",
+        list.join(",")
+    );
+    let a = query(&hub, &long_in, None, None).await?;
+    assert_eq!((a.status, &a.body), (200, &json!([{"deviceId": "d1"}])));
+
     // No jobs exist yet: devices.jobs is an empty set of job rows.
     let a = query(
         &hub,

@@ -60,6 +60,7 @@ pub(crate) fn parse(text: &str) -> Result<Query, QueryError> {
         tokens,
         at: 0,
         unnamed: 0,
+        depth: 0,
     };
     let q = p.query()?;
     Ok(q)
@@ -71,7 +72,13 @@ struct Parser<'t> {
     at: usize,
     /// Result keys handed out as `$1`, `$2`, ... to projections without a name.
     unnamed: usize,
+    /// Nesting of the expression being parsed (parentheses, arguments, NOT, minus).
+    depth: usize,
 }
+
+/// How deeply expressions may nest: the parser and the evaluator recurse once per level, and a
+/// query of 8,192 characters could otherwise nest thousands deep and overflow the stack.
+pub(crate) const MAX_DEPTH: usize = 64;
 
 fn is_keyword(s: &str) -> bool {
     KEYWORDS.iter().any(|k| k.eq_ignore_ascii_case(s))
@@ -287,7 +294,29 @@ impl Parser<'_> {
         Ok(SelectItem { expr, name })
     }
 
+    /// Runs `f` one nesting level deeper, refusing past [`MAX_DEPTH`].
+    fn nested<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, QueryError>,
+    ) -> Result<T, QueryError> {
+        if self.depth >= MAX_DEPTH {
+            let pos = self.peek().pos;
+            return Err(self.error(
+                pos,
+                format!("the expression nests more than {MAX_DEPTH} levels deep"),
+            ));
+        }
+        self.depth += 1;
+        let out = f(self);
+        self.depth -= 1;
+        out
+    }
+
     fn expr(&mut self) -> Result<Expr, QueryError> {
+        self.nested(Self::or)
+    }
+
+    fn or(&mut self) -> Result<Expr, QueryError> {
         let mut left = self.and()?;
         while self.eat_kw("OR") {
             let right = self.and()?;
@@ -307,7 +336,8 @@ impl Parser<'_> {
 
     fn not(&mut self) -> Result<Expr, QueryError> {
         if self.eat_kw("NOT") {
-            return Ok(Expr::Unary(UnaryOp::Not, Box::new(self.not()?)));
+            let inner = self.nested(Self::not)?;
+            return Ok(Expr::Unary(UnaryOp::Not, Box::new(inner)));
         }
         self.comparison()
     }
@@ -390,7 +420,7 @@ impl Parser<'_> {
 
     fn unary(&mut self) -> Result<Expr, QueryError> {
         if self.eat(&Tok::Minus) {
-            return Ok(match self.unary()? {
+            return Ok(match self.nested(Self::unary)? {
                 // Folded so that `IN [-1]` is a constant.
                 Expr::Literal(Value::Number(n)) => Expr::Literal(negate(&n)),
                 e => Expr::Unary(UnaryOp::Neg, Box::new(e)),

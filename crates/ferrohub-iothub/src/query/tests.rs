@@ -387,6 +387,30 @@ fn errors_name_the_position_and_what_was_expected() {
 }
 
 #[test]
+fn deep_nesting_is_refused_not_a_stack_overflow() {
+    let deep = |open: &str, close: &str, n: usize| {
+        format!(
+            "SELECT * FROM devices WHERE {}tags.a = 1{}",
+            open.repeat(n),
+            close.repeat(n)
+        )
+    };
+    assert!(parse(&deep("(", ")", 60)).is_ok());
+    for text in [
+        deep("(", ")", 4000),
+        deep("NOT ", "", 2000),
+        deep("IS_DEFINED(", ")", 600),
+        format!("SELECT * FROM devices WHERE tags.a = {}1", "-".repeat(4000)),
+    ] {
+        let e = err(&text);
+        assert!(e.message.contains("nests more than 64 levels"), "{e}");
+    }
+    // Long flat chains are not nesting: they parse, and evaluate, in loops.
+    let chain = vec!["tags.floor = 3"; 400].join(" AND ");
+    assert!(m(&chain));
+}
+
+#[test]
 fn the_length_limit_is_8192_characters() {
     let pad = " ".repeat(MAX_QUERY_CHARS - "SELECT * FROM devices".len());
     assert!(parse(&format!("SELECT * FROM devices{pad}")).is_ok());
