@@ -76,7 +76,13 @@ impl Cursor {
             .decode(token.trim())
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| HubError::argument("the continuation token is not valid"))
+            .ok_or_else(|| {
+                info!(
+                    error_code = 400004,
+                    "query refused: the continuation token is not valid"
+                );
+                HubError::argument("the continuation token is not valid")
+            })
     }
 }
 
