@@ -46,6 +46,9 @@ enum Scenario {
     /// receiver per partition reads at @latest over AMQP; measure the latency from the device's
     /// PUBLISH to the event's arrival and server CPU per event.
     EventhubLive(scenario::eventhub::live::LiveArgs),
+    /// Time POST /devices/query on a large registry (`--populate N` first fills a stopped hub's
+    /// store with N devices with tags and reported properties).
+    Query(scenario::query::QueryArgs),
     /// Drive every kind of durable write (QoS 1 telemetry, C2D sends, reported patches,
     /// registry creates) until killed, appending each acknowledged write to an ack log the
     /// moment its acknowledgement arrives (scripts/crash-loop.sh).
@@ -82,6 +85,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::TwinReported(args) => scenario::twin::run(args).await,
             Scenario::EventhubRead(args) => scenario::eventhub::read::run(args).await,
             Scenario::EventhubLive(args) => scenario::eventhub::live::run(args).await,
+            Scenario::Query(args) => scenario::query::run(args).await,
             Scenario::CrashWriter(args) => scenario::crash::run_writer(args).await,
             Scenario::CrashCheck(args) => scenario::crash::run_check(args).await,
         }

@@ -21,6 +21,7 @@ pub mod feedback;
 pub mod link;
 pub mod methods;
 pub mod presence;
+pub mod query;
 pub mod readers;
 pub mod registry;
 pub mod retention;

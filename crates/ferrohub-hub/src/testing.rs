@@ -385,3 +385,10 @@ pub(crate) async fn connect(
         .await;
     (client, rx)
 }
+
+#[async_trait]
+impl ferrohub_store::QueryStore for TestStore {
+    async fn scan_twins(&self, scan: &TwinScan) -> Result<Vec<TwinRow>> {
+        self.inner.scan_twins(scan).await
+    }
+}

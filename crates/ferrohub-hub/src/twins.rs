@@ -14,6 +14,7 @@ use ferrohub_iothub::topics::{desired_patch_topic, twin_response_topic};
 use ferrohub_iothub::twin::{Twin, TwinError};
 use ferrohub_iothub::{ErrorCode, Identity};
 use ferrohub_mqtt::QoS;
+use ferrohub_store::query::ScannedIdentity;
 use ferrohub_store::{IfMatch, StoreError, VersionedTwin};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -26,14 +27,14 @@ use crate::{Hub, HubClient};
 /// What the store keeps for a twin: the document plus the model id the identity announced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct StoredDoc {
-    twin: Twin,
+pub(crate) struct StoredDoc {
+    pub(crate) twin: Twin,
     #[serde(default)]
-    model_id: Option<String>,
+    pub(crate) model_id: Option<String>,
 }
 
 impl StoredDoc {
-    fn load(doc: Option<String>, now: &str) -> Result<Self, TwinFailure> {
+    pub(crate) fn load(doc: Option<String>, now: &str) -> Result<Self, TwinFailure> {
         match doc {
             Some(d) => serde_json::from_str(&d).map_err(|e| TwinFailure::Corrupt(e.to_string())),
             None => Ok(StoredDoc {
@@ -403,51 +404,66 @@ impl Hub {
 
     /// The registry fields a twin shows, or NotFound.
     async fn registry_view(&self, identity: &Identity) -> Result<Map<String, Value>, TwinFailure> {
-        let mut m = Map::new();
         let device = self
             .store
             .get_device(&identity.device_id)
             .await?
             .ok_or_else(|| TwinFailure::DeviceNotFound(identity.device_id.clone()))?;
-        m.insert("deviceId".into(), Value::String(device.device_id.clone()));
-        let (auth, status, etag_of_identity, thumbprint) = match &identity.module_id {
-            None => (
-                device.authentication.auth_type,
-                Some(device.status),
-                device.etag.clone(),
-                device.authentication.x509_thumbprint.clone(),
-            ),
-            Some(mid) => {
-                let module = self
-                    .store
+        let record = match &identity.module_id {
+            None => ScannedIdentity::Device(device),
+            Some(mid) => ScannedIdentity::Module(
+                self.store
                     .get_module(&identity.device_id, mid)
                     .await?
-                    .ok_or_else(|| TwinFailure::ModuleNotFound(mid.clone()))?;
+                    .ok_or_else(|| TwinFailure::ModuleNotFound(mid.clone()))?,
+            ),
+        };
+        let c2d = self
+            .store
+            .c2d_count(&identity.device_id, identity.module_id.as_deref())
+            .await?;
+        Ok(self.identity_members(identity, &record, Some(c2d)))
+    }
+
+    /// The members of a twin that come from the identity's registry record and its live
+    /// state: everything but `etag`, `modelId`, `version`, `tags` and `properties`. Shared by
+    /// `GET /twins` and queries, so both show the same document. `c2d` is the queue depth,
+    /// when the caller read it.
+    pub(crate) fn identity_members(
+        &self,
+        identity: &Identity,
+        record: &ScannedIdentity,
+        c2d: Option<u64>,
+    ) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("deviceId".into(), Value::String(identity.device_id.clone()));
+        let (auth, etag_of_identity) = match record {
+            ScannedIdentity::Device(device) => {
+                m.insert(
+                    "status".into(),
+                    serde_json::to_value(device.status).unwrap_or(Value::Null),
+                );
+                m.insert(
+                    "statusUpdateTime".into(),
+                    Value::String(
+                        device
+                            .status_updated_time
+                            .clone()
+                            .unwrap_or_else(|| crate::timefmt::NEVER.to_string()),
+                    ),
+                );
+                m.insert(
+                    "capabilities".into(),
+                    serde_json::json!({"iotEdge": device.capabilities.iot_edge}),
+                );
+                (&device.authentication, device.etag.clone())
+            }
+            ScannedIdentity::Module(module) => {
                 m.insert("moduleId".into(), Value::String(module.module_id.clone()));
-                (
-                    module.authentication.auth_type,
-                    None,
-                    module.etag.clone(),
-                    module.authentication.x509_thumbprint.clone(),
-                )
+                (&module.authentication, module.etag.clone())
             }
         };
         m.insert("deviceEtag".into(), Value::String(etag_of_identity));
-        if let Some(s) = status {
-            m.insert(
-                "status".into(),
-                serde_json::to_value(s).unwrap_or(Value::Null),
-            );
-            m.insert(
-                "statusUpdateTime".into(),
-                Value::String(
-                    device
-                        .status_updated_time
-                        .clone()
-                        .unwrap_or_else(|| crate::timefmt::NEVER.into()),
-                ),
-            );
-        }
         let live = self.presence.get(identity);
         let connected = live.is_some_and(|p| p.connected);
         m.insert(
@@ -470,31 +486,20 @@ impl Hub {
         );
         m.insert(
             "authenticationType".into(),
-            serde_json::to_value(auth).unwrap_or(Value::Null),
+            serde_json::to_value(auth.auth_type).unwrap_or(Value::Null),
         );
-        // IoT Hub's twin carries these as objects even when empty; the SDK models read them so.
+        // IoT Hub's twin carries it as an object even when empty; the SDK models read it so.
         m.insert(
             "x509Thumbprint".into(),
-            serde_json::to_value(thumbprint).unwrap_or(Value::Null),
+            serde_json::to_value(&auth.x509_thumbprint).unwrap_or(Value::Null),
         );
-        if identity.module_id.is_none() {
-            m.insert(
-                "capabilities".into(),
-                serde_json::to_value(&device.capabilities).unwrap_or(Value::Null),
-            );
+        if let Some(n) = c2d {
+            m.insert("cloudToDeviceMessageCount".into(), Value::from(n));
         }
-        m.insert(
-            "cloudToDeviceMessageCount".into(),
-            Value::from(
-                self.store
-                    .c2d_count(&identity.device_id, identity.module_id.as_deref())
-                    .await?,
-            ),
-        );
-        Ok(m)
+        m
     }
 
-    fn twin_json(
+    pub(crate) fn twin_json(
         &self,
         _identity: &Identity,
         d: &StoredDoc,

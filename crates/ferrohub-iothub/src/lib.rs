@@ -1,6 +1,6 @@
 //! IoT Hub semantics for Ferrohub as pure functions and types: identities, CONNECT rules, SAS
 //! tokens, topic authorization, property bags, telemetry stamping, error codes and connection
-//! strings. No I/O here.
+//! strings, the query language. No I/O here.
 
 pub mod c2d;
 pub mod connect;
@@ -8,6 +8,7 @@ pub mod connection_string;
 mod encoding;
 pub mod errors;
 pub mod identity;
+pub mod query;
 pub mod registry;
 pub mod sas;
 pub mod telemetry;

@@ -290,6 +290,32 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Runs a read that may take milliseconds (a query scan) on the blocking pool, so it does
+    /// not hold up the async worker it was called from.
+    pub(crate) async fn read_blocking<R, F>(&self, f: F) -> Result<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> SqlResult<R> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let inner = &store.inner;
+            let n = inner.readers.len();
+            let start = inner.next_reader.fetch_add(1, Ordering::Relaxed);
+            for i in 0..n {
+                if let Ok(conn) = inner.readers[(start + i) % n].try_lock() {
+                    return Ok(f(&conn)?);
+                }
+            }
+            let conn = lock(&inner.readers[start % n]);
+            Ok(f(&conn)?)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
 /// Lets a WAL start over under steady load; kept by the writer thread, called after each
 /// commit. The checkpoint thread copies frames in the background, but SQLite only rewinds the
 /// WAL when a write transaction begins on a WAL that is fully copied, and with commits every
@@ -379,13 +405,13 @@ fn checkpoint_loop(conn: Connection, stop: Arc<AtomicBool>, caught_up: Arc<Atomi
     }
 }
 
-fn device_from_row(version: i64, doc: &str) -> SqlResult<Device> {
+pub(crate) fn device_from_row(version: i64, doc: &str) -> SqlResult<Device> {
     let mut d: Device = serde_json::from_str(doc)?;
     d.etag = etag_of(version);
     Ok(d)
 }
 
-fn module_from_row(version: i64, doc: &str) -> SqlResult<Module> {
+pub(crate) fn module_from_row(version: i64, doc: &str) -> SqlResult<Module> {
     let mut m: Module = serde_json::from_str(doc)?;
     m.etag = etag_of(version);
     Ok(m)

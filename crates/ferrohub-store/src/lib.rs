@@ -1,5 +1,6 @@
 //! Ferrohub storage: the records the hub keeps and one trait per concern (registry, access
-//! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins),
+//! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins, and
+//! the scans queries run over them),
 //! independent of any engine.
 //!
 //! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
@@ -10,6 +11,7 @@
 
 pub mod memory;
 pub mod model;
+pub mod query;
 pub mod telemetry;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
@@ -21,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use memory::{MemoryStore, MemoryTelemetry};
 pub use model::*;
+pub use query::{QueryStore, TwinRow, TwinScan};
 pub use timestamp::Timestamp;
 
 /// What can go wrong in a store call. The variants that carry meaning for callers (not found,
@@ -245,6 +248,8 @@ pub trait TwinStore: Send + Sync + 'static {
         device_id: &str,
         module_id: Option<&str>,
     ) -> Result<Option<VersionedTwin>>;
+    /// `doc` is JSON as `serde_json` writes it; an engine may rely on that escaping to search
+    /// the text (a scan looks for a string's JSON form before it parses a document).
     /// Stores `doc` durably if the twin is still as the caller read it: `expected = None` only
     /// if the identity has no twin, `Some(v)` only if its stored version is `v`. Returns the new
     /// version; [`StoreError::VersionMismatch`] (nothing written) otherwise.
@@ -259,11 +264,18 @@ pub trait TwinStore: Send + Sync + 'static {
 
 /// Everything the hub needs from storage, as one handle.
 pub trait Store:
-    RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore
+    RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore + QueryStore
 {
 }
-impl<T: RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore> Store
-    for T
+impl<
+        T: RegistryStore
+            + PolicyStore
+            + CertificateStore
+            + SessionStore
+            + C2dStore
+            + TwinStore
+            + QueryStore,
+    > Store for T
 {
 }
 

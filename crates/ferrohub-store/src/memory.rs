@@ -14,6 +14,9 @@ use async_trait::async_trait;
 use base64::Engine;
 use tokio::sync::watch;
 
+use crate::query::{
+    compare_json, Field, Prefilter, QueryStore, ScanKind, ScannedIdentity, TwinRow, TwinScan,
+};
 use crate::telemetry::{
     partition_for, Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog,
 };
@@ -751,6 +754,105 @@ impl TelemetryLog for MemoryTelemetry {
             }
         }
         Ok(removed)
+    }
+}
+
+/// The value at `path` in `doc`.
+fn json_at<'a>(doc: &'a serde_json::Value, path: &[String]) -> Option<&'a serde_json::Value> {
+    path.iter().try_fold(doc, |v, s| v.as_object()?.get(s))
+}
+
+/// A row as a prefilter sees it: the key, the identity record and the twin document as JSON.
+struct PrefilterRow<'a> {
+    key: &'a IdKey,
+    identity: serde_json::Value,
+    twin: Option<serde_json::Value>,
+}
+
+impl PrefilterRow<'_> {
+    fn passes(&self, f: &Prefilter) -> bool {
+        let value = |field: &Field| -> Option<Option<serde_json::Value>> {
+            // Outer None: a twin field of a row without a twin, which passes.
+            Some(match field {
+                Field::DeviceId => Some(serde_json::Value::String(self.key.0.clone())),
+                Field::ModuleId => Some(serde_json::Value::String(self.key.1.clone())),
+                Field::Identity(p) => json_at(&self.identity, p).cloned(),
+                Field::Twin(p) => json_at(self.twin.as_ref()?, p).cloned(),
+            })
+        };
+        match f {
+            Prefilter::All => true,
+            Prefilter::And(parts) => parts.iter().all(|p| self.passes(p)),
+            Prefilter::Or(parts) => parts.iter().any(|p| self.passes(p)),
+            Prefilter::Compare(field, op, c) => match value(field) {
+                None => true,
+                Some(v) => v.is_some_and(|v| compare_json(&v, *op, c)),
+            },
+            Prefilter::StartsWith(field, prefix) => match value(field) {
+                None => true,
+                Some(v) => v
+                    .as_ref()
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|s| s.starts_with(prefix.as_str())),
+            },
+            Prefilter::Defined(field) => value(field).is_none_or(|v| v.is_some()),
+        }
+    }
+}
+
+#[async_trait]
+impl QueryStore for MemoryStore {
+    async fn scan_twins(&self, scan: &TwinScan) -> Result<Vec<TwinRow>> {
+        use std::ops::Bound;
+        let s = self.state();
+        let from = match &scan.after {
+            Some(k) => Bound::Excluded(k.clone()),
+            None => Bound::Unbounded,
+        };
+        let identities: Box<dyn Iterator<Item = (IdKey, ScannedIdentity)> + '_> = match scan.kind {
+            ScanKind::Devices => {
+                let from = match &from {
+                    Bound::Excluded((d, _)) => Bound::Excluded(d.clone()),
+                    _ => Bound::Unbounded,
+                };
+                Box::new(s.devices.range::<String, _>((from, Bound::Unbounded)).map(
+                    |(id, (_, d))| {
+                        (
+                            (id.clone(), String::new()),
+                            ScannedIdentity::Device(d.clone()),
+                        )
+                    },
+                ))
+            }
+            ScanKind::Modules => Box::new(
+                s.modules
+                    .range((from, Bound::Unbounded))
+                    .map(|(k, (_, m))| (k.clone(), ScannedIdentity::Module(m.clone()))),
+            ),
+        };
+        let mut out = Vec::new();
+        for (key, identity) in identities {
+            if out.len() >= scan.limit {
+                break;
+            }
+            let twin = s.twins.get(&key);
+            let record = match &identity {
+                ScannedIdentity::Device(d) => serde_json::to_value(d)?,
+                ScannedIdentity::Module(m) => serde_json::to_value(m)?,
+            };
+            let row = PrefilterRow {
+                key: &key,
+                identity: record,
+                twin: twin.map(|t| serde_json::from_str(&t.doc)).transpose()?,
+            };
+            if row.passes(&scan.filter) {
+                out.push(TwinRow {
+                    identity,
+                    twin: twin.filter(|_| scan.with_twins).cloned(),
+                });
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -78,6 +78,13 @@ enum Command {
         #[command(flatten)]
         args: InvokeArgs,
     },
+    /// Run an IoT Hub query (`SELECT ... FROM devices ...`) and print every page of results.
+    Query {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: cli::QueryArgs,
+    },
     /// Print the Event Hubs-compatible connection string of the built-in events endpoint, for
     /// `azure-eventhub` and other Event Hubs clients.
     EventhubConnectionString {
@@ -111,6 +118,7 @@ async fn main() -> std::process::ExitCode {
         Command::C2d { client, cmd } => cli::run_c2d(&client, cmd).await,
         Command::Twin { client, cmd } => cli::run_twin(&client, cmd).await,
         Command::Invoke { client, args } => cli::run_invoke(&client, args).await,
+        Command::Query { client, args } => cli::run_query(&client, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

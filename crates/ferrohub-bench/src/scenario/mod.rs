@@ -7,6 +7,7 @@ pub mod crash;
 pub mod eventhub;
 pub mod methods;
 pub mod push;
+pub mod query;
 pub mod telemetry;
 pub mod twin;
 

@@ -8,18 +8,20 @@
 //!
 //! The tests live by concern: `registry` (identities, policies, certificates, sessions and
 //! what deleting an identity removes), `c2d` (the cloud-to-device queues), `feedback`
-//! (the feedback receiver), `twins` and `telemetry`. Each is re-exported here, where the
+//! (the feedback receiver), `twins`, `query` (scans for queries) and `telemetry`. Each is re-exported here, where the
 //! macros name it.
 
 mod c2d;
 mod feedback;
 pub mod model;
+mod query;
 mod registry;
 mod telemetry;
 mod twins;
 
 pub use c2d::*;
 pub use feedback::*;
+pub use query::*;
 pub use registry::*;
 pub use telemetry::*;
 pub use twins::*;
@@ -57,6 +59,7 @@ macro_rules! store_suite {
             abandoned_feedback_can_be_received_at_once,
             twins_are_written_only_if_unchanged_since_read,
             concurrent_conditional_twin_writes_lose_nothing,
+            scans_page_in_key_order_and_keep_every_matching_row,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {

@@ -7,6 +7,7 @@ mod error;
 mod events;
 pub mod extract;
 mod messaging;
+pub mod query;
 mod statistics;
 mod twins;
 pub mod types;
@@ -54,6 +55,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(amqp_websocket))
         .route("/devices", get(devices::list_devices).post(devices::bulk))
+        .route("/devices/query", post(query::query))
         .route("/devices/{id}", identity())
         .route("/devices/{id}/modules", get(devices::list_modules))
         .route("/devices/{id}/modules/{mid}", identity())

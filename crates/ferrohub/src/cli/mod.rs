@@ -1,11 +1,13 @@
-//! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `sas-token`, `monitor`,
-//! `c2d`, `twin` and `invoke`, all speaking the service REST API with the owner connection
+//! The command line's client side: `device` (with bulk `import`), `module`, `certificate`,
+//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke` and `query`, all speaking the service REST
+//! API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
 mod import;
 mod monitor;
 mod output;
+mod query;
 mod service;
 
 use std::path::PathBuf;
@@ -26,6 +28,7 @@ use crate::api::types::{
 pub use client::ApiClient;
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
+pub use query::{run_query, QueryArgs};
 pub use service::{run_c2d, run_invoke, run_twin, C2dCommand, InvokeArgs, TwinCommand};
 
 /// How the CLI finds and trusts the hub.

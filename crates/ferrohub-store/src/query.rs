@@ -1,0 +1,140 @@
+//! Scans of identities with their twins, for queries: in key order, from a key on, with a
+//! [`Prefilter`] an engine may use to skip rows. The query language itself is not here (it is
+//! `ferrohub_iothub::query`); the hub turns a query's condition into a prefilter over the
+//! stored records and runs the full condition over what a scan returns.
+
+use async_trait::async_trait;
+
+use crate::{Device, Module, Result, VersionedTwin};
+
+/// Which identities a scan walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanKind {
+    Devices,
+    Modules,
+}
+
+/// A value in the stored records a prefilter looks at. Paths are JSON member names from the
+/// record's root.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field {
+    DeviceId,
+    /// Only in module scans.
+    ModuleId,
+    /// A member of the identity's own record as stored (the `Device` or `Module` JSON).
+    Identity(Vec<String>),
+    /// A member of the stored twin document. A row without a stored twin passes every
+    /// condition on a twin field (the hub shows such a twin with defaults).
+    Twin(Vec<String>),
+}
+
+/// A constant a field is compared with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOp {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A condition every row the caller wants satisfies. An engine may return rows that fail it
+/// (the caller filters again) but must not leave out a row that satisfies it. A comparison
+/// holds only between values of the same JSON type (numbers by value, strings by code
+/// point, booleans only by equality); a missing member satisfies nothing but [`Prefilter::All`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prefilter {
+    All,
+    And(Vec<Prefilter>),
+    Or(Vec<Prefilter>),
+    Compare(Field, CompareOp, Scalar),
+    /// A string starting with the prefix.
+    StartsWith(Field, String),
+    /// The member exists (any value, null included).
+    Defined(Field),
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone)]
+pub struct TwinScan {
+    pub kind: ScanKind,
+    pub filter: Prefilter,
+    /// Only rows after this key (device id, module id; `""` for devices), in key order.
+    pub after: Option<(String, String)>,
+    /// At most this many rows; fewer means the scan reached the end.
+    pub limit: usize,
+    /// Whether the caller reads the twin documents; without, rows come with `twin: None`.
+    pub with_twins: bool,
+}
+
+/// The identity record a row is about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScannedIdentity {
+    Device(Device),
+    Module(Module),
+}
+
+/// A row of a scan, all of it read at one moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TwinRow {
+    pub identity: ScannedIdentity,
+    /// The stored twin, when asked for and one is stored.
+    pub twin: Option<VersionedTwin>,
+}
+
+impl TwinRow {
+    /// The row's key as [`TwinScan::after`] takes it.
+    pub fn key(&self) -> (String, String) {
+        match &self.identity {
+            ScannedIdentity::Device(d) => (d.device_id.clone(), String::new()),
+            ScannedIdentity::Module(m) => (m.device_id.clone(), m.module_id.clone()),
+        }
+    }
+}
+
+/// Scans of the registry joined with twins. Each call sees one consistent state of the store
+/// (everything committed before it started).
+#[async_trait]
+pub trait QueryStore: Send + Sync + 'static {
+    async fn scan_twins(&self, scan: &TwinScan) -> Result<Vec<TwinRow>>;
+}
+
+/// Whether a stored JSON value satisfies a comparison, by the prefilter rules; shared by the
+/// engines that evaluate prefilters in Rust.
+pub fn compare_json(value: &serde_json::Value, op: CompareOp, scalar: &Scalar) -> bool {
+    use serde_json::Value;
+    use std::cmp::Ordering;
+    let ord = match (value, scalar) {
+        (Value::String(s), Scalar::Str(c)) => s.as_str().cmp(c.as_str()),
+        (Value::Number(n), Scalar::Int(c)) => match n.as_i64() {
+            Some(i) => i.cmp(c),
+            None => match n.as_f64().and_then(|f| f.partial_cmp(&(*c as f64))) {
+                Some(o) => o,
+                None => return false,
+            },
+        },
+        (Value::Number(n), Scalar::Float(c)) => match n.as_f64().and_then(|f| f.partial_cmp(c)) {
+            Some(o) => o,
+            None => return false,
+        },
+        (Value::Bool(b), Scalar::Bool(c)) => {
+            return op == CompareOp::Eq && b == c;
+        }
+        _ => return false,
+    };
+    match op {
+        CompareOp::Eq => ord == Ordering::Equal,
+        CompareOp::Lt => ord == Ordering::Less,
+        CompareOp::Le => ord != Ordering::Greater,
+        CompareOp::Gt => ord == Ordering::Greater,
+        CompareOp::Ge => ord != Ordering::Less,
+    }
+}
