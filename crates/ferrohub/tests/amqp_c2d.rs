@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::amqp::{source, target, AmqpClient, Sasl};
+use common::amqp::{service_key, source, target, AmqpClient, Sasl};
 use common::*;
 use ferrohub_amqp::message::{Body, Properties};
 use ferrohub_amqp::performative::{AmqpError, Attach, Disposition, Symbol};
@@ -19,16 +19,6 @@ const SENDER: u32 = 1;
 const FEEDBACK: u32 = 2;
 /// How long a test waits to be sure nothing more comes.
 const QUIET: Duration = Duration::from_millis(300);
-
-async fn service_key(hub: &TestHub, policy: &str) -> R<String> {
-    Ok(hub
-        .server()
-        .hub
-        .policy(policy)
-        .await?
-        .ok_or("no such policy")?
-        .primary_key)
-}
 
 /// A connection holding a `service` token the way the IoT Hub service SDKs put it: audience
 /// the host name, signed with the base64-decoded key.

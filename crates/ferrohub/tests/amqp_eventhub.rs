@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::amqp::{annotation, eventhub_token, status_of, AmqpClient, Sasl};
+use common::amqp::{annotation, eventhub_token, service_key, status_of, AmqpClient, Sasl};
 use common::{token_for, TestHub, TestResult, HOST, R, WAIT};
 use ferrohub_amqp::message::Body;
 use ferrohub_amqp::{Message, Performative, Value};
@@ -16,16 +16,6 @@ use ferrohub_store::telemetry::partition_for;
 const ENTITY: &str = "localhost";
 /// How long a test waits to be sure nothing more comes.
 const QUIET: Duration = Duration::from_millis(300);
-
-async fn service_key(hub: &TestHub, policy: &str) -> R<String> {
-    Ok(hub
-        .server()
-        .hub
-        .policy(policy)
-        .await?
-        .ok_or("no such policy")?
-        .primary_key)
-}
 
 /// A client whose connection holds a valid ServiceConnect claim (Event Hubs convention).
 async fn authorized(hub: &TestHub) -> R<AmqpClient> {

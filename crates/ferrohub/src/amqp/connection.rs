@@ -1745,13 +1745,7 @@ async fn pump(
                 drains = g.drains;
                 while credit.available() > 0 {
                     let Some(e) = stream.try_next() else { break };
-                    credit.sent = credit.sent.wrapping_add(1);
-                    let m = metrics(&metric, &mut info, &e).await;
-                    if events
-                        .send((ch, handle, Some(Outgoing::Event(e, m))))
-                        .await
-                        .is_err()
-                    {
+                    if !hand_over(&events, (ch, handle), &mut credit, &metric, &mut info, e).await {
                         return;
                     }
                 }
@@ -1780,13 +1774,7 @@ async fn pump(
                 },
             };
             let Some(e) = e else { return };
-            credit.sent = credit.sent.wrapping_add(1);
-            let m = metrics(&metric, &mut info, &e).await;
-            if events
-                .send((ch, handle, Some(Outgoing::Event(e, m))))
-                .await
-                .is_err()
-            {
+            if !hand_over(&events, (ch, handle), &mut credit, &metric, &mut info, e).await {
                 return;
             }
         }
@@ -1805,6 +1793,24 @@ async fn pump(
     }
     // The place is held until here, so a stolen reader never overlaps its successor.
     drop(lease);
+}
+
+/// Counts `e` against the pump's credit and hands it to the connection loop, with runtime
+/// metrics when the receiver asked for them; false once the loop is gone.
+async fn hand_over(
+    events: &mpsc::Sender<(u16, u32, Option<Outgoing>)>,
+    (ch, handle): (u16, u32),
+    credit: &mut Credit,
+    metric: &Option<(Arc<Hub>, u32)>,
+    info: &mut Option<(Instant, PartitionInfo)>,
+    e: EventRecord,
+) -> bool {
+    credit.sent = credit.sent.wrapping_add(1);
+    let m = metrics(metric, info, &e).await;
+    events
+        .send((ch, handle, Some(Outgoing::Event(e, m))))
+        .await
+        .is_ok()
 }
 
 /// The partition's newest event for a receiver that asked for runtime metrics: looked up

@@ -531,6 +531,17 @@ fn transfer_frames(handle: u32, id: u32, payload: &[u8], settled: bool) -> Vec<u
     out
 }
 
+/// The primary key of one of the hub's policies.
+pub async fn service_key(hub: &TestHub, policy: &str) -> R<String> {
+    Ok(hub
+        .server()
+        .hub
+        .policy(policy)
+        .await?
+        .ok_or("no such policy")?
+        .primary_key)
+}
+
 pub fn status_of(reply: &Message) -> R<i32> {
     match reply.application_property("status-code") {
         Some(Value::Int(n)) => Ok(*n),

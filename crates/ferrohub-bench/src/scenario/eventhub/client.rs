@@ -569,6 +569,17 @@ impl Connection {
         self.next_outgoing_id = self.next_outgoing_id.wrapping_add(1);
     }
 
+    /// Reads whatever the server sent next into the input buffer; false when nothing came
+    /// within `wait`.
+    async fn read_within(&mut self, wait: Duration) -> Result<bool> {
+        match tokio::time::timeout(wait, self.stream.read_buf(&mut self.input)).await {
+            Err(_) => Ok(false),
+            Ok(Ok(0)) => bail!("the server closed the AMQP connection"),
+            Ok(Ok(_)) => Ok(true),
+            Ok(Err(e)) => Err(e).context("reading from the AMQP connection"),
+        }
+    }
+
     /// Reads what the server sent next (waiting up to `wait`) and appends every performative
     /// in it to `out` (a sender's flows and dispositions). Returns false when nothing came.
     pub async fn read_performatives(
@@ -576,11 +587,8 @@ impl Connection {
         wait: Duration,
         out: &mut Vec<Performative>,
     ) -> Result<bool> {
-        match tokio::time::timeout(wait, self.stream.read_buf(&mut self.input)).await {
-            Err(_) => return Ok(false),
-            Ok(Ok(0)) => bail!("the server closed the AMQP connection"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e).context("reading from the AMQP connection"),
+        if !self.read_within(wait).await? {
+            return Ok(false);
         }
         while let Some(f) = self.take_frame()? {
             let Some(body) = f.body else { continue };
@@ -631,11 +639,8 @@ impl Connection {
         wait: Duration,
         deliveries: &mut Vec<Delivery>,
     ) -> Result<bool> {
-        match tokio::time::timeout(wait, self.stream.read_buf(&mut self.input)).await {
-            Err(_) => return Ok(false),
-            Ok(Ok(0)) => bail!("the server closed the AMQP connection"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e).context("reading from the AMQP connection"),
+        if !self.read_within(wait).await? {
+            return Ok(false);
         }
         while let Some(f) = self.take_frame()? {
             let Some(body) = f.body else { continue };
