@@ -372,3 +372,71 @@ async fn custom_metrics_test_queries_and_restart() -> TestResult {
     );
     Ok(())
 }
+
+fn ferrohub_cli(data_dir: &std::path::Path, args: &[String]) -> R<(bool, String, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("FERROHUB_CONNECTION_STRING")
+        .env_remove("FERROHUB_CA_FILE")
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
+}
+
+#[tokio::test]
+async fn config_commands_create_show_list_and_delete() -> TestResult {
+    let hub = TestHub::start().await?;
+    hub.create_device("d1").await?;
+    tag(&hub, "d1", json!({"env": "prod"})).await?;
+    let file = hub.dir.path().join("cfg.json");
+    std::fs::write(
+        &file,
+        config(
+            "cli-cfg",
+            "tags.env = 'prod'",
+            3,
+            json!({"properties.desired.y": 7}),
+        )
+        .to_string(),
+    )?;
+    let dir = hub.dir.path().to_path_buf();
+    let run = |args: Vec<String>| {
+        let dir = dir.clone();
+        async move { tokio::task::spawn_blocking(move || ferrohub_cli(&dir, &args)).await? }
+    };
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+
+    let (ok, out, err) = run(s(&["config", "create", &file.to_string_lossy()])).await?;
+    assert!(ok, "{err}");
+    assert!(out.contains("created configuration cli-cfg"), "{out}");
+    assert!(out.contains("appliedCount") && out.contains(" 1"), "{out}");
+    assert_eq!(desired(&hub, "d1").await?["y"], 7);
+
+    let (ok, out, _) = run(s(&["config", "show", "cli-cfg", "-o", "json"])).await?;
+    assert!(ok);
+    let shown: Value = serde_json::from_str(&out)?;
+    assert_eq!(shown["systemMetrics"]["results"]["targetedCount"], 1);
+
+    let (ok, out, _) = run(s(&["config", "list"])).await?;
+    assert!(ok && out.contains("cli-cfg"), "{out}");
+
+    // A second create of the same id fails with IoT Hub's error, and says so.
+    let (ok, _, err) = run(s(&["config", "create", &file.to_string_lossy()])).await?;
+    assert!(!ok);
+    assert!(
+        err.contains("409") || err.contains("already exists"),
+        "{err}"
+    );
+
+    let (ok, out, err) = run(s(&["config", "delete", "cli-cfg"])).await?;
+    assert!(ok, "{err}");
+    assert!(out.contains("deleted configuration cli-cfg"), "{out}");
+    let (ok, _, _) = run(s(&["config", "show", "cli-cfg"])).await?;
+    assert!(!ok);
+    Ok(())
+}
