@@ -1,7 +1,8 @@
-"""Automatic device management from the official Python service SDK, unmodified: azure-iot-hub
+"""Automatic device management from the official service SDKs, unmodified: azure-iot-hub
 2.7.0's IoTHubConfigurationManager (create, get, list, update under etags, testQueries,
 delete) against /configurations, and the content arriving as a desired-property patch on a
-device connected with azure-iot-device 2.14.0 (MQTT)."""
+device connected with azure-iot-device 2.14.0 (MQTT); and azure-iothub 1.16.6 (Node) Registry's
+configuration methods (interop/node/configurations.js)."""
 
 import queue
 import uuid
@@ -91,3 +92,29 @@ def test_python_configuration_lifecycle_reaches_the_device(
     assert _status(ei) == 404
     # What it wrote stays, as in IoT Hub.
     assert registry_manager.get_twin(device_id).properties.desired["fleet"] == {"interval": 30}
+
+
+def test_node_registry_configuration_methods(hub, create_device, registry_manager):
+    """azure-iothub 1.16.6 Registry: addConfiguration (which fills in schemaVersion),
+    getConfiguration, getConfigurations, updateConfiguration with forceUpdate, and
+    removeConfiguration; the content reaches the targeted twin."""
+    from test_node_clients import _finish, _line, _node
+
+    run = f"node{uuid.uuid4().hex[:8]}"
+    device_id = parse_connection_string(create_device())["DeviceId"]
+    registry_manager.update_twin(device_id, Twin(tags={"run": run}), "*")
+    proc = _node(hub, "configurations.js", OWNER_CS=hub.owner_connection_string, CONFIG_ID=run,
+                 TARGET=f"tags.run = '{run}'")
+    try:
+        got = _line(proc, "configurations.js")
+        _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "error" not in got, got
+    assert got["got"]["schemaVersion"] == "1.0"
+    assert got["got"]["systemMetrics"]["results"] == {"targetedCount": 1, "appliedCount": 1}
+    assert run in got["listed"]
+    assert got["updated"]["priority"] == 5
+    assert got["afterRemove"] == 404
+    assert registry_manager.get_twin(device_id).properties.desired["nodeSetting"] == {"level": 3}
