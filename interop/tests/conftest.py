@@ -255,3 +255,15 @@ def pytest_runtest_makereport(item, call):
             (f"ferrohub server log during this test ({_server_log_path})",
              _tail(_server_log_path, LOG_TAIL_LINES, start)))
     return report
+
+
+@pytest.fixture(scope="session")
+def configuration_manager(hub):
+    """IoTHubConfigurationManager on the owner connection string, trusting the server's CA."""
+    from azure.iot.hub import IoTHubConfigurationManager
+
+    cm = IoTHubConfigurationManager.from_connection_string(hub.owner_connection_string)
+    cm.protocol.config.connection.verify = hub.ca_file
+    cm.protocol.config.connection.timeout = 20
+    cm.protocol.config.retry_policy.retries = 0
+    yield cm

@@ -11,6 +11,7 @@ mod auth;
 pub mod bulk;
 pub mod c2d;
 pub mod certificates;
+pub mod configurations;
 mod detached;
 pub mod directory;
 pub mod error;

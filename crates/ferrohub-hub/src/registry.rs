@@ -273,6 +273,8 @@ impl Hub {
         let id = id.to_string();
         self.to_the_end(move |hub| async move {
             let saved = hub.put_device_now(&id, req, if_match).await?;
+            // A new device may be targeted at once (`*`, or a condition on its id).
+            hub.apply_configurations_to(&id).await;
             hub.live_device(saved).await
         })
         .await

@@ -392,3 +392,36 @@ impl ferrohub_store::QueryStore for TestStore {
         self.inner.scan_twins(scan).await
     }
 }
+
+#[async_trait]
+impl ConfigurationStore for TestStore {
+    async fn put_configuration(
+        &self,
+        id: &str,
+        doc: String,
+        if_match: Option<IfMatch>,
+    ) -> Result<StoredConfiguration> {
+        self.write_failpoint()?;
+        self.inner.put_configuration(id, doc, if_match).await
+    }
+    async fn get_configuration(&self, id: &str) -> Result<Option<StoredConfiguration>> {
+        self.inner.get_configuration(id).await
+    }
+    async fn list_configurations(&self, top: usize) -> Result<Vec<StoredConfiguration>> {
+        self.inner.list_configurations(top).await
+    }
+    async fn delete_configuration(&self, id: &str, if_match: IfMatch) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.delete_configuration(id, if_match).await
+    }
+    async fn mark_applied(&self, device_id: &str, config_id: &str) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.mark_applied(device_id, config_id).await
+    }
+    async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>> {
+        self.inner.applied_configuration(device_id).await
+    }
+    async fn count_applied(&self, config_id: &str) -> Result<u64> {
+        self.inner.count_applied(config_id).await
+    }
+}

@@ -26,7 +26,12 @@ impl Hub {
     ) -> Result<Value, HubError> {
         let identity = identity.clone();
         self.to_the_end(move |hub| async move {
-            Ok(hub.update_twin(&identity, body, replace, if_match).await?)
+            let twin = hub.update_twin(&identity, body, replace, if_match).await?;
+            // New tags may make another configuration target the device.
+            if identity.module_id.is_none() {
+                hub.apply_configurations_to(&identity.device_id).await;
+            }
+            Ok(twin)
         })
         .await
     }

@@ -361,6 +361,19 @@ impl Hub {
         if !self.throttles.allow(Operation::TwinUpdate) {
             return Err(TwinFailure::Throttled);
         }
+        self.update_twin_unthrottled(identity, body, replace, if_match)
+            .await
+    }
+
+    /// [`Hub::update_twin`] outside the service throttle: for the hub's own writes (applying a
+    /// configuration), which a burst of client updates must not make fail.
+    pub(crate) async fn update_twin_unthrottled(
+        &self,
+        identity: &Identity,
+        body: Value,
+        replace: bool,
+        if_match: IfMatch,
+    ) -> Result<Value, TwinFailure> {
         if !body.is_object() {
             return Err(TwinFailure::BadJson(
                 "the twin must be a JSON object".into(),

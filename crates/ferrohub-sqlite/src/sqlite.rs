@@ -93,6 +93,18 @@ CREATE TABLE IF NOT EXISTS twins (
     version   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, module_id)
 ) WITHOUT ROWID;
+-- Automatic device management (`sqlite_configurations`).
+CREATE TABLE IF NOT EXISTS configurations (
+    id      TEXT PRIMARY KEY NOT NULL,
+    version INTEGER NOT NULL,
+    doc     TEXT NOT NULL
+) WITHOUT ROWID;
+-- The configuration applied to each device; goes with the device and with the configuration.
+CREATE TABLE IF NOT EXISTS configuration_applied (
+    device_id TEXT PRIMARY KEY NOT NULL,
+    config_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS configuration_applied_config ON configuration_applied (config_id);
 "#;
 
 /// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`
@@ -151,7 +163,7 @@ pub(crate) fn module_key(module_id: Option<&str>) -> String {
     module_id.unwrap_or("").to_string()
 }
 
-fn etag_of(version: i64) -> String {
+pub(crate) fn etag_of(version: i64) -> String {
     base64::engine::general_purpose::STANDARD.encode(version.to_string())
 }
 
@@ -424,7 +436,7 @@ fn cert_from_row(version: i64, doc: &str) -> SqlResult<CaCertificate> {
 }
 
 /// Checks `if_match` against the current version of a row; `None` means the row is absent.
-fn check_if_match(current: Option<i64>, if_match: &IfMatch) -> SqlResult<i64> {
+pub(crate) fn check_if_match(current: Option<i64>, if_match: &IfMatch) -> SqlResult<i64> {
     match current {
         None => Err(StoreError::NotFound.into()),
         Some(v) if if_match.matches(&etag_of(v)) => Ok(v),
@@ -504,6 +516,7 @@ impl RegistryStore for SqliteStore {
                 "DELETE FROM c2d_messages WHERE device_id = ?1",
                 "DELETE FROM c2d_sequences WHERE device_id = ?1",
                 "DELETE FROM twins WHERE device_id = ?1",
+                "DELETE FROM configuration_applied WHERE device_id = ?1",
             ] {
                 conn.prepare_cached(sql)?.execute(params![id])?;
             }

@@ -14,6 +14,7 @@ use async_trait::async_trait;
 use base64::Engine;
 use tokio::sync::watch;
 
+use crate::configurations::{ConfigurationStore, StoredConfiguration};
 use crate::query::{
     compare_json, Field, Prefilter, QueryStore, ScanKind, ScannedIdentity, TwinRow, TwinScan,
 };
@@ -74,6 +75,9 @@ struct State {
     feedback: BTreeMap<u64, Feedback>,
     next_feedback: u64,
     twins: HashMap<IdKey, VersionedTwin>,
+    configurations: BTreeMap<String, (u64, String)>,
+    /// Device id -> the configuration applied to it.
+    applied: HashMap<String, String>,
 }
 
 impl State {
@@ -107,6 +111,8 @@ impl State {
         self.queues.retain(|k, _| !gone(k));
         self.sequences.retain(|k, _| !gone(k));
         self.twins.retain(|k, _| !gone(k));
+        self.applied
+            .retain(|d, _| !gone(&(d.clone(), String::new())));
     }
 
     /// Ends a live lock: the records under it are removed, or released when `release`.
@@ -543,6 +549,92 @@ impl C2dStore for MemoryStore {
 
     async fn feedback_abandon(&self, lock_token: &str, now: Timestamp) -> Result<()> {
         self.state().settle_lock(lock_token, now, true)
+    }
+}
+
+#[async_trait]
+impl ConfigurationStore for MemoryStore {
+    async fn put_configuration(
+        &self,
+        id: &str,
+        doc: String,
+        if_match: Option<IfMatch>,
+    ) -> Result<StoredConfiguration> {
+        let mut s = self.state();
+        let current = s.configurations.get(id).map(|(v, _)| *v);
+        let version = match (current, if_match) {
+            (Some(_), None) => return Err(StoreError::AlreadyExists),
+            (None, None) => 1,
+            (current, Some(cond)) => check_if_match(current, &cond)? + 1,
+        };
+        s.configurations
+            .insert(id.to_string(), (version, doc.clone()));
+        Ok(StoredConfiguration {
+            id: id.to_string(),
+            doc,
+            etag: etag_of(version),
+        })
+    }
+
+    async fn get_configuration(&self, id: &str) -> Result<Option<StoredConfiguration>> {
+        Ok(self
+            .state()
+            .configurations
+            .get(id)
+            .map(|(v, doc)| StoredConfiguration {
+                id: id.to_string(),
+                doc: doc.clone(),
+                etag: etag_of(*v),
+            }))
+    }
+
+    async fn list_configurations(&self, top: usize) -> Result<Vec<StoredConfiguration>> {
+        Ok(self
+            .state()
+            .configurations
+            .iter()
+            .take(top)
+            .map(|(id, (v, doc))| StoredConfiguration {
+                id: id.clone(),
+                doc: doc.clone(),
+                etag: etag_of(*v),
+            })
+            .collect())
+    }
+
+    async fn delete_configuration(&self, id: &str, if_match: IfMatch) -> Result<()> {
+        let mut s = self.state();
+        check_if_match(s.configurations.get(id).map(|(v, _)| *v), &if_match)?;
+        s.configurations.remove(id);
+        s.applied.retain(|_, c| c != id);
+        Ok(())
+    }
+
+    async fn mark_applied(&self, device_id: &str, config_id: &str) -> Result<()> {
+        let mut s = self.state();
+        // As SQLite's foreign keys would: no record for an identity or configuration that is gone.
+        if !s.devices.contains_key(device_id) {
+            return Err(StoreError::NotFound);
+        }
+        if !s.configurations.contains_key(config_id) {
+            return Err(StoreError::NotFound);
+        }
+        s.applied
+            .insert(device_id.to_string(), config_id.to_string());
+        Ok(())
+    }
+
+    async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>> {
+        Ok(self.state().applied.get(device_id).cloned())
+    }
+
+    async fn count_applied(&self, config_id: &str) -> Result<u64> {
+        Ok(self
+            .state()
+            .applied
+            .values()
+            .filter(|c| *c == config_id)
+            .count() as u64)
     }
 }
 

@@ -50,6 +50,13 @@ enum Command {
         #[command(subcommand)]
         cmd: CertificateCommand,
     },
+    /// Manage configurations: automatic device management (like `az iot hub configuration`).
+    Config {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::ConfigCommand,
+    },
     /// Follow the telemetry stream (like `az iot hub monitor-events`).
     Monitor {
         #[command(flatten)]
@@ -110,6 +117,7 @@ async fn main() -> std::process::ExitCode {
         Command::Device { client, cmd } => cli::run_device(&client, cmd).await,
         Command::Module { client, cmd } => cli::run_module(&client, cmd).await,
         Command::Certificate { client, cmd } => cli::run_certificate(&client, cmd).await,
+        Command::Config { client, cmd } => cli::run_config(&client, cmd).await,
         Command::SasToken { client, args } => cli::run_sas_token(&client, args).await,
         Command::EventhubConnectionString { client, args } => {
             cli::run_eventhub_connection_string(&client, args)

@@ -393,7 +393,7 @@ async fn compose(
     Ok((hub, broker, owner))
 }
 
-/// Telemetry retention and C2D expiry, stopped by shutdown.
+/// Telemetry retention, C2D expiry and the configurations' backstop pass, stopped by shutdown.
 fn spawn_background(
     tracker: &TaskTracker,
     hub: &Arc<Hub>,
@@ -411,6 +411,11 @@ fn spawn_background(
     ));
     tracker.spawn(ferrohub_hub::c2d::expiry_loop(
         hub.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(ferrohub_hub::configurations::reconcile_loop(
+        hub.clone(),
+        ferrohub_hub::configurations::RECONCILE_EVERY,
         shutdown.clone(),
     ));
 }

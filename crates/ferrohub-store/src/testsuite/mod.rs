@@ -8,10 +8,11 @@
 //!
 //! The tests live by concern: `registry` (identities, policies, certificates, sessions and
 //! what deleting an identity removes), `c2d` (the cloud-to-device queues), `feedback`
-//! (the feedback receiver), `twins`, `query` (scans for queries) and `telemetry`. Each is re-exported here, where the
+//! (the feedback receiver), `twins`, `query` (scans for queries), `configurations` and `telemetry`. Each is re-exported here, where the
 //! macros name it.
 
 mod c2d;
+mod configurations;
 mod feedback;
 pub mod model;
 mod query;
@@ -20,6 +21,7 @@ mod telemetry;
 mod twins;
 
 pub use c2d::*;
+pub use configurations::*;
 pub use feedback::*;
 pub use query::*;
 pub use registry::*;
@@ -60,6 +62,8 @@ macro_rules! store_suite {
             twins_are_written_only_if_unchanged_since_read,
             concurrent_conditional_twin_writes_lose_nothing,
             scans_page_in_key_order_and_keep_every_matching_row,
+            configurations_crud_with_etags,
+            applied_marks_go_with_their_device_and_configuration,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {

@@ -2,6 +2,7 @@
 //! the `/$iothub/websocket` endpoint for MQTT over WebSocket.
 
 mod certificates;
+mod configurations;
 mod devices;
 mod error;
 mod events;
@@ -97,6 +98,17 @@ pub fn router(state: ApiState) -> Router {
             get(certificates::get)
                 .put(certificates::put)
                 .delete(certificates::delete),
+        )
+        .route("/configurations", get(configurations::list))
+        .route(
+            "/configurations/testQueries",
+            post(configurations::test_queries),
+        )
+        .route(
+            "/configurations/{id}",
+            get(configurations::get)
+                .put(configurations::put)
+                .delete(configurations::delete),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

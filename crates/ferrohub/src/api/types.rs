@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use ferrohub_hub::bulk::{BulkError, BulkResult, BulkWarning, ImportEntry, ImportMode};
+pub use ferrohub_hub::configurations::{
+    Configuration, ConfigurationContent, ConfigurationMetrics, QueriesTestInput,
+    QueriesTestResponse,
+};
 pub use ferrohub_hub::registry::{AuthRequest, IdentityRequest};
 pub use ferrohub_hub::statistics::{RegistryStatistics, ServiceStatistics};
 pub use ferrohub_store::FeedbackRecord;

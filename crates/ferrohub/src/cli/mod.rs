@@ -1,9 +1,10 @@
-//! The command line's client side: `device` (with bulk `import`), `module`, `certificate`,
+//! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `config`,
 //! `sas-token`, `monitor`, `c2d`, `twin`, `invoke` and `query`, all speaking the service REST
 //! API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
+mod config;
 mod import;
 mod monitor;
 mod output;
@@ -26,6 +27,7 @@ use crate::api::types::{
 };
 
 pub use client::ApiClient;
+pub use config::{run_config, ConfigCommand};
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
 pub use query::{run_query, QueryArgs};

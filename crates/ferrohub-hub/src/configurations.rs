@@ -1,0 +1,755 @@
+//! Configurations (IoT Hub's automatic device management): their lifecycle under etags, the
+//! apply pass that writes a configuration's content into the desired properties of the twins
+//! its target condition matches (the highest priority winning), and their metrics.
+//!
+//! Conditions and metric queries run on the query engine (`query.rs`), paged, so a pass never
+//! holds the registry in memory. A pass runs when a configuration is created or updated
+//! (before the API answers), and for one device when its twin's tags or desired properties
+//! change through the service API or when it is created. Which configuration was applied to
+//! each device is kept in the store, so `appliedCount` and "apply once" survive restarts.
+
+use std::collections::BTreeMap;
+
+use ferrohub_iothub::query::{self, Query};
+use ferrohub_iothub::{ErrorCode, Identity};
+use ferrohub_store::{IfMatch, StoreError, StoredConfiguration};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tracing::{info, warn};
+
+use crate::error::HubError;
+use crate::query::MAX_PAGE;
+use crate::{timefmt, Hub};
+
+/// IoT Hub's limit on configurations per hub (automatic device management quotas).
+pub const MAX_CONFIGURATIONS: usize = 100;
+/// What `GET /configurations` returns when the client names no `top`, and at most.
+pub const DEFAULT_TOP: usize = MAX_CONFIGURATIONS;
+/// The longest configuration id IoT Hub accepts.
+const MAX_ID_LEN: usize = 128;
+/// How often the backstop pass runs: IoT Hub runs configurations "shortly after the
+/// configuration is created and then at five minute intervals" (automatic device management
+/// docs), which also catches what no event here announces (a reported property a condition
+/// reads, a bulk import, a crash between a twin write and its record).
+pub const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+/// The only schema version IoT Hub has.
+pub const SCHEMA_VERSION: &str = "1.0";
+
+/// A configuration as the REST API carries it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Configuration {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub schema_version: Option<String>,
+    #[serde(default)]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub content: Option<ConfigurationContent>,
+    #[serde(default)]
+    pub target_condition: Option<String>,
+    #[serde(default)]
+    pub created_time_utc: Option<String>,
+    #[serde(default)]
+    pub last_updated_time_utc: Option<String>,
+    #[serde(default)]
+    pub priority: Option<i64>,
+    #[serde(default)]
+    pub system_metrics: Option<ConfigurationMetrics>,
+    #[serde(default)]
+    pub metrics: Option<ConfigurationMetrics>,
+    #[serde(default)]
+    pub etag: Option<String>,
+}
+
+/// What a configuration writes: `deviceContent` to device twins, `moduleContent` to module
+/// twins, `modulesContent` (IoT Edge deployments) to edge modules.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigurationContent {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_content: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_content: Option<Map<String, Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_content: Option<Map<String, Value>>,
+}
+
+/// Named queries and their results (counts of devices).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigurationMetrics {
+    #[serde(default)]
+    pub results: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub queries: BTreeMap<String, String>,
+}
+
+/// `POST /configurations/testQueries`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueriesTestInput {
+    #[serde(default)]
+    pub target_condition: Option<String>,
+    #[serde(default)]
+    pub custom_metric_queries: Option<BTreeMap<String, String>>,
+}
+
+/// The answer to `testQueries`: an empty string where a query is valid, as IoT Hub.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueriesTestResponse {
+    pub target_condition_error: String,
+    pub custom_metric_query_errors: BTreeMap<String, String>,
+}
+
+/// What the store keeps of a configuration: everything but the etag and the computed results.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Stored {
+    id: String,
+    labels: BTreeMap<String, String>,
+    content: ConfigurationContent,
+    target_condition: String,
+    priority: i64,
+    metric_queries: BTreeMap<String, String>,
+    created_time_utc: String,
+    last_updated_time_utc: String,
+}
+
+impl Stored {
+    fn from_store(s: &StoredConfiguration) -> Result<Stored, HubError> {
+        serde_json::from_str(&s.doc).map_err(|e| HubError::internal("reading a configuration", e))
+    }
+}
+
+/// A stored configuration ready to be matched against twins.
+struct Candidate {
+    stored: Stored,
+    /// `None`: the condition targets no device (an empty target condition).
+    condition: Option<Query>,
+}
+
+impl Candidate {
+    fn matches(&self, twin: &Value) -> bool {
+        match &self.condition {
+            None => false,
+            Some(q) => q.condition.as_ref().is_none_or(|c| query::matches(c, twin)),
+        }
+    }
+
+    /// Higher priority first; between equals the most recently created (the rule IoT Hub
+    /// states for IoT Edge deployments, taken for configurations too); then the id, so the
+    /// choice never depends on listing order.
+    fn rank(&self) -> (i64, &str, &str) {
+        (
+            self.stored.priority,
+            &self.stored.created_time_utc,
+            &self.stored.id,
+        )
+    }
+}
+
+fn refused(message: String) -> HubError {
+    info!(error_code = 400004, reason = %message, "configuration refused");
+    HubError::argument(message)
+}
+
+fn not_found(id: &str) -> HubError {
+    HubError::new(
+        ErrorCode::InvalidOperation,
+        format!("Configuration {id} cannot be found."),
+    )
+    .with_status(404)
+}
+
+fn already_exists(id: &str) -> HubError {
+    HubError::new(
+        ErrorCode::InvalidOperation,
+        format!("Configuration {id} already exists."),
+    )
+    .with_status(409)
+}
+
+/// IoT Hub's rule: up to 128 lowercase ASCII letters, digits and `-:+%_#*?!(),=@;$'`.
+fn check_id(id: &str) -> Result<(), HubError> {
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-:+%_#*?!(),=@;$'".contains(c);
+    if id.is_empty() || id.len() > MAX_ID_LEN || !id.chars().all(ok_char) {
+        return Err(refused(format!(
+            "configuration id '{id}' is invalid: up to {MAX_ID_LEN} lowercase letters, digits and -:+%_#*?!(),=@;$'"
+        )));
+    }
+    Ok(())
+}
+
+/// The query a target condition stands for: `*` targets every device, an empty condition
+/// none (`Ok(None)`).
+fn target_query(condition: &str) -> Result<Option<Query>, String> {
+    let condition = condition.trim();
+    if condition.is_empty() {
+        return Ok(None);
+    }
+    let text = if condition == "*" {
+        "SELECT * FROM devices".to_string()
+    } else {
+        format!("SELECT * FROM devices WHERE {condition}")
+    };
+    let q = query::parse(&text).map_err(|e| e.to_string())?;
+    if q.is_aggregate() || q.top.is_some() {
+        return Err("a target condition is a WHERE clause only".into());
+    }
+    Ok(Some(q))
+}
+
+/// A custom metric query must be a row query (`SELECT deviceId FROM devices WHERE ...`): its
+/// result is how many rows it returns.
+fn check_metric_query(text: &str) -> Result<(), String> {
+    let q = query::parse(text).map_err(|e| e.to_string())?;
+    if q.is_aggregate() {
+        return Err("a metric query cannot aggregate: its result is the number of rows".into());
+    }
+    Ok(())
+}
+
+/// Content keys name where in the twin a value goes: `properties.desired` or below it.
+fn check_content(content: &ConfigurationContent) -> Result<(), HubError> {
+    if content.device_content.is_none()
+        && content.module_content.is_none()
+        && content.modules_content.is_none()
+    {
+        return Err(refused(
+            "content needs deviceContent, moduleContent or modulesContent".into(),
+        ));
+    }
+    for section in [&content.device_content, &content.module_content]
+        .into_iter()
+        .flatten()
+    {
+        for key in section.keys() {
+            if key != "properties.desired" && !key.starts_with("properties.desired.") {
+                return Err(refused(format!(
+                    "content key '{key}' must start with properties.desired"
+                )));
+            }
+            if key.split('.').any(str::is_empty) {
+                return Err(refused(format!("content key '{key}' has an empty segment")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn insert_path(at: &mut Map<String, Value>, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            at.insert((*last).to_string(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = at
+                .entry((*first).to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !entry.is_object() {
+                *entry = Value::Object(Map::new());
+            }
+            if let Value::Object(m) = entry {
+                insert_path(m, rest, value);
+            }
+        }
+    }
+}
+
+/// The desired-properties patch a content section stands for: `properties.desired.a.b: v`
+/// becomes `{"a": {"b": v}}`.
+fn desired_patch(section: &Map<String, Value>) -> Map<String, Value> {
+    let mut patch = Map::new();
+    for (key, value) in section {
+        let path: Vec<&str> = key
+            .strip_prefix("properties.desired")
+            .unwrap_or("")
+            .split('.')
+            .filter(|s| !s.is_empty())
+            .collect();
+        match path.split_last() {
+            None => {
+                if let Value::Object(m) = value {
+                    for (k, v) in m {
+                        patch.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            Some(_) => insert_path(&mut patch, &path, value.clone()),
+        }
+    }
+    patch
+}
+
+/// Runs the apply pass at start (after a crash, what was committed but not recorded is matched
+/// again) and every `every` until shutdown.
+pub async fn reconcile_loop(
+    hub: std::sync::Arc<Hub>,
+    every: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if let Err(e) = hub.apply_configurations().await {
+            warn!(error = %e, "configuration pass failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = crate::until_shutdown(&mut shutdown) => return,
+        }
+    }
+}
+
+impl Hub {
+    /// `PUT /configurations/{id}`: creates (no `If-Match`, or `*`, on an id not in use) or
+    /// updates (`If-Match` on an existing one; its content cannot change, as in IoT Hub), then
+    /// applies it to the devices it targets before answering.
+    pub async fn put_configuration(
+        &self,
+        id: &str,
+        req: Configuration,
+        if_match: Option<IfMatch>,
+    ) -> Result<Configuration, HubError> {
+        check_id(id)?;
+        if !req.id.is_empty() && req.id != id {
+            return Err(refused(
+                "the configuration id in the body does not match the URL".into(),
+            ));
+        }
+        if let Some(v) = req.schema_version.as_deref() {
+            if v != SCHEMA_VERSION {
+                return Err(refused(format!(
+                    "schemaVersion must be {SCHEMA_VERSION}, not '{v}'"
+                )));
+            }
+        }
+        let content = req
+            .content
+            .clone()
+            .ok_or_else(|| refused("a configuration needs content".into()))?;
+        check_content(&content)?;
+        let target_condition = req.target_condition.clone().unwrap_or_default();
+        target_query(&target_condition)
+            .map_err(|e| refused(format!("targetCondition is invalid: {e}")))?;
+        let priority = req.priority.unwrap_or(0);
+        if priority < 0 {
+            return Err(refused("priority must be 0 or more".into()));
+        }
+        let metric_queries = req.metrics.clone().map(|m| m.queries).unwrap_or_default();
+        for (name, text) in &metric_queries {
+            check_metric_query(text)
+                .map_err(|e| refused(format!("metric query '{name}' is invalid: {e}")))?;
+        }
+        let id = id.to_string();
+        self.to_the_end(move |hub| async move {
+            let existing = hub
+                .store
+                .get_configuration(&id)
+                .await
+                .map_err(HubError::from)?;
+            let now = timefmt::now_iso();
+            let (created, cond) = match (existing, if_match) {
+                (None, Some(IfMatch::Etag(_))) => return Err(not_found(&id)),
+                (None, _) => (now.clone(), None),
+                (Some(_), None) => return Err(already_exists(&id)),
+                (Some(current), Some(cond)) => {
+                    let current = Stored::from_store(&current)?;
+                    if current.content != content {
+                        return Err(refused(
+                            "the content of a configuration cannot be changed; create a new configuration".into(),
+                        ));
+                    }
+                    (current.created_time_utc, Some(cond))
+                }
+            };
+            if cond.is_none()
+                && hub
+                    .store
+                    .list_configurations(MAX_CONFIGURATIONS)
+                    .await
+                    .map_err(HubError::from)?
+                    .len()
+                    >= MAX_CONFIGURATIONS
+            {
+                info!(error_code = 403002, "configuration refused: the hub has its maximum");
+                return Err(HubError::new(
+                    ErrorCode::IotHubQuotaExceeded,
+                    format!("a hub holds at most {MAX_CONFIGURATIONS} configurations"),
+                ));
+            }
+            let stored = Stored {
+                id: id.clone(),
+                labels: req.labels.unwrap_or_default(),
+                content,
+                target_condition,
+                priority,
+                metric_queries,
+                created_time_utc: created,
+                last_updated_time_utc: now,
+            };
+            let doc = serde_json::to_string(&stored)
+                .map_err(|e| HubError::internal("writing a configuration", e))?;
+            let saved = hub
+                .store
+                .put_configuration(&id, doc, cond)
+                .await
+                .map_err(|e| HubError::from_store(e, not_found(&id), already_exists(&id)))?;
+            hub.apply_configurations().await?;
+            hub.render(&saved).await
+        })
+        .await
+    }
+
+    /// `GET /configurations/{id}`, with its metrics computed now.
+    pub async fn configuration(&self, id: &str) -> Result<Configuration, HubError> {
+        let saved = self
+            .store
+            .get_configuration(id)
+            .await
+            .map_err(HubError::from)?
+            .ok_or_else(|| not_found(id))?;
+        self.render(&saved).await
+    }
+
+    /// `GET /configurations?top=n`: ordered by id, at most `top` (and [`MAX_CONFIGURATIONS`]).
+    pub async fn configurations(&self, top: Option<usize>) -> Result<Vec<Configuration>, HubError> {
+        let top = top.unwrap_or(DEFAULT_TOP).min(MAX_CONFIGURATIONS);
+        let mut out = Vec::new();
+        for saved in self
+            .store
+            .list_configurations(top)
+            .await
+            .map_err(HubError::from)?
+        {
+            out.push(self.render(&saved).await?);
+        }
+        Ok(out)
+    }
+
+    /// `DELETE /configurations/{id}`. What it wrote to twins stays there, as in IoT Hub; the
+    /// devices it was applied to get the next configuration that targets them, if any.
+    pub async fn delete_configuration(&self, id: &str, if_match: IfMatch) -> Result<(), HubError> {
+        let id = id.to_string();
+        self.to_the_end(move |hub| async move {
+            hub.store
+                .delete_configuration(&id, if_match)
+                .await
+                .map_err(|e| HubError::from_store(e, not_found(&id), already_exists(&id)))?;
+            hub.apply_configurations().await
+        })
+        .await
+    }
+
+    /// `POST /configurations/testQueries`: what is wrong with each query, or `""`.
+    pub fn test_configuration_queries(&self, input: &QueriesTestInput) -> QueriesTestResponse {
+        let target_condition_error = match input.target_condition.as_deref() {
+            None => String::new(),
+            Some(c) => target_query(c).err().unwrap_or_default(),
+        };
+        let custom_metric_query_errors = input
+            .custom_metric_queries
+            .iter()
+            .flatten()
+            .map(|(name, text)| {
+                (
+                    name.clone(),
+                    check_metric_query(text).err().unwrap_or_default(),
+                )
+            })
+            .collect();
+        QueriesTestResponse {
+            target_condition_error,
+            custom_metric_query_errors,
+        }
+    }
+
+    /// The configurations in force, ready to match.
+    async fn candidates(&self) -> Result<Vec<Candidate>, HubError> {
+        let mut out = Vec::new();
+        for saved in self
+            .store
+            .list_configurations(MAX_CONFIGURATIONS)
+            .await
+            .map_err(HubError::from)?
+        {
+            let stored = Stored::from_store(&saved)?;
+            // Only device content is applied to device twins; module content would target
+            // module twins, which this hub does not apply yet.
+            if stored.content.device_content.is_none() {
+                continue;
+            }
+            match target_query(&stored.target_condition) {
+                Ok(condition) => out.push(Candidate { stored, condition }),
+                Err(e) => {
+                    warn!(configuration = %saved.id, error = %e, "stored target condition no longer parses; skipped")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies the winning configuration to every device, a page at a time.
+    async fn apply_configurations(&self) -> Result<(), HubError> {
+        let candidates = self.candidates().await?;
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self
+                .query("SELECT * FROM devices", MAX_PAGE, continuation.as_deref())
+                .await?;
+            for twin in &page.items {
+                self.apply_winner(&candidates, twin).await;
+            }
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// After a device's twin or registry entry changed: applies the configuration that now
+    /// wins for it, if it is not the one applied already. Failures are logged, not returned:
+    /// the change that triggered this has been committed and answered for.
+    pub(crate) async fn apply_configurations_to(&self, device_id: &str) {
+        let candidates = match self.candidates().await {
+            Ok(c) if c.is_empty() => return,
+            Ok(c) => c,
+            Err(e) => {
+                warn!(device = device_id, error = %e, "configurations not applied");
+                return;
+            }
+        };
+        match self.get_twin(&Identity::device(device_id)).await {
+            Ok(twin) => self.apply_winner(&candidates, &twin).await,
+            Err(e) => warn!(device = device_id, error = %e, "configurations not applied"),
+        }
+    }
+
+    async fn apply_winner(&self, candidates: &[Candidate], twin: &Value) {
+        let Some(device_id) = twin.get("deviceId").and_then(Value::as_str) else {
+            return;
+        };
+        let Some(winner) = candidates
+            .iter()
+            .filter(|c| c.matches(twin))
+            .max_by(|a, b| a.rank().cmp(&b.rank()))
+        else {
+            return;
+        };
+        if let Err(e) = self.apply_one(device_id, &winner.stored).await {
+            warn!(device = device_id, configuration = %winner.stored.id, error = %e, "applying a configuration failed");
+        }
+    }
+
+    async fn apply_one(&self, device_id: &str, stored: &Stored) -> Result<(), HubError> {
+        let applied = self
+            .store
+            .applied_configuration(device_id)
+            .await
+            .map_err(HubError::from)?;
+        if applied.as_deref() == Some(stored.id.as_str()) {
+            return Ok(());
+        }
+        let patch = stored
+            .content
+            .device_content
+            .as_ref()
+            .map(desired_patch)
+            .unwrap_or_default();
+        if !patch.is_empty() {
+            let body = json!({ "properties": { "desired": patch } });
+            self.update_twin_unthrottled(&Identity::device(device_id), body, false, IfMatch::Any)
+                .await?;
+        }
+        match self.store.mark_applied(device_id, &stored.id).await {
+            // The device or the configuration went meanwhile: nothing to record.
+            Err(StoreError::NotFound) => Ok(()),
+            r => r.map_err(HubError::from),
+        }?;
+        info!(device = device_id, configuration = %stored.id, "configuration applied");
+        Ok(())
+    }
+
+    /// How many devices a row query returns, paging through it.
+    async fn count_rows(&self, text: &str) -> Result<u64, HubError> {
+        let mut n = 0u64;
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self.query(text, MAX_PAGE, continuation.as_deref()).await?;
+            n += page.items.len() as u64;
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => return Ok(n),
+            }
+        }
+    }
+
+    /// The API's view of a stored configuration, metrics computed now.
+    async fn render(&self, saved: &StoredConfiguration) -> Result<Configuration, HubError> {
+        let stored = Stored::from_store(saved)?;
+        let targeted_text = match stored.target_condition.trim() {
+            "" => None,
+            "*" => Some("SELECT deviceId FROM devices".to_string()),
+            c => Some(format!("SELECT deviceId FROM devices WHERE {c}")),
+        };
+        let targeted = match &targeted_text {
+            Some(t) => self.count_rows(t).await?,
+            None => 0,
+        };
+        let applied = self
+            .store
+            .count_applied(&stored.id)
+            .await
+            .map_err(HubError::from)?;
+        let mut system_queries = BTreeMap::new();
+        if let Some(t) = targeted_text {
+            system_queries.insert("targetedCount".to_string(), t);
+        }
+        system_queries.insert(
+            "appliedCount".to_string(),
+            format!(
+                "SELECT deviceId FROM devices.configurations WHERE configurationId = '{}' AND status = 'Applied'",
+                stored.id
+            ),
+        );
+        let mut results = BTreeMap::new();
+        for (name, text) in &stored.metric_queries {
+            results.insert(name.clone(), self.count_rows(text).await?);
+        }
+        Ok(Configuration {
+            id: stored.id,
+            schema_version: Some(SCHEMA_VERSION.into()),
+            labels: Some(stored.labels),
+            content: Some(stored.content),
+            target_condition: Some(stored.target_condition),
+            created_time_utc: Some(stored.created_time_utc),
+            last_updated_time_utc: Some(stored.last_updated_time_utc),
+            priority: Some(stored.priority),
+            system_metrics: Some(ConfigurationMetrics {
+                results: BTreeMap::from([
+                    ("targetedCount".to_string(), targeted),
+                    ("appliedCount".to_string(), applied),
+                ]),
+                queries: system_queries,
+            }),
+            metrics: Some(ConfigurationMetrics {
+                results,
+                queries: stored.metric_queries,
+            }),
+            etag: Some(saved.etag.clone()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::IdentityRequest;
+    use crate::testing::{fixture, R};
+
+    /// Tags written by a path that announces nothing (the hub's own twin update, as bulk
+    /// import uses) are picked up by the start-up pass and then by the periodic one, on a
+    /// paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn the_backstop_pass_applies_what_no_event_announced() -> R {
+        let f = fixture()?;
+        for id in ["d1", "d2"] {
+            f.hub
+                .put_device(id, IdentityRequest::default(), None)
+                .await?;
+        }
+        let content: Map<String, Value> =
+            serde_json::from_value(json!({"properties.desired.x": 1}))?;
+        let config = Configuration {
+            id: "c".into(),
+            content: Some(ConfigurationContent {
+                device_content: Some(content),
+                ..Default::default()
+            }),
+            target_condition: Some("tags.late = true".into()),
+            ..Default::default()
+        };
+        f.hub.put_configuration("c", config, None).await?;
+        let late = json!({"tags": {"late": true}});
+        f.hub
+            .update_twin(&Identity::device("d1"), late.clone(), false, IfMatch::Any)
+            .await?;
+        let x = |twin: Value| twin["properties"]["desired"]["x"].clone();
+        assert_eq!(
+            x(f.hub.service_twin(&Identity::device("d1")).await?),
+            Value::Null
+        );
+
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let pass = tokio::spawn(reconcile_loop(f.hub.clone(), RECONCILE_EVERY, shutdown));
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert_eq!(
+            x(f.hub.service_twin(&Identity::device("d1")).await?),
+            json!(1)
+        );
+
+        f.hub
+            .update_twin(&Identity::device("d2"), late, false, IfMatch::Any)
+            .await?;
+        tokio::time::sleep(RECONCILE_EVERY / 2).await;
+        assert_eq!(
+            x(f.hub.service_twin(&Identity::device("d2")).await?),
+            Value::Null
+        );
+        tokio::time::sleep(RECONCILE_EVERY).await;
+        assert_eq!(
+            x(f.hub.service_twin(&Identity::device("d2")).await?),
+            json!(1)
+        );
+        assert_eq!(
+            f.hub
+                .configuration("c")
+                .await?
+                .system_metrics
+                .map(|m| m.results["appliedCount"]),
+            Some(2)
+        );
+        stop.send(true)?;
+        pass.await?;
+        Ok(())
+    }
+
+    #[test]
+    fn content_keys_become_a_nested_desired_patch() {
+        let section: Map<String, Value> = serde_json::from_value(json!({
+            "properties.desired.a.b": 1,
+            "properties.desired.a.c": {"d": true},
+            "properties.desired.e": "x",
+        }))
+        .unwrap_or_default();
+        assert_eq!(
+            Value::Object(desired_patch(&section)),
+            json!({"a": {"b": 1, "c": {"d": true}}, "e": "x"})
+        );
+        let whole: Map<String, Value> =
+            serde_json::from_value(json!({"properties.desired": {"f": 2}})).unwrap_or_default();
+        assert_eq!(Value::Object(desired_patch(&whole)), json!({"f": 2}));
+    }
+
+    #[test]
+    fn ids_follow_iot_hub_s_rule() {
+        assert!(check_id("prod-settings_1").is_ok());
+        assert!(check_id("Upper").is_err());
+        assert!(check_id("").is_err());
+        assert!(check_id(&"a".repeat(129)).is_err());
+        assert!(check_id("has space").is_err());
+    }
+
+    #[test]
+    fn target_conditions_are_where_clauses() {
+        assert!(matches!(target_query(""), Ok(None)));
+        assert!(matches!(target_query("*"), Ok(Some(_))));
+        assert!(matches!(target_query("tags.env = 'prod'"), Ok(Some(_))));
+        assert!(target_query("tags.env = ").is_err());
+    }
+}
