@@ -9,6 +9,7 @@ mod error;
 mod faulty_vfs;
 mod sqlite;
 mod sqlite_c2d;
+mod sqlite_jobs;
 mod sqlite_query;
 mod sqlite_telemetry;
 mod sqlite_twins;

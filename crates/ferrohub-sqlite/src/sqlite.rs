@@ -93,6 +93,17 @@ CREATE TABLE IF NOT EXISTS twins (
     version   INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (device_id, module_id)
 ) WITHOUT ROWID;
+-- Jobs (/jobs/v2) and what each did to each device: documents the hub reads (sqlite_jobs.rs).
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY NOT NULL,
+    doc    TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_jobs (
+    job_id    TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    doc       TEXT NOT NULL,
+    PRIMARY KEY (job_id, device_id)
+) WITHOUT ROWID;
 "#;
 
 /// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`

@@ -1,6 +1,6 @@
 //! Ferrohub storage: the records the hub keeps and one trait per concern (registry, access
 //! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins, and
-//! the scans queries run over them),
+//! the scans queries run over them, jobs),
 //! independent of any engine.
 //!
 //! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
@@ -9,6 +9,7 @@
 //! store (twins are a versioned read plus a conditional write). [`MemoryStore`] is the
 //! in-memory engine; the `testsuite` feature holds every engine to the same behaviour.
 
+pub mod jobs;
 pub mod memory;
 pub mod model;
 pub mod query;
@@ -21,6 +22,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use jobs::{JobStore, StoredDeviceJob, StoredJob};
 pub use memory::{MemoryStore, MemoryTelemetry};
 pub use model::*;
 pub use query::{QueryStore, TwinRow, TwinScan};
@@ -264,7 +266,14 @@ pub trait TwinStore: Send + Sync + 'static {
 
 /// Everything the hub needs from storage, as one handle.
 pub trait Store:
-    RegistryStore + PolicyStore + CertificateStore + SessionStore + C2dStore + TwinStore + QueryStore
+    RegistryStore
+    + PolicyStore
+    + CertificateStore
+    + SessionStore
+    + C2dStore
+    + TwinStore
+    + QueryStore
+    + JobStore
 {
 }
 impl<
@@ -274,7 +283,8 @@ impl<
             + SessionStore
             + C2dStore
             + TwinStore
-            + QueryStore,
+            + QueryStore
+            + JobStore,
     > Store for T
 {
 }

@@ -413,6 +413,7 @@ fn spawn_background(
         hub.clone(),
         shutdown.clone(),
     ));
+    tracker.spawn(ferrohub_hub::jobs::jobs_loop(hub.clone(), shutdown.clone()));
 }
 
 /// How to reach the hub, as `hub.json` and the start-up banner give it.
