@@ -13,6 +13,7 @@
 
 mod c2d;
 mod feedback;
+mod jobs;
 pub mod model;
 mod query;
 mod registry;
@@ -21,6 +22,7 @@ mod twins;
 
 pub use c2d::*;
 pub use feedback::*;
+pub use jobs::*;
 pub use query::*;
 pub use registry::*;
 pub use telemetry::*;
@@ -60,6 +62,8 @@ macro_rules! store_suite {
             twins_are_written_only_if_unchanged_since_read,
             concurrent_conditional_twin_writes_lose_nothing,
             scans_page_in_key_order_and_keep_every_matching_row,
+            jobs_are_created_once_and_updated_in_place,
+            jobs_and_device_rows_page_in_key_order,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {
