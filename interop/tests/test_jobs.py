@@ -144,3 +144,26 @@ def test_a_future_job_is_scheduled_until_cancelled(job_manager, create_device):
     cancelled = job_manager.cancel_scheduled_job(job_id)
     assert cancelled.status == "cancelled"
     assert job_manager.get_scheduled_job(job_id).status == "cancelled"
+
+
+def test_node_job_client_schedules_a_twin_update(hub, registry_manager, create_device):
+    """azure-iothub JobClient.scheduleTwinUpdate, getJob and createQuery (interop/node/jobs.js)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    node_dir = Path(__file__).resolve().parents[1] / "node"
+    device_id = _device_id(create_device())
+    job_id = _job_id()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("FERROHUB_")}
+    env.update(NODE_EXTRA_CA_CERTS=hub.ca_file, SERVICE_CS=hub.owner_connection_string,
+               JOB_ID=job_id, QUERY=f"deviceId = '{device_id}'")
+    proc = subprocess.run(["node", str(node_dir / "jobs.js"), "twin"], cwd=node_dir, env=env,
+                          capture_output=True, text=True, timeout=60)
+    answer = json.loads(proc.stdout.splitlines()[0]) if proc.stdout else {"error": proc.stderr}
+    assert "error" not in answer, f"{answer}\n{proc.stderr}"
+    assert answer["created"]["jobId"] == job_id
+    assert answer["final"]["status"] == "completed", answer
+    assert answer["final"]["deviceJobStatistics"]["succeededCount"] == 1
+    assert job_id in answer["listed"]
+    assert registry_manager.get_twin(device_id).tags["node"] == job_id
