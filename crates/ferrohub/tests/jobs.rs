@@ -395,3 +395,91 @@ async fn bad_job_requests_get_iot_hub_error_bodies() -> TestResult {
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_job_commands_schedule_show_list_and_cancel() -> TestResult {
+    let hub = TestHub::start().await?;
+    hub.create_device("c1").await?;
+    let dir = hub.dir.path().to_path_buf();
+    let cli = move |args: Vec<String>| {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
+                    .args(&args)
+                    .arg("--data-dir")
+                    .arg(&dir)
+                    .env_remove("FERROHUB_CONNECTION_STRING")
+                    .env_remove("FERROHUB_CA_FILE")
+                    .output()
+            })
+            .await?
+            .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
+        }
+    };
+    let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let out = cli(args(&[
+        "job",
+        "schedule-twin",
+        "cli1",
+        "--where",
+        "deviceId = 'c1'",
+        "--patch",
+        r#"{"tags": {"from": "cli"}}"#,
+        "-o",
+        "json",
+    ]))
+    .await
+    .map_err(|e| e.to_string())?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(job["jobId"], "cli1");
+    job_reaching(&hub, "cli1", &["completed"]).await?;
+    let twin = rest(&hub, Method::GET, "/twins/c1", None).await?.body;
+    assert_eq!(twin["tags"]["from"], "cli", "{twin}");
+
+    let out = cli(args(&[
+        "job",
+        "schedule-method",
+        "cli2",
+        "--where",
+        "deviceId = 'c1'",
+        "--method",
+        "reboot",
+        "--start",
+        &iso_in(3600),
+    ]))
+    .await
+    .map_err(|e| e.to_string())?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8(out.stdout)?.contains("cli2  scheduleDeviceMethod  scheduled"));
+
+    let out = cli(args(&["job", "list", "--status", "completed"]))
+        .await
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(
+        text.contains("cli1  scheduleUpdateTwin  completed  devices=1 succeeded=1"),
+        "{text}"
+    );
+    assert!(text.contains("(1 job)"), "{text}");
+
+    let out = cli(args(&["job", "cancel", "cli2"]))
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(String::from_utf8(out.stdout)?.contains("cancelled"));
+    let out = cli(args(&["job", "show", "nope"]))
+        .await
+        .map_err(|e| e.to_string())?;
+    assert!(!out.status.success());
+    hub.stop().await;
+    Ok(())
+}

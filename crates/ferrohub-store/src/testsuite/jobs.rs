@@ -44,9 +44,13 @@ pub async fn jobs_and_device_rows_page_in_key_order<S: Store + Clone>(store: &S)
     assert_eq!(ids(store.list_jobs(Some("b"), 10).await?), ["c"]);
 
     for (j, d) in [("b", "d2"), ("a", "d9"), ("b", "d1"), ("c", "d0")] {
-        store.put_device_job(row(j, d, r#"{"status":"running"}"#)).await?;
+        store
+            .put_device_job(row(j, d, r#"{"status":"running"}"#))
+            .await?;
     }
-    store.put_device_job(row("b", "d1", r#"{"status":"completed"}"#)).await?;
+    store
+        .put_device_job(row("b", "d1", r#"{"status":"completed"}"#))
+        .await?;
     assert_eq!(
         store.get_device_job("b", "d1").await?,
         Some(row("b", "d1", r#"{"status":"completed"}"#))
@@ -61,7 +65,10 @@ pub async fn jobs_and_device_rows_page_in_key_order<S: Store + Clone>(store: &S)
         keys(store.scan_device_jobs(None, None, 10).await?),
         ["a/d9", "b/d1", "b/d2", "c/d0"]
     );
-    assert_eq!(keys(store.scan_device_jobs(Some("b"), None, 10).await?), ["b/d1", "b/d2"]);
+    assert_eq!(
+        keys(store.scan_device_jobs(Some("b"), None, 10).await?),
+        ["b/d1", "b/d2"]
+    );
     assert_eq!(
         keys(
             store

@@ -1,10 +1,11 @@
 //! The command line's client side: `device` (with bulk `import`), `module`, `certificate`,
-//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke` and `query`, all speaking the service REST
+//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query` and `job`, all speaking the service REST
 //! API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
 mod import;
+mod jobs;
 mod monitor;
 mod output;
 mod query;
@@ -26,6 +27,7 @@ use crate::api::types::{
 };
 
 pub use client::ApiClient;
+pub use jobs::{run_job, JobCommand};
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
 pub use query::{run_query, QueryArgs};
