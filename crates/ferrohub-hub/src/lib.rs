@@ -19,6 +19,7 @@ pub mod events;
 #[cfg(test)]
 mod fault_tests;
 pub mod feedback;
+pub mod jobs;
 pub mod link;
 pub mod methods;
 pub mod presence;
@@ -217,6 +218,8 @@ pub struct Hub {
     /// Responses dropped on full outbound queues, since start.
     dropped_replies: std::sync::atomic::AtomicU64,
     next_seq: std::sync::atomic::AtomicU64,
+    /// The runners of this process's jobs (`jobs.rs`).
+    jobs: jobs::JobRunners,
     /// The front end that holds device connections, once it is composed.
     control: std::sync::OnceLock<Arc<dyn ConnectionControl>>,
 }
@@ -258,6 +261,7 @@ impl Hub {
             twin_locks: twins::TwinLocks::default(),
             dropped_replies: std::sync::atomic::AtomicU64::new(0),
             next_seq: std::sync::atomic::AtomicU64::new(1),
+            jobs: jobs::JobRunners::default(),
             control: std::sync::OnceLock::new(),
         })
     }

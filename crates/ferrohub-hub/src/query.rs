@@ -1,8 +1,8 @@
 //! `POST /devices/query` as the hub runs it: parse (`ferrohub_iothub::query`), plan (the
 //! condition's sieve becomes a store [`Prefilter`] over the stored records), scan the store in
 //! key order page by page, build each row's twin document as `GET /twins` shows it, and run
-//! the full condition and projection over it. Continuation tokens carry the last key
-//! returned, so a page costs what it returns (plus one look-ahead match), not the registry.
+//! the full condition and projection over it (`devices.jobs` reads the job store's device
+//! rows instead). Continuation tokens carry the last key returned, so a page costs what it returns (plus one look-ahead match), not the registry.
 
 use std::collections::HashMap;
 
@@ -224,7 +224,7 @@ impl Plan {
         let kind = match query.from {
             Collection::Devices => Some(ScanKind::Devices),
             Collection::Modules => Some(ScanKind::Modules),
-            // No jobs exist yet, so there are no job rows to scan.
+            // Device job rows come from the job store (`Hub::fetch`).
             Collection::Jobs => None,
         };
         let filter = match &query.condition {
@@ -297,6 +297,41 @@ impl Hub {
             .scan_twins(&scan)
             .await
             .map_err(|e| HubError::internal("query scan", e))
+    }
+
+    /// Up to `limit` rows after `after` as documents the condition runs over, and whether
+    /// the source is exhausted: twins for `devices` and `devices.modules`, device job rows
+    /// for `devices.jobs` (only one job's when the condition fixes `jobId`).
+    async fn fetch(
+        &self,
+        plan: &Plan,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<(Vec<((String, String), Value)>, bool), HubError> {
+        if let Some(kind) = plan.kind {
+            let rows = self.scan(plan, kind, after, limit).await?;
+            let exhausted = rows.len() < limit;
+            return Ok((self.documents(plan, rows).await?, exhausted));
+        }
+        let job = plan
+            .query
+            .condition
+            .as_ref()
+            .and_then(|c| fixed_job_id(&query::sieve(c)));
+        let rows = self
+            .store
+            .scan_device_jobs(job.as_deref(), after, limit)
+            .await
+            .map_err(|e| HubError::internal("query device jobs", e))?;
+        let exhausted = rows.len() < limit;
+        let docs = rows
+            .into_iter()
+            .map(|r| {
+                let doc = serde_json::from_str(&r.doc).unwrap_or(Value::Null);
+                ((r.job_id, r.device_id), doc)
+            })
+            .collect();
+        Ok((docs, exhausted))
     }
 
     /// The twin documents of scanned rows, as `GET /twins` shows them (only the parts the
@@ -375,16 +410,15 @@ impl Hub {
         let mut items = Vec::new();
         let mut last = None;
         let mut more = false;
-        if let (Some(kind), true) = (plan.kind, room > 0) {
+        if room > 0 {
             let mut after = cursor.k.clone();
             // Ask for one more than the page so the look-ahead usually comes in the same scan;
             // grow when the final condition throws rows away.
             let mut limit = (room + 1).clamp(16, SCAN_BATCH);
             'scan: loop {
-                let rows = self.scan(plan, kind, after.clone(), limit).await?;
-                let exhausted = rows.len() < limit;
+                let (docs, exhausted) = self.fetch(plan, after.clone(), limit).await?;
                 let mut rejected = false;
-                for (key, doc) in self.documents(plan, rows).await? {
+                for (key, doc) in docs {
                     let hit = plan
                         .query
                         .condition
@@ -433,12 +467,11 @@ impl Hub {
         cursor: Cursor,
     ) -> Result<QueryPage, HubError> {
         let mut agg = query::Aggregator::new(&plan.query);
-        if let Some(kind) = plan.kind {
+        {
             let mut after = None;
             loop {
-                let rows = self.scan(plan, kind, after.clone(), SCAN_BATCH).await?;
-                let exhausted = rows.len() < SCAN_BATCH;
-                for (key, doc) in self.documents(plan, rows).await? {
+                let (docs, exhausted) = self.fetch(plan, after.clone(), SCAN_BATCH).await?;
+                for (key, doc) in docs {
                     if plan
                         .query
                         .condition
@@ -474,5 +507,18 @@ impl Hub {
             item_type: ItemType::Raw,
             continuation,
         })
+    }
+}
+
+/// The job id a `devices.jobs` condition requires (`jobId = 'x'`, alone or under `AND`).
+fn fixed_job_id(s: &Sieve) -> Option<String> {
+    match s {
+        Sieve::Compare(path, BinaryOp::Eq, Value::String(id))
+            if path.segments.len() == 1 && path.segments[0] == "jobId" =>
+        {
+            Some(id.clone())
+        }
+        Sieve::And(parts) => parts.iter().find_map(fixed_job_id),
+        _ => None,
     }
 }

@@ -425,3 +425,45 @@ impl ConfigurationStore for TestStore {
         self.inner.count_applied(config_id).await
     }
 }
+
+/// Jobs pass straight through: no hub unit test injects job faults yet.
+#[async_trait]
+impl ferrohub_store::JobStore for TestStore {
+    async fn create_job(&self, job: ferrohub_store::StoredJob) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.create_job(job).await
+    }
+    async fn get_job(&self, job_id: &str) -> Result<Option<ferrohub_store::StoredJob>> {
+        self.inner.get_job(job_id).await
+    }
+    async fn update_job(&self, job: ferrohub_store::StoredJob) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.update_job(job).await
+    }
+    async fn list_jobs(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ferrohub_store::StoredJob>> {
+        self.inner.list_jobs(after, limit).await
+    }
+    async fn put_device_job(&self, row: ferrohub_store::StoredDeviceJob) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.put_device_job(row).await
+    }
+    async fn get_device_job(
+        &self,
+        job_id: &str,
+        device_id: &str,
+    ) -> Result<Option<ferrohub_store::StoredDeviceJob>> {
+        self.inner.get_device_job(job_id, device_id).await
+    }
+    async fn scan_device_jobs(
+        &self,
+        job_id: Option<&str>,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<ferrohub_store::StoredDeviceJob>> {
+        self.inner.scan_device_jobs(job_id, after, limit).await
+    }
+}

@@ -10,6 +10,7 @@ mod faulty_vfs;
 mod sqlite;
 mod sqlite_c2d;
 mod sqlite_configurations;
+mod sqlite_jobs;
 mod sqlite_query;
 mod sqlite_telemetry;
 mod sqlite_twins;

@@ -105,6 +105,17 @@ CREATE TABLE IF NOT EXISTS configuration_applied (
     config_id TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS configuration_applied_config ON configuration_applied (config_id);
+-- Jobs (/jobs/v2) and what each did to each device: documents the hub reads (sqlite_jobs.rs).
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY NOT NULL,
+    doc    TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_jobs (
+    job_id    TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    doc       TEXT NOT NULL,
+    PRIMARY KEY (job_id, device_id)
+) WITHOUT ROWID;
 "#;
 
 /// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`

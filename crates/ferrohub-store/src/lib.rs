@@ -1,6 +1,6 @@
 //! Ferrohub storage: the records the hub keeps and one trait per concern (registry, access
 //! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins, and
-//! the scans queries run over them, configurations),
+//! the scans queries run over them, configurations, jobs),
 //! independent of any engine.
 //!
 //! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
@@ -10,6 +10,7 @@
 //! in-memory engine; the `testsuite` feature holds every engine to the same behaviour.
 
 pub mod configurations;
+pub mod jobs;
 pub mod memory;
 pub mod model;
 pub mod query;
@@ -23,6 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 pub use configurations::{ConfigurationStore, StoredConfiguration};
+pub use jobs::{JobStore, StoredDeviceJob, StoredJob};
 pub use memory::{MemoryStore, MemoryTelemetry};
 pub use model::*;
 pub use query::{QueryStore, TwinRow, TwinScan};
@@ -274,6 +276,7 @@ pub trait Store:
     + TwinStore
     + QueryStore
     + ConfigurationStore
+    + JobStore
 {
 }
 impl<
@@ -284,7 +287,8 @@ impl<
             + C2dStore
             + TwinStore
             + QueryStore
-            + ConfigurationStore,
+            + ConfigurationStore
+            + JobStore,
     > Store for T
 {
 }

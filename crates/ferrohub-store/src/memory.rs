@@ -144,6 +144,8 @@ impl State {
 #[derive(Clone, Default)]
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
+    /// Apart from `state`: jobs touch nothing else, and this keeps their code in one place.
+    jobs: Arc<Mutex<JobsState>>,
 }
 
 impl MemoryStore {
@@ -995,5 +997,111 @@ mod tests {
         );
         assert_eq!(log.resolve(0, StartPosition::Start).await?, 40);
         Ok(())
+    }
+}
+
+/// Jobs and their device rows, by key.
+#[derive(Default)]
+struct JobsState {
+    jobs: BTreeMap<String, String>,
+    device_jobs: BTreeMap<(String, String), String>,
+}
+
+#[async_trait]
+impl crate::JobStore for MemoryStore {
+    async fn create_job(&self, job: crate::StoredJob) -> Result<()> {
+        let mut s = lock(&self.jobs);
+        if s.jobs.contains_key(&job.job_id) {
+            return Err(StoreError::AlreadyExists);
+        }
+        s.jobs.insert(job.job_id, job.doc);
+        Ok(())
+    }
+
+    async fn get_job(&self, job_id: &str) -> Result<Option<crate::StoredJob>> {
+        Ok(lock(&self.jobs)
+            .jobs
+            .get(job_id)
+            .map(|doc| crate::StoredJob {
+                job_id: job_id.to_string(),
+                doc: doc.clone(),
+            }))
+    }
+
+    async fn update_job(&self, job: crate::StoredJob) -> Result<()> {
+        match lock(&self.jobs).jobs.get_mut(&job.job_id) {
+            Some(doc) => {
+                *doc = job.doc;
+                Ok(())
+            }
+            None => Err(StoreError::NotFound),
+        }
+    }
+
+    async fn list_jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<crate::StoredJob>> {
+        use std::ops::Bound;
+        let s = lock(&self.jobs);
+        let from = match after {
+            Some(a) => Bound::Excluded(a.to_string()),
+            None => Bound::Unbounded,
+        };
+        Ok(s.jobs
+            .range((from, Bound::Unbounded))
+            .take(limit)
+            .map(|(k, v)| crate::StoredJob {
+                job_id: k.clone(),
+                doc: v.clone(),
+            })
+            .collect())
+    }
+
+    async fn put_device_job(&self, row: crate::StoredDeviceJob) -> Result<()> {
+        lock(&self.jobs)
+            .device_jobs
+            .insert((row.job_id, row.device_id), row.doc);
+        Ok(())
+    }
+
+    async fn get_device_job(
+        &self,
+        job_id: &str,
+        device_id: &str,
+    ) -> Result<Option<crate::StoredDeviceJob>> {
+        let key = (job_id.to_string(), device_id.to_string());
+        Ok(lock(&self.jobs)
+            .device_jobs
+            .get(&key)
+            .map(|doc| crate::StoredDeviceJob {
+                job_id: key.0.clone(),
+                device_id: key.1.clone(),
+                doc: doc.clone(),
+            }))
+    }
+
+    async fn scan_device_jobs(
+        &self,
+        job_id: Option<&str>,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<crate::StoredDeviceJob>> {
+        use std::ops::Bound;
+        let s = lock(&self.jobs);
+        let from = match after {
+            Some(a) => Bound::Excluded(a),
+            None => match job_id {
+                Some(j) => Bound::Included((j.to_string(), String::new())),
+                None => Bound::Unbounded,
+            },
+        };
+        Ok(s.device_jobs
+            .range((from, Bound::Unbounded))
+            .take_while(|((j, _), _)| job_id.is_none_or(|want| want == j))
+            .take(limit)
+            .map(|((j, d), doc)| crate::StoredDeviceJob {
+                job_id: j.clone(),
+                device_id: d.clone(),
+                doc: doc.clone(),
+            })
+            .collect())
     }
 }

@@ -92,6 +92,13 @@ enum Command {
         #[command(flatten)]
         args: cli::QueryArgs,
     },
+    /// Schedule, show, list and cancel jobs (twin updates and direct methods over a query).
+    Job {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::JobCommand,
+    },
     /// Print the Event Hubs-compatible connection string of the built-in events endpoint, for
     /// `azure-eventhub` and other Event Hubs clients.
     EventhubConnectionString {
@@ -127,6 +134,7 @@ async fn main() -> std::process::ExitCode {
         Command::Twin { client, cmd } => cli::run_twin(&client, cmd).await,
         Command::Invoke { client, args } => cli::run_invoke(&client, args).await,
         Command::Query { client, args } => cli::run_query(&client, args).await,
+        Command::Job { client, cmd } => cli::run_job(&client, cmd).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

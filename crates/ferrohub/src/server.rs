@@ -418,6 +418,7 @@ fn spawn_background(
         ferrohub_hub::configurations::RECONCILE_EVERY,
         shutdown.clone(),
     ));
+    tracker.spawn(ferrohub_hub::jobs::jobs_loop(hub.clone(), shutdown.clone()));
 }
 
 /// How to reach the hub, as `hub.json` and the start-up banner give it.

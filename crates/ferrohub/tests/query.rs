@@ -391,7 +391,7 @@ async fn bad_queries_answer_iot_hubs_error_body_naming_the_position() -> TestRes
     let a = query(&hub, &long_in, None, None).await?;
     assert_eq!((a.status, &a.body), (200, &json!([{"deviceId": "d1"}])));
 
-    // No jobs exist yet: devices.jobs is an empty set of job rows.
+    // No job has run here: devices.jobs is an empty set of job rows (tests/jobs.rs fills it).
     let a = query(
         &hub,
         "SELECT * FROM devices.jobs WHERE devices.jobs.jobId = 'j'",

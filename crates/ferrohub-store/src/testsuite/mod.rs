@@ -14,6 +14,7 @@
 mod c2d;
 mod configurations;
 mod feedback;
+mod jobs;
 pub mod model;
 mod query;
 mod registry;
@@ -23,6 +24,7 @@ mod twins;
 pub use c2d::*;
 pub use configurations::*;
 pub use feedback::*;
+pub use jobs::*;
 pub use query::*;
 pub use registry::*;
 pub use telemetry::*;
@@ -64,6 +66,8 @@ macro_rules! store_suite {
             scans_page_in_key_order_and_keep_every_matching_row,
             configurations_crud_with_etags,
             applied_marks_go_with_their_device_and_configuration,
+            jobs_are_created_once_and_updated_in_place,
+            jobs_and_device_rows_page_in_key_order,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {

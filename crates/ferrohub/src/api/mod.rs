@@ -7,6 +7,7 @@ mod devices;
 mod error;
 mod events;
 pub mod extract;
+mod jobs;
 mod messaging;
 pub mod query;
 mod statistics;
@@ -89,6 +90,9 @@ pub fn router(state: ApiState) -> Router {
             "/twins/{id}/modules/{mid}/methods",
             post(twins::invoke_method),
         )
+        .route("/jobs/v2/query", get(jobs::query_jobs))
+        .route("/jobs/v2/{id}", get(jobs::get_job).put(jobs::put_job))
+        .route("/jobs/v2/{id}/cancel", post(jobs::cancel_job))
         .route("/statistics/devices", get(statistics::devices))
         .route("/statistics/service", get(statistics::service))
         .route("/events", get(events::stream))

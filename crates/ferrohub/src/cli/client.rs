@@ -286,6 +286,35 @@ impl ApiClient {
         Ok((body, head))
     }
 
+    /// GET with extra request headers, returning the JSON body and the response headers (a
+    /// job list page's continuation token travels in headers).
+    pub async fn get_with_headers(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
+        let mut req = self
+            .http
+            .get(&url)
+            .header("Authorization", self.token()?)
+            .header("Accept", "application/json");
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let resp = req.send().await.with_context(|| format!("calling {url}"))?;
+        let status = resp.status();
+        let head = resp.headers().clone();
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            return Err(anyhow!(describe_error(status, &text)));
+        }
+        let body = serde_json::from_str(&text)
+            .with_context(|| format!("the hub answered {status} with a body that is not JSON"))?;
+        Ok((body, head))
+    }
+
     /// GET of one of the API's response types (`crate::api::types`).
     pub async fn get_as<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         typed(self.get(path).await?)

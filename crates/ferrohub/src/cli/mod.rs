@@ -1,11 +1,12 @@
 //! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `config`,
-//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke` and `query`, all speaking the service REST
+//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query` and `job`, all speaking the service REST
 //! API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
 mod config;
 mod import;
+mod jobs;
 mod monitor;
 mod output;
 mod query;
@@ -28,6 +29,7 @@ use crate::api::types::{
 
 pub use client::ApiClient;
 pub use config::{run_config, ConfigCommand};
+pub use jobs::{run_job, JobCommand};
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
 pub use query::{run_query, QueryArgs};
