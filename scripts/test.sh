@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 # @azure/event-hubs 6 needs Node.js 20 or later.
-if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' 2>/dev/null; then
+if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' 2>/dev/null; then
   missing+=(nodejs npm)
 fi
 if [ "${#missing[@]}" -gt 0 ]; then
