@@ -3,24 +3,8 @@
 
 mod common;
 
-use std::process::Command;
-
+use common::ferrohub_cli as ferrohub;
 use common::*;
-
-fn ferrohub(data_dir: &std::path::Path, args: &[&str]) -> R<(bool, String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrohub"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("FERROHUB_CONNECTION_STRING")
-        .env_remove("FERROHUB_CA_FILE")
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8(out.stdout)?,
-        String::from_utf8(out.stderr)?,
-    ))
-}
 
 #[tokio::test]
 async fn device_commands_round_trip_and_tokens_work() -> TestResult {

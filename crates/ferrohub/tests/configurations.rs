@@ -373,21 +373,6 @@ async fn custom_metrics_test_queries_and_restart() -> TestResult {
     Ok(())
 }
 
-fn ferrohub_cli(data_dir: &std::path::Path, args: &[String]) -> R<(bool, String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("FERROHUB_CONNECTION_STRING")
-        .env_remove("FERROHUB_CA_FILE")
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8(out.stdout)?,
-        String::from_utf8(out.stderr)?,
-    ))
-}
-
 #[tokio::test]
 async fn config_commands_create_show_list_and_delete() -> TestResult {
     let hub = TestHub::start().await?;

@@ -403,19 +403,7 @@ async fn the_job_commands_schedule_show_list_and_cancel() -> TestResult {
     let dir = hub.dir.path().to_path_buf();
     let cli = move |args: Vec<String>| {
         let dir = dir.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
-                    .args(&args)
-                    .arg("--data-dir")
-                    .arg(&dir)
-                    .env_remove("FERROHUB_CONNECTION_STRING")
-                    .env_remove("FERROHUB_CA_FILE")
-                    .output()
-            })
-            .await?
-            .map_err(Into::<Box<dyn std::error::Error + Send + Sync>>::into)
-        }
+        async move { tokio::task::spawn_blocking(move || ferrohub_cli(&dir, &args)).await? }
     };
     let args = |s: &[&str]| s.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let out = cli(args(&[
@@ -431,12 +419,8 @@ async fn the_job_commands_schedule_show_list_and_cancel() -> TestResult {
     ]))
     .await
     .map_err(|e| e.to_string())?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job: Value = serde_json::from_slice(&out.stdout)?;
+    assert!(out.0, "{}", out.2);
+    let job: Value = serde_json::from_str(&out.1)?;
     assert_eq!(job["jobId"], "cli1");
     job_reaching(&hub, "cli1", &["completed"]).await?;
     let twin = rest(&hub, Method::GET, "/twins/c1", None).await?.body;
@@ -455,17 +439,13 @@ async fn the_job_commands_schedule_show_list_and_cancel() -> TestResult {
     ]))
     .await
     .map_err(|e| e.to_string())?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8(out.stdout)?.contains("cli2  scheduleDeviceMethod  scheduled"));
+    assert!(out.0, "{}", out.2);
+    assert!(out.1.contains("cli2  scheduleDeviceMethod  scheduled"));
 
     let out = cli(args(&["job", "list", "--status", "completed"]))
         .await
         .map_err(|e| e.to_string())?;
-    let text = String::from_utf8(out.stdout)?;
+    let text = out.1;
     assert!(
         text.contains("cli1  scheduleUpdateTwin  completed  devices=1 succeeded=1"),
         "{text}"
@@ -475,11 +455,11 @@ async fn the_job_commands_schedule_show_list_and_cancel() -> TestResult {
     let out = cli(args(&["job", "cancel", "cli2"]))
         .await
         .map_err(|e| e.to_string())?;
-    assert!(String::from_utf8(out.stdout)?.contains("cancelled"));
+    assert!(out.1.contains("cancelled"));
     let out = cli(args(&["job", "show", "nope"]))
         .await
         .map_err(|e| e.to_string())?;
-    assert!(!out.status.success());
+    assert!(!out.0);
     hub.stop().await;
     Ok(())
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::ferrohub_cli as cli;
 use common::*;
 use ferrohub_mqtt::QoS;
 use serde_json::{json, Value};
@@ -406,21 +407,6 @@ async fn bad_queries_answer_iot_hubs_error_body_naming_the_position() -> TestRes
     assert_eq!(a.body, json!([]));
     hub.stop().await;
     Ok(())
-}
-
-fn cli(data_dir: &std::path::Path, args: &[&str]) -> R<(bool, String, String)> {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env_remove("FERROHUB_CONNECTION_STRING")
-        .env_remove("FERROHUB_CA_FILE")
-        .output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8(out.stdout)?,
-        String::from_utf8(out.stderr)?,
-    ))
 }
 
 #[tokio::test]

@@ -371,22 +371,14 @@ async fn device_import_sends_batches_and_reports_each_failure() -> TestResult {
     std::fs::write(&file, lines.join("\n") + "\n")?;
 
     let dir = hub.dir.path().to_path_buf();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
-            .args(["device", "import"])
-            .arg(&file)
-            .arg("--data-dir")
-            .arg(&dir)
-            .env_remove("FERROHUB_CONNECTION_STRING")
-            .env_remove("FERROHUB_CA_FILE")
-            .output()
+    let (succeeded, stdout, _) = tokio::task::spawn_blocking(move || {
+        ferrohub_cli(
+            &dir,
+            &["device".as_ref(), "import".as_ref(), file.as_os_str()],
+        )
     })
     .await??;
-    let stdout = String::from_utf8(out.stdout)?;
-    assert!(
-        !out.status.success(),
-        "failures make the command fail: {stdout}"
-    );
+    assert!(!succeeded, "failures make the command fail: {stdout}");
     assert!(
         stdout.contains("imported 199 of 210 entries, 11 failed"),
         "{stdout}"

@@ -263,27 +263,8 @@ impl ApiClient {
         body: &Value,
         headers: &[(&str, String)],
     ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
-        let mut req = self
-            .http
-            .post(&url)
-            .header("Authorization", self.token()?)
-            .header("Accept", "application/json")
-            .json(body);
-        for (name, value) in headers {
-            req = req.header(*name, value);
-        }
-        let resp = req.send().await.with_context(|| format!("calling {url}"))?;
-        let status = resp.status();
-        let head = resp.headers().clone();
-        let text = resp.text().await.unwrap_or_default();
-        if !status.is_success() {
-            return Err(anyhow!(describe_error(status, &text)));
-        }
-        let body = serde_json::from_str(&text)
-            .with_context(|| format!("the hub answered {status} with a body that is not JSON"))?;
-        Ok((body, head))
+        self.call_with_headers(reqwest::Method::POST, path, Some(body), headers)
+            .await
     }
 
     /// GET with extra request headers, returning the JSON body and the response headers (a
@@ -293,13 +274,29 @@ impl ApiClient {
         path: &str,
         headers: &[(&str, String)],
     ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
+        self.call_with_headers(reqwest::Method::GET, path, None, headers)
+            .await
+    }
+
+    /// One call with extra request headers and an optional JSON body; the JSON answer and
+    /// the response headers, or the hub's error.
+    async fn call_with_headers(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<(Value, reqwest::header::HeaderMap)> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let url = format!("{}{path}{sep}api-version={API_VERSION}", self.base);
         let mut req = self
             .http
-            .get(&url)
+            .request(method, &url)
             .header("Authorization", self.token()?)
             .header("Accept", "application/json");
+        if let Some(body) = body {
+            req = req.json(body);
+        }
         for (name, value) in headers {
             req = req.header(*name, value);
         }

@@ -26,6 +26,27 @@ use tokio_rustls::TlsConnector;
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 pub type R<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Runs the real `ferrohub` binary as a user would, with `args` and `--data-dir`, finding the
+/// hub through its data directory only (no connection string or CA from the caller's
+/// environment): (succeeded, stdout, stderr).
+pub fn ferrohub_cli<S: AsRef<std::ffi::OsStr>>(
+    data_dir: &Path,
+    args: &[S],
+) -> R<(bool, String, String)> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrohub"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env_remove("FERROHUB_CONNECTION_STRING")
+        .env_remove("FERROHUB_CA_FILE")
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
+}
+
 pub const HOST: &str = "localhost";
 /// How long a test waits for a packet that should come.
 pub const WAIT: Duration = Duration::from_secs(5);
