@@ -1,6 +1,6 @@
 //! IoT Hub semantics for Ferrohub as pure functions and types: identities, CONNECT rules, SAS
 //! tokens, topic authorization, property bags, telemetry stamping, error codes and connection
-//! strings, the query language. No I/O here.
+//! strings, the query language and message routing conditions. No I/O here.
 
 pub mod c2d;
 pub mod connect;
@@ -10,6 +10,7 @@ pub mod errors;
 pub mod identity;
 pub mod query;
 pub mod registry;
+pub mod routing;
 pub mod sas;
 pub mod telemetry;
 pub mod topics;

@@ -89,10 +89,16 @@ pub struct Path {
 
 impl Path {
     /// The value at this path in `doc`, `None` when undefined.
+    /// A segment indexes an array when it is a whole number (routing's `$body.list[0]`;
+    /// twins hold no arrays, so twin queries never reach one).
     pub fn lookup<'a>(&self, doc: &'a Value) -> Option<&'a Value> {
         let mut v = doc;
         for s in &self.segments {
-            v = v.as_object()?.get(s)?;
+            v = match v {
+                Value::Object(m) => m.get(s)?,
+                Value::Array(a) => a.get(s.parse::<usize>().ok()?)?,
+                _ => return None,
+            };
         }
         Some(v)
     }
@@ -127,7 +133,8 @@ pub enum UnaryOp {
     Neg,
 }
 
-/// The built-in functions of the query language.
+/// The built-in functions: the twin query language's, and the routing language's (which has
+/// more, and spells the prefix tests `STARTS_WITH`/`ENDS_WITH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Function {
     IsDefined,
@@ -139,6 +146,24 @@ pub enum Function {
     IsPrimitive,
     StartsWith,
     EndsWith,
+    // Routing only from here.
+    IsArray,
+    AsNumber,
+    Abs,
+    Exp,
+    Power,
+    Square,
+    Ceiling,
+    Floor,
+    Sign,
+    Sqrt,
+    Concat,
+    Length,
+    Lower,
+    Upper,
+    Substring,
+    IndexOf,
+    Contains,
 }
 
 impl Function {
@@ -157,10 +182,50 @@ impl Function {
         })
     }
 
-    pub(crate) fn arity(self) -> usize {
+    /// The functions of IoT Hub's message routing query language.
+    pub(crate) fn from_routing_name(name: &str) -> Option<Self> {
+        Some(match name.to_ascii_uppercase().as_str() {
+            "IS_DEFINED" => Function::IsDefined,
+            "IS_BOOL" => Function::IsBool,
+            "IS_NUMBER" => Function::IsNumber,
+            "IS_STRING" => Function::IsString,
+            "IS_NULL" => Function::IsNull,
+            "IS_OBJECT" => Function::IsObject,
+            "IS_PRIMITIVE" => Function::IsPrimitive,
+            "IS_ARRAY" => Function::IsArray,
+            "AS_NUMBER" => Function::AsNumber,
+            "STARTS_WITH" => Function::StartsWith,
+            "ENDS_WITH" => Function::EndsWith,
+            "ABS" => Function::Abs,
+            "EXP" => Function::Exp,
+            "POWER" => Function::Power,
+            "SQUARE" => Function::Square,
+            "CEILING" => Function::Ceiling,
+            "FLOOR" => Function::Floor,
+            "SIGN" => Function::Sign,
+            "SQRT" => Function::Sqrt,
+            "CONCAT" => Function::Concat,
+            "LENGTH" => Function::Length,
+            "LOWER" => Function::Lower,
+            "UPPER" => Function::Upper,
+            "SUBSTRING" => Function::Substring,
+            "INDEX_OF" => Function::IndexOf,
+            "CONTAINS" => Function::Contains,
+            _ => return None,
+        })
+    }
+
+    /// How many arguments it takes, at least and at most.
+    pub(crate) fn arity(self) -> (usize, usize) {
         match self {
-            Function::StartsWith | Function::EndsWith => 2,
-            _ => 1,
+            Function::StartsWith
+            | Function::EndsWith
+            | Function::Power
+            | Function::IndexOf
+            | Function::Contains => (2, 2),
+            Function::Substring => (2, 3),
+            Function::Concat => (2, usize::MAX),
+            _ => (1, 1),
         }
     }
 }

@@ -125,16 +125,94 @@ fn call(f: Function, args: &[Expr], doc: &Value, aggs: Option<&AggResults>) -> O
         Function::IsNull => test(Value::is_null),
         Function::IsObject => test(Value::is_object),
         Function::IsPrimitive => test(is_primitive),
-        Function::StartsWith | Function::EndsWith => {
+        Function::IsArray => test(Value::is_array),
+        Function::StartsWith | Function::EndsWith | Function::Contains | Function::IndexOf => {
             let second = args.get(1).and_then(|a| eval_in(a, doc, aggs));
             let (s, p) = (first?.as_str()?.to_owned(), second?.as_str()?.to_owned());
-            Some(Value::Bool(if f == Function::StartsWith {
-                s.starts_with(&p)
-            } else {
-                s.ends_with(&p)
-            }))
+            Some(match f {
+                Function::StartsWith => Value::Bool(s.starts_with(&p)),
+                Function::EndsWith => Value::Bool(s.ends_with(&p)),
+                Function::Contains => Value::Bool(s.contains(&p)),
+                // In characters, as LENGTH and SUBSTRING count.
+                _ => Value::from(s.find(&p).map_or(-1, |at| s[..at].chars().count() as i64)),
+            })
+        }
+        Function::AsNumber => match first?.as_ref() {
+            Value::Number(n) => Some(Value::Number(n.clone())),
+            Value::String(s) => match serde_json::from_str::<Value>(s.trim()) {
+                Ok(Value::Number(n)) => Some(Value::Number(n)),
+                _ => None,
+            },
+            _ => None,
+        },
+        Function::Abs | Function::Sign | Function::Square => {
+            let v = first?;
+            let n = v.as_number()?;
+            if let Some(i) = n.as_i64() {
+                return match f {
+                    Function::Abs => i.checked_abs().map(Value::from),
+                    Function::Sign => Some(Value::from(i.signum())),
+                    _ => i.checked_mul(i).map(Value::from),
+                }
+                .or_else(|| float(n.as_f64()?, f));
+            }
+            float(n.as_f64()?, f)
+        }
+        Function::Exp | Function::Ceiling | Function::Floor | Function::Sqrt => {
+            let v = first?;
+            let n = v.as_number()?;
+            if (n.is_i64() || n.is_u64()) && matches!(f, Function::Ceiling | Function::Floor) {
+                return Some(Value::Number(n.clone()));
+            }
+            float(n.as_f64()?, f)
+        }
+        Function::Power => {
+            let second = args.get(1).and_then(|a| eval_in(a, doc, aggs));
+            let (x, y) = (first?.as_f64()?, second?.as_f64()?);
+            Number::from_f64(x.powf(y)).map(Value::Number)
+        }
+        Function::Concat => {
+            let mut out = first?.as_str()?.to_owned();
+            for a in &args[1..] {
+                out.push_str(eval_in(a, doc, aggs)?.as_str()?);
+            }
+            Some(Value::String(out))
+        }
+        Function::Length => Some(Value::from(first?.as_str()?.chars().count() as u64)),
+        Function::Lower => Some(Value::String(first?.as_str()?.to_lowercase())),
+        Function::Upper => Some(Value::String(first?.as_str()?.to_uppercase())),
+        Function::Substring => {
+            let s = first?.as_str()?.to_owned();
+            let int = |i: usize| {
+                let v = args.get(i).and_then(|a| eval_in(a, doc, aggs))?;
+                v.as_f64().map(|f| f.max(0.0) as usize)
+            };
+            let start = int(1)?;
+            let len = if args.len() > 2 { int(2)? } else { usize::MAX };
+            Some(Value::String(s.chars().skip(start).take(len).collect()))
         }
     }
+}
+
+/// The one-number functions over a double; undefined when the result is not a finite number.
+fn float(x: f64, f: Function) -> Option<Value> {
+    let r = match f {
+        Function::Abs => x.abs(),
+        Function::Sign => {
+            if x == 0.0 {
+                0.0
+            } else {
+                x.signum()
+            }
+        }
+        Function::Square => x * x,
+        Function::Exp => x.exp(),
+        Function::Ceiling => x.ceil(),
+        Function::Floor => x.floor(),
+        Function::Sqrt => x.sqrt(),
+        _ => return None,
+    };
+    Number::from_f64(r).map(Value::Number)
 }
 
 /// Orders two numbers exactly when both are integers, else as doubles.

@@ -78,6 +78,13 @@ fn is_ident_char(c: char) -> bool {
 }
 
 pub(crate) fn tokenize(text: &str) -> Result<Vec<Token>, QueryError> {
+    tokenize_with(text, false)
+}
+
+/// `dollar_hyphens`: a name that starts with `$` may hold `-` between its characters, as the
+/// routing keywords `$dt-dataschema` and `$iothub-enqueuedtime` do (so `$a-1` is one name
+/// there, not a subtraction).
+pub(crate) fn tokenize_with(text: &str, dollar_hyphens: bool) -> Result<Vec<Token>, QueryError> {
     let chars: Vec<char> = text.chars().collect();
     let mut out = Vec::new();
     let mut i = 0;
@@ -174,7 +181,13 @@ pub(crate) fn tokenize(text: &str) -> Result<Vec<Token>, QueryError> {
             }
             c if is_ident_start(c) => {
                 let mut j = i;
-                while j < chars.len() && is_ident_char(chars[j]) {
+                let hyphens = dollar_hyphens && c == '$';
+                while j < chars.len()
+                    && (is_ident_char(chars[j])
+                        || (hyphens
+                            && chars[j] == '-'
+                            && chars.get(j + 1).copied().is_some_and(is_ident_char)))
+                {
                     j += 1;
                 }
                 let name: String = chars[i..j].iter().collect();

@@ -4,7 +4,7 @@
 use serde_json::{Number, Value};
 
 use super::ast::*;
-use super::lexer::{tokenize, Tok, Token};
+use super::lexer::{tokenize, tokenize_with, Tok, Token};
 use super::{QueryError, MAX_QUERY_CHARS};
 
 /// Names that cannot start a path unless escaped (`[[group]]`).
@@ -61,9 +61,37 @@ pub(crate) fn parse(text: &str) -> Result<Query, QueryError> {
         at: 0,
         unnamed: 0,
         depth: 0,
+        routing: false,
     };
     let q = p.query()?;
     Ok(q)
+}
+
+/// A routing condition: one expression in the routing dialect (its functions, `[n]` array
+/// indexes in paths, hyphens in `$` names), paths as written. At most `max_chars` characters.
+pub(crate) fn parse_routing(text: &str, max_chars: usize) -> Result<Expr, QueryError> {
+    let len = text.chars().count();
+    if len > max_chars {
+        return Err(QueryError::at(
+            text,
+            max_chars,
+            format!("the condition is {len} characters long; at most {max_chars} are allowed"),
+        ));
+    }
+    let tokens = tokenize_with(text, true)?;
+    let mut p = Parser {
+        text,
+        tokens,
+        at: 0,
+        unnamed: 0,
+        depth: 0,
+        routing: true,
+    };
+    let e = p.expr()?;
+    if p.peek().tok != Tok::End {
+        return Err(p.expected("an operator or the end of the condition"));
+    }
+    Ok(e)
 }
 
 struct Parser<'t> {
@@ -74,6 +102,8 @@ struct Parser<'t> {
     unnamed: usize,
     /// Nesting of the expression being parsed (parentheses, arguments, NOT, minus).
     depth: usize,
+    /// The routing dialect: its functions, no aggregates, array indexes in paths.
+    routing: bool,
 }
 
 /// How deeply expressions may nest: the parser and the evaluator recurse once per level, and a
@@ -501,7 +531,7 @@ impl Parser<'_> {
                 }
             }
         }
-        if let Some(agg) = Aggregate::from_name(&name) {
+        if let Some(agg) = Aggregate::from_name(&name).filter(|_| !self.routing) {
             if args.iter().any(Expr::has_aggregate) {
                 return Err(self.error(pos, "aggregates cannot be nested"));
             }
@@ -517,17 +547,27 @@ impl Parser<'_> {
                 )),
             };
         }
-        let Some(f) = Function::from_name(&name) else {
+        let known = if self.routing {
+            Function::from_routing_name(&name)
+        } else {
+            Function::from_name(&name)
+        };
+        let Some(f) = known else {
             return Err(self.error(pos, format!("unknown function '{name}'")));
         };
-        if args.len() != f.arity() {
+        let (min, max) = f.arity();
+        if args.len() < min || args.len() > max {
+            let wanted = match (min, max) {
+                (1, 1) => "1 argument".to_string(),
+                (a, b) if a == b => format!("{a} arguments"),
+                (a, usize::MAX) => format!("at least {a} arguments"),
+                (a, b) => format!("{a} to {b} arguments"),
+            };
             return Err(self.error(
                 pos,
                 format!(
-                    "{} takes {} argument{}, got {}",
+                    "{} takes {wanted}, got {}",
                     name.to_ascii_uppercase(),
-                    f.arity(),
-                    if f.arity() == 1 { "" } else { "s" },
                     args.len()
                 ),
             ));
@@ -554,6 +594,21 @@ impl Parser<'_> {
                         format!("expected a property name, found {}", other.describe()),
                     ))
                 }
+            }
+            // Routing reads JSON bodies, which hold arrays: `$body.readings[0].value`.
+            while self.routing && self.peek().tok == Tok::LBracket {
+                self.bump();
+                let t = self.bump();
+                match t.tok {
+                    Tok::Num(n) if n.parse::<usize>().is_ok() => segments.push(n),
+                    other => {
+                        return Err(self.error(
+                            t.pos,
+                            format!("expected an array index, found {}", other.describe()),
+                        ))
+                    }
+                }
+                self.expect(&Tok::RBracket)?;
             }
             if !self.eat(&Tok::Dot) {
                 return Ok(Expr::Path(Path { segments }));
