@@ -583,6 +583,58 @@ async fn refusals_by_routing_and_extractors_carry_iot_hub_error_bodies() -> Test
     .await?;
     assert_eq!(s, 404, "the oversized create must not have happened");
 
+    // A device named `query` is a device like any other, beside `POST /devices/query`.
+    let (s, d, _) = call(
+        &hub,
+        reqwest::Method::PUT,
+        &format!("/devices/query?{V}"),
+        Some(auth.clone()),
+        Some(r#"{"deviceId":"query"}"#),
+        None,
+    )
+    .await?;
+    assert_eq!((s, d["deviceId"].as_str()), (200, Some("query")), "{d}");
+    let (s, d, _) = call(
+        &hub,
+        reqwest::Method::GET,
+        &format!("/devices/query?{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!((s, d["deviceId"].as_str()), (200, Some("query")), "{d}");
+    let (s, d, _) = call(
+        &hub,
+        reqwest::Method::POST,
+        &format!("/devices/query?{V}"),
+        Some(auth.clone()),
+        Some(r#"{"query":"SELECT deviceId FROM devices WHERE deviceId = 'query'"}"#),
+        None,
+    )
+    .await?;
+    assert_eq!((s, d), (200, json!([{"deviceId": "query"}])));
+    let answer = call(
+        &hub,
+        reqwest::Method::POST,
+        &format!("/devices/query2?{V}"),
+        Some(auth.clone()),
+        Some("{}"),
+        None,
+    )
+    .await?;
+    assert_iot_hub_error(&answer, 405, "InvalidOperation", "POST /devices/query2");
+    let (s, _, _) = call(
+        &hub,
+        reqwest::Method::DELETE,
+        &format!("/devices/query?{V}"),
+        Some(auth.clone()),
+        None,
+        None,
+    )
+    .await?;
+    assert_eq!(s, 204);
+
     // A route with another method: axum answered an empty 405.
     let answer = call(
         &hub,

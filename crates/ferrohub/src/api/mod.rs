@@ -57,8 +57,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/$iothub/websocket", get(websocket))
         .route("/$servicebus/websocket", get(amqp_websocket))
         .route("/devices", get(devices::list_devices).post(devices::bulk))
-        .route("/devices/query", post(query::query))
-        .route("/devices/{id}", identity())
+        .route("/devices/{id}", identity().post(post_to_device))
         .route("/devices/{id}/modules", get(devices::list_modules))
         .route("/devices/{id}/modules/{mid}", identity())
         .route("/devices/{id}/messages/deviceBound", post(messaging::send))
@@ -253,6 +252,21 @@ async fn not_found() -> ApiError {
         "no such resource",
     )
     .with_status(axum::http::StatusCode::NOT_FOUND)
+}
+
+/// `POST /devices/query` is the twin query; any other `POST /devices/{id}` is a wrong method.
+/// The query shares the device route (rather than a route of its own) so that a device named
+/// `query` can still be read, replaced and deleted, as on IoT Hub.
+async fn post_to_device(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    request: axum::extract::Request,
+) -> Response {
+    use axum::handler::Handler;
+    if id == "query" {
+        return query::query.call(request, state).await;
+    }
+    method_not_allowed().await.into_response()
 }
 
 /// A known resource with a method it does not have: axum's default is an empty 405, which a
