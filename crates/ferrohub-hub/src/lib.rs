@@ -22,6 +22,7 @@ pub mod feedback;
 pub mod jobs;
 pub mod link;
 pub mod methods;
+pub mod models;
 pub mod presence;
 pub mod query;
 pub mod readers;
@@ -160,6 +161,7 @@ impl HubClient {
 pub struct HubSettings {
     pub c2d: c2d::C2dSettings,
     pub throttle: throttle::ThrottleSettings,
+    pub models: models::ModelSettings,
 }
 
 /// Where the hub keeps what only live connections make true: presence, who holds each

@@ -394,6 +394,24 @@ impl ferrohub_store::QueryStore for TestStore {
 }
 
 #[async_trait]
+impl ModelStore for TestStore {
+    async fn put_model(&self, id: &str, doc: String, created: Timestamp) -> Result<StoredModel> {
+        self.write_failpoint()?;
+        self.inner.put_model(id, doc, created).await
+    }
+    async fn get_model(&self, id: &str) -> Result<Option<StoredModel>> {
+        self.inner.get_model(id).await
+    }
+    async fn list_models(&self) -> Result<Vec<StoredModel>> {
+        self.inner.list_models().await
+    }
+    async fn delete_model(&self, id: &str) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.delete_model(id).await
+    }
+}
+
+#[async_trait]
 impl ConfigurationStore for TestStore {
     async fn put_configuration(
         &self,

@@ -116,6 +116,12 @@ CREATE TABLE IF NOT EXISTS device_jobs (
     doc       TEXT NOT NULL,
     PRIMARY KEY (job_id, device_id)
 ) WITHOUT ROWID;
+-- IoT Plug and Play models by DTMI, immutable once stored (sqlite_models.rs).
+CREATE TABLE IF NOT EXISTS models (
+    id         TEXT PRIMARY KEY NOT NULL,
+    doc        TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+) WITHOUT ROWID;
 "#;
 
 /// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`

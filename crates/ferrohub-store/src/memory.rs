@@ -15,6 +15,7 @@ use base64::Engine;
 use tokio::sync::watch;
 
 use crate::configurations::{ConfigurationStore, StoredConfiguration};
+use crate::models::{ModelStore, StoredModel};
 use crate::query::{
     compare_json, Field, Prefilter, QueryStore, ScanKind, ScannedIdentity, TwinRow, TwinScan,
 };
@@ -78,6 +79,7 @@ struct State {
     configurations: BTreeMap<String, (u64, String)>,
     /// Device id -> the configuration applied to it.
     applied: HashMap<String, String>,
+    models: BTreeMap<String, StoredModel>,
 }
 
 impl State {
@@ -551,6 +553,43 @@ impl C2dStore for MemoryStore {
 
     async fn feedback_abandon(&self, lock_token: &str, now: Timestamp) -> Result<()> {
         self.state().settle_lock(lock_token, now, true)
+    }
+}
+
+#[async_trait]
+impl ModelStore for MemoryStore {
+    async fn put_model(&self, id: &str, doc: String, created: Timestamp) -> Result<StoredModel> {
+        let mut s = self.state();
+        if let Some(existing) = s.models.get(id) {
+            return if existing.doc == doc {
+                Ok(existing.clone())
+            } else {
+                Err(StoreError::AlreadyExists)
+            };
+        }
+        let model = StoredModel {
+            id: id.to_string(),
+            doc,
+            created,
+        };
+        s.models.insert(id.to_string(), model.clone());
+        Ok(model)
+    }
+
+    async fn get_model(&self, id: &str) -> Result<Option<StoredModel>> {
+        Ok(self.state().models.get(id).cloned())
+    }
+
+    async fn list_models(&self) -> Result<Vec<StoredModel>> {
+        Ok(self.state().models.values().cloned().collect())
+    }
+
+    async fn delete_model(&self, id: &str) -> Result<()> {
+        self.state()
+            .models
+            .remove(id)
+            .map(|_| ())
+            .ok_or(StoreError::NotFound)
     }
 }
 

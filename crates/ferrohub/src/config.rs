@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// Seconds a client has to finish the TLS handshake, on both listeners (default 10).
     #[arg(long, env = "FERROHUB_TLS_HANDSHAKE_TIMEOUT_SECS")]
     pub tls_handshake_timeout_secs: Option<u64>,
+    /// A read-only directory laid out as the Device Models Repository
+    /// (`dtmi/com/example/thermostat-1.json`), searched after the models added to the hub.
+    #[arg(long, env = "FERROHUB_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -128,6 +132,7 @@ struct FileConfig {
     https_body_timeout_secs: Option<u64>,
     https_max_requests: Option<usize>,
     tls_handshake_timeout_secs: Option<u64>,
+    model_dir: Option<PathBuf>,
 }
 
 /// The resolved configuration of a server.
@@ -282,6 +287,12 @@ impl ServerConfig {
                 anyhow::bail!("retention_hours must be between 1 and 168 (7 days), got {h}");
             }
             cfg.retention = std::time::Duration::from_secs(u64::from(h) * 3600);
+        }
+        if let Some(dir) = args.model_dir.clone().or(file.model_dir) {
+            if !dir.is_dir() {
+                anyhow::bail!("model_dir {} is not a directory", dir.display());
+            }
+            cfg.hub.models.directory = Some(dir);
         }
         if let Some(mb) = args.telemetry_max_mb.or(file.telemetry_max_mb) {
             cfg.telemetry_max_bytes = mb.saturating_mul(1024 * 1024);

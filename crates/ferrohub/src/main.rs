@@ -57,6 +57,13 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::ConfigCommand,
     },
+    /// Manage the IoT Plug and Play model repository (DTDL interfaces).
+    Model {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::ModelCommand,
+    },
     /// Follow the telemetry stream (like `az iot hub monitor-events`).
     Monitor {
         #[command(flatten)]
@@ -125,6 +132,7 @@ async fn main() -> std::process::ExitCode {
         Command::Module { client, cmd } => cli::run_module(&client, cmd).await,
         Command::Certificate { client, cmd } => cli::run_certificate(&client, cmd).await,
         Command::Config { client, cmd } => cli::run_config(&client, cmd).await,
+        Command::Model { client, cmd } => cli::run_model(&client, cmd).await,
         Command::SasToken { client, args } => cli::run_sas_token(&client, args).await,
         Command::EventhubConnectionString { client, args } => {
             cli::run_eventhub_connection_string(&client, args)

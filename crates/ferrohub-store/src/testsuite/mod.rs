@@ -16,6 +16,7 @@ mod configurations;
 mod feedback;
 mod jobs;
 pub mod model;
+mod models;
 mod query;
 mod registry;
 mod telemetry;
@@ -25,6 +26,7 @@ pub use c2d::*;
 pub use configurations::*;
 pub use feedback::*;
 pub use jobs::*;
+pub use models::*;
 pub use query::*;
 pub use registry::*;
 pub use telemetry::*;
@@ -68,6 +70,7 @@ macro_rules! store_suite {
             applied_marks_go_with_their_device_and_configuration,
             jobs_are_created_once_and_updated_in_place,
             jobs_and_device_rows_page_in_key_order,
+            models_are_immutable_once_stored,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {

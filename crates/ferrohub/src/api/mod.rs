@@ -9,6 +9,7 @@ mod events;
 pub mod extract;
 mod jobs;
 mod messaging;
+mod models;
 pub mod query;
 mod statistics;
 mod twins;
@@ -92,6 +93,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/v2/query", get(jobs::query_jobs))
         .route("/jobs/v2/{id}", get(jobs::get_job).put(jobs::put_job))
         .route("/jobs/v2/{id}/cancel", post(jobs::cancel_job))
+        .route("/models", get(models::list).post(models::add))
+        .route("/models/{id}", get(models::get).delete(models::remove))
         .route("/statistics/devices", get(statistics::devices))
         .route("/statistics/service", get(statistics::service))
         .route("/events", get(events::stream))

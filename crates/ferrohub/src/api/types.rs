@@ -316,6 +316,28 @@ pub struct CertificateList {
     pub value: Vec<CertificateDescription>,
 }
 
+/// `POST /models`: what adding a DTDL document did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelsAdded {
+    /// The document's top-level interfaces, in document order.
+    pub ids: Vec<String>,
+    /// Interfaces these need that the repository does not hold yet.
+    pub missing: Vec<String>,
+    /// Of `ids`, those stored by this call (the others were there already).
+    pub new: Vec<String>,
+}
+
+/// One entry of `GET /models`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSummary {
+    pub created_date_time_utc: String,
+    /// The interface's `displayName` as written (a string or a language map), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<Value>,
+    pub id: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `config`,
-//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query` and `job`, all speaking the service REST
+//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query`, `job` and `model`, all speaking the service REST
 //! API with the owner connection
 //! string, like `az iot hub`.
 
@@ -7,6 +7,7 @@ mod client;
 mod config;
 mod import;
 mod jobs;
+mod models;
 mod monitor;
 mod output;
 mod query;
@@ -30,6 +31,7 @@ use crate::api::types::{
 pub use client::ApiClient;
 pub use config::{run_config, ConfigCommand};
 pub use jobs::{run_job, JobCommand};
+pub use models::{run_model, ModelCommand};
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
 pub use query::{run_query, QueryArgs};
