@@ -2,10 +2,11 @@
 //! them, as pure code: model ids (`dtmi`), the parser from JSON with errors that name the file,
 //! the JSON path and what is wrong (`parse`), the model types (`model`), resolution of a model
 //! id to its interface with `extends` and components (`resolve`), and checks of a JSON value
-//! against a schema (`check`), which live conformance builds on. No I/O: the hub's model
+//! against a schema (`check`) and the IoT Plug and Play conventions (`conformance`). No I/O: the hub's model
 //! repository stores the documents and hands them in.
 
 pub mod check;
+pub mod conformance;
 pub mod dtmi;
 pub mod model;
 pub mod parse;

@@ -12,6 +12,7 @@ pub mod bulk;
 pub mod c2d;
 pub mod certificates;
 pub mod configurations;
+pub mod conformance;
 mod detached;
 pub mod directory;
 pub mod error;
@@ -224,6 +225,8 @@ pub struct Hub {
     jobs: jobs::JobRunners,
     /// The front end that holds device connections, once it is composed.
     control: std::sync::OnceLock<Arc<dyn ConnectionControl>>,
+    /// Live IoT Plug and Play conformance: the checker's queue and its findings.
+    pub(crate) conformance: conformance::Conformance,
 }
 
 impl Hub {
@@ -265,6 +268,7 @@ impl Hub {
             next_seq: std::sync::atomic::AtomicU64::new(1),
             jobs: jobs::JobRunners::default(),
             control: std::sync::OnceLock::new(),
+            conformance: conformance::Conformance::new(),
         })
     }
 

@@ -168,6 +168,10 @@ impl Hub {
                 inv.method_name
             )));
         }
+        self.observe(crate::conformance::Observation::Command {
+            identity: identity.clone(),
+            method: inv.method_name.clone(),
+        });
         let body = if inv.payload.is_null() {
             Vec::new()
         } else {

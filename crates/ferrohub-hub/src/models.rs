@@ -124,6 +124,7 @@ impl Hub {
             missing.extend(gone.into_iter().map(|d| d.to_string()));
         }
         added.missing = missing.into_iter().collect();
+        self.models_changed();
         tracing::info!(models = ?added.ids, new = added.new.len(), missing = ?added.missing, "models added");
         Ok(added)
     }
@@ -179,6 +180,7 @@ impl Hub {
     pub async fn remove_model(&self, id: &str) -> Result<(), HubError> {
         parse_id(id)?;
         self.store.delete_model(id).await.map_err(store_error(id))?;
+        self.models_changed();
         tracing::info!(model = id, "model removed");
         Ok(())
     }

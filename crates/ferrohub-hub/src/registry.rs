@@ -503,6 +503,7 @@ impl Hub {
             }
         }
         self.presence.forget(identity);
+        self.forget_conformance(identity);
     }
 }
 

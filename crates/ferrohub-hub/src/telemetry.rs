@@ -3,7 +3,9 @@
 //! path when a connection drops without DISCONNECT.
 
 use bytes::Bytes;
-use ferrohub_iothub::telemetry::{parse_telemetry, stamp, StampContext, MESSAGE_SOURCE_TELEMETRY};
+use ferrohub_iothub::telemetry::{
+    parse_telemetry, stamp, StampContext, DT_SUBJECT, MESSAGE_SOURCE_TELEMETRY,
+};
 use ferrohub_iothub::{classify_publish, PublishTopic};
 use ferrohub_mqtt::LastWill;
 use ferrohub_store::telemetry::NewEvent;
@@ -70,6 +72,14 @@ impl Hub {
             Ok(e) => e,
             Err(why) => return PublishOutcome::Reject(why),
         };
+        if let Some(model_id) = &client.model_id {
+            self.observe(crate::conformance::Observation::Telemetry {
+                identity: client.identity.clone(),
+                model_id: model_id.clone(),
+                component: event.system_properties.get(DT_SUBJECT).cloned(),
+                body: event.body.clone(),
+            });
+        }
         match self.telemetry.enqueue(event).await {
             Ok(durable) => PublishOutcome::AcceptWhen(Box::pin(async move {
                 durable.await.map(|_| ()).map_err(HubError::from)

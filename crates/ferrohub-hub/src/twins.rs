@@ -307,7 +307,18 @@ impl Hub {
                 Ok(d.twin.patch_reported(&patch, now)?)
             });
         match update.await {
-            Ok((_, version)) => self.respond(client, 204, rid, Some(version), Vec::new()),
+            Ok((d, version)) => {
+                self.respond(client, 204, rid, Some(version), Vec::new());
+                if let (Some(model_id), Value::Object(patch)) = (&client.model_id, patch) {
+                    let desired = d.twin.properties_view()["desired"].take();
+                    self.observe(crate::conformance::Observation::Reported {
+                        identity: client.identity.clone(),
+                        model_id: model_id.clone(),
+                        patch,
+                        desired,
+                    });
+                }
+            }
             Err(f) => self.respond_error(client, rid, &f),
         }
     }

@@ -393,7 +393,8 @@ async fn compose(
     Ok((hub, broker, owner))
 }
 
-/// Telemetry retention, C2D expiry and the configurations' backstop pass, stopped by shutdown.
+/// Telemetry retention, C2D expiry, the configurations' backstop pass, jobs and the IoT Plug
+/// and Play conformance checker, stopped by shutdown.
 fn spawn_background(
     tracker: &TaskTracker,
     hub: &Arc<Hub>,
@@ -419,6 +420,10 @@ fn spawn_background(
         shutdown.clone(),
     ));
     tracker.spawn(ferrohub_hub::jobs::jobs_loop(hub.clone(), shutdown.clone()));
+    tracker.spawn(ferrohub_hub::conformance::conformance_loop(
+        hub.clone(),
+        shutdown.clone(),
+    ));
 }
 
 /// How to reach the hub, as `hub.json` and the start-up banner give it.

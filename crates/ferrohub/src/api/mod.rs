@@ -95,6 +95,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/jobs/v2/{id}/cancel", post(jobs::cancel_job))
         .route("/models", get(models::list).post(models::add))
         .route("/models/{id}", get(models::get).delete(models::remove))
+        .route("/digitaltwins/{id}/conformance", get(models::conformance))
+        .route(
+            "/digitaltwins/{id}/modules/{mid}/conformance",
+            get(models::conformance),
+        )
         .route("/statistics/devices", get(statistics::devices))
         .route("/statistics/service", get(statistics::service))
         .route("/events", get(events::stream))

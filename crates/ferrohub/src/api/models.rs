@@ -3,7 +3,8 @@
 //! Ferrohub's own: `POST /models` takes a DTDL document (one interface or an array),
 //! `GET /models` lists, `GET /models/{dtmi}` returns the document (`?expanded=true`: with its
 //! dependencies, as the repository's `.expanded.json`), `DELETE /models/{dtmi}` removes it.
-//! Reads need `RegistryRead`, writes `RegistryWrite`.
+//! Reads need `RegistryRead`, writes `RegistryWrite`. Also the live conformance findings of a
+//! device or module: `GET /digitaltwins/{id}[/modules/{mid}]/conformance`.
 
 use std::collections::HashMap;
 
@@ -12,7 +13,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde_json::Value;
 
-use super::extract::{BodyBytes, PathParam, RegistryRead, RegistryWrite};
+use super::extract::{BodyBytes, IdentityPath, PathParam, RegistryRead, RegistryWrite};
 use super::types::{ModelSummary, ModelsAdded};
 use super::{ApiError, ApiState};
 
@@ -79,4 +80,18 @@ pub async fn remove(
 ) -> Result<StatusCode, ApiError> {
     state.hub.remove_model(&id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What the conformance checker found for an identity (an empty report when it has checked
+/// nothing of it yet); 404 for an identity the registry does not hold.
+pub async fn conformance(
+    _: RegistryRead,
+    State(state): State<ApiState>,
+    IdentityPath(id): IdentityPath,
+) -> Result<Json<ferrohub_hub::conformance::ConformanceReport>, ApiError> {
+    match &id.module_id {
+        None => drop(state.hub.device(&id.device_id).await?),
+        Some(m) => drop(state.hub.module(&id.device_id, m).await?),
+    }
+    Ok(Json(state.hub.conformance_report(&id).unwrap_or_default()))
 }

@@ -1,5 +1,5 @@
-//! `ferrohub model add FILE|DIR | list | show ID [--expanded] | remove ID`: the IoT Plug and
-//! Play model repository over `/models`.
+//! `ferrohub model add FILE|DIR | list | show ID [--expanded] | remove ID | check DEVICE`: the
+//! IoT Plug and Play model repository over `/models`, and live conformance findings.
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +28,13 @@ pub enum ModelCommand {
     },
     /// Remove a model (devices that announced it keep their model id).
     Remove { id: String },
+    /// Show what live conformance found for a device (or module): whether its telemetry,
+    /// reported properties and the commands sent to it follow its model and the conventions.
+    Check {
+        device: String,
+        #[arg(long)]
+        module: Option<String>,
+    },
 }
 
 /// The `.json` files under `dir`, sorted, so runs are repeatable.
@@ -147,6 +154,41 @@ pub async fn run_model(args: &ClientArgs, cmd: ModelCommand) -> anyhow::Result<(
             );
             let doc: Value = api.get_as(&path).await?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
+            Ok(())
+        }
+        ModelCommand::Check { device, module } => {
+            let path = match &module {
+                None => format!("/digitaltwins/{}/conformance", enc(&device)),
+                Some(m) => format!(
+                    "/digitaltwins/{}/modules/{}/conformance",
+                    enc(&device),
+                    enc(m)
+                ),
+            };
+            let report: Value = api.get_as(&path).await?;
+            if args.output == OutputFormat::Json {
+                return out.json(&report);
+            }
+            let model = report["modelId"].as_str().unwrap_or("(none announced yet)");
+            println!("model    {model}");
+            println!("checked  {}", report["checked"].as_u64().unwrap_or(0));
+            let findings = report["findings"].as_object().cloned().unwrap_or_default();
+            if findings.is_empty() {
+                println!("findings none");
+            }
+            for (kind, n) in &findings {
+                println!("finding  {kind}: {n}");
+            }
+            for e in report["examples"].as_array().into_iter().flatten() {
+                println!(
+                    "  {} {} {}: {}\n    {}",
+                    e["time"].as_str().unwrap_or_default(),
+                    e["source"].as_str().unwrap_or_default(),
+                    e["kind"].as_str().unwrap_or_default(),
+                    e["detail"].as_str().unwrap_or_default(),
+                    e["excerpt"].as_str().unwrap_or_default()
+                );
+            }
             Ok(())
         }
         ModelCommand::Remove { id } => {
