@@ -128,6 +128,11 @@ def test_model_file_declares_what_the_example_implements():
 def test_thermostat_example_against_the_hub(hub, create_device, registry_manager, run_example):
     cs = create_device()
     device_id = parse_connection_string(cs)["DeviceId"]
+    # The model in the hub's repository, so live conformance checks the device against it.
+    model = json.loads((EXAMPLE_DIR / "Thermostat.json").read_text())
+    added = service_request(hub, "POST", "/models", json_body=model)
+    assert added.status_code == 200, added.text
+    assert added.json()["missing"] == [], added.json()
 
     # Set while the device is off: the example must acknowledge it at start-up.
     before = registry_manager.update_twin(
@@ -203,6 +208,22 @@ def test_thermostat_example_against_the_hub(hub, create_device, registry_manager
     # The device logs an answer once its PUBACK is in; don't stop it before that.
     wait_until(lambda: "command reboot({}): answered 404" in ex.output(), RECEIVE_TIMEOUT,
                "the example logging its answer to reboot")
+
+    # Live conformance: everything the SDK device sent follows the model and the conventions;
+    # the one finding is the service's `reboot`, which the thermostat model does not have.
+    def conformance():
+        r = service_request(hub, "GET", f"/digitaltwins/{device_id}/conformance")
+        assert r.status_code == 200, r.text
+        report = r.json()
+        return report if report["findings"].get("unknownCommand") else None
+
+    report = wait_until(conformance, RECEIVE_TIMEOUT, "the unknown command checked")
+    assert report["modelId"] == MODEL_ID, report
+    assert report["findings"] == {"unknownCommand": 1}, report
+    # 3 telemetry, the start-up ack, at least one maxTempSinceLastReboot, the patch's ack,
+    # 4 commands.
+    assert report["checked"] >= 10, report
+    assert report["examples"][0]["excerpt"] == "reboot", report
 
     # Telemetry stopped after --count, but it is still serving (--linger); SIGTERM stops it.
     assert ex.alive(), ex.output()
