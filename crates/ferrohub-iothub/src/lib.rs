@@ -8,6 +8,7 @@ pub mod connection_string;
 mod encoding;
 pub mod errors;
 pub mod identity;
+pub mod notifications;
 pub mod query;
 pub mod registry;
 pub mod routing;

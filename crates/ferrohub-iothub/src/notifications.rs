@@ -1,0 +1,315 @@
+//! The non-telemetry events IoT Hub emits, in its property and body format: device and module
+//! lifecycle (created, deleted), twin changes (updated, replaced), connection state (connected,
+//! disconnected, with a sequence number that orders them), digital twin changes (a JSON Patch)
+//! and device job lifecycle. Pure builders: the hub decides when an event happens and where it
+//! goes (routing), these say what it looks like.
+//!
+//! Every event carries the system properties IoT Hub sets on non-telemetry events
+//! (`content-type: application/json`, `content-encoding: utf-8`, a unique `correlation-id`,
+//! `user-id` = the hub's name, the identity's `iothub-connection-device-id` and, for modules,
+//! `iothub-connection-module-id`, `iothub-enqueuedtime`, `iothub-message-source`) and the
+//! application properties `hubName`, `deviceId`, `moduleId` (modules only), `opType`,
+//! `operationTimestamp` and `iothub-message-schema`.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::identity::Identity;
+use crate::telemetry::{self, format_utc_timestamp};
+use crate::topics::Property;
+
+/// Where an event comes from: `iothub-message-source`, and the routing source it is selected by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventSource {
+    DeviceLifecycleEvents,
+    TwinChangeEvents,
+    DeviceConnectionStateEvents,
+    DigitalTwinChangeEvents,
+    DeviceJobLifecycleEvents,
+}
+
+impl EventSource {
+    /// The value of `iothub-message-source`.
+    pub fn message_source(self) -> &'static str {
+        match self {
+            EventSource::DeviceLifecycleEvents => "deviceLifecycleEvents",
+            EventSource::TwinChangeEvents => "twinChangeEvents",
+            EventSource::DeviceConnectionStateEvents => "deviceConnectionStateEvents",
+            EventSource::DigitalTwinChangeEvents => "digitalTwinChangeEvents",
+            EventSource::DeviceJobLifecycleEvents => "deviceJobLifecycleEvents",
+        }
+    }
+
+    /// The value of `iothub-message-schema`.
+    fn schema(self) -> &'static str {
+        match self {
+            EventSource::DeviceLifecycleEvents => "deviceLifecycleNotification",
+            EventSource::TwinChangeEvents => "twinChangeNotification",
+            EventSource::DeviceConnectionStateEvents => "deviceConnectionStateNotification",
+            EventSource::DigitalTwinChangeEvents => "digitalTwinChangeNotification",
+            EventSource::DeviceJobLifecycleEvents => "deviceJobLifecycleNotification",
+        }
+    }
+}
+
+/// What happened: `opType`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    CreateDeviceIdentity,
+    DeleteDeviceIdentity,
+    CreateModuleIdentity,
+    DeleteModuleIdentity,
+    UpdateTwin,
+    ReplaceTwin,
+    DeviceConnected,
+    DeviceDisconnected,
+    UpdateDigitalTwin,
+    DeviceJobCompleted,
+}
+
+impl Operation {
+    pub fn op_type(self) -> &'static str {
+        match self {
+            Operation::CreateDeviceIdentity => "createDeviceIdentity",
+            Operation::DeleteDeviceIdentity => "deleteDeviceIdentity",
+            Operation::CreateModuleIdentity => "createModuleIdentity",
+            Operation::DeleteModuleIdentity => "deleteModuleIdentity",
+            Operation::UpdateTwin => "updateTwin",
+            Operation::ReplaceTwin => "replaceTwin",
+            Operation::DeviceConnected => "deviceConnected",
+            Operation::DeviceDisconnected => "deviceDisconnected",
+            Operation::UpdateDigitalTwin => "updateDigitalTwin",
+            Operation::DeviceJobCompleted => "deviceJobCompleted",
+        }
+    }
+
+    pub fn source(self) -> EventSource {
+        match self {
+            Operation::CreateDeviceIdentity
+            | Operation::DeleteDeviceIdentity
+            | Operation::CreateModuleIdentity
+            | Operation::DeleteModuleIdentity => EventSource::DeviceLifecycleEvents,
+            Operation::UpdateTwin | Operation::ReplaceTwin => EventSource::TwinChangeEvents,
+            Operation::DeviceConnected | Operation::DeviceDisconnected => {
+                EventSource::DeviceConnectionStateEvents
+            }
+            Operation::UpdateDigitalTwin => EventSource::DigitalTwinChangeEvents,
+            Operation::DeviceJobCompleted => EventSource::DeviceJobLifecycleEvents,
+        }
+    }
+}
+
+/// A non-telemetry event, ready to be routed and stored like a telemetry message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub source: EventSource,
+    pub system_properties: BTreeMap<String, String>,
+    pub properties: Vec<Property>,
+    /// JSON, UTF-8.
+    pub body: Vec<u8>,
+}
+
+/// What every event needs besides its body.
+pub struct Context<'a> {
+    pub hub_name: &'a str,
+    pub identity: &'a Identity,
+    pub at: OffsetDateTime,
+    /// Unique per event (`correlation-id`): a UUID, say.
+    pub correlation_id: &'a str,
+}
+
+/// An event for `op` on `ctx.identity` with `body`.
+pub fn notification(op: Operation, ctx: &Context<'_>, body: &Value) -> Notification {
+    let source = op.source();
+    let now = format_utc_timestamp(ctx.at);
+    let mut sys = BTreeMap::new();
+    let mut set = |k: &str, v: &str| {
+        sys.insert(k.to_owned(), v.to_owned());
+    };
+    set(telemetry::CONTENT_TYPE, "application/json");
+    set(telemetry::CONTENT_ENCODING, "utf-8");
+    set(telemetry::CORRELATION_ID, ctx.correlation_id);
+    set(telemetry::USER_ID, ctx.hub_name);
+    set(telemetry::CONNECTION_DEVICE_ID, &ctx.identity.device_id);
+    if let Some(m) = &ctx.identity.module_id {
+        set(telemetry::CONNECTION_MODULE_ID, m);
+    }
+    set(telemetry::ENQUEUED_TIME, &now);
+    set(telemetry::MESSAGE_SOURCE, source.message_source());
+    let mut props: Vec<Property> = vec![
+        ("hubName".into(), Some(ctx.hub_name.into())),
+        ("deviceId".into(), Some(ctx.identity.device_id.clone())),
+    ];
+    if let Some(m) = &ctx.identity.module_id {
+        props.push(("moduleId".into(), Some(m.clone())));
+    }
+    props.push(("operationTimestamp".into(), Some(now)));
+    props.push(("opType".into(), Some(op.op_type().into())));
+    props.push((
+        telemetry::MESSAGE_SCHEMA.into(),
+        Some(source.schema().into()),
+    ));
+    Notification {
+        source,
+        system_properties: sys,
+        properties: props,
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// The body of a connection state event: a sequence number that grows with every connect and
+/// disconnect of the identity, so that a reader can put events that arrive out of order back
+/// in order. IoT Hub's is an opaque 64-digit hexadecimal string compared as text; this one is
+/// too: the connection's sequence (a counter the hub keeps) and the event's order within it,
+/// each 32 hex digits, so text order is numeric order.
+pub fn connection_state_body(connection_sequence: u64, event_in_connection: u64) -> Value {
+    serde_json::json!({
+        "sequenceNumber": format!("{connection_sequence:032X}{event_in_connection:032X}")
+    })
+}
+
+/// The body of a twin change event: what changed, with the twin's new `version` (IoT Hub's
+/// shape: `{"version": n, "tags": {...}, "properties": {"desired": {... "$version"}, "reported": {...}}}`,
+/// only the parts that changed).
+pub fn twin_change_body(
+    version: u64,
+    tags: Option<&Value>,
+    desired: Option<&Value>,
+    reported: Option<&Value>,
+) -> Value {
+    let mut out = serde_json::Map::new();
+    out.insert("version".into(), Value::from(version));
+    if let Some(t) = tags {
+        out.insert("tags".into(), t.clone());
+    }
+    let mut props = serde_json::Map::new();
+    if let Some(d) = desired {
+        props.insert("desired".into(), d.clone());
+    }
+    if let Some(r) = reported {
+        props.insert("reported".into(), r.clone());
+    }
+    if !props.is_empty() {
+        out.insert("properties".into(), Value::Object(props));
+    }
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx<'a>(id: &'a Identity) -> Context<'a> {
+        Context {
+            hub_name: "myhub",
+            identity: id,
+            at: OffsetDateTime::from_unix_timestamp(1_764_000_000).expect("time"),
+            correlation_id: "c0ffee",
+        }
+    }
+
+    #[test]
+    fn lifecycle_of_a_module() {
+        let id = Identity::module("d1", "m1");
+        let n = notification(
+            Operation::CreateModuleIdentity,
+            &ctx(&id),
+            &json!({"deviceId": "d1", "moduleId": "m1"}),
+        );
+        assert_eq!(n.source, EventSource::DeviceLifecycleEvents);
+        let sys: Vec<(&str, &str)> = n
+            .system_properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            sys,
+            [
+                ("content-encoding", "utf-8"),
+                ("content-type", "application/json"),
+                ("correlation-id", "c0ffee"),
+                ("iothub-connection-device-id", "d1"),
+                ("iothub-connection-module-id", "m1"),
+                ("iothub-enqueuedtime", "2025-11-24T16:00:00.0000000Z"),
+                ("iothub-message-source", "deviceLifecycleEvents"),
+                ("user-id", "myhub"),
+            ]
+        );
+        let props: Vec<(&str, Option<&str>)> = n
+            .properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        assert_eq!(
+            props,
+            [
+                ("hubName", Some("myhub")),
+                ("deviceId", Some("d1")),
+                ("moduleId", Some("m1")),
+                ("operationTimestamp", Some("2025-11-24T16:00:00.0000000Z")),
+                ("opType", Some("createModuleIdentity")),
+                ("iothub-message-schema", Some("deviceLifecycleNotification")),
+            ]
+        );
+        assert_eq!(
+            serde_json::from_slice::<Value>(&n.body).expect("json"),
+            json!({"deviceId": "d1", "moduleId": "m1"})
+        );
+    }
+
+    #[test]
+    fn device_events_have_no_module_properties() {
+        let id = Identity::device("d1");
+        let n = notification(
+            Operation::DeviceConnected,
+            &ctx(&id),
+            &connection_state_body(1, 0),
+        );
+        assert_eq!(n.source, EventSource::DeviceConnectionStateEvents);
+        assert!(!n
+            .system_properties
+            .contains_key("iothub-connection-module-id"));
+        assert!(n.properties.iter().all(|(k, _)| k != "moduleId"));
+        assert_eq!(
+            n.system_properties["iothub-message-source"],
+            "deviceConnectionStateEvents"
+        );
+    }
+
+    #[test]
+    fn connection_sequence_numbers_order_as_text() {
+        let seq = |c, e| {
+            connection_state_body(c, e)["sequenceNumber"]
+                .as_str()
+                .map(str::to_owned)
+        };
+        let order = [
+            seq(1, 0),
+            seq(1, 1),
+            seq(2, 0),
+            seq(10, 0),
+            seq(255, 3),
+            seq(u64::MAX, 0),
+        ];
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+        assert_eq!(order[0].as_deref().map(str::len), Some(64));
+    }
+
+    #[test]
+    fn twin_change_bodies_hold_only_what_changed() {
+        assert_eq!(
+            twin_change_body(3, None, Some(&json!({"fw": "2.1", "$version": 2})), None),
+            json!({"version": 3, "properties": {"desired": {"fw": "2.1", "$version": 2}}})
+        );
+        assert_eq!(
+            twin_change_body(4, Some(&json!({"site": "b"})), None, None),
+            json!({"version": 4, "tags": {"site": "b"}})
+        );
+        for op in [Operation::UpdateTwin, Operation::ReplaceTwin] {
+            assert_eq!(op.source(), EventSource::TwinChangeEvents);
+        }
+    }
+}
