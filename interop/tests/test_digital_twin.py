@@ -160,3 +160,59 @@ def test_commands_to_an_offline_device_are_404(create_device, digital_twins):
     with pytest.raises(HttpOperationError) as ei:
         digital_twins.get_digital_twin(device_id + "-never-created")
     assert _status(ei) == 404
+
+
+@pytest.fixture
+def thermostat(tmp_path):
+    """thermostat(*args) starts examples/thermostat as a subprocess; killed (and its output
+    printed) at the end."""
+    from test_thermostat_example import Example
+
+    started = []
+
+    def run(*args):
+        ex = Example(list(args), tmp_path / f"thermostat-{len(started)}.log")
+        started.append(ex)
+        return ex
+
+    yield run
+    for ex in started:
+        ex.kill()
+        print(f"--- thermostat output ({ex.log_path}) ---\n{ex.output()}")
+
+
+def test_digital_twin_client_against_the_thermostat_example(hub, create_device, digital_twins,
+                                                           thermostat):
+    from ferrohub_helpers import wait_until
+
+    cs = create_device()
+    device_id = parse_connection_string(cs)["DeviceId"]
+    ex = thermostat("--connection-string", cs, "--ca-file", hub.ca_file, "--interval", "0.5",
+                    "--count", "3", "--linger", "120")
+
+    # The example reports maxTempSinceLastReboot once it has a reading.
+    twin = wait_until(
+        lambda: (t := digital_twins.get_digital_twin(device_id)).get("maxTempSinceLastReboot")
+        is not None and t, RECEIVE_TIMEOUT * 2, "maxTempSinceLastReboot in the digital twin")
+    assert twin["$metadata"]["$model"] == "dtmi:com:example:Thermostat;1", twin
+    assert twin["$metadata"]["maxTempSinceLastReboot"]["lastUpdateTime"], twin
+
+    # A writable property through the digital twin, acknowledged by the example.
+    digital_twins.update_digital_twin(
+        device_id, [{"op": "add", "path": "/targetTemperature", "value": 24.5}])
+    twin = wait_until(
+        lambda: (t := digital_twins.get_digital_twin(device_id)).get("targetTemperature") == 24.5
+        and t["$metadata"]["targetTemperature"].get("ackVersion") is not None and t,
+        RECEIVE_TIMEOUT, "the example's ack of targetTemperature")
+    meta = twin["$metadata"]["targetTemperature"]
+    assert meta["desiredValue"] == 24.5, twin
+    assert meta["ackVersion"] == meta["desiredVersion"], twin
+    assert meta["ackCode"] == 200 and meta["ackDescription"] == "Successfully updated", twin
+
+    # The example's command.
+    report = call_with_timeout(lambda: digital_twins.invoke_command(
+        device_id, "getMaxMinReport", "2000-01-01T00:00:00Z", response_timeout_in_seconds=10),
+        INVOKE_TIMEOUT, "invoke_command getMaxMinReport")
+    assert set(report) == {"maxTemp", "minTemp", "avgTemp", "startTime", "endTime"}, report
+    assert report["minTemp"] <= report["avgTemp"] <= report["maxTemp"], report
+    assert ex.alive(), ex.output()
