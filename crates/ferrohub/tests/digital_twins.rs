@@ -84,15 +84,25 @@ async fn call(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> R<Answer> {
+    call_as(hub, &owner_token(hub)?, method, path, headers, body).await
+}
+
+/// [`call`] signed with `token`.
+async fn call_as(
+    hub: &TestHub,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> R<Answer> {
     let client = https_client(hub)?;
     let sep = if path.contains('?') { '&' } else { '?' };
     let url = format!(
         "https://{HOST}:{}{path}{sep}api-version=2021-04-12",
         hub.https_addr().port()
     );
-    let mut req = client
-        .request(method, url)
-        .header("Authorization", owner_token(hub)?);
+    let mut req = client.request(method, url).header("Authorization", token);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -468,6 +478,59 @@ async fn the_cli_shows_digital_twins_and_invokes_component_commands() -> TestRes
     assert!(ok, "{err}");
     assert!(out.contains("status: 200"), "{out}");
     assert!(out.contains("\"maxTemp\": 38.7"), "{out}");
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_routes_need_service_connect_as_the_twin_routes_do() -> TestResult {
+    let hub = TestHub::start().await?;
+    hub.create_device("tc1").await?;
+    let token = |policy: &'static str| {
+        let hub = &hub;
+        async move {
+            let p = hub
+                .server()
+                .hub
+                .policy(policy)
+                .await?
+                .ok_or_else(|| format!("no {policy} policy"))?;
+            R::Ok(token_for(HOST, &p.primary_key, 3600, Some(policy)))
+        }
+    };
+    let read_only = token("registryRead").await?;
+    let service = token("service").await?;
+    let patch = r#"[{"op": "add", "path": "/a", "value": 1}]"#;
+    let routes = [
+        (reqwest::Method::GET, "/digitaltwins/tc1", None),
+        (reqwest::Method::PATCH, "/digitaltwins/tc1", Some(patch)),
+        (
+            reqwest::Method::POST,
+            "/digitaltwins/tc1/commands/reboot",
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            "/digitaltwins/tc1/components/c1/commands/reboot",
+            None,
+        ),
+    ];
+    for (method, path, body) in &routes {
+        let a = call_as(&hub, &read_only, method.clone(), path, &[], *body).await?;
+        assert_error(&a, 401, "IotHubUnauthorizedAccess");
+        let a = call_as(&hub, &service, method.clone(), path, &[], *body).await?;
+        // Authorized: the commands go on to find the device offline.
+        assert!(
+            matches!(a.status, 200 | 202 | 404),
+            "{method} {path} with ServiceConnect: {} {:?}",
+            a.status,
+            a.body
+        );
+        assert_ne!(
+            a.header("iothub-errorcode"),
+            Some("IotHubUnauthorizedAccess")
+        );
+    }
     hub.stop().await;
     Ok(())
 }
