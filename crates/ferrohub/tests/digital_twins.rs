@@ -381,6 +381,20 @@ async fn commands_reach_the_device_by_name_and_component() -> TestResult {
         );
     }
 
+    // A device that does not answer in time: the method route's 504.
+    let (a, p) = tokio::join!(
+        call(
+            &hub,
+            reqwest::Method::POST,
+            "/digitaltwins/tc1/components/thermostat1/commands/slow?responseTimeoutInSeconds=5",
+            &[],
+            None,
+        ),
+        next_on(&mut c, "$iothub/methods/POST/"),
+    );
+    assert_eq!(method_request(&p?)?.0, "thermostat1*slow");
+    assert_error(&a?, 504, "GatewayTimeout");
+
     // A device that is not connected: the method route's 404103, at once.
     let a = call(
         &hub,
