@@ -497,6 +497,21 @@ async fn the_cli_shows_digital_twins_and_invokes_component_commands() -> TestRes
 }
 
 #[tokio::test]
+async fn the_model_is_in_the_digital_twin_as_soon_as_the_device_is_connected() -> TestResult {
+    let hub = TestHub::start().await?;
+    let (key, _) = hub.create_device("tc1").await?;
+    // The model id is recorded before CONNACK, so no wait is needed (nor allowed) here.
+    let _c = connect_pnp(&hub, "tc1", &key).await?;
+    let a = call(&hub, reqwest::Method::GET, "/digitaltwins/tc1", &[], None).await?;
+    assert_eq!(
+        a.body,
+        json!({"$dtId": "tc1", "$metadata": {"$model": MODEL}})
+    );
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn the_routes_need_service_connect_as_the_twin_routes_do() -> TestResult {
     let hub = TestHub::start().await?;
     hub.create_device("tc1").await?;
