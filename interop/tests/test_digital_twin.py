@@ -216,3 +216,64 @@ def test_digital_twin_client_against_the_thermostat_example(hub, create_device, 
     assert set(report) == {"maxTemp", "minTemp", "avgTemp", "startTime", "endTime"}, report
     assert report["minTemp"] <= report["avgTemp"] <= report["maxTemp"], report
     assert ex.alive(), ex.output()
+
+
+def test_node_digital_twin_client_against_a_pnp_device(hub, create_device, device_clients):
+    """azure-iothub 1.16.6's DigitalTwinClient (interop/node/digital_twin.js): getDigitalTwin
+    with its ETag, updateDigitalTwin under that ETag (202), invokeCommand and
+    invokeComponentCommand with the device's status from x-ms-command-statuscode."""
+    import json
+
+    from test_node_clients import _finish, _line, _node
+
+    cs = create_device()
+    device_id = parse_connection_string(cs)["DeviceId"]
+    client = device_clients(cs, product_info=MODEL_ID)
+    call_with_timeout(client.connect, CONNECT_TIMEOUT, "connect()")
+    calls = queue.Queue()
+
+    def on_method(request):
+        calls.put((request.name, request.payload))
+        status = 201 if "*" in request.name else 200
+        client.send_method_response(MethodResponse.create_from_method_request(
+            request, status, {"method": request.name, "echo": request.payload}))
+
+    patches = queue.Queue()
+    call_with_timeout(lambda: setattr(client, "on_method_request_received", on_method),
+                      CONNECT_TIMEOUT, "setting on_method_request_received")
+    call_with_timeout(lambda: setattr(client, "on_twin_desired_properties_patch_received",
+                                      patches.put),
+                      CONNECT_TIMEOUT, "setting on_twin_desired_properties_patch_received")
+    call_with_timeout(lambda: client.patch_twin_reported_properties(
+        {"thermostat1": {"__t": "c", "maxTempSinceLastReboot": 30.5}}), SEND_TIMEOUT,
+        "reporting properties")
+
+    patch = [{"op": "add", "path": "/thermostat1/targetTemperature", "value": 22}]
+    proc = _node(hub, "digital_twin.js", OWNER_CS=hub.owner_connection_string,
+                 DEVICE_ID=device_id, PATCH=json.dumps(patch))
+    try:
+        got = _line(proc, "getDigitalTwin")
+        assert got["twin"]["$dtId"] == device_id, got
+        assert got["twin"]["$metadata"]["$model"] == MODEL_ID, got
+        assert got["twin"]["thermostat1"]["maxTempSinceLastReboot"] == 30.5, got
+        assert got["etag"], got
+
+        updated = _line(proc, "updateDigitalTwin")
+        assert updated["status"] == 202, updated
+        assert updated["etag"] and updated["etag"] != got["etag"], updated
+        desired = _get(patches, "desired patch from updateDigitalTwin")
+        assert desired["thermostat1"] == {"__t": "c", "targetTemperature": 22}, desired
+
+        root = _line(proc, "invokeCommand")
+        assert root["body"] == {"method": "reboot", "echo": {"delay": 1}}, root
+        assert root["statusCode"] == 200 and root["requestId"], root
+        comp = _line(proc, "invokeComponentCommand")
+        assert comp["body"] == {"method": "thermostat1*getMaxMinReport",
+                                "echo": "2026-12-01T00:00:00Z"}, comp
+        assert comp["statusCode"] == 201 and comp["requestId"], comp
+        _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [_get(calls, "command")[0] for _ in range(2)] == ["reboot",
+                                                              "thermostat1*getMaxMinReport"]
