@@ -14,6 +14,7 @@ pub mod certificates;
 pub mod configurations;
 pub mod conformance;
 mod detached;
+pub mod digital_twins;
 pub mod directory;
 pub mod error;
 pub mod events;
@@ -353,6 +354,11 @@ impl Hub {
         peer: &Peer,
     ) -> Result<HubClient, ConnectReturnCode> {
         let a = self.authenticate(connect, peer).await?;
+        // Before CONNACK rather than once connected: a service reading the twin (or the
+        // digital twin's `$model`) as soon as the device is connected must see the model.
+        if let Some(model_id) = &a.model_id {
+            self.record_model_id(&a.identity, model_id).await;
+        }
         let conn_seq = self
             .next_seq
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -400,9 +406,6 @@ impl Hub {
         }
         self.presence
             .connected(&client.identity, client.activity.clone());
-        if let Some(model_id) = &client.model_id {
-            self.record_model_id(&client.identity, model_id).await;
-        }
         self.apply_subscriptions(client, subscriptions).await;
         info!(
             identity = %client.identity,

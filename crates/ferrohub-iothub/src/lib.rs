@@ -5,6 +5,7 @@
 pub mod c2d;
 pub mod connect;
 pub mod connection_string;
+pub mod digital_twin;
 mod encoding;
 pub mod errors;
 pub mod identity;

@@ -4,6 +4,7 @@
 mod certificates;
 mod configurations;
 mod devices;
+mod digital_twins;
 mod error;
 mod events;
 pub mod extract;
@@ -89,6 +90,18 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/twins/{id}/modules/{mid}/methods",
             post(twins::invoke_method),
+        )
+        .route(
+            "/digitaltwins/{id}",
+            get(digital_twins::get).patch(digital_twins::patch),
+        )
+        .route(
+            "/digitaltwins/{id}/commands/{name}",
+            post(digital_twins::command),
+        )
+        .route(
+            "/digitaltwins/{id}/components/{component}/commands/{name}",
+            post(digital_twins::component_command),
         )
         .route("/jobs/v2/query", get(jobs::query_jobs))
         .route("/jobs/v2/{id}", get(jobs::get_job).put(jobs::put_job))
