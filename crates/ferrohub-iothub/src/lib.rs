@@ -5,6 +5,7 @@
 pub mod c2d;
 pub mod connect;
 pub mod connection_string;
+pub mod dps;
 mod encoding;
 pub mod errors;
 pub mod identity;
