@@ -1,6 +1,6 @@
 //! Ferrohub storage: the records the hub keeps and one trait per concern (registry, access
 //! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins, and
-//! the scans queries run over them, configurations, jobs),
+//! the scans queries run over them, configurations, jobs, device provisioning),
 //! independent of any engine.
 //!
 //! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
@@ -13,6 +13,7 @@ pub mod configurations;
 pub mod jobs;
 pub mod memory;
 pub mod model;
+pub mod provisioning;
 pub mod query;
 pub mod telemetry;
 #[cfg(any(test, feature = "testsuite"))]
@@ -27,6 +28,7 @@ pub use configurations::{ConfigurationStore, StoredConfiguration};
 pub use jobs::{JobStore, StoredDeviceJob, StoredJob};
 pub use memory::{MemoryStore, MemoryTelemetry};
 pub use model::*;
+pub use provisioning::{ProvisioningKind, ProvisioningStore, StoredProvisioning};
 pub use query::{QueryStore, TwinRow, TwinScan};
 pub use timestamp::Timestamp;
 
@@ -277,6 +279,7 @@ pub trait Store:
     + QueryStore
     + ConfigurationStore
     + JobStore
+    + ProvisioningStore
 {
 }
 impl<
@@ -288,7 +291,8 @@ impl<
             + TwinStore
             + QueryStore
             + ConfigurationStore
-            + JobStore,
+            + JobStore
+            + ProvisioningStore,
     > Store for T
 {
 }

@@ -8,7 +8,7 @@
 //!
 //! The tests live by concern: `registry` (identities, policies, certificates, sessions and
 //! what deleting an identity removes), `c2d` (the cloud-to-device queues), `feedback`
-//! (the feedback receiver), `twins`, `query` (scans for queries), `configurations` and `telemetry`. Each is re-exported here, where the
+//! (the feedback receiver), `twins`, `query` (scans for queries), `configurations`, `jobs`, `provisioning` and `telemetry`. Each is re-exported here, where the
 //! macros name it.
 
 mod c2d;
@@ -16,6 +16,7 @@ mod configurations;
 mod feedback;
 mod jobs;
 pub mod model;
+mod provisioning;
 mod query;
 mod registry;
 mod telemetry;
@@ -25,6 +26,7 @@ pub use c2d::*;
 pub use configurations::*;
 pub use feedback::*;
 pub use jobs::*;
+pub use provisioning::*;
 pub use query::*;
 pub use registry::*;
 pub use telemetry::*;
@@ -68,6 +70,8 @@ macro_rules! store_suite {
             applied_marks_go_with_their_device_and_configuration,
             jobs_are_created_once_and_updated_in_place,
             jobs_and_device_rows_page_in_key_order,
+            provisioning_records_crud_with_etags,
+            provisioning_lists_page_per_kind_and_scope_is_kept,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {
