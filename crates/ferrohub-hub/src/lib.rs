@@ -23,6 +23,7 @@ pub mod jobs;
 pub mod link;
 pub mod methods;
 pub mod presence;
+pub mod provisioning;
 pub mod query;
 pub mod readers;
 pub mod registry;
@@ -222,6 +223,8 @@ pub struct Hub {
     jobs: jobs::JobRunners,
     /// The front end that holds device connections, once it is composed.
     control: std::sync::OnceLock<Arc<dyn ConnectionControl>>,
+    /// The device provisioning service's ID scope and allocator (`provisioning.rs`).
+    provisioning: provisioning::ProvisioningService,
 }
 
 impl Hub {
@@ -263,6 +266,7 @@ impl Hub {
             next_seq: std::sync::atomic::AtomicU64::new(1),
             jobs: jobs::JobRunners::default(),
             control: std::sync::OnceLock::new(),
+            provisioning: Default::default(),
         })
     }
 

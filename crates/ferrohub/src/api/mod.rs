@@ -9,6 +9,7 @@ mod events;
 pub mod extract;
 mod jobs;
 mod messaging;
+mod provisioning;
 pub mod query;
 mod statistics;
 mod twins;
@@ -113,6 +114,28 @@ pub fn router(state: ApiState) -> Router {
             get(configurations::get)
                 .put(configurations::put)
                 .delete(configurations::delete),
+        )
+        .route("/enrollments/query", post(provisioning::query_enrollments))
+        .route(
+            "/enrollments/{id}",
+            get(provisioning::get_enrollment)
+                .put(provisioning::put_enrollment)
+                .delete(provisioning::delete_enrollment),
+        )
+        .route("/enrollmentGroups/query", post(provisioning::query_groups))
+        .route(
+            "/enrollmentGroups/{id}",
+            get(provisioning::get_group)
+                .put(provisioning::put_group)
+                .delete(provisioning::delete_group),
+        )
+        .route(
+            "/registrations/query",
+            post(provisioning::query_registrations),
+        )
+        .route(
+            "/registrations/{id}",
+            get(provisioning::get_registration).delete(provisioning::delete_registration),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
