@@ -1,0 +1,150 @@
+"""Device provisioning against ferrohub's DPS-compatible endpoint with the official, unmodified
+Python SDK (azure-iot-device 2.14.0's ProvisioningDeviceClient): provisioning host and trusted
+CA are the only changes. A group member registers with its derived key, an individual
+enrollment with its own key; each gets `assigned`, then IoTHubDeviceClient connects to the
+assigned hub as the assigned device and sends telemetry. The provisioning payload's modelId
+reaches the twin."""
+
+import base64
+import hashlib
+import hmac
+import json
+import urllib.parse
+
+import pytest
+from azure.iot.device import IoTHubDeviceClient, Message, ProvisioningDeviceClient
+from azure.iot.device.exceptions import ClientError, ServiceError
+
+from ferrohub_helpers import (
+    CONNECT_TIMEOUT,
+    SEND_TIMEOUT,
+    SHUTDOWN_TIMEOUT,
+    call_with_timeout,
+    new_id,
+    service_request,
+)
+
+REGISTER_TIMEOUT = 60
+MODEL_ID = "dtmi:com:example:Thermostat;1"
+
+
+def _derive(group_key: str, registration_id: str) -> str:
+    """The device key DPS derives for a group member (the DPS docs' recipe)."""
+    mac = hmac.new(base64.b64decode(group_key), registration_id.encode(), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+def _put(hub, path: str, body: dict) -> dict:
+    r = service_request(hub, "PUT", path, json_body=body)
+    assert r.status_code == 200, f"PUT {path} answered {r.status_code}: {r.text}"
+    return r.json()
+
+
+def _scope(hub) -> str:
+    scope = hub.raw.get("dps_id_scope")
+    assert scope, f"hub.json has no dps_id_scope: {hub.raw}"
+    return scope
+
+
+def _register(hub, registration_id: str, key: str, payload=None, websockets=False):
+    client = ProvisioningDeviceClient.create_from_symmetric_key(
+        provisioning_host=hub.hostname,
+        registration_id=registration_id,
+        id_scope=_scope(hub),
+        symmetric_key=key,
+        server_verification_cert=hub.ca_pem,
+        websockets=websockets,
+    )
+    if payload is not None:
+        client.provisioning_payload = payload
+    # register() connects, registers, polls and disconnects (the client has no shutdown()).
+    return call_with_timeout(client.register, REGISTER_TIMEOUT, f"register({registration_id})")
+
+
+def _connect_and_send(hub, result, key: str) -> None:
+    state = result.registration_state
+    client = IoTHubDeviceClient.create_from_symmetric_key(
+        symmetric_key=key,
+        hostname=state.assigned_hub,
+        device_id=state.device_id,
+        server_verification_cert=hub.ca_pem,
+        connection_retry=False,
+    )
+    try:
+        call_with_timeout(client.connect, CONNECT_TIMEOUT, "connect() to the assigned hub")
+        assert client.connected
+        call_with_timeout(lambda: client.send_message(Message('{"temperature": 21.5}')),
+                          SEND_TIMEOUT, "send_message()")
+    finally:
+        call_with_timeout(client.shutdown, SHUTDOWN_TIMEOUT, "device shutdown()")
+
+
+def _twin(hub, device_id: str) -> dict:
+    r = service_request(hub, "GET", f"/twins/{urllib.parse.quote(device_id, safe='')}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("websockets", [False, True], ids=["mqtt-tls-8883", "mqtt-ws-443"])
+def test_group_member_registers_with_derived_key_then_connects_and_sends(hub, websockets):
+    group_id = new_id("grp")
+    group = _put(hub, f"/enrollmentGroups/{group_id}", {
+        "enrollmentGroupId": group_id,
+        "attestation": {"type": "symmetricKey"},
+        "initialTwin": {"tags": {"site": "interop"}, "properties": {"desired": {"interval": 7}}},
+    })
+    registration_id = new_id("member")
+    key = _derive(group["attestation"]["symmetricKey"]["primaryKey"], registration_id)
+
+    result = _register(hub, registration_id, key, payload={"modelId": MODEL_ID},
+                       websockets=websockets)
+
+    assert result.status == "assigned"
+    state = result.registration_state
+    assert state.device_id == registration_id
+    assert state.assigned_hub == hub.hostname
+    assert state.sub_status == "initialAssignment"
+    # The SDK hands the payload back as JSON text.
+    assert json.loads(state.response_payload) == {"modelId": MODEL_ID}
+    _connect_and_send(hub, result, key)
+    twin = _twin(hub, registration_id)
+    assert twin.get("modelId") == MODEL_ID
+    assert twin["tags"]["site"] == "interop"
+    assert twin["properties"]["desired"]["interval"] == 7
+
+
+def test_individual_enrollment_registers_and_connects_as_its_device_id(hub):
+    registration_id = new_id("solo")
+    device_id = new_id("solo-device")
+    enrollment = _put(hub, f"/enrollments/{registration_id}", {
+        "registrationId": registration_id,
+        "deviceId": device_id,
+        "attestation": {"type": "symmetricKey"},
+    })
+    key = enrollment["attestation"]["symmetricKey"]["primaryKey"]
+
+    result = _register(hub, registration_id, key)
+
+    assert result.status == "assigned"
+    assert result.registration_state.device_id == device_id
+    _connect_and_send(hub, result, key)
+    # Registering again is idempotent: the same device, still reachable with the same key.
+    again = _register(hub, registration_id, key)
+    assert again.status == "assigned"
+    assert again.registration_state.device_id == device_id
+    _connect_and_send(hub, again, key)
+
+
+def test_a_wrong_key_is_refused(hub):
+    registration_id = new_id("solo")
+    _put(hub, f"/enrollments/{registration_id}", {
+        "registrationId": registration_id,
+        "attestation": {"type": "symmetricKey"},
+    })
+    wrong = base64.b64encode(b"\x01" * 32).decode()
+    # The SDK wraps the service's refusal: ClientError("Unexpected failure") from
+    # ServiceError("register request returned a service error status code 401").
+    with pytest.raises(ClientError) as raised:
+        _register(hub, registration_id, wrong)
+    cause = raised.value.__cause__
+    assert isinstance(cause, ServiceError) and "401" in str(cause), repr(cause)
