@@ -123,8 +123,24 @@ struct Response {
     body: Value,
 }
 
-async fn response(c: &mut MqttClient) -> R<Response> {
-    let p = recv_publish(c, WAIT).await?.ok_or("no DPS response")?;
+/// Publishes a request at QoS 1 and returns its response, taking the PUBACK and the response
+/// in whichever order they come (MQTT does not order the two).
+async fn request(c: &mut MqttClient, pid: u16, topic: &str, payload: &[u8]) -> R<Response> {
+    c.send(&publish(topic, payload, QoS::AtLeastOnce, pid))
+        .await?;
+    let mut acked = false;
+    let mut answer = None;
+    while !(acked && answer.is_some()) {
+        match c.recv().await? {
+            Some(Packet::PubAck(id)) if id == pid => acked = true,
+            Some(Packet::Publish(p)) if answer.is_none() => answer = Some(parse_response(&p)?),
+            other => return Err(format!("unexpected {other:?}").into()),
+        }
+    }
+    answer.ok_or_else(|| "no DPS response".into())
+}
+
+fn parse_response(p: &ferrohub_mqtt::Publish) -> R<Response> {
     let rest = p
         .topic
         .strip_prefix("$dps/registrations/res/")
@@ -148,27 +164,27 @@ async fn response(c: &mut MqttClient) -> R<Response> {
 }
 
 async fn register(c: &mut MqttClient, body: &Value) -> R<Response> {
-    c.publish_qos1(
+    let r = request(
+        c,
         2,
         "$dps/registrations/PUT/iotdps-register/?$rid=r1",
         body.to_string().as_bytes(),
     )
     .await?;
-    let r = response(c).await?;
     assert_eq!(r.rid, "r1", "the response names the request");
     Ok(r)
 }
 
 async fn poll(c: &mut MqttClient, operation_id: &str) -> R<Response> {
-    c.publish_qos1(
+    request(
+        c,
         3,
         &format!(
             "$dps/registrations/GET/iotdps-get-operationstatus/?$rid=r2&operationId={operation_id}"
         ),
         b" ",
     )
-    .await?;
-    response(c).await
+    .await
 }
 
 /// Registers and polls once, as the SDKs do; returns the final response.
@@ -799,6 +815,46 @@ async fn the_cli_creates_groups_and_derives_keys_that_provision() -> TestResult 
     assert!(out.contains("solo-device"), "{out}");
     let (ok, out, _) = run(s(&["dps", "enrollment", "list"])).await?;
     assert!(ok && out.contains("cli-solo"), "{out}");
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn provisioning_does_not_take_over_the_device_connection_of_the_same_id() -> TestResult {
+    let hub = TestHub::start().await?;
+    let h = &hub.server().hub;
+    // The device exists and is connected under the client id "same-id"; its enrollment's
+    // registration id (the provisioning client id) is the same.
+    let e = h
+        .put_enrollment("same-id", enrollment("same-id", None), IfMatch::Any)
+        .await?;
+    let key = primary_of(&e.attestation)?;
+    let s = scope(&hub);
+    let first = provision(
+        &hub,
+        &s,
+        "same-id",
+        &dps_token(&s, "same-id", &key, false),
+        None,
+    )
+    .await?;
+    assert_eq!(first.status, 200);
+    let (mut device, _) = hub.connect_device("same-id", &key, true).await?;
+
+    let again = provision(
+        &hub,
+        &s,
+        "same-id",
+        &dps_token(&s, "same-id", &key, false),
+        None,
+    )
+    .await?;
+    assert_eq!(again.status, 200);
+    device.send(&Packet::PingReq).await?;
+    match device.recv().await? {
+        Some(Packet::PingResp) => {}
+        other => return Err(format!("the device connection was disturbed: {other:?}").into()),
+    }
     hub.stop().await;
     Ok(())
 }
