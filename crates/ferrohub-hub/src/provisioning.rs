@@ -16,7 +16,8 @@ use ferrohub_iothub::sas::{generate_key, SasToken};
 use ferrohub_iothub::{validate_device_id, ErrorCode, Identity};
 use ferrohub_mqtt::{Connect, ConnectReturnCode, Publish, QoS};
 use ferrohub_store::{
-    AuthType, IfMatch, ProvisioningKind, StoreError, StoredProvisioning, SymmetricKey,
+    AuthType, Authentication, CaCertificate, IfMatch, ProvisioningKind, StoreError,
+    StoredProvisioning, SymmetricKey, X509Thumbprint,
 };
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
@@ -73,7 +74,10 @@ pub struct Attestation {
     pub kind: AttestationType,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub symmetric_key: Option<SymmetricKeyAttestation>,
-    /// Kept as sent: X.509 attestation is stored and shown, not yet used to register.
+    /// DPS's shape, kept as sent: `clientCertificates` (an individual enrollment's, each
+    /// `{"certificate": PEM}` or `{"info": {"sha256Thumbprint"|"sha1Thumbprint"}}`),
+    /// `signingCertificates` (a group's CAs, `{"certificate": PEM}`) or `caReferences` (names of
+    /// CAs registered with the hub), each with `primary` and optional `secondary`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub x509: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -240,7 +244,7 @@ pub struct ProvisioningClient {
     pub id_scope: String,
     pub client_version: Option<String>,
     password: Option<String>,
-    /// The TLS client certificate chain, for X.509 attestation (not yet used to register).
+    /// The TLS client certificate chain, for X.509 attestation.
     pub client_certs: Arc<Vec<CertificateDer<'static>>>,
     pub transport: Transport,
     pub peer: std::net::SocketAddr,
@@ -409,8 +413,21 @@ fn complete_attestation(a: &mut Attestation) -> Result<(), HubError> {
             Ok(())
         }
         AttestationType::X509 => {
-            if a.x509.is_none() {
-                return Err(HubError::argument("x509 attestation needs its x509 object"));
+            let x = a.x509.as_ref();
+            let has = |section: &str| !x509_slots(x, section).is_empty();
+            if !(has("clientCertificates") || has("signingCertificates") || has("caReferences")) {
+                return Err(HubError::argument(
+                    "x509 attestation needs clientCertificates, signingCertificates or caReferences",
+                ));
+            }
+            for section in ["clientCertificates", "signingCertificates"] {
+                for c in x509_slots(x, section) {
+                    if let Some(pem) = c.get("certificate").and_then(Value::as_str) {
+                        crate::x509::pem_to_der(pem).map_err(|e| {
+                            HubError::argument(format!("x509 {section} certificate: {e}"))
+                        })?;
+                    }
+                }
             }
             Ok(())
         }
@@ -834,12 +851,12 @@ impl Hub {
                 "registrationId in the body differs from the connection's",
             ));
         }
-        let matched = self.authenticate_registration(client).await?;
+        let admission = self.authenticate_registration(client).await?;
         let payload = body.payload.filter(|p| !p.is_null());
         let registration_id = client.registration_id.clone();
         let state = self
             .to_the_end(move |hub| async move {
-                Ok(hub.assign(&registration_id, matched, payload).await)
+                Ok(hub.assign(&registration_id, admission, payload).await)
             })
             .await
             .map_err(DpsRefusal::from)??;
@@ -900,12 +917,14 @@ impl Hub {
     }
 
     /// Finds the registration's enrollment and checks the connection's credentials against
-    /// it: the individual enrollment's keys, else each enabled symmetric-key group's key
-    /// derived for this registration id.
+    /// it: a SAS token against the individual enrollment's keys, else each enabled
+    /// symmetric-key group's keys derived for this registration id; a client certificate
+    /// against the individual enrollment's certificates, else each enabled X.509 group's CAs.
+    /// Returns the enrollment and the credentials the device gets in the registry.
     async fn authenticate_registration(
         &self,
         client: &ProvisioningClient,
-    ) -> Result<Matched, DpsRefusal> {
+    ) -> Result<Admission, DpsRefusal> {
         let scope = self.id_scope().unwrap_or_default();
         if !dps::scope_matches(&client.id_scope, scope) {
             return Err(unauthorized(format!(
@@ -913,11 +932,18 @@ impl Hub {
                 client.id_scope
             )));
         }
-        let Some(password) = client.password.as_deref() else {
-            return Err(unauthorized(
-                "X.509 registration is not supported yet (send a SAS token)",
-            ));
-        };
+        match client.password.as_deref() {
+            Some(password) => self.admit_sas(client, scope, password).await,
+            None => self.admit_x509(client).await,
+        }
+    }
+
+    async fn admit_sas(
+        &self,
+        client: &ProvisioningClient,
+        scope: &str,
+        password: &str,
+    ) -> Result<Admission, DpsRefusal> {
         let token = SasToken::parse(password)
             .map_err(|e| unauthorized(format!("malformed SAS token: {e}")))?;
         if token.is_expired(crate::auth::now_epoch()) {
@@ -941,16 +967,7 @@ impl Hub {
             )));
         }
         let rid = &client.registration_id;
-        if let Some(rec) = self
-            .store
-            .get_provisioning(ProvisioningKind::Enrollment, rid)
-            .await
-            .map_err(server_error)?
-        {
-            let e: IndividualEnrollment = serde_json::from_str(&rec.doc).map_err(server_error)?;
-            if e.provisioning_status != ProvisioningStatus::Enabled {
-                return Err(unauthorized("the enrollment is disabled"));
-            }
+        if let Some(e) = self.individual(rid).await? {
             if e.attestation.kind != AttestationType::SymmetricKey {
                 return Err(unauthorized("the enrollment does not use symmetric keys"));
             }
@@ -964,33 +981,25 @@ impl Hub {
                     "signature does not match the enrollment's keys",
                 ));
             }
-            return Ok(Matched::Individual(Box::new(e)));
+            return Ok(Admission {
+                matched: Matched::Individual(Box::new(e)),
+                auth: sas_auth(keys.primary_key, keys.secondary_key),
+            });
         }
-        let mut after: Option<String> = None;
         let mut disabled_match = false;
-        loop {
-            let page = self
-                .store
-                .list_provisioning(ProvisioningKind::EnrollmentGroup, after.as_deref(), 100)
-                .await
-                .map_err(server_error)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id.clone());
-            for rec in &page {
-                let g: EnrollmentGroup = serde_json::from_str(&rec.doc).map_err(server_error)?;
-                if g.attestation.kind != AttestationType::SymmetricKey {
-                    continue;
+        for g in self.groups(AttestationType::SymmetricKey).await? {
+            let keys = g.attestation.symmetric_key.clone().unwrap_or_default();
+            let derive = |k: Option<&str>| k.and_then(|k| dps::derive_device_key(k, rid).ok());
+            let primary = derive(keys.primary_key.as_deref());
+            let secondary = derive(keys.secondary_key.as_deref());
+            if verify_either(&token, primary.as_deref(), secondary.as_deref()) {
+                if g.provisioning_status == ProvisioningStatus::Enabled {
+                    return Ok(Admission {
+                        matched: Matched::Group(Box::new(g)),
+                        auth: sas_auth(primary, secondary),
+                    });
                 }
-                let keys = g.attestation.symmetric_key.clone().unwrap_or_default();
-                let derive = |k: Option<&str>| k.and_then(|k| dps::derive_device_key(k, rid).ok());
-                let primary = derive(keys.primary_key.as_deref());
-                let secondary = derive(keys.secondary_key.as_deref());
-                if verify_either(&token, primary.as_deref(), secondary.as_deref()) {
-                    if g.provisioning_status == ProvisioningStatus::Enabled {
-                        return Ok(Matched::Group(Box::new(g)));
-                    }
-                    disabled_match = true;
-                }
+                disabled_match = true;
             }
         }
         if disabled_match {
@@ -1002,43 +1011,124 @@ impl Hub {
         }
     }
 
+    /// X.509: the leaf's CN must be the registration id (DPS's rule); an individual enrollment
+    /// names the device's certificates (by PEM or thumbprint), a group its CAs (by PEM, or a
+    /// reference to a CA registered with the hub). The device is registered with the
+    /// thumbprint of the certificate it presented (an individual enrollment's own
+    /// certificates), so it connects to the hub with the same certificate.
+    async fn admit_x509(&self, client: &ProvisioningClient) -> Result<Admission, DpsRefusal> {
+        let chain = client.client_certs.as_slice();
+        let Some(leaf) = chain.first() else {
+            return Err(unauthorized("no SAS token and no client certificate"));
+        };
+        let rid = &client.registration_id;
+        let cn = crate::x509::common_name(leaf);
+        if cn.as_deref() != Some(rid.as_str()) {
+            return Err(unauthorized(format!(
+                "certificate CN {cn:?} is not the registration id"
+            )));
+        }
+        let (_, leaf_sha256) = crate::x509::thumbprints(leaf);
+        if let Some(e) = self.individual(rid).await? {
+            if e.attestation.kind != AttestationType::X509 {
+                return Err(unauthorized("the enrollment does not use X.509"));
+            }
+            let registered = client_thumbprints(e.attestation.x509.as_ref());
+            if !registered
+                .iter()
+                .any(|t| crate::x509::thumbprint_matches(leaf, t))
+            {
+                return Err(unauthorized("client certificate is not the enrollment's"));
+            }
+            let mut it = registered.into_iter();
+            return Ok(Admission {
+                matched: Matched::Individual(Box::new(e)),
+                auth: thumbprint_auth(it.next(), it.next()),
+            });
+        }
+        let hub_cas = self.store.list_certificates().await.map_err(server_error)?;
+        let mut disabled_match = false;
+        for g in self.groups(AttestationType::X509).await? {
+            let cas = group_cas(g.attestation.x509.as_ref(), &hub_cas);
+            if cas.is_empty() || crate::x509::verify_ca_signed(chain, &cas, rid).is_err() {
+                continue;
+            }
+            if g.provisioning_status == ProvisioningStatus::Enabled {
+                return Ok(Admission {
+                    matched: Matched::Group(Box::new(g)),
+                    auth: thumbprint_auth(Some(leaf_sha256), None),
+                });
+            }
+            disabled_match = true;
+        }
+        if disabled_match {
+            Err(unauthorized("the enrollment group is disabled"))
+        } else {
+            Err(unauthorized(
+                "no enrollment for this registration id, and no group's CA signed the certificate",
+            ))
+        }
+    }
+
+    /// The individual enrollment of `rid`, refused when disabled.
+    async fn individual(&self, rid: &str) -> Result<Option<IndividualEnrollment>, DpsRefusal> {
+        let Some(rec) = self
+            .store
+            .get_provisioning(ProvisioningKind::Enrollment, rid)
+            .await
+            .map_err(server_error)?
+        else {
+            return Ok(None);
+        };
+        let e: IndividualEnrollment = serde_json::from_str(&rec.doc).map_err(server_error)?;
+        if e.provisioning_status != ProvisioningStatus::Enabled {
+            return Err(unauthorized("the enrollment is disabled"));
+        }
+        Ok(Some(e))
+    }
+
+    /// Every enrollment group of one attestation kind, enabled or not, page by page.
+    async fn groups(&self, kind: AttestationType) -> Result<Vec<EnrollmentGroup>, DpsRefusal> {
+        let mut out = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_provisioning(ProvisioningKind::EnrollmentGroup, after.as_deref(), 100)
+                .await
+                .map_err(server_error)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for rec in &page {
+                let g: EnrollmentGroup = serde_json::from_str(&rec.doc).map_err(server_error)?;
+                if g.attestation.kind == kind {
+                    out.push(g);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Allocates the device, creates or updates it in the registry, applies the initial twin
     /// on creation and the model id, and records the registration with a new operation id.
     async fn assign(
         &self,
         registration_id: &str,
-        matched: Matched,
+        Admission { matched, auth }: Admission,
         payload: Option<Value>,
     ) -> Result<RegistrationState, DpsRefusal> {
         debug_assert!(matched.enabled());
-        let (device_id, keys, group_id) = match &matched {
-            Matched::Individual(e) => {
-                let keys = e.attestation.symmetric_key.clone().unwrap_or_default();
-                (
-                    e.device_id
-                        .clone()
-                        .unwrap_or_else(|| registration_id.to_string()),
-                    SymmetricKey {
-                        primary_key: keys.primary_key,
-                        secondary_key: keys.secondary_key,
-                    },
-                    None,
-                )
-            }
-            Matched::Group(g) => {
-                let keys = g.attestation.symmetric_key.clone().unwrap_or_default();
-                let derive = |k: Option<String>| {
-                    k.and_then(|k| dps::derive_device_key(&k, registration_id).ok())
-                };
-                (
-                    registration_id.to_string(),
-                    SymmetricKey {
-                        primary_key: derive(keys.primary_key),
-                        secondary_key: derive(keys.secondary_key),
-                    },
-                    Some(g.enrollment_group_id.clone()),
-                )
-            }
+        let (device_id, group_id) = match &matched {
+            Matched::Individual(e) => (
+                e.device_id
+                    .clone()
+                    .unwrap_or_else(|| registration_id.to_string()),
+                None,
+            ),
+            Matched::Group(g) => (
+                registration_id.to_string(),
+                Some(g.enrollment_group_id.clone()),
+            ),
         };
         // An id the registry cannot hold is refused rather than mangled.
         validate_device_id(&device_id).map_err(|e| {
@@ -1058,11 +1148,6 @@ impl Hub {
             allocation_policy: matched.allocation_policy(),
         })?;
 
-        let auth = AuthRequest {
-            auth_type: Some(AuthType::Sas),
-            symmetric_key: Some(keys.clone()),
-            x509_thumbprint: None,
-        };
         let existing = self
             .store
             .get_device(&device_id)
@@ -1078,11 +1163,9 @@ impl Hub {
                 true
             }
             Some(d) => {
-                if d.authentication.auth_type != AuthType::Sas
-                    || d.authentication.symmetric_key != keys
-                {
-                    // Re-provisioning with other keys (a rotated group key, a new enrollment):
-                    // the device's hub credentials follow its enrollment.
+                if auth_differs(&d.authentication, &auth) {
+                    // Re-provisioning with other credentials (a rotated group key, a new
+                    // certificate, a new enrollment): the device's hub credentials follow.
                     let req = IdentityRequest {
                         authentication: Some(auth),
                         status: Some(d.status),
@@ -1171,6 +1254,99 @@ impl Hub {
         state.etag = Some(rec.etag);
         Ok(state)
     }
+}
+
+/// A registration that passed: its enrollment, and the credentials its device gets.
+struct Admission {
+    matched: Matched,
+    auth: AuthRequest,
+}
+
+fn sas_auth(primary: Option<String>, secondary: Option<String>) -> AuthRequest {
+    AuthRequest {
+        auth_type: Some(AuthType::Sas),
+        symmetric_key: Some(SymmetricKey {
+            primary_key: primary,
+            secondary_key: secondary,
+        }),
+        x509_thumbprint: None,
+    }
+}
+
+fn thumbprint_auth(primary: Option<String>, secondary: Option<String>) -> AuthRequest {
+    AuthRequest {
+        auth_type: Some(AuthType::SelfSigned),
+        symmetric_key: None,
+        x509_thumbprint: Some(X509Thumbprint {
+            primary_thumbprint: primary,
+            secondary_thumbprint: secondary,
+        }),
+    }
+}
+
+/// Whether a device's registry credentials differ from what its enrollment gives it.
+fn auth_differs(current: &Authentication, want: &AuthRequest) -> bool {
+    if Some(current.auth_type) != want.auth_type {
+        return true;
+    }
+    match current.auth_type {
+        AuthType::Sas => want.symmetric_key.as_ref() != Some(&current.symmetric_key),
+        // The registry keeps thumbprints in upper case, as they are made here.
+        AuthType::SelfSigned => want.x509_thumbprint.as_ref() != Some(&current.x509_thumbprint),
+        AuthType::CertificateAuthority | AuthType::None => false,
+    }
+}
+
+/// `{"primary": {...}, "secondary": {...}}` of an X.509 attestation's `section`, primary first.
+fn x509_slots<'a>(x509: Option<&'a Value>, section: &str) -> Vec<&'a Value> {
+    ["primary", "secondary"]
+        .iter()
+        .filter_map(|slot| x509?.get(section)?.get(slot))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The thumbprints (upper-case hex) of an individual enrollment's client certificates: from
+/// the PEM when given, else from DPS's `info` (`sha256Thumbprint`, else `sha1Thumbprint`).
+fn client_thumbprints(x509: Option<&Value>) -> Vec<String> {
+    x509_slots(x509, "clientCertificates")
+        .into_iter()
+        .filter_map(|c| {
+            if let Some(pem) = c.get("certificate").and_then(Value::as_str) {
+                let der = crate::x509::pem_to_der(pem).ok()?;
+                return Some(crate::x509::thumbprints(&der).1);
+            }
+            let info = c.get("info")?;
+            info.get("sha256Thumbprint")
+                .or_else(|| info.get("sha1Thumbprint"))
+                .and_then(Value::as_str)
+                .map(|t| t.replace(':', "").to_ascii_uppercase())
+        })
+        .collect()
+}
+
+/// The CAs an X.509 group trusts: its `signingCertificates` (PEM) and the hub's registered CAs
+/// its `caReferences` name.
+fn group_cas(x509: Option<&Value>, hub_cas: &[CaCertificate]) -> Vec<CaCertificate> {
+    let mut out: Vec<CaCertificate> = x509_slots(x509, "signingCertificates")
+        .into_iter()
+        .filter_map(|c| c.get("certificate").and_then(Value::as_str))
+        .map(|pem| CaCertificate {
+            name: String::new(),
+            etag: String::new(),
+            certificate: pem.to_string(),
+            subject: String::new(),
+            thumbprint: String::new(),
+            created: String::new(),
+        })
+        .collect();
+    for name in x509_slots(x509, "caReferences")
+        .into_iter()
+        .filter_map(Value::as_str)
+    {
+        out.extend(hub_cas.iter().filter(|c| c.name == name).cloned());
+    }
+    out
 }
 
 /// Checks both keys, always, so timing does not tell which one failed.

@@ -88,7 +88,23 @@ fn dps_token(scope: &str, rid: &str, key: &str, skn: bool) -> String {
 /// CONNECT as the Python SDK's provisioning pipeline sends it; asserts CONNACK 0 and
 /// subscribes to the responses.
 async fn dps_connect(hub: &TestHub, scope: &str, rid: &str, password: &str) -> R<MqttClient> {
-    let mut c = hub.tls().await?;
+    dps_connect_as(hub, scope, rid, Some(password), None).await
+}
+
+type CertIdentity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// The same with a TLS client certificate and no password (X.509 attestation), or with both.
+async fn dps_connect_as(
+    hub: &TestHub,
+    scope: &str,
+    rid: &str,
+    password: Option<&str>,
+    identity: Option<CertIdentity>,
+) -> R<MqttClient> {
+    let mut c = MqttClient::open(hub.mqtt_addr(), &hub.ca, identity).await?;
     let ack = c
         .connect(Packet::Connect(Connect {
             protocol_name: "MQTT".into(),
@@ -100,7 +116,7 @@ async fn dps_connect(hub: &TestHub, scope: &str, rid: &str, password: &str) -> R
             username: Some(format!(
                 "{scope}/registrations/{rid}/api-version=2019-03-31&ClientVersion=ferrohub-test%2F1"
             )),
-            password: Some(bytes::Bytes::copy_from_slice(password.as_bytes())),
+            password: password.map(|p| bytes::Bytes::copy_from_slice(p.as_bytes())),
         }))
         .await?;
     if ack.1 != ConnectReturnCode::Accepted {
@@ -195,7 +211,11 @@ async fn provision(
     password: &str,
     payload: Option<Value>,
 ) -> R<Response> {
-    let mut c = dps_connect(hub, scope, rid, password).await?;
+    let c = dps_connect(hub, scope, rid, password).await?;
+    provision_on(c, rid, payload).await
+}
+
+async fn provision_on(mut c: MqttClient, rid: &str, payload: Option<Value>) -> R<Response> {
     let r = register(&mut c, &json!({"registrationId": rid, "payload": payload})).await?;
     if r.status != 202 {
         return Ok(r);
@@ -857,4 +877,141 @@ async fn provisioning_does_not_take_over_the_device_connection_of_the_same_id() 
     }
     hub.stop().await;
     Ok(())
+}
+
+mod x509 {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    /// A certificate with `cn`, self-signed or signed by `issuer`; its identity (chain, key) and
+    /// its PEM.
+    fn cert(cn: &str, issuer: Option<&(rcgen::Certificate, KeyPair)>) -> R<(CertIdentity, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let (cert, chain) = match issuer {
+            None => {
+                let c = p.self_signed(&key)?;
+                let chain = vec![c.der().clone()];
+                (c, chain)
+            }
+            Some((ca, ca_key)) => {
+                let c = p.signed_by(&key, ca, ca_key)?;
+                let chain = vec![c.der().clone(), ca.der().clone()];
+                (c, chain)
+            }
+        };
+        let pem = cert.pem();
+        Ok((
+            (
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            ),
+            pem,
+        ))
+    }
+
+    fn dup(id: &CertIdentity) -> CertIdentity {
+        (id.0.clone(), id.1.clone_key())
+    }
+
+    fn ca(name: &str) -> R<(rcgen::Certificate, KeyPair)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = p.self_signed(&key)?;
+        Ok((cert, key))
+    }
+
+    fn x509_attestation(x509: Value) -> Attestation {
+        Attestation {
+            kind: AttestationType::X509,
+            symmetric_key: None,
+            x509: Some(x509),
+            tpm: None,
+        }
+    }
+
+    async fn provision_x509(hub: &TestHub, rid: &str, id: CertIdentity) -> R<Response> {
+        let c = dps_connect_as(hub, &scope(hub), rid, None, Some(id)).await?;
+        provision_on(c, rid, None).await
+    }
+
+    async fn hub_connack(hub: &TestHub, device: &str, id: CertIdentity) -> R<ConnectReturnCode> {
+        let mut c = MqttClient::open(hub.mqtt_addr(), &hub.ca, Some(id)).await?;
+        Ok(c.connect(connect_packet(device, None, true, 60)).await?.1)
+    }
+
+    #[tokio::test]
+    async fn an_individual_x509_enrollment_provisions_by_its_certificate() -> TestResult {
+        let hub = TestHub::start().await?;
+        let h = &hub.server().hub;
+        let (id, pem) = cert("x509-dev", None)?;
+        let mut e = enrollment("x509-dev", None);
+        e.attestation =
+            x509_attestation(json!({"clientCertificates": {"primary": {"certificate": pem}}}));
+        h.put_enrollment("x509-dev", e, IfMatch::Any).await?;
+
+        // Another certificate with the same CN is not the enrollment's.
+        let (other, _) = cert("x509-dev", None)?;
+        assert_unauthorized(&provision_x509(&hub, "x509-dev", other).await?);
+
+        let r = provision_x509(&hub, "x509-dev", dup(&id)).await?;
+        assert_eq!(r.status, 200, "body {}", r.body);
+        assert_eq!(r.body["registrationState"]["deviceId"], "x509-dev");
+        // The device reaches the hub with the certificate it provisioned with.
+        assert_eq!(
+            hub_connack(&hub, "x509-dev", dup(&id)).await?,
+            ConnectReturnCode::Accepted
+        );
+        // Registering again leaves the device as it was.
+        let before = h.device("x509-dev").await?.device.etag;
+        assert_eq!(provision_x509(&hub, "x509-dev", id).await?.status, 200);
+        assert_eq!(h.device("x509-dev").await?.device.etag, before);
+        hub.stop().await;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_ca_group_provisions_members_whose_cn_is_the_registration_id() -> TestResult {
+        let hub = TestHub::start().await?;
+        let h = &hub.server().hub;
+        let root = ca("Fleet Root")?;
+        let mut g = group("fleet-ca", None);
+        g.attestation = x509_attestation(
+            json!({"signingCertificates": {"primary": {"certificate": root.0.pem()}}}),
+        );
+        h.put_enrollment_group("fleet-ca", g, IfMatch::Any).await?;
+
+        let (member, _) = cert("ca-member-1", Some(&root))?;
+        let r = provision_x509(&hub, "ca-member-1", dup(&member)).await?;
+        assert_eq!(r.status, 200, "body {}", r.body);
+        assert_eq!(r.body["registrationState"]["deviceId"], "ca-member-1");
+        assert_eq!(
+            hub_connack(&hub, "ca-member-1", member).await?,
+            ConnectReturnCode::Accepted
+        );
+        assert_eq!(
+            h.registration("ca-member-1")
+                .await?
+                .enrollment_group_id
+                .as_deref(),
+            Some("fleet-ca")
+        );
+
+        // A CN that is not the registration id, and a certificate of another CA, are refused.
+        let (misnamed, _) = cert("someone-else", Some(&root))?;
+        assert_unauthorized(&provision_x509(&hub, "ca-member-2", misnamed).await?);
+        let stranger_ca = ca("Stranger")?;
+        let (stranger, _) = cert("ca-member-3", Some(&stranger_ca))?;
+        assert_unauthorized(&provision_x509(&hub, "ca-member-3", stranger).await?);
+        for id in ["ca-member-2", "ca-member-3", "someone-else"] {
+            assert!(h.device(id).await.is_err(), "{id} must not exist");
+        }
+        hub.stop().await;
+        Ok(())
+    }
 }
