@@ -1,9 +1,10 @@
 """Device provisioning against ferrohub's DPS-compatible endpoint with the official, unmodified
 Python SDK (azure-iot-device 2.14.0's ProvisioningDeviceClient): provisioning host and trusted
 CA are the only changes. A group member registers with its derived key, an individual
-enrollment with its own key; each gets `assigned`, then IoTHubDeviceClient connects to the
-assigned hub as the assigned device and sends telemetry. The provisioning payload's modelId
-reaches the twin."""
+enrollment with its own key, a CA group member and an individual X.509 enrollment with their
+certificates (made with the openssl command); each gets `assigned`, then IoTHubDeviceClient
+connects to the assigned hub as the assigned device and sends telemetry. The provisioning
+payload's modelId reaches the twin."""
 
 import base64
 import hashlib
@@ -148,3 +149,91 @@ def test_a_wrong_key_is_refused(hub):
         _register(hub, registration_id, wrong)
     cause = raised.value.__cause__
     assert isinstance(cause, ServiceError) and "401" in str(cause), repr(cause)
+
+
+def _openssl(*args, cwd):
+    import subprocess
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _self_signed(tmp_path, cn: str):
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{cn}.key", "-out", f"{cn}.pem", "-subj", f"/CN={cn}", "-days", "2",
+             "-addext", "extendedKeyUsage=clientAuth", cwd=tmp_path)
+    return tmp_path / f"{cn}.pem", tmp_path / f"{cn}.key"
+
+
+def _ca_signed(tmp_path, cn: str):
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=Interop Root", "-days", "2",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=tmp_path)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{cn}.key", "-out", f"{cn}.csr", "-subj", f"/CN={cn}", cwd=tmp_path)
+    (tmp_path / "leaf.ext").write_text("extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n")
+    _openssl("x509", "-req", "-in", f"{cn}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{cn}.pem", "-days", "2", "-extfile", "leaf.ext",
+             cwd=tmp_path)
+    return tmp_path / "ca.pem", tmp_path / f"{cn}.pem", tmp_path / f"{cn}.key"
+
+
+def _register_x509(hub, registration_id: str, cert_file, key_file):
+    from azure.iot.device import X509
+    client = ProvisioningDeviceClient.create_from_x509_certificate(
+        provisioning_host=hub.hostname,
+        registration_id=registration_id,
+        id_scope=_scope(hub),
+        x509=X509(cert_file=str(cert_file), key_file=str(key_file)),
+        server_verification_cert=hub.ca_pem,
+    )
+    return call_with_timeout(client.register, REGISTER_TIMEOUT, f"register({registration_id})")
+
+
+def _connect_and_send_x509(hub, result, cert_file, key_file) -> None:
+    from azure.iot.device import X509
+    state = result.registration_state
+    client = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(cert_file=str(cert_file), key_file=str(key_file)),
+        hostname=state.assigned_hub,
+        device_id=state.device_id,
+        server_verification_cert=hub.ca_pem,
+        connection_retry=False,
+    )
+    try:
+        call_with_timeout(client.connect, CONNECT_TIMEOUT, "connect() to the assigned hub")
+        call_with_timeout(lambda: client.send_message(Message('{"x509": true}')),
+                          SEND_TIMEOUT, "send_message()")
+    finally:
+        call_with_timeout(client.shutdown, SHUTDOWN_TIMEOUT, "device shutdown()")
+
+
+def test_ca_group_member_registers_with_a_ca_signed_certificate(hub, tmp_path):
+    registration_id = new_id("x509-member")
+    ca_pem, cert_file, key_file = _ca_signed(tmp_path, registration_id)
+    group_id = new_id("x509-grp")
+    _put(hub, f"/enrollmentGroups/{group_id}", {
+        "enrollmentGroupId": group_id,
+        "attestation": {"type": "x509",
+                        "x509": {"signingCertificates": {"primary": {"certificate": ca_pem.read_text()}}}},
+    })
+
+    result = _register_x509(hub, registration_id, cert_file, key_file)
+
+    assert result.status == "assigned"
+    assert result.registration_state.device_id == registration_id
+    _connect_and_send_x509(hub, result, cert_file, key_file)
+
+
+def test_individual_x509_enrollment_registers_with_its_certificate(hub, tmp_path):
+    registration_id = new_id("x509-solo")
+    cert_file, key_file = _self_signed(tmp_path, registration_id)
+    _put(hub, f"/enrollments/{registration_id}", {
+        "registrationId": registration_id,
+        "attestation": {"type": "x509",
+                        "x509": {"clientCertificates": {"primary": {"certificate": cert_file.read_text()}}}},
+    })
+
+    result = _register_x509(hub, registration_id, cert_file, key_file)
+
+    assert result.status == "assigned"
+    _connect_and_send_x509(hub, result, cert_file, key_file)
