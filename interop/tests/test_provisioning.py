@@ -237,3 +237,38 @@ def test_individual_x509_enrollment_registers_with_its_certificate(hub, tmp_path
 
     assert result.status == "assigned"
     _connect_and_send_x509(hub, result, cert_file, key_file)
+
+
+def test_node_provisioning_client_registers_over_mqtt(hub):
+    """azure-iot-provisioning-device (Node) with its MQTT transport and a group member's
+    derived key (interop/node/provision.js); trust from NODE_EXTRA_CA_CERTS, set explicitly."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    node_dir = Path(__file__).resolve().parents[1] / "node"
+    if not (node_dir / "node_modules" / "azure-iot-provisioning-device").is_dir():
+        pytest.fail("interop/node/node_modules lacks the provisioning SDK: run interop/run.sh "
+                    "(it runs npm ci)", pytrace=False)
+    group_id = new_id("node-grp")
+    group = _put(hub, f"/enrollmentGroups/{group_id}", {
+        "enrollmentGroupId": group_id,
+        "attestation": {"type": "symmetricKey"},
+    })
+    registration_id = new_id("node-member")
+    key = _derive(group["attestation"]["symmetricKey"]["primaryKey"], registration_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERROHUB_")}
+    env["NODE_EXTRA_CA_CERTS"] = hub.ca_file
+    proc = subprocess.run(
+        ["node", str(node_dir / "provision.js"), hub.hostname, _scope(hub), registration_id, key,
+         json.dumps({"modelId": MODEL_ID})],
+        cwd=node_dir, env=env, capture_output=True, text=True, timeout=REGISTER_TIMEOUT)
+    lines = proc.stdout.strip().splitlines()
+    assert lines, f"no output (code {proc.returncode}); stderr:\n{proc.stderr}"
+    result = json.loads(lines[-1])
+    assert "error" not in result, f"{result}\nstderr:\n{proc.stderr}"
+    assert result["status"] == "assigned", result
+    assert result["deviceId"] == registration_id
+    assert result["assignedHub"] == hub.hostname
+    assert result["payload"] == {"modelId": MODEL_ID}
+    assert _twin(hub, registration_id).get("modelId") == MODEL_ID
