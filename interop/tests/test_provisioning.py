@@ -239,8 +239,9 @@ def test_individual_x509_enrollment_registers_with_its_certificate(hub, tmp_path
     _connect_and_send_x509(hub, result, cert_file, key_file)
 
 
-def test_node_provisioning_client_registers_over_mqtt(hub):
-    """azure-iot-provisioning-device (Node) with its MQTT transport and a group member's
+@pytest.mark.parametrize("transport", ["mqtt", "http"])
+def test_node_provisioning_client_registers(hub, transport):
+    """azure-iot-provisioning-device (Node) with its MQTT or HTTP transport and a group member's
     derived key (interop/node/provision.js); trust from NODE_EXTRA_CA_CERTS, set explicitly."""
     import os
     import subprocess
@@ -260,7 +261,7 @@ def test_node_provisioning_client_registers_over_mqtt(hub):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERROHUB_")}
     env["NODE_EXTRA_CA_CERTS"] = hub.ca_file
     proc = subprocess.run(
-        ["node", str(node_dir / "provision.js"), hub.hostname, _scope(hub), registration_id, key,
+        ["node", str(node_dir / "provision.js"), transport, hub.hostname, _scope(hub), registration_id, key,
          json.dumps({"modelId": MODEL_ID})],
         cwd=node_dir, env=env, capture_output=True, text=True, timeout=REGISTER_TIMEOUT)
     lines = proc.stdout.strip().splitlines()

@@ -66,6 +66,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum Transport {
     MqttTls,
     MqttWebSocket,
+    /// The DPS HTTPS device API (provisioning only).
+    Https,
 }
 
 impl std::fmt::Display for Transport {
@@ -73,6 +75,7 @@ impl std::fmt::Display for Transport {
         f.write_str(match self {
             Transport::MqttTls => "mqtt-tls",
             Transport::MqttWebSocket => "mqtt-ws",
+            Transport::Https => "https",
         })
     }
 }

@@ -341,6 +341,13 @@ impl Matched {
     }
 }
 
+/// A request of the DPS HTTPS device API.
+pub enum DpsHttpRequest<'a> {
+    /// The register body, `{"registrationId", "payload"}`.
+    Register(&'a [u8]),
+    OperationStatus(&'a str),
+}
+
 /// The registering device's body: `{"registrationId": "...", "payload": ...}`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -811,6 +818,69 @@ impl Hub {
         let topic = dps::response_topic(status, &rid, retry_after);
         self.provisioning_reply(client, topic, Bytes::from(body.to_string()));
         PublishOutcome::Accept
+    }
+
+    /// The DPS HTTPS device API: `PUT /{idScope}/registrations/{id}/register` and `GET
+    /// /{idScope}/registrations/{id}/operations/{operationId}`, each authenticated on its own
+    /// (`Authorization` SAS token, or the TLS client certificate). Returns the HTTP status and
+    /// body; a refusal is logged here, as on MQTT.
+    pub async fn provisioning_http(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        authorization: Option<&str>,
+        peer: &Peer,
+        request: DpsHttpRequest<'_>,
+    ) -> (u16, Value) {
+        let result = self
+            .provisioning_http_inner(id_scope, registration_id, authorization, peer, request)
+            .await;
+        match result {
+            Ok(ok) => ok,
+            Err(r) => {
+                info!(registration_id, id_scope, peer = %peer.addr, transport = %peer.transport,
+                      reason = %r.why, error_code = r.code.code(), "provisioning request refused");
+                let body = r
+                    .code
+                    .json_body(&timefmt::tracking_id(), &timefmt::now_iso());
+                (r.code.status(), body)
+            }
+        }
+    }
+
+    async fn provisioning_http_inner(
+        &self,
+        id_scope: &str,
+        registration_id: &str,
+        authorization: Option<&str>,
+        peer: &Peer,
+        request: DpsHttpRequest<'_>,
+    ) -> Result<(u16, Value), DpsRefusal> {
+        dps::validate_registration_id(registration_id)
+            .map_err(|e| refusal(DpsErrorCode::BadRequest, e.to_string()))?;
+        let client = ProvisioningClient {
+            registration_id: registration_id.to_string(),
+            id_scope: id_scope.to_string(),
+            client_version: None,
+            password: authorization.map(str::to_string),
+            client_certs: peer.client_certs.clone(),
+            transport: peer.transport,
+            peer: peer.addr,
+            deadline: std::time::Instant::now(),
+            outbound: OnceLock::new(),
+            operation: Mutex::new(None),
+        };
+        match request {
+            DpsHttpRequest::Register(body) => self.device_register(&client, body).await,
+            DpsHttpRequest::OperationStatus(operation_id) => {
+                // No session remembers who registered: the caller proves it again.
+                self.authenticate_registration(&client).await?;
+                if let Ok(mut op) = client.operation.lock() {
+                    *op = Some(operation_id.to_string());
+                }
+                Ok((200, self.operation_status(&client, operation_id).await?))
+            }
+        }
     }
 
     /// A QoS 0 response, dropped when the connection's queue is full (the SDKs time out and

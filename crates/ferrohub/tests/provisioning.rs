@@ -1015,3 +1015,72 @@ mod x509 {
         Ok(())
     }
 }
+
+#[tokio::test]
+async fn the_https_device_api_registers_and_answers_the_status_poll() -> TestResult {
+    let hub = TestHub::start().await?;
+    let h = &hub.server().hub;
+    let g = h
+        .put_enrollment_group("http-grp", group("http-grp", None), IfMatch::Any)
+        .await?;
+    let key = derive_device_key(&primary_of(&g.attestation)?, "http-dev")?;
+    let s = scope(&hub);
+    let base = format!(
+        "https://{HOST}:{}/{s}/registrations/http-dev",
+        hub.https_addr().port()
+    );
+    let client = https_client(&hub)?;
+
+    // A wrong key first: 401 with DPS's body, nothing created.
+    let wrong = ferrohub_iothub::sas::generate_key();
+    let resp = client
+        .put(format!("{base}/register?api-version=2019-03-31"))
+        .header("Authorization", dps_token(&s, "http-dev", &wrong, true))
+        .json(&json!({"registrationId": "http-dev"}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: Value = resp.json().await?;
+    assert_eq!(body["errorCode"], 401002);
+    assert!(h.device("http-dev").await.is_err());
+
+    // The Node SDK's HTTP transport: PUT register, then GET the operation.
+    let token = dps_token(&s, "http-dev", &key, true);
+    let resp = client
+        .put(format!("{base}/register?api-version=2019-03-31"))
+        .header("Authorization", &token)
+        .json(&json!({"registrationId": "http-dev", "payload": {"modelId": "dtmi:x:y;1"}}))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 202);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body: Value = resp.json().await?;
+    assert_eq!(body["status"], "assigning");
+    let op = body["operationId"]
+        .as_str()
+        .ok_or("no operationId")?
+        .to_string();
+
+    // The poll is authenticated on its own.
+    let resp = client
+        .get(format!("{base}/operations/{op}?api-version=2019-03-31"))
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = client
+        .get(format!("{base}/operations/{op}?api-version=2019-03-31"))
+        .header("Authorization", &token)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let body: Value = resp.json().await?;
+    assert_eq!(body["status"], "assigned");
+    assert_eq!(body["registrationState"]["deviceId"], "http-dev");
+    assert_eq!(
+        body["registrationState"]["payload"]["modelId"],
+        "dtmi:x:y;1"
+    );
+    hub.connect_device("http-dev", &key, true).await?;
+    hub.stop().await;
+    Ok(())
+}

@@ -137,6 +137,14 @@ pub fn router(state: ApiState) -> Router {
             "/registrations/{id}",
             get(provisioning::get_registration).delete(provisioning::delete_registration),
         )
+        .route(
+            "/{scope}/registrations/{id}/register",
+            axum::routing::put(provisioning::device_register),
+        )
+        .route(
+            "/{scope}/registrations/{id}/operations/{operation}",
+            get(provisioning::device_operation),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `shed_load`: its refusals have their own, rate-limited, log line.

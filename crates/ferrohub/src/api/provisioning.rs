@@ -1,11 +1,20 @@
 //! The device provisioning service's REST API in DPS's shape (`/enrollments`,
 //! `/enrollmentGroups`, `/registrations`), authorized by `provisioningserviceowner` (or a
-//! registry-write policy); one hub call per route (`ferrohub_hub::provisioning`).
+//! registry-write policy); one hub call per route (`ferrohub_hub::provisioning`). And the DPS
+//! HTTPS device API (`/{idScope}/registrations/{id}/register` and `.../operations/{op}`),
+//! which devices authenticate themselves (SAS token or client certificate).
 
 use axum::extract::State;
-use axum::http::StatusCode;
-use axum::Json;
-use ferrohub_hub::provisioning::{EnrollmentGroup, IndividualEnrollment, RegistrationState};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use ferrohub_hub::provisioning::{
+    DpsHttpRequest, EnrollmentGroup, IndividualEnrollment, RegistrationState, RETRY_AFTER_SECS,
+};
+use ferrohub_hub::{Peer, Transport};
+use serde_json::Value;
+
+use crate::server::HttpsConn;
 
 use super::extract::{
     json_body, BodyBytes, EnrollmentRead, EnrollmentWrite, IfMatchHeader, PathParam,
@@ -133,4 +142,76 @@ pub async fn query_registrations(
 fn public_state(mut r: RegistrationState) -> RegistrationState {
     r.operation_id = None;
     r
+}
+
+/// The DPS HTTPS device API: `PUT /{idScope}/registrations/{registrationId}/register`
+/// (`{"registrationId", "payload"}`), answered 202 `{"operationId", "status": "assigning"}`
+/// with `Retry-After`, as the Node SDK's HTTP transport expects.
+pub async fn device_register(
+    State(state): State<ApiState>,
+    Extension(conn): Extension<HttpsConn>,
+    PathParam((scope, rid)): PathParam<(String, String)>,
+    headers: HeaderMap,
+    BodyBytes(body): BodyBytes,
+) -> Response {
+    let peer = https_peer(&conn);
+    let (status, body) = state
+        .hub
+        .provisioning_http(
+            &scope,
+            &rid,
+            authorization(&headers),
+            &peer,
+            DpsHttpRequest::Register(&body),
+        )
+        .await;
+    dps_response(status, body)
+}
+
+/// `GET /{idScope}/registrations/{registrationId}/operations/{operationId}`.
+pub async fn device_operation(
+    State(state): State<ApiState>,
+    Extension(conn): Extension<HttpsConn>,
+    PathParam((scope, rid, operation)): PathParam<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let peer = https_peer(&conn);
+    let (status, body) = state
+        .hub
+        .provisioning_http(
+            &scope,
+            &rid,
+            authorization(&headers),
+            &peer,
+            DpsHttpRequest::OperationStatus(&operation),
+        )
+        .await;
+    dps_response(status, body)
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn https_peer(conn: &HttpsConn) -> Peer {
+    Peer {
+        addr: conn.addr,
+        transport: Transport::Https,
+        client_certs: conn.client_certs.clone(),
+    }
+}
+
+/// DPS's answer as JSON, with `Retry-After` where the device is told to poll or retry.
+fn dps_response(status: u16, body: Value) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = (code, Json(body)).into_response();
+    if matches!(status, 202 | 429 | 500..=599) {
+        resp.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from(RETRY_AFTER_SECS),
+        );
+    }
+    resp
 }
