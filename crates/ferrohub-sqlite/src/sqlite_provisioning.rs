@@ -158,3 +158,67 @@ impl ProvisioningStore for SqliteStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::DB_FILE;
+    use ferrohub_store::{AccessPolicy, PolicyStore, Rights};
+
+    /// A data directory written before provisioning existed (no provisioning tables, policies
+    /// without enrollment rights) opens, gains the tables, and reads its policies with the
+    /// new rights off.
+    #[tokio::test]
+    async fn a_data_dir_from_before_provisioning_upgrades_in_place() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        {
+            let store = SqliteStore::open(dir.path())?;
+            store
+                .ensure_policy(AccessPolicy {
+                    key_name: "registryReadWrite".into(),
+                    primary_key: "a2V5".into(),
+                    secondary_key: "a2V5".into(),
+                    rights: Rights {
+                        registry_read: true,
+                        registry_write: true,
+                        ..Rights::default()
+                    },
+                })
+                .await?;
+        }
+        {
+            let conn = rusqlite::Connection::open(dir.path().join(DB_FILE))
+                .map_err(|e| ferrohub_store::StoreError::Backend(Box::new(e)))?;
+            conn.execute_batch(
+                "DROP TABLE provisioning; DROP TABLE provisioning_settings; \
+                 UPDATE policies SET doc = '{\"keyName\":\"registryReadWrite\",\"primaryKey\":\"a2V5\",\
+                 \"secondaryKey\":\"a2V5\",\"rights\":{\"registryRead\":true,\"registryWrite\":true,\
+                 \"serviceConnect\":false,\"deviceConnect\":false}}';",
+            )
+            .map_err(|e| ferrohub_store::StoreError::Backend(Box::new(e)))?;
+        }
+        let store = SqliteStore::open(dir.path())?;
+        let p = store
+            .get_policy("registryReadWrite")
+            .await?
+            .ok_or(ferrohub_store::StoreError::NotFound)?;
+        assert!(p.rights.registry_write && !p.rights.enrollment_read && !p.rights.enrollment_write);
+        assert_eq!(
+            store.ensure_id_scope("0ne0000000A".into()).await?,
+            "0ne0000000A"
+        );
+        store
+            .put_provisioning(
+                ProvisioningKind::Enrollment,
+                "e1",
+                "{}".into(),
+                IfMatch::Any,
+            )
+            .await?;
+        assert!(store
+            .get_provisioning(ProvisioningKind::Enrollment, "e1")
+            .await?
+            .is_some());
+        Ok(())
+    }
+}

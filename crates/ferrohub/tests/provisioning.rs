@@ -769,6 +769,9 @@ async fn the_cli_creates_groups_and_derives_keys_that_provision() -> TestResult 
     .await?;
     assert!(ok, "{err}");
     assert!(out.contains("created enrollment group cli-group"), "{out}");
+    // Creating it again would silently rotate its keys: refused without --etag.
+    let (ok, _, err) = run(s(&["dps", "group", "create", "cli-group"])).await?;
+    assert!(!ok && err.contains("exists"), "{err}");
     let (ok, key, err) = run(s(&[
         "dps",
         "derive-key",

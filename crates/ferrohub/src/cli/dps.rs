@@ -60,9 +60,24 @@ pub struct EnrollmentArgs {
     pub desired: Option<String>,
     #[arg(long, value_enum, default_value_t = StatusChoice::Enabled)]
     pub status: StatusChoice,
-    /// Replace an existing one only if it still has this etag.
+    /// Replace an existing one, if it still has this etag (`*`: whatever it has). Without it,
+    /// an existing one is left alone: replacing it would generate new keys unless given, and
+    /// every device provisioned with the old ones would stop being able to register.
     #[arg(long)]
     pub etag: Option<String>,
+}
+
+/// Refuses to `create` over an existing record unless `--etag` says to replace it.
+async fn refuse_existing(
+    api: &ApiClient,
+    path: &str,
+    what: &str,
+    etag: &Option<String>,
+) -> anyhow::Result<()> {
+    if etag.is_none() && api.get(path).await.is_ok() {
+        anyhow::bail!("{what} exists; pass --etag ETAG (or --etag '*') to replace it");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,13 +285,16 @@ pub async fn run_dps(args: &ClientArgs, cmd: DpsCommand) -> anyhow::Result<()> {
                     created_date_time_utc: None,
                     last_updated_date_time_utc: None,
                 };
-                let e: IndividualEnrollment = api
-                    .put_as(
-                        &format!("/enrollments/{}", enc(&registration_id)),
-                        &body,
-                        args.etag.as_deref(),
-                    )
-                    .await?;
+                let path = format!("/enrollments/{}", enc(&registration_id));
+                refuse_existing(
+                    &api,
+                    &path,
+                    &format!("enrollment {registration_id}"),
+                    &args.etag,
+                )
+                .await?;
+                let e: IndividualEnrollment =
+                    api.put_as(&path, &body, args.etag.as_deref()).await?;
                 print_enrollment(out, &e, "created enrollment")
             }
             EnrollmentCommand::Show { registration_id } => {
@@ -337,13 +355,15 @@ pub async fn run_dps(args: &ClientArgs, cmd: DpsCommand) -> anyhow::Result<()> {
                     created_date_time_utc: None,
                     last_updated_date_time_utc: None,
                 };
-                let g: EnrollmentGroup = api
-                    .put_as(
-                        &format!("/enrollmentGroups/{}", enc(&group_id)),
-                        &body,
-                        args.etag.as_deref(),
-                    )
-                    .await?;
+                let path = format!("/enrollmentGroups/{}", enc(&group_id));
+                refuse_existing(
+                    &api,
+                    &path,
+                    &format!("enrollment group {group_id}"),
+                    &args.etag,
+                )
+                .await?;
+                let g: EnrollmentGroup = api.put_as(&path, &body, args.etag.as_deref()).await?;
                 print_group(out, &g, "created enrollment group")
             }
             GroupCommand::Show { group_id } => {
