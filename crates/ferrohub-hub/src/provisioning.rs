@@ -1248,7 +1248,16 @@ impl Hub {
             }
         };
         let identity = Identity::device(&device_id);
-        if created {
+        let previous = self
+            .store
+            .get_provisioning(ProvisioningKind::Registration, registration_id)
+            .await
+            .map_err(server_error)?
+            .and_then(|r| serde_json::from_str::<RegistrationState>(&r.doc).ok());
+        // The initial twin goes with the first registration: when the device is created, or
+        // when no registration was recorded yet (a first attempt that created the device and
+        // then failed before recording its registration applies it on the retry).
+        if created || previous.is_none() {
             if let Some(t) = matched.initial_twin() {
                 let mut patch = serde_json::Map::new();
                 if let Some(tags) = &t.tags {
@@ -1281,12 +1290,6 @@ impl Hub {
         }
 
         let now = timefmt::now_iso();
-        let previous = self
-            .store
-            .get_provisioning(ProvisioningKind::Registration, registration_id)
-            .await
-            .map_err(server_error)?
-            .and_then(|r| serde_json::from_str::<RegistrationState>(&r.doc).ok());
         let substatus = match (&previous, created) {
             (_, true) | (None, _) => "initialAssignment".to_string(),
             (Some(p), false) => p
