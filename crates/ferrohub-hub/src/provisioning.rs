@@ -37,6 +37,9 @@ pub const RETRY_AFTER_SECS: u32 = 1;
 /// connection is let in before its credentials are checked (DPS checks them at register), so
 /// it must not be able to sit on a socket forever.
 pub const SESSION_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// Requests one provisioning connection may make; past it each is answered 429 (a device
+/// registers once and polls a few times, and each register writes to the store).
+pub const MAX_REQUESTS_PER_CONNECTION: u32 = 50;
 
 /// `provisioningStatus`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -253,6 +256,8 @@ pub struct ProvisioningClient {
     outbound: OnceLock<Outbound>,
     /// The operation this connection's last successful register started.
     operation: Mutex<Option<String>>,
+    /// Requests made on this connection (see [`MAX_REQUESTS_PER_CONNECTION`]).
+    requests: std::sync::atomic::AtomicU32,
 }
 
 impl std::fmt::Debug for ProvisioningClient {
@@ -749,6 +754,7 @@ impl Hub {
             deadline,
             outbound: OnceLock::new(),
             operation: Mutex::new(None),
+            requests: Default::default(),
         })
     }
 
@@ -788,7 +794,18 @@ impl Hub {
                 ))
             }
         };
+        let n = client
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let throttled = n >= MAX_REQUESTS_PER_CONNECTION;
         let (rid, result) = match topic {
+            DpsTopic::Register { rid } | DpsTopic::OperationStatus { rid, .. } if throttled => (
+                rid,
+                Err(refusal(
+                    DpsErrorCode::Throttled,
+                    format!("more than {MAX_REQUESTS_PER_CONNECTION} requests on one connection"),
+                )),
+            ),
             DpsTopic::Register { rid } => {
                 let r = self.device_register(client, &publish.payload).await;
                 (
@@ -869,6 +886,7 @@ impl Hub {
             deadline: std::time::Instant::now(),
             outbound: OnceLock::new(),
             operation: Mutex::new(None),
+            requests: Default::default(),
         };
         match request {
             DpsHttpRequest::Register(body) => self.device_register(&client, body).await,

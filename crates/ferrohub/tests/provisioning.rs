@@ -483,7 +483,8 @@ async fn refusals_answer_401002_and_create_no_device() -> TestResult {
 }
 
 #[tokio::test]
-async fn a_status_query_for_another_operation_is_not_found_and_topics_are_confined() -> TestResult {
+async fn a_status_query_for_another_operation_is_not_found_requests_are_bounded_and_topics_are_confined(
+) -> TestResult {
     let hub = TestHub::start().await?;
     let s = scope(&hub);
     let h = &hub.server().hub;
@@ -494,6 +495,15 @@ async fn a_status_query_for_another_operation_is_not_found_and_topics_are_confin
     let mut c = dps_connect(&hub, &s, "probe", &dps_token(&s, "probe", &key, false)).await?;
     let r = poll(&mut c, "4.0000000000000000.guess").await?;
     assert_eq!(r.status, 404);
+    // One connection gets a bounded number of requests; past it, 429 with retry-after.
+    let limit = ferrohub_hub::provisioning::MAX_REQUESTS_PER_CONNECTION;
+    for _ in 1..limit {
+        assert_eq!(poll(&mut c, "4.0000000000000000.guess").await?.status, 404);
+    }
+    let r = poll(&mut c, "4.0000000000000000.guess").await?;
+    assert_eq!(r.status, 429, "body {}", r.body);
+    assert_eq!(r.body["errorCode"], 429001);
+    assert!(r.retry_after.is_some());
     // Only the response filter may be subscribed on a provisioning connection.
     let codes = c
         .subscribe(
