@@ -224,6 +224,10 @@ async fn run_session<H, S>(
     H: Handler,
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    if let Some(key) = broker.handler.session_key(&client) {
+        connect.client_id = key;
+        connect.clean_session = true;
+    }
     let client_id = connect.client_id.clone();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let (conn_id, kicked) = broker.register(&client_id, done_rx).await;

@@ -197,6 +197,14 @@ pub trait Handler: Send + Sync + 'static {
         None
     }
 
+    /// The key the broker files this client's session under (takeover, in-flight messages,
+    /// persistence) when it must differ from the CONNECT client id, e.g. for a second protocol
+    /// on the same listener whose client ids may equal the first one's. Such a session is
+    /// always clean (nothing is persisted under the key). `None`: the client id.
+    fn session_key(&self, _client: &Self::Client) -> Option<String> {
+        None
+    }
+
     /// Called once the connection is registered and CONNACK sent, with a handle that can push
     /// messages to this client and the subscriptions a persistent session brought back.
     async fn connected(&self, client: &Self::Client, outbound: Outbound, subscriptions: &[String]);

@@ -26,6 +26,7 @@ pub mod link;
 pub mod methods;
 pub mod models;
 pub mod presence;
+pub mod provisioning;
 pub mod query;
 pub mod readers;
 pub mod registry;
@@ -68,6 +69,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub enum Transport {
     MqttTls,
     MqttWebSocket,
+    /// The DPS HTTPS device API (provisioning only).
+    Https,
 }
 
 impl std::fmt::Display for Transport {
@@ -75,6 +78,7 @@ impl std::fmt::Display for Transport {
         f.write_str(match self {
             Transport::MqttTls => "mqtt-tls",
             Transport::MqttWebSocket => "mqtt-ws",
+            Transport::Https => "https",
         })
     }
 }
@@ -228,6 +232,8 @@ pub struct Hub {
     control: std::sync::OnceLock<Arc<dyn ConnectionControl>>,
     /// Live IoT Plug and Play conformance: the checker's queue and its findings.
     pub(crate) conformance: conformance::Conformance,
+    /// The device provisioning service's ID scope and allocator (`provisioning.rs`).
+    provisioning: provisioning::ProvisioningService,
 }
 
 impl Hub {
@@ -270,6 +276,7 @@ impl Hub {
             jobs: jobs::JobRunners::default(),
             control: std::sync::OnceLock::new(),
             conformance: conformance::Conformance::new(),
+            provisioning: Default::default(),
         })
     }
 

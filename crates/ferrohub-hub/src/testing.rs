@@ -485,3 +485,46 @@ impl ferrohub_store::JobStore for TestStore {
         self.inner.scan_device_jobs(job_id, after, limit).await
     }
 }
+
+/// Provisioning records pass straight through, writes behind the write failpoint.
+#[async_trait]
+impl ferrohub_store::ProvisioningStore for TestStore {
+    async fn put_provisioning(
+        &self,
+        kind: ferrohub_store::ProvisioningKind,
+        id: &str,
+        doc: String,
+        if_match: IfMatch,
+    ) -> Result<ferrohub_store::StoredProvisioning> {
+        self.write_failpoint()?;
+        self.inner.put_provisioning(kind, id, doc, if_match).await
+    }
+    async fn get_provisioning(
+        &self,
+        kind: ferrohub_store::ProvisioningKind,
+        id: &str,
+    ) -> Result<Option<ferrohub_store::StoredProvisioning>> {
+        self.inner.get_provisioning(kind, id).await
+    }
+    async fn delete_provisioning(
+        &self,
+        kind: ferrohub_store::ProvisioningKind,
+        id: &str,
+        if_match: IfMatch,
+    ) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.delete_provisioning(kind, id, if_match).await
+    }
+    async fn list_provisioning(
+        &self,
+        kind: ferrohub_store::ProvisioningKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ferrohub_store::StoredProvisioning>> {
+        self.inner.list_provisioning(kind, after, limit).await
+    }
+    async fn ensure_id_scope(&self, candidate: String) -> Result<String> {
+        self.write_failpoint()?;
+        self.inner.ensure_id_scope(candidate).await
+    }
+}

@@ -6,6 +6,7 @@ pub mod c2d;
 pub mod connect;
 pub mod connection_string;
 pub mod digital_twin;
+pub mod dps;
 mod encoding;
 pub mod errors;
 pub mod identity;

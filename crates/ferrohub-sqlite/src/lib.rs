@@ -12,6 +12,7 @@ mod sqlite_c2d;
 mod sqlite_configurations;
 mod sqlite_jobs;
 mod sqlite_models;
+mod sqlite_provisioning;
 mod sqlite_query;
 mod sqlite_telemetry;
 mod sqlite_twins;

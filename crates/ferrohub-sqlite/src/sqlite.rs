@@ -122,6 +122,21 @@ CREATE TABLE IF NOT EXISTS models (
     doc        TEXT NOT NULL,
     created_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Device provisioning: enrollments, enrollment groups and registrations, documents the hub
+-- reads (sqlite_provisioning.rs); version is the etag's source. Added after 0.x data
+-- directories existed: IF NOT EXISTS creates it on upgrade.
+CREATE TABLE IF NOT EXISTS provisioning (
+    kind    TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    doc     TEXT NOT NULL,
+    PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
+-- Settings of the provisioning service (its ID scope), one row per name.
+CREATE TABLE IF NOT EXISTS provisioning_settings (
+    name  TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 "#;
 
 /// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`

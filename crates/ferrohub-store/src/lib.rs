@@ -1,6 +1,7 @@
 //! Ferrohub storage: the records the hub keeps and one trait per concern (registry, access
 //! policies, CA certificates, MQTT sessions, cloud-to-device queues and feedback, twins, and
-//! the scans queries run over them, configurations, jobs, IoT Plug and Play models),
+//! the scans queries run over them, configurations, jobs, IoT Plug and Play models, device
+//! provisioning),
 //! independent of any engine.
 //!
 //! The semantics layer only ever sees the traits, so an engine (the embedded SQLite one in
@@ -14,6 +15,7 @@ pub mod jobs;
 pub mod memory;
 pub mod model;
 pub mod models;
+pub mod provisioning;
 pub mod query;
 pub mod telemetry;
 #[cfg(any(test, feature = "testsuite"))]
@@ -29,6 +31,7 @@ pub use jobs::{JobStore, StoredDeviceJob, StoredJob};
 pub use memory::{MemoryStore, MemoryTelemetry};
 pub use model::*;
 pub use models::{ModelStore, StoredModel};
+pub use provisioning::{ProvisioningKind, ProvisioningStore, StoredProvisioning};
 pub use query::{QueryStore, TwinRow, TwinScan};
 pub use timestamp::Timestamp;
 
@@ -280,6 +283,7 @@ pub trait Store:
     + ConfigurationStore
     + JobStore
     + ModelStore
+    + ProvisioningStore
 {
 }
 impl<
@@ -293,6 +297,7 @@ impl<
             + ConfigurationStore
             + JobStore
             + ModelStore,
+            + ProvisioningStore,
     > Store for T
 {
 }

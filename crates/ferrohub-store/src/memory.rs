@@ -148,6 +148,8 @@ pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     /// Apart from `state`: jobs touch nothing else, and this keeps their code in one place.
     jobs: Arc<Mutex<JobsState>>,
+    /// Apart from `state` for the same reason: provisioning records touch nothing else.
+    provisioning: Arc<Mutex<ProvisioningState>>,
 }
 
 impl MemoryStore {
@@ -1142,5 +1144,100 @@ impl crate::JobStore for MemoryStore {
                 doc: doc.clone(),
             })
             .collect())
+    }
+}
+
+/// Provisioning records by kind and id, each with its version (the etag's source), and the ID
+/// scope.
+#[derive(Default)]
+struct ProvisioningState {
+    records: BTreeMap<(crate::ProvisioningKind, String), (u64, String)>,
+    id_scope: Option<String>,
+}
+
+fn stored_provisioning(
+    kind: crate::ProvisioningKind,
+    id: &str,
+    version: u64,
+    doc: &str,
+) -> crate::StoredProvisioning {
+    crate::StoredProvisioning {
+        kind,
+        id: id.to_string(),
+        doc: doc.to_string(),
+        etag: etag_of(version),
+    }
+}
+
+#[async_trait]
+impl crate::ProvisioningStore for MemoryStore {
+    async fn put_provisioning(
+        &self,
+        kind: crate::ProvisioningKind,
+        id: &str,
+        doc: String,
+        if_match: IfMatch,
+    ) -> Result<crate::StoredProvisioning> {
+        let mut s = lock(&self.provisioning);
+        let key = (kind, id.to_string());
+        let current = s.records.get(&key).map(|(v, _)| *v);
+        let version = match (current, &if_match) {
+            (None, IfMatch::Any) => 1,
+            (current, _) => check_if_match(current, &if_match)? + 1,
+        };
+        let out = stored_provisioning(kind, id, version, &doc);
+        s.records.insert(key, (version, doc));
+        Ok(out)
+    }
+
+    async fn get_provisioning(
+        &self,
+        kind: crate::ProvisioningKind,
+        id: &str,
+    ) -> Result<Option<crate::StoredProvisioning>> {
+        Ok(lock(&self.provisioning)
+            .records
+            .get(&(kind, id.to_string()))
+            .map(|(v, doc)| stored_provisioning(kind, id, *v, doc)))
+    }
+
+    async fn delete_provisioning(
+        &self,
+        kind: crate::ProvisioningKind,
+        id: &str,
+        if_match: IfMatch,
+    ) -> Result<()> {
+        let mut s = lock(&self.provisioning);
+        let key = (kind, id.to_string());
+        check_if_match(s.records.get(&key).map(|(v, _)| *v), &if_match)?;
+        s.records.remove(&key);
+        Ok(())
+    }
+
+    async fn list_provisioning(
+        &self,
+        kind: crate::ProvisioningKind,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::StoredProvisioning>> {
+        use std::ops::Bound;
+        let s = lock(&self.provisioning);
+        let from = match after {
+            Some(a) => Bound::Excluded((kind, a.to_string())),
+            None => Bound::Included((kind, String::new())),
+        };
+        Ok(s.records
+            .range((from, Bound::Unbounded))
+            .take_while(|((k, _), _)| *k == kind)
+            .take(limit)
+            .map(|((k, id), (v, doc))| stored_provisioning(*k, id, *v, doc))
+            .collect())
+    }
+
+    async fn ensure_id_scope(&self, candidate: String) -> Result<String> {
+        Ok(lock(&self.provisioning)
+            .id_scope
+            .get_or_insert(candidate)
+            .clone())
     }
 }

@@ -126,6 +126,12 @@ pub struct Rights {
     pub registry_write: bool,
     pub service_connect: bool,
     pub device_connect: bool,
+    /// The device provisioning service's rights (DPS's `EnrollmentRead`/`EnrollmentWrite`,
+    /// which also cover registrations). Absent in policies stored before provisioning existed.
+    #[serde(default)]
+    pub enrollment_read: bool,
+    #[serde(default)]
+    pub enrollment_write: bool,
 }
 
 impl Rights {
@@ -134,6 +140,8 @@ impl Rights {
         registry_write: true,
         service_connect: true,
         device_connect: true,
+        enrollment_read: true,
+        enrollment_write: true,
     };
 }
 

@@ -101,6 +101,10 @@ pub struct ServeArgs {
     /// (`dtmi/com/example/thermostat-1.json`), searched after the models added to the hub.
     #[arg(long, env = "FERROHUB_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
+    /// The device provisioning service's ID scope (default: one generated on first start,
+    /// `0ne` and 8 hex digits, kept in the data directory).
+    #[arg(long, env = "FERROHUB_DPS_ID_SCOPE")]
+    pub dps_id_scope: Option<String>,
 }
 
 /// The config file's shape: the same settings as the flags.
@@ -133,6 +137,7 @@ struct FileConfig {
     https_max_requests: Option<usize>,
     tls_handshake_timeout_secs: Option<u64>,
     model_dir: Option<PathBuf>,
+    dps_id_scope: Option<String>,
 }
 
 /// The resolved configuration of a server.
@@ -175,6 +180,8 @@ pub struct ServerConfig {
     pub https_max_requests: usize,
     /// Time a client has to finish the TLS handshake, MQTT and HTTPS alike.
     pub tls_handshake_timeout: Duration,
+    /// The provisioning service's ID scope; `None`: the stored one, generated on first start.
+    pub dps_id_scope: Option<String>,
 }
 
 /// How long an HTTPS client may take; see `https_conn` for how each is enforced.
@@ -224,6 +231,7 @@ impl ServerConfig {
             https_timeouts: HttpsTimeouts::default(),
             https_max_requests: 256,
             tls_handshake_timeout: Duration::from_secs(10),
+            dps_id_scope: None,
         }
     }
 
@@ -322,6 +330,11 @@ impl ServerConfig {
                 anyhow::bail!("amqp_max_connections must be at least 1");
             }
             cfg.amqp_max_connections = n;
+        }
+        if let Some(scope) = args.dps_id_scope.clone().or(file.dps_id_scope) {
+            ferrohub_iothub::dps::validate_id_scope(&scope)
+                .map_err(|e| anyhow::anyhow!("dps_id_scope: {e}"))?;
+            cfg.dps_id_scope = Some(scope);
         }
         if let Some(n) = args.https_max_requests.or(file.https_max_requests) {
             if n == 0 {

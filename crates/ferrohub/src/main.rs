@@ -106,6 +106,13 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::JobCommand,
     },
+    /// Device provisioning (DPS): enrollments, enrollment groups, registrations, derived keys.
+    Dps {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::DpsCommand,
+    },
     /// Print the Event Hubs-compatible connection string of the built-in events endpoint, for
     /// `azure-eventhub` and other Event Hubs clients.
     EventhubConnectionString {
@@ -143,6 +150,7 @@ async fn main() -> std::process::ExitCode {
         Command::Invoke { client, args } => cli::run_invoke(&client, args).await,
         Command::Query { client, args } => cli::run_query(&client, args).await,
         Command::Job { client, cmd } => cli::run_job(&client, cmd).await,
+        Command::Dps { client, cmd } => cli::run_dps(&client, cmd).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -191,6 +199,7 @@ fn print_banner(cfg: &ServerConfig, info: &ferrohub::server::HubInfo) {
          \n  Owner connection string:  {cs}\
          \n  AMQP over TLS (Event Hubs-compatible endpoint): port {amqp}\
          \n  Event Hubs-compatible connection string: {eh}\
+         \n  Device provisioning (DPS): host {host}, ID scope {scope}\
          \n\nCreate a device:\
          \n  ferrohub device create my-device --data-dir {data_dir}\
          \nThen get its connection string for an IoT Hub SDK:\
@@ -203,6 +212,7 @@ fn print_banner(cfg: &ServerConfig, info: &ferrohub::server::HubInfo) {
         cs = info.owner_connection_string,
         amqp = info.amqp_port,
         eh = info.eventhub_connection_string,
+        scope = info.dps_id_scope,
     );
 }
 

@@ -1,4 +1,5 @@
-//! The MQTT front end: plugs the hub's device services into the generic broker.
+//! The MQTT front end: plugs the hub's device services (and its device provisioning service,
+//! for CONNECTs with a DPS username) into the generic broker.
 //!
 //! It translates and nothing more: broker calls become hub calls, hub messages become broker
 //! messages, and a disconnect reason becomes its log text and IoT Hub error code. The hub's
@@ -11,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ferrohub_broker::{Broker, DisconnectReason, Handler, PeerInfo, PublishDecision, Refusal};
 use ferrohub_hub::link::{self, ConnectionControl, DeviceLink, NotConnected};
+use ferrohub_hub::provisioning::ProvisioningClient;
 use ferrohub_hub::{Hub, HubClient, HubError, PublishOutcome};
 use ferrohub_iothub::ErrorCode;
 use ferrohub_mqtt::{Connect, ConnectReturnCode, LastWill, Publish, QoS};
@@ -28,54 +30,106 @@ fn transport(t: ferrohub_broker::Transport) -> ferrohub_hub::Transport {
     }
 }
 
+/// A connection the front end holds: a device's hub connection, or a device provisioning
+/// itself (a CONNECT whose username has the DPS form, `{idScope}/registrations/{id}/...`),
+/// which reaches the hub's provisioning service on the same listeners.
+pub enum MqttClient {
+    Device(HubClient),
+    Provisioning(ProvisioningClient),
+}
+
 #[async_trait]
 impl Handler for MqttFrontEnd {
-    type Client = HubClient;
+    type Client = MqttClient;
 
     async fn connect(
         &self,
         connect: &Connect,
         peer: &PeerInfo,
-    ) -> Result<HubClient, ConnectReturnCode> {
+    ) -> Result<MqttClient, ConnectReturnCode> {
         let peer = ferrohub_hub::Peer {
             addr: peer.addr,
             transport: transport(peer.transport),
             client_certs: peer.client_certs.clone(),
         };
-        self.hub.device_connect(connect, &peer).await
+        if connect
+            .username
+            .as_deref()
+            .is_some_and(ferrohub_iothub::dps::is_dps_username)
+        {
+            return self
+                .hub
+                .provisioning_connect(connect, &peer)
+                .map(MqttClient::Provisioning);
+        }
+        self.hub
+            .device_connect(connect, &peer)
+            .await
+            .map(MqttClient::Device)
     }
 
     fn keep_alive(&self, client_keep_alive: u16) -> Duration {
         self.hub.keep_alive(client_keep_alive)
     }
 
-    fn session_deadline(&self, client: &HubClient) -> Option<tokio::time::Instant> {
-        // An instant too far to represent is never reached: no deadline.
-        tokio::time::Instant::now().checked_add(client.credentials_valid_for()?)
+    fn session_deadline(&self, client: &MqttClient) -> Option<tokio::time::Instant> {
+        match client {
+            // An instant too far to represent is never reached: no deadline.
+            MqttClient::Device(c) => {
+                tokio::time::Instant::now().checked_add(c.credentials_valid_for()?)
+            }
+            MqttClient::Provisioning(p) => Some(tokio::time::Instant::from_std(p.deadline)),
+        }
+    }
+
+    fn session_key(&self, client: &MqttClient) -> Option<String> {
+        match client {
+            MqttClient::Device(_) => None,
+            MqttClient::Provisioning(p) => Some(p.session_key()),
+        }
     }
 
     async fn connected(
         &self,
-        client: &HubClient,
+        client: &MqttClient,
         outbound: ferrohub_broker::Outbound,
         subscriptions: &[String],
     ) {
         let link = link::Outbound::new(MqttLink(outbound));
-        self.hub.device_connected(client, link, subscriptions).await;
+        match client {
+            MqttClient::Device(c) => self.hub.device_connected(c, link, subscriptions).await,
+            MqttClient::Provisioning(p) => self.hub.provisioning_connected(p, link),
+        }
     }
 
-    fn authorize_subscribe(&self, client: &HubClient, filter: &str, requested: QoS) -> Option<QoS> {
-        self.hub.authorize_subscribe(client, filter, requested)
+    fn authorize_subscribe(
+        &self,
+        client: &MqttClient,
+        filter: &str,
+        requested: QoS,
+    ) -> Option<QoS> {
+        match client {
+            MqttClient::Device(c) => self.hub.authorize_subscribe(c, filter, requested),
+            MqttClient::Provisioning(p) => self
+                .hub
+                .provisioning_authorize_subscribe(p, filter, requested),
+        }
     }
 
-    async fn subscriptions_changed(&self, client: &HubClient, subscriptions: &[String]) {
-        self.hub
-            .device_subscriptions_changed(client, subscriptions)
-            .await;
+    async fn subscriptions_changed(&self, client: &MqttClient, subscriptions: &[String]) {
+        if let MqttClient::Device(c) = client {
+            self.hub
+                .device_subscriptions_changed(c, subscriptions)
+                .await;
+        }
     }
 
-    async fn publish(&self, client: &HubClient, publish: Publish) -> PublishDecision {
-        match self.hub.device_publish(client, publish).await {
+    async fn publish(&self, client: &MqttClient, publish: Publish) -> PublishDecision {
+        let outcome = match client {
+            MqttClient::Device(c) => self.hub.device_publish(c, publish).await,
+            MqttClient::Provisioning(p) => self.hub.provisioning_publish(p, publish).await,
+        };
+        match outcome {
             PublishOutcome::Accept => PublishDecision::Accept,
             PublishOutcome::AcceptWhen(done) => {
                 PublishDecision::AcceptWhen(Box::pin(async move { done.await.map_err(failed) }))
@@ -87,12 +141,18 @@ impl Handler for MqttFrontEnd {
 
     async fn disconnected(
         &self,
-        client: &HubClient,
+        client: &MqttClient,
         reason: &DisconnectReason,
         will: Option<LastWill>,
     ) {
         let (why, code) = describe(reason);
-        self.hub.device_disconnected(client, &why, code, will).await;
+        match client {
+            MqttClient::Device(c) => self.hub.device_disconnected(c, &why, code, will).await,
+            MqttClient::Provisioning(p) => {
+                tracing::info!(registration_id = %p.registration_id, transport = %p.transport,
+                               reason = %why, "provisioning connection closed");
+            }
+        }
     }
 }
 

@@ -44,6 +44,10 @@ pub struct HubInfo {
     /// `azure-eventhub` and other Event Hubs consumers.
     #[serde(default)]
     pub eventhub_connection_string: String,
+    /// The device provisioning service's ID scope (the provisioning host is `hostname`, on the
+    /// MQTT and HTTPS ports). Absent in files written before provisioning existed.
+    #[serde(default)]
+    pub dps_id_scope: String,
     pub pid: u32,
 }
 
@@ -135,6 +139,16 @@ fn default_policies() -> Vec<AccessPolicy> {
             Rights {
                 registry_read: true,
                 registry_write: true,
+                ..none
+            },
+        ),
+        // The device provisioning service's owner policy, as DPS names it: enrollments,
+        // groups and registrations, nothing of the hub's own registry or messaging.
+        policy(
+            "provisioningserviceowner",
+            Rights {
+                enrollment_read: true,
+                enrollment_write: true,
                 ..none
             },
         ),
@@ -248,6 +262,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         .unwrap_or_else(|| owner.clone());
     let mut info = hub_info(&cfg, mqtt_addr, https_addr, &tls_files, &owner);
     info.amqp_port = amqp_addr.port();
+    info.dps_id_scope = hub.id_scope().unwrap_or_default().to_string();
     info.eventhub_connection_string = eventhub_connection_string(
         &info.hostname,
         amqp_addr.port(),
@@ -378,6 +393,9 @@ async fn compose(
         }
     }
     let owner = owner.context("iothubowner policy missing")?;
+    hub.init_provisioning(cfg.dps_id_scope.clone(), None)
+        .await
+        .context("setting up device provisioning")?;
     let broker_cfg = BrokerConfig {
         max_packet_size: cfg.max_packet_size,
         max_subscriptions: ferrohub_iothub::connect::MAX_SUBSCRIPTIONS,
@@ -461,6 +479,7 @@ fn hub_info(
         owner_connection_string: owner_cs.to_string(),
         amqp_port: 0,
         eventhub_connection_string: String::new(),
+        dps_id_scope: String::new(),
         pid: std::process::id(),
     }
 }

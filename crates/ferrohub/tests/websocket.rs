@@ -310,3 +310,96 @@ async fn shutdown_closes_websocket_sessions_and_waits_for_them() -> TestResult {
     assert_eq!(silent.recv().await?, None);
     Ok(())
 }
+
+/// A device provisions itself over MQTT on WebSocket too (the Python SDK's `websockets=True`
+/// takes the same `/$iothub/websocket` path), and the PUBACK and response may come in either
+/// order.
+#[tokio::test]
+async fn provisioning_runs_over_websocket() -> TestResult {
+    use ferrohub_mqtt::{Connect, QoS};
+    use serde_json::{json, Value};
+    let hub = TestHub::start().await?;
+    let e = hub
+        .api
+        .put(
+            "/enrollments/ws-dev",
+            &json!({"registrationId": "ws-dev", "attestation": {"type": "symmetricKey"}}),
+            None,
+        )
+        .await?;
+    let key = e["attestation"]["symmetricKey"]["primaryKey"]
+        .as_str()
+        .ok_or("no key")?
+        .to_string();
+    let scope = hub.server().info.dps_id_scope.clone();
+    let (mut c, _) = ws_client(&hub, "/$iothub/websocket").await?;
+    let token = token_for(&format!("{scope}/registrations/ws-dev"), &key, 3600, None);
+    let ack = c
+        .connect(Packet::Connect(Connect {
+            protocol_name: "MQTT".into(),
+            protocol_level: 4,
+            clean_session: true,
+            keep_alive: 60,
+            client_id: "ws-dev".into(),
+            will: None,
+            username: Some(format!(
+                "{scope}/registrations/ws-dev/api-version=2019-03-31"
+            )),
+            password: Some(bytes::Bytes::from(token)),
+        }))
+        .await?;
+    assert_eq!(ack.1, ConnectReturnCode::Accepted);
+    c.subscribe(1, &[("$dps/registrations/res/#", QoS::AtLeastOnce)])
+        .await?;
+
+    /// Publishes at QoS 1; returns the response, whichever of it and the PUBACK comes first.
+    async fn exchange(
+        c: &mut MqttClient,
+        pid: u16,
+        topic: String,
+        body: &[u8],
+    ) -> R<ferrohub_mqtt::Publish> {
+        c.send(&publish(&topic, body, QoS::AtLeastOnce, pid))
+            .await?;
+        let (mut acked, mut answer) = (false, None);
+        while !(acked && answer.is_some()) {
+            match c.recv().await? {
+                Some(Packet::PubAck(id)) if id == pid => acked = true,
+                Some(Packet::Publish(p)) if answer.is_none() => answer = Some(p),
+                other => return Err(format!("unexpected {other:?}").into()),
+            }
+        }
+        answer.ok_or_else(|| "no response".into())
+    }
+    let p = exchange(
+        &mut c,
+        2,
+        "$dps/registrations/PUT/iotdps-register/?$rid=1".into(),
+        br#"{"registrationId":"ws-dev"}"#,
+    )
+    .await?;
+    assert!(
+        p.topic
+            .starts_with("$dps/registrations/res/202/?$rid=1&retry-after="),
+        "{}",
+        p.topic
+    );
+    let body: Value = serde_json::from_slice(&p.payload)?;
+    let op = body["operationId"]
+        .as_str()
+        .ok_or("no operationId")?
+        .to_string();
+    let p = exchange(
+        &mut c,
+        3,
+        format!("$dps/registrations/GET/iotdps-get-operationstatus/?$rid=2&operationId={op}"),
+        b" ",
+    )
+    .await?;
+    assert_eq!(p.topic, "$dps/registrations/res/200/?$rid=2");
+    let body: Value = serde_json::from_slice(&p.payload)?;
+    assert_eq!(body["status"], "assigned");
+    assert_eq!(body["registrationState"]["deviceId"], "ws-dev");
+    hub.stop().await;
+    Ok(())
+}

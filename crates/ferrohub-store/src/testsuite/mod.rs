@@ -8,7 +8,7 @@
 //!
 //! The tests live by concern: `registry` (identities, policies, certificates, sessions and
 //! what deleting an identity removes), `c2d` (the cloud-to-device queues), `feedback`
-//! (the feedback receiver), `twins`, `query` (scans for queries), `configurations` and `telemetry`. Each is re-exported here, where the
+//! (the feedback receiver), `twins`, `query` (scans for queries), `configurations`, `jobs`, `provisioning` and `telemetry`. Each is re-exported here, where the
 //! macros name it.
 
 mod c2d;
@@ -17,6 +17,7 @@ mod feedback;
 mod jobs;
 pub mod model;
 mod models;
+mod provisioning;
 mod query;
 mod registry;
 mod telemetry;
@@ -27,6 +28,7 @@ pub use configurations::*;
 pub use feedback::*;
 pub use jobs::*;
 pub use models::*;
+pub use provisioning::*;
 pub use query::*;
 pub use registry::*;
 pub use telemetry::*;
@@ -71,6 +73,8 @@ macro_rules! store_suite {
             jobs_are_created_once_and_updated_in_place,
             jobs_and_device_rows_page_in_key_order,
             models_are_immutable_once_stored,
+            provisioning_records_crud_with_etags,
+            provisioning_lists_page_per_kind_and_scope_is_kept,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {

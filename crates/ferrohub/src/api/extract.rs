@@ -43,6 +43,8 @@ pub trait NeedsRight {
 pub struct Read;
 pub struct Write;
 pub struct Connect;
+pub struct EnrollRead;
+pub struct EnrollWrite;
 
 impl NeedsRight for Read {
     const RIGHT: Right = Right::RegistryRead;
@@ -53,6 +55,12 @@ impl NeedsRight for Write {
 impl NeedsRight for Connect {
     const RIGHT: Right = Right::ServiceConnect;
 }
+impl NeedsRight for EnrollRead {
+    const RIGHT: Right = Right::EnrollmentRead;
+}
+impl NeedsRight for EnrollWrite {
+    const RIGHT: Right = Right::EnrollmentWrite;
+}
 
 /// A call with a supported `api-version`, signed with a policy that grants `R`. It carries
 /// nothing: no route needs to know which policy signed, the check is the point.
@@ -61,6 +69,9 @@ pub struct ServiceAuth<R>(PhantomData<R>);
 pub type RegistryRead = ServiceAuth<Read>;
 pub type RegistryWrite = ServiceAuth<Write>;
 pub type ServiceConnect = ServiceAuth<Connect>;
+/// The provisioning service's routes (`provisioningserviceowner`, or a registry-write policy).
+pub type EnrollmentRead = ServiceAuth<EnrollRead>;
+pub type EnrollmentWrite = ServiceAuth<EnrollWrite>;
 
 impl<R: NeedsRight> FromRequestParts<ApiState> for ServiceAuth<R> {
     type Rejection = ApiError;

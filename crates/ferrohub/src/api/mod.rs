@@ -11,6 +11,7 @@ pub mod extract;
 mod jobs;
 mod messaging;
 mod models;
+mod provisioning;
 pub mod query;
 mod statistics;
 mod twins;
@@ -133,6 +134,36 @@ pub fn router(state: ApiState) -> Router {
             get(configurations::get)
                 .put(configurations::put)
                 .delete(configurations::delete),
+        )
+        .route("/enrollments/query", post(provisioning::query_enrollments))
+        .route(
+            "/enrollments/{id}",
+            get(provisioning::get_enrollment)
+                .put(provisioning::put_enrollment)
+                .delete(provisioning::delete_enrollment),
+        )
+        .route("/enrollmentGroups/query", post(provisioning::query_groups))
+        .route(
+            "/enrollmentGroups/{id}",
+            get(provisioning::get_group)
+                .put(provisioning::put_group)
+                .delete(provisioning::delete_group),
+        )
+        .route(
+            "/registrations/query",
+            post(provisioning::query_registrations),
+        )
+        .route(
+            "/registrations/{id}",
+            get(provisioning::get_registration).delete(provisioning::delete_registration),
+        )
+        .route(
+            "/{scope}/registrations/{id}/register",
+            axum::routing::put(provisioning::device_register),
+        )
+        .route(
+            "/{scope}/registrations/{id}/operations/{operation}",
+            get(provisioning::device_operation),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

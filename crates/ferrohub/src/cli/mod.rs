@@ -1,10 +1,11 @@
 //! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `config`,
-//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query`, `job` and `model`, all speaking the service REST
+//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query`, `job`, `model` and `dps`, all speaking the service REST
 //! API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
 mod config;
+mod dps;
 mod import;
 mod jobs;
 mod models;
@@ -30,6 +31,7 @@ use crate::api::types::{
 
 pub use client::ApiClient;
 pub use config::{run_config, ConfigCommand};
+pub use dps::{run_dps, DpsCommand};
 pub use jobs::{run_job, JobCommand};
 pub use models::{run_model, ModelCommand};
 pub use monitor::{run_monitor, MonitorArgs};
