@@ -1055,10 +1055,11 @@ impl crate::JobStore for MemoryStore {
             .collect())
     }
 
-    async fn put_device_job(&self, row: crate::StoredDeviceJob) -> Result<()> {
-        lock(&self.jobs)
-            .device_jobs
-            .insert((row.job_id, row.device_id), row.doc);
+    async fn put_device_jobs(&self, rows: Vec<crate::StoredDeviceJob>) -> Result<()> {
+        let mut s = lock(&self.jobs);
+        for row in rows {
+            s.device_jobs.insert((row.job_id, row.device_id), row.doc);
+        }
         Ok(())
     }
 
