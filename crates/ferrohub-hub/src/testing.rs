@@ -421,6 +421,10 @@ impl ConfigurationStore for TestStore {
         self.write_failpoint()?;
         self.inner.mark_applied(device_id, config_id).await
     }
+    async fn clear_applied(&self, device_id: &str) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.clear_applied(device_id).await
+    }
     async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>> {
         self.inner.applied_configuration(device_id).await
     }

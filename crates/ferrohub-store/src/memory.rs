@@ -626,6 +626,11 @@ impl ConfigurationStore for MemoryStore {
         Ok(())
     }
 
+    async fn clear_applied(&self, device_id: &str) -> Result<()> {
+        self.state().applied.remove(device_id);
+        Ok(())
+    }
+
     async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>> {
         Ok(self.state().applied.get(device_id).cloned())
     }

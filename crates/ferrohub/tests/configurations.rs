@@ -266,7 +266,8 @@ async fn content_reaches_matching_twins_and_connected_devices_by_priority() -> T
 }
 
 #[tokio::test]
-async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestResult {
+async fn devices_that_start_matching_later_get_it_and_leavers_keep_it_but_leave_the_counts(
+) -> TestResult {
     let hub = TestHub::start().await?;
     hub.create_device("d1").await?;
     put(
@@ -275,7 +276,7 @@ async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestR
         &config(
             "c",
             "tags.env = 'prod'",
-            0,
+            1,
             json!({"properties.desired.mode": "eco"}),
         ),
         None,
@@ -288,6 +289,34 @@ async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestR
     assert_eq!(desired(&hub, "d1").await?["mode"], "eco");
     let c = hub.api.get("/configurations/c").await?;
     assert_eq!(c["systemMetrics"]["results"]["appliedCount"], 1);
+    // The twin says which configurations target it and which one was applied, with the
+    // values IoT Hub's appliedCount query (`configurations.[[c]].status = 'Applied'`) reads.
+    put(
+        &hub,
+        "top",
+        &config(
+            "top",
+            "tags.env = 'prod'",
+            5,
+            json!({"properties.desired.top": 1}),
+        ),
+        None,
+    )
+    .await?;
+    let twin = hub.api.get("/twins/d1").await?;
+    assert_eq!(
+        twin["configurations"],
+        json!({"c": {"status": "Targeted"}, "top": {"status": "Applied"}}),
+        "{twin}"
+    );
+    let deleted = rest(&hub, Method::DELETE, "/configurations/top", None).await?;
+    assert_eq!(deleted.status, 204);
+    let twin = hub.api.get("/twins/d1").await?;
+    assert_eq!(
+        twin["configurations"],
+        json!({"c": {"status": "Applied"}}),
+        "{twin}"
+    );
 
     // A new device matching `*` configurations gets them when created.
     put(
@@ -301,11 +330,18 @@ async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestR
     assert_eq!(desired(&hub, "d2").await?["fleet"], true);
 
     // A device that stops matching keeps what was written (IoT Hub removes nothing); it is
-    // no longer targeted.
+    // no longer targeted, no longer counted as applied, and its twin no longer names it.
     tag(&hub, "d1", json!({"env": "dev"})).await?;
     assert_eq!(desired(&hub, "d1").await?["mode"], "eco");
     let c = hub.api.get("/configurations/c").await?;
     assert_eq!(c["systemMetrics"]["results"]["targetedCount"], 0);
+    assert_eq!(c["systemMetrics"]["results"]["appliedCount"], 0, "{c}");
+    let twin = hub.api.get("/twins/d1").await?;
+    assert_eq!(
+        twin["configurations"],
+        json!({"all": {"status": "Applied"}}),
+        "{twin}"
+    );
     Ok(())
 }
 
