@@ -96,6 +96,14 @@ async fn crud_with_etags_create_versus_update_and_error_bodies() -> TestResult {
     changed["priority"] = json!(5);
     let stale = put(&hub, "c1", &changed, Some("\"bm9wZQ==\"")).await?;
     assert_eq!(stale.status, 412, "{}", stale.body);
+    assert_eq!(stale.header("iothub-errorcode"), Some("PreconditionFailed"));
+    assert!(
+        stale.body["Message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("ErrorCode:PreconditionFailed;")),
+        "{}",
+        stale.body
+    );
     let updated = put(&hub, "c1", &changed, Some(&format!("\"{etag}\""))).await?;
     assert_eq!(updated.status, 200, "{}", updated.body);
     assert_eq!(updated.body["priority"], 5);
