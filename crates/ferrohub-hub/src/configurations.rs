@@ -1089,6 +1089,25 @@ mod tests {
             5
         );
         assert_eq!(counts(f.hub.configuration("mods").await?), Some((2, 2)));
+
+        // A module created later that a condition on its id targets gets it when created.
+        let by_id: Map<String, Value> =
+            serde_json::from_value(json!({"properties.desired.late": true}))?;
+        let config = Configuration {
+            id: "late".into(),
+            content: Some(ConfigurationContent {
+                module_content: Some(by_id),
+                ..Default::default()
+            }),
+            target_condition: Some("FROM devices.modules WHERE moduleId = 'm3'".into()),
+            ..Default::default()
+        };
+        f.hub.put_configuration("late", config, None).await?;
+        f.hub
+            .put_module("d1", "m3", IdentityRequest::default(), None)
+            .await?;
+        let m3 = f.hub.service_twin(&Identity::module("d1", "m3")).await?;
+        assert_eq!(m3["properties"]["desired"]["late"], true, "{m3}");
         Ok(())
     }
 
