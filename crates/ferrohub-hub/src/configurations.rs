@@ -126,8 +126,10 @@ impl Stored {
 /// A stored configuration ready to be matched against twins.
 struct Candidate {
     stored: Stored,
-    /// `None`: the condition targets no device (an empty target condition).
+    /// `None`: the condition targets no twin (an empty target condition).
     condition: Option<Query>,
+    /// A `moduleContent` configuration: it targets module twins (`FROM devices.modules`).
+    modules: bool,
 }
 
 impl Candidate {
@@ -183,21 +185,44 @@ fn check_id(id: &str) -> Result<(), HubError> {
     Ok(())
 }
 
+/// Whether a target condition is over module twins: IoT Hub's module configurations write
+/// it `FROM devices.modules WHERE ...` (the CLI's `az iot hub configuration` examples).
+fn over_modules(condition: &str) -> bool {
+    const FROM_MODULES: &str = "from devices.modules";
+    condition
+        .trim()
+        .get(..FROM_MODULES.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(FROM_MODULES))
+}
+
 /// The query a target condition stands for: `*` targets every device, an empty condition
-/// none (`Ok(None)`).
-fn target_query(condition: &str) -> Result<Option<Query>, String> {
+/// none (`Ok(None)`); `modules` (a `moduleContent` configuration) wants a condition
+/// `FROM devices.modules [WHERE ...]`, and only it.
+fn target_query(condition: &str, modules: bool) -> Result<Option<Query>, String> {
     let condition = condition.trim();
     if condition.is_empty() {
         return Ok(None);
     }
-    let text = if condition == "*" {
-        "SELECT * FROM devices".to_string()
-    } else {
-        format!("SELECT * FROM devices WHERE {condition}")
+    let text = match (over_modules(condition), modules) {
+        (true, true) => format!("SELECT * {condition}"),
+        (false, false) if condition == "*" => "SELECT * FROM devices".to_string(),
+        (false, false) => format!("SELECT * FROM devices WHERE {condition}"),
+        (true, false) => {
+            return Err("a condition FROM devices.modules is for moduleContent".into());
+        }
+        (false, true) => {
+            return Err(
+                "moduleContent targets module twins: the condition starts FROM devices.modules"
+                    .into(),
+            );
+        }
     };
     let q = query::parse(&text).map_err(|e| e.to_string())?;
     if q.is_aggregate() || q.top.is_some() {
         return Err("a target condition is a WHERE clause only".into());
+    }
+    if modules && q.from != query::Collection::Modules {
+        return Err("a module target condition reads FROM devices.modules".into());
     }
     Ok(Some(q))
 }
@@ -220,6 +245,11 @@ fn check_content(content: &ConfigurationContent) -> Result<(), HubError> {
     {
         return Err(refused(
             "content needs deviceContent, moduleContent or modulesContent".into(),
+        ));
+    }
+    if content.device_content.is_some() && content.module_content.is_some() {
+        return Err(refused(
+            "a configuration has deviceContent or moduleContent, not both".into(),
         ));
     }
     for section in [&content.device_content, &content.module_content]
@@ -285,6 +315,37 @@ fn desired_patch(section: &Map<String, Value>) -> Map<String, Value> {
     patch
 }
 
+/// Whether `desired` holds every value of `patch` already (a `null` in the patch: the key is
+/// absent). Module twins keep no record of what was applied: this is how a pass knows.
+fn holds(desired: &Value, patch: &Map<String, Value>) -> bool {
+    patch.iter().all(|(k, v)| match (desired.get(k), v) {
+        (None, Value::Null) => true,
+        (Some(d), Value::Object(sub)) => holds(d, sub),
+        (Some(d), v) => d == v,
+        (None, _) => false,
+    })
+}
+
+/// The module twin's winning configuration, if one matches it.
+fn module_winner<'a>(candidates: &'a [Candidate], twin: &Value) -> Option<&'a Candidate> {
+    candidates
+        .iter()
+        .filter(|c| c.modules && c.matches(twin))
+        .max_by(|a, b| a.rank().cmp(&b.rank()))
+}
+
+/// Whether the module twin has its winning configuration's content.
+fn module_has(winner: &Candidate, twin: &Value) -> bool {
+    let patch = winner
+        .stored
+        .content
+        .module_content
+        .as_ref()
+        .map(desired_patch)
+        .unwrap_or_default();
+    holds(&twin["properties"]["desired"], &patch)
+}
+
 /// Runs the apply pass at start (after a crash, what was committed but not recorded is matched
 /// again) and every `every` until shutdown.
 pub async fn reconcile_loop(
@@ -332,7 +393,7 @@ impl Hub {
             .ok_or_else(|| refused("a configuration needs content".into()))?;
         check_content(&content)?;
         let target_condition = req.target_condition.clone().unwrap_or_default();
-        target_query(&target_condition)
+        target_query(&target_condition, content.module_content.is_some())
             .map_err(|e| refused(format!("targetCondition is invalid: {e}")))?;
         let priority = req.priority.unwrap_or(0);
         if priority < 0 {
@@ -447,7 +508,7 @@ impl Hub {
     pub fn test_configuration_queries(&self, input: &QueriesTestInput) -> QueriesTestResponse {
         let target_condition_error = match input.target_condition.as_deref() {
             None => String::new(),
-            Some(c) => target_query(c).err().unwrap_or_default(),
+            Some(c) => target_query(c, over_modules(c)).err().unwrap_or_default(),
         };
         let custom_metric_query_errors = input
             .custom_metric_queries
@@ -476,13 +537,17 @@ impl Hub {
             .map_err(HubError::from)?
         {
             let stored = Stored::from_store(&saved)?;
-            // Only device content is applied to device twins; module content would target
-            // module twins, which this hub does not apply yet.
-            if stored.content.device_content.is_none() {
+            // IoT Edge deployments (`modulesContent`) are stored, not applied.
+            let modules = stored.content.module_content.is_some();
+            if stored.content.device_content.is_none() && !modules {
                 continue;
             }
-            match target_query(&stored.target_condition) {
-                Ok(condition) => out.push(Candidate { stored, condition }),
+            match target_query(&stored.target_condition, modules) {
+                Ok(condition) => out.push(Candidate {
+                    stored,
+                    condition,
+                    modules,
+                }),
                 Err(e) => {
                     warn!(configuration = %saved.id, error = %e, "stored target condition no longer parses; skipped")
                 }
@@ -491,23 +556,148 @@ impl Hub {
         Ok(out)
     }
 
+    /// A device twin with IoT Hub's `configurations` member: each configuration whose target
+    /// condition matches it now, `{"status": "Targeted"}`, or `"Applied"` for the one applied
+    /// to it (the value IoT Hub's own `appliedCount` query compares with). Module twins and
+    /// twins no configuration targets are returned as they are.
+    pub(crate) async fn with_configurations(&self, mut twin: Value) -> Result<Value, HubError> {
+        let candidates = self.candidates().await?;
+        if candidates.is_empty() {
+            return Ok(twin);
+        }
+        if twin.get("moduleId").is_some_and(|m| !m.is_null()) {
+            let winner = module_winner(&candidates, &twin).filter(|w| module_has(w, &twin));
+            let member: Map<String, Value> = candidates
+                .iter()
+                .filter(|c| c.modules && c.matches(&twin))
+                .map(|c| {
+                    let applied = winner.is_some_and(|w| w.stored.id == c.stored.id);
+                    let status = if applied { "Applied" } else { "Targeted" };
+                    (c.stored.id.clone(), json!({ "status": status }))
+                })
+                .collect();
+            if !member.is_empty() {
+                twin["configurations"] = Value::Object(member);
+            }
+            return Ok(twin);
+        }
+        let Some(device_id) = twin.get("deviceId").and_then(Value::as_str) else {
+            return Ok(twin);
+        };
+        let applied = self
+            .store
+            .applied_configuration(device_id)
+            .await
+            .map_err(HubError::from)?;
+        let member: Map<String, Value> = candidates
+            .iter()
+            .filter(|c| !c.modules && c.matches(&twin))
+            .map(|c| {
+                let status = if applied.as_deref() == Some(c.stored.id.as_str()) {
+                    "Applied"
+                } else {
+                    "Targeted"
+                };
+                (c.stored.id.clone(), json!({ "status": status }))
+            })
+            .collect();
+        if !member.is_empty() {
+            twin["configurations"] = Value::Object(member);
+        }
+        Ok(twin)
+    }
+
     /// Applies the winning configuration to every device, a page at a time.
     async fn apply_configurations(&self) -> Result<(), HubError> {
         let candidates = self.candidates().await?;
-        if candidates.is_empty() {
-            return Ok(());
-        }
-        let mut continuation: Option<String> = None;
-        loop {
-            let page = self
-                .query("SELECT * FROM devices", MAX_PAGE, continuation.as_deref())
-                .await?;
-            for twin in &page.items {
-                self.apply_winner(&candidates, twin).await;
+        if candidates.iter().any(|c| !c.modules) {
+            let mut continuation: Option<String> = None;
+            loop {
+                let page = self
+                    .query("SELECT * FROM devices", MAX_PAGE, continuation.as_deref())
+                    .await?;
+                for twin in &page.items {
+                    self.apply_winner(&candidates, twin).await;
+                }
+                match page.continuation {
+                    Some(c) => continuation = Some(c),
+                    None => break,
+                }
             }
-            match page.continuation {
-                Some(c) => continuation = Some(c),
-                None => return Ok(()),
+        }
+        if candidates.iter().any(|c| c.modules) {
+            let mut continuation: Option<String> = None;
+            loop {
+                let page = self
+                    .query(
+                        "SELECT * FROM devices.modules",
+                        MAX_PAGE,
+                        continuation.as_deref(),
+                    )
+                    .await?;
+                for twin in &page.items {
+                    self.apply_module_winner(&candidates, twin).await;
+                }
+                match page.continuation {
+                    Some(c) => continuation = Some(c),
+                    None => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a module twin's tags or desired properties changed: the module configuration
+    /// that now wins for it, written if the twin does not hold its content. Failures are
+    /// logged, as for devices.
+    pub(crate) async fn apply_configurations_to_module(&self, identity: &Identity) {
+        let candidates = match self.candidates().await {
+            Ok(c) if !c.iter().any(|c| c.modules) => return,
+            Ok(c) => c,
+            Err(e) => {
+                warn!(identity = %identity, error = %e, "configurations not applied");
+                return;
+            }
+        };
+        match self.get_twin(identity).await {
+            Ok(twin) => self.apply_module_winner(&candidates, &twin).await,
+            Err(e) => warn!(identity = %identity, error = %e, "configurations not applied"),
+        }
+    }
+
+    /// Writes the winning module configuration's content into a module twin that does not
+    /// hold it yet: the twin itself is the record, so a pass repeats nothing.
+    async fn apply_module_winner(&self, candidates: &[Candidate], twin: &Value) {
+        let (Some(device_id), Some(module_id)) = (
+            twin.get("deviceId").and_then(Value::as_str),
+            twin.get("moduleId").and_then(Value::as_str),
+        ) else {
+            return;
+        };
+        let Some(winner) = module_winner(candidates, twin) else {
+            return;
+        };
+        if module_has(winner, twin) {
+            return;
+        }
+        let patch = winner
+            .stored
+            .content
+            .module_content
+            .as_ref()
+            .map(desired_patch)
+            .unwrap_or_default();
+        let body = json!({ "properties": { "desired": patch } });
+        let identity = Identity::module(device_id, module_id);
+        match self
+            .update_twin_unthrottled(&identity, body, false, IfMatch::Any)
+            .await
+        {
+            Ok(_) => {
+                info!(identity = %identity, configuration = %winner.stored.id, "configuration applied")
+            }
+            Err(e) => {
+                warn!(identity = %identity, configuration = %winner.stored.id, error = %e, "applying a configuration failed")
             }
         }
     }
@@ -517,7 +707,7 @@ impl Hub {
     /// the change that triggered this has been committed and answered for.
     pub(crate) async fn apply_configurations_to(&self, device_id: &str) {
         let candidates = match self.candidates().await {
-            Ok(c) if c.is_empty() => return,
+            Ok(c) if !c.iter().any(|c| !c.modules) => return,
             Ok(c) => c,
             Err(e) => {
                 warn!(device = device_id, error = %e, "configurations not applied");
@@ -534,16 +724,36 @@ impl Hub {
         let Some(device_id) = twin.get("deviceId").and_then(Value::as_str) else {
             return;
         };
-        let Some(winner) = candidates
+        let winner = candidates
             .iter()
-            .filter(|c| c.matches(twin))
-            .max_by(|a, b| a.rank().cmp(&b.rank()))
-        else {
-            return;
+            .filter(|c| !c.modules && c.matches(twin))
+            .max_by(|a, b| a.rank().cmp(&b.rank()));
+        let result = match winner {
+            Some(winner) => self.apply_one(device_id, &winner.stored).await,
+            // It left every target: no configuration counts it as applied any more (what was
+            // written stays in its twin, as in IoT Hub).
+            None => self.forget_applied(device_id).await,
         };
-        if let Err(e) = self.apply_one(device_id, &winner.stored).await {
-            warn!(device = device_id, configuration = %winner.stored.id, error = %e, "applying a configuration failed");
+        if let Err(e) = result {
+            let configuration = winner.map(|w| w.stored.id.as_str()).unwrap_or("");
+            warn!(device = device_id, configuration, error = %e, "applying a configuration failed");
         }
+    }
+
+    async fn forget_applied(&self, device_id: &str) -> Result<(), HubError> {
+        let applied = self
+            .store
+            .applied_configuration(device_id)
+            .await
+            .map_err(HubError::from)?;
+        if let Some(config) = applied {
+            self.store
+                .clear_applied(device_id)
+                .await
+                .map_err(HubError::from)?;
+            info!(device = device_id, configuration = %config, "device left the configuration's target");
+        }
+        Ok(())
     }
 
     async fn apply_one(&self, device_id: &str, stored: &Stored) -> Result<(), HubError> {
@@ -575,6 +785,34 @@ impl Hub {
         Ok(())
     }
 
+    /// The module twins `stored` targets that have it as their winner and hold its content.
+    async fn count_module_applied(&self, stored: &Stored) -> Result<u64, HubError> {
+        let candidates = self.candidates().await?;
+        let Some(me) = candidates.iter().find(|c| c.stored.id == stored.id) else {
+            return Ok(0);
+        };
+        if me.condition.is_none() {
+            return Ok(0);
+        }
+        let text = format!("SELECT * {}", stored.target_condition.trim());
+        let mut n = 0u64;
+        let mut continuation: Option<String> = None;
+        loop {
+            let page = self.query(&text, MAX_PAGE, continuation.as_deref()).await?;
+            for twin in &page.items {
+                if let Some(w) = module_winner(&candidates, twin) {
+                    if w.stored.id == stored.id && module_has(w, twin) {
+                        n += 1;
+                    }
+                }
+            }
+            match page.continuation {
+                Some(c) => continuation = Some(c),
+                None => return Ok(n),
+            }
+        }
+    }
+
     /// How many devices a row query returns, paging through it.
     async fn count_rows(&self, text: &str) -> Result<u64, HubError> {
         let mut n = 0u64;
@@ -592,8 +830,10 @@ impl Hub {
     /// The API's view of a stored configuration, metrics computed now.
     async fn render(&self, saved: &StoredConfiguration) -> Result<Configuration, HubError> {
         let stored = Stored::from_store(saved)?;
+        let modules = stored.content.module_content.is_some();
         let targeted_text = match stored.target_condition.trim() {
             "" => None,
+            c if modules => Some(format!("SELECT deviceId, moduleId {c}")),
             "*" => Some("SELECT deviceId FROM devices".to_string()),
             c => Some(format!("SELECT deviceId FROM devices WHERE {c}")),
         };
@@ -601,11 +841,19 @@ impl Hub {
             Some(t) => self.count_rows(t).await?,
             None => 0,
         };
-        let applied = self
-            .store
-            .count_applied(&stored.id)
-            .await
-            .map_err(HubError::from)?;
+        let applied = if modules {
+            self.count_module_applied(&stored).await?
+        } else {
+            self.store
+                .count_applied(&stored.id)
+                .await
+                .map_err(HubError::from)?
+        };
+        let collection = if modules {
+            "devices.modules"
+        } else {
+            "devices"
+        };
         let mut system_queries = BTreeMap::new();
         if let Some(t) = targeted_text {
             system_queries.insert("targetedCount".to_string(), t);
@@ -613,7 +861,7 @@ impl Hub {
         system_queries.insert(
             "appliedCount".to_string(),
             format!(
-                "SELECT deviceId FROM devices.configurations WHERE configurationId = '{}' AND status = 'Applied'",
+                "SELECT deviceId FROM {collection} WHERE configurations.[[{}]].status = 'Applied'",
                 stored.id
             ),
         );
@@ -651,6 +899,7 @@ mod tests {
     use super::*;
     use crate::registry::IdentityRequest;
     use crate::testing::{fixture, R};
+    use ferrohub_store::ConfigurationStore;
 
     /// Tags written by a path that announces nothing (the hub's own twin update, as bulk
     /// import uses) are picked up by the start-up pass and then by the periodic one, on a
@@ -719,6 +968,160 @@ mod tests {
         Ok(())
     }
 
+    /// `appliedCount` counts the twins the configuration is applied to now: a device whose
+    /// tags take it out of the target leaves the count (it stayed in it before), and comes
+    /// back, with the content written again, when it matches again.
+    #[tokio::test]
+    async fn a_device_leaving_the_target_leaves_the_applied_count() -> R {
+        let f = fixture()?;
+        for id in ["d1", "d2"] {
+            f.hub
+                .put_device(id, IdentityRequest::default(), None)
+                .await?;
+        }
+        let tag = |env: &str| json!({"tags": {"env": env}});
+        for id in ["d1", "d2"] {
+            f.hub
+                .service_update_twin(&Identity::device(id), tag("prod"), false, IfMatch::Any)
+                .await?;
+        }
+        let content: Map<String, Value> =
+            serde_json::from_value(json!({"properties.desired.x": 1}))?;
+        let config = Configuration {
+            id: "c".into(),
+            content: Some(ConfigurationContent {
+                device_content: Some(content),
+                ..Default::default()
+            }),
+            target_condition: Some("tags.env = 'prod'".into()),
+            ..Default::default()
+        };
+        f.hub.put_configuration("c", config, None).await?;
+        let counts = |c: Configuration| {
+            c.system_metrics
+                .map(|m| (m.results["targetedCount"], m.results["appliedCount"]))
+        };
+        assert_eq!(counts(f.hub.configuration("c").await?), Some((2, 2)));
+
+        let d1 = Identity::device("d1");
+        f.hub
+            .service_update_twin(&d1, tag("dev"), false, IfMatch::Any)
+            .await?;
+        assert_eq!(counts(f.hub.configuration("c").await?), Some((1, 1)));
+        assert_eq!(f.store.applied_configuration("d1").await?, None);
+
+        let desired = json!({"properties": {"desired": {"x": 0}}});
+        f.hub
+            .service_update_twin(&d1, desired, false, IfMatch::Any)
+            .await?;
+        f.hub
+            .service_update_twin(&d1, tag("prod"), false, IfMatch::Any)
+            .await?;
+        assert_eq!(counts(f.hub.configuration("c").await?), Some((2, 2)));
+        let twin = f.hub.service_twin(&d1).await?;
+        assert_eq!(twin["properties"]["desired"]["x"], 1, "{twin}");
+        Ok(())
+    }
+
+    /// `moduleContent` goes to the desired properties of the module twins its `FROM
+    /// devices.modules` condition matches, once (a second pass writes nothing), a module
+    /// that starts matching through the service twin API gets it then, and the metrics and
+    /// the module twin's `configurations` member count module twins.
+    #[tokio::test]
+    async fn module_content_reaches_matching_module_twins() -> R {
+        let f = fixture()?;
+        f.hub
+            .put_device("d1", IdentityRequest::default(), None)
+            .await?;
+        for m in ["m1", "m2"] {
+            f.hub
+                .put_module("d1", m, IdentityRequest::default(), None)
+                .await?;
+        }
+        let m1 = Identity::module("d1", "m1");
+        let m2 = Identity::module("d1", "m2");
+        let tagged = json!({"tags": {"role": "sensor"}});
+        f.hub
+            .service_update_twin(&m1, tagged.clone(), false, IfMatch::Any)
+            .await?;
+        let content: Map<String, Value> =
+            serde_json::from_value(json!({"properties.desired.rate": 5}))?;
+        let config = Configuration {
+            id: "mods".into(),
+            content: Some(ConfigurationContent {
+                module_content: Some(content),
+                ..Default::default()
+            }),
+            target_condition: Some("FROM devices.modules WHERE tags.role = 'sensor'".into()),
+            ..Default::default()
+        };
+        let created = f.hub.put_configuration("mods", config, None).await?;
+        let counts = |c: Configuration| {
+            c.system_metrics
+                .map(|m| (m.results["targetedCount"], m.results["appliedCount"]))
+        };
+        assert_eq!(counts(created), Some((1, 1)));
+        let twin = f.hub.service_twin(&m1).await?;
+        assert_eq!(twin["properties"]["desired"]["rate"], 5, "{twin}");
+        assert_eq!(
+            twin["configurations"],
+            json!({"mods": {"status": "Applied"}})
+        );
+        let version = twin["properties"]["desired"]["$version"].clone();
+        assert!(f.hub.service_twin(&m2).await?["properties"]["desired"]["rate"].is_null());
+        // The device twin is not a module twin: untouched.
+        let device = f.hub.service_twin(&Identity::device("d1")).await?;
+        assert!(
+            device["properties"]["desired"]["rate"].is_null(),
+            "{device}"
+        );
+
+        // Another pass writes nothing: the twin holds the content.
+        f.hub.apply_configurations().await?;
+        let again = f.hub.service_twin(&m1).await?;
+        assert_eq!(again["properties"]["desired"]["$version"], version);
+
+        f.hub
+            .service_update_twin(&m2, tagged, false, IfMatch::Any)
+            .await?;
+        assert_eq!(
+            f.hub.service_twin(&m2).await?["properties"]["desired"]["rate"],
+            5
+        );
+        assert_eq!(counts(f.hub.configuration("mods").await?), Some((2, 2)));
+
+        // A module created later that a condition on its id targets gets it when created.
+        let by_id: Map<String, Value> =
+            serde_json::from_value(json!({"properties.desired.late": true}))?;
+        let config = Configuration {
+            id: "late".into(),
+            content: Some(ConfigurationContent {
+                module_content: Some(by_id),
+                ..Default::default()
+            }),
+            target_condition: Some("FROM devices.modules WHERE moduleId = 'm3'".into()),
+            ..Default::default()
+        };
+        f.hub.put_configuration("late", config, None).await?;
+        f.hub
+            .put_module("d1", "m3", IdentityRequest::default(), None)
+            .await?;
+        let m3 = f.hub.service_twin(&Identity::module("d1", "m3")).await?;
+        assert_eq!(m3["properties"]["desired"]["late"], true, "{m3}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_module_twin_holds_content_when_every_value_is_there() {
+        let desired = json!({"a": {"b": 1, "c": 2}, "d": "x", "$version": 3});
+        let patch = |v: Value| serde_json::from_value::<Map<String, Value>>(v).unwrap_or_default();
+        assert!(holds(&desired, &patch(json!({"a": {"b": 1}, "d": "x"}))));
+        assert!(holds(&desired, &patch(json!({"gone": null}))));
+        assert!(!holds(&desired, &patch(json!({"a": {"b": 2}}))));
+        assert!(!holds(&desired, &patch(json!({"e": 1}))));
+        assert!(!holds(&desired, &patch(json!({"d": null}))));
+    }
+
     #[test]
     fn content_keys_become_a_nested_desired_patch() {
         let section: Map<String, Value> = serde_json::from_value(json!({
@@ -747,9 +1150,20 @@ mod tests {
 
     #[test]
     fn target_conditions_are_where_clauses() {
-        assert!(matches!(target_query(""), Ok(None)));
-        assert!(matches!(target_query("*"), Ok(Some(_))));
-        assert!(matches!(target_query("tags.env = 'prod'"), Ok(Some(_))));
-        assert!(target_query("tags.env = ").is_err());
+        assert!(matches!(target_query("", false), Ok(None)));
+        assert!(matches!(target_query("*", false), Ok(Some(_))));
+        assert!(matches!(
+            target_query("tags.env = 'prod'", false),
+            Ok(Some(_))
+        ));
+        assert!(target_query("tags.env = ", false).is_err());
+        let m = target_query("from devices.modules where tags.building = 9", true);
+        assert!(matches!(m, Ok(Some(q)) if q.from == query::Collection::Modules));
+        assert!(matches!(
+            target_query("FROM devices.modules", true),
+            Ok(Some(_))
+        ));
+        assert!(target_query("FROM devices.modules WHERE moduleId = 'm'", false).is_err());
+        assert!(target_query("tags.env = 'prod'", true).is_err());
     }
 }

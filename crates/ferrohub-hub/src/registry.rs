@@ -404,6 +404,9 @@ impl Hub {
         let (id, mid) = (id.to_string(), mid.to_string());
         self.to_the_end(move |hub| async move {
             let saved = hub.put_module_now(&id, &mid, req, if_match).await?;
+            // As for devices: a new module may be targeted at once (a condition on its id).
+            hub.apply_configurations_to_module(&Identity::module(id.as_str(), mid.as_str()))
+                .await;
             hub.live_module(saved).await
         })
         .await

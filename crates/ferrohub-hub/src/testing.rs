@@ -22,6 +22,8 @@ pub(crate) struct TestStore {
     pub fail_writes: AtomicBool,
     /// How many twin reads reached the store.
     pub twin_reads: std::sync::atomic::AtomicUsize,
+    /// How many job device-row commits reached the store.
+    pub device_job_writes: std::sync::atomic::AtomicUsize,
     pub hold_commits: AtomicBool,
     /// Signalled when a held commit is done and waits for `release`.
     pub committed: Notify,
@@ -305,6 +307,7 @@ pub(crate) fn fixture() -> R<Fixture> {
         fail_list_modules: AtomicBool::new(false),
         fail_writes: AtomicBool::new(false),
         twin_reads: Default::default(),
+        device_job_writes: Default::default(),
         hold_commits: AtomicBool::new(false),
         committed: Notify::new(),
         release: Notify::new(),
@@ -436,6 +439,10 @@ impl ConfigurationStore for TestStore {
         self.write_failpoint()?;
         self.inner.mark_applied(device_id, config_id).await
     }
+    async fn clear_applied(&self, device_id: &str) -> Result<()> {
+        self.write_failpoint()?;
+        self.inner.clear_applied(device_id).await
+    }
     async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>> {
         self.inner.applied_configuration(device_id).await
     }
@@ -444,7 +451,7 @@ impl ConfigurationStore for TestStore {
     }
 }
 
-/// Jobs pass straight through: no hub unit test injects job faults yet.
+/// Jobs pass straight through, counting device-row commits.
 #[async_trait]
 impl ferrohub_store::JobStore for TestStore {
     async fn create_job(&self, job: ferrohub_store::StoredJob) -> Result<()> {
@@ -465,9 +472,10 @@ impl ferrohub_store::JobStore for TestStore {
     ) -> Result<Vec<ferrohub_store::StoredJob>> {
         self.inner.list_jobs(after, limit).await
     }
-    async fn put_device_job(&self, row: ferrohub_store::StoredDeviceJob) -> Result<()> {
+    async fn put_device_jobs(&self, rows: Vec<ferrohub_store::StoredDeviceJob>) -> Result<()> {
         self.write_failpoint()?;
-        self.inner.put_device_job(row).await
+        self.device_job_writes.fetch_add(1, Ordering::SeqCst);
+        self.inner.put_device_jobs(rows).await
     }
     async fn get_device_job(
         &self,

@@ -12,7 +12,8 @@ use crate::Hub;
 impl Hub {
     /// The full service-side twin of a registered identity.
     pub async fn service_twin(&self, identity: &Identity) -> Result<Value, HubError> {
-        Ok(self.get_twin(identity).await?)
+        let twin = self.get_twin(identity).await?;
+        self.with_configurations(twin).await
     }
 
     /// `PATCH` (merge, `replace` false) or `PUT` (replace) of tags and desired properties
@@ -27,11 +28,13 @@ impl Hub {
         let identity = identity.clone();
         self.to_the_end(move |hub| async move {
             let twin = hub.update_twin(&identity, body, replace, if_match).await?;
-            // New tags may make another configuration target the device.
+            // New tags may make another configuration target the device or module.
             if identity.module_id.is_none() {
                 hub.apply_configurations_to(&identity.device_id).await;
+            } else {
+                hub.apply_configurations_to_module(&identity).await;
             }
-            Ok(twin)
+            hub.with_configurations(twin).await
         })
         .await
     }

@@ -7,6 +7,7 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum ErrorCode {
+    GenericBadRequest,
     InvalidProtocolVersion,
     InvalidOperation,
     ArgumentInvalid,
@@ -19,6 +20,7 @@ pub enum ErrorCode {
     IotHubQuotaExceeded,
     DeviceMaximumQueueDepthExceeded,
     DeviceNotFound,
+    JobNotFound,
     ModuleNotFound,
     DeviceNotOnline,
     DeviceConnectionClosedRemotely,
@@ -37,6 +39,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::GenericBadRequest,
         ErrorCode::InvalidProtocolVersion,
         ErrorCode::InvalidOperation,
         ErrorCode::ArgumentInvalid,
@@ -49,6 +52,7 @@ impl ErrorCode {
         ErrorCode::IotHubQuotaExceeded,
         ErrorCode::DeviceMaximumQueueDepthExceeded,
         ErrorCode::DeviceNotFound,
+        ErrorCode::JobNotFound,
         ErrorCode::ModuleNotFound,
         ErrorCode::DeviceNotOnline,
         ErrorCode::DeviceConnectionClosedRemotely,
@@ -67,6 +71,7 @@ impl ErrorCode {
 
     pub fn code(&self) -> u32 {
         match self {
+            ErrorCode::GenericBadRequest => 400000,
             ErrorCode::InvalidProtocolVersion => 400001,
             ErrorCode::InvalidOperation => 400003,
             ErrorCode::ArgumentInvalid => 400004,
@@ -79,6 +84,7 @@ impl ErrorCode {
             ErrorCode::IotHubQuotaExceeded => 403002,
             ErrorCode::DeviceMaximumQueueDepthExceeded => 403004,
             ErrorCode::DeviceNotFound => 404001,
+            ErrorCode::JobNotFound => 404002,
             ErrorCode::ModuleNotFound => 404010,
             ErrorCode::DeviceNotOnline => 404103,
             ErrorCode::DeviceConnectionClosedRemotely => 404104,
@@ -98,6 +104,7 @@ impl ErrorCode {
 
     pub fn name(&self) -> &'static str {
         match self {
+            ErrorCode::GenericBadRequest => "GenericBadRequest",
             ErrorCode::InvalidProtocolVersion => "InvalidProtocolVersion",
             ErrorCode::InvalidOperation => "InvalidOperation",
             ErrorCode::ArgumentInvalid => "ArgumentInvalid",
@@ -112,6 +119,7 @@ impl ErrorCode {
             ErrorCode::IotHubQuotaExceeded => "IotHubQuotaExceeded",
             ErrorCode::DeviceMaximumQueueDepthExceeded => "DeviceMaximumQueueDepthExceeded",
             ErrorCode::DeviceNotFound => "DeviceNotFound",
+            ErrorCode::JobNotFound => "JobNotFound",
             ErrorCode::ModuleNotFound => "ModuleNotFound",
             ErrorCode::DeviceNotOnline => "DeviceNotOnline",
             ErrorCode::DeviceConnectionClosedRemotely => "DeviceConnectionClosedRemotely",
@@ -160,12 +168,14 @@ mod tests {
     #[test]
     fn spec_table() {
         let table = [
+            (400000, "GenericBadRequest", 400),
             (400004, "ArgumentInvalid", 400),
             (400103, "InvalidContentEncodingOrType", 400),
             (400027, "ConnectionForcefullyClosedOnNewConnection", 400),
             (401003, "IoTHubUnauthorized", 401),
             (403004, "DeviceMaximumQueueDepthExceeded", 403),
             (404001, "DeviceNotFound", 404),
+            (404002, "JobNotFound", 404),
             (404103, "DeviceNotOnline", 404),
             (404104, "DeviceConnectionClosedRemotely", 404),
             (409001, "DeviceAlreadyExists", 409),
@@ -192,7 +202,7 @@ mod tests {
             assert_eq!(format!("{e:?}"), e.name());
             assert_eq!(ErrorCode::from_code(e.code()), Some(*e));
         }
-        assert_eq!(ErrorCode::from_code(404002), None);
+        assert_eq!(ErrorCode::from_code(404003), None);
     }
 
     #[test]

@@ -122,6 +122,16 @@ impl ConfigurationStore for SqliteStore {
         .await
     }
 
+    async fn clear_applied(&self, device_id: &str) -> Result<()> {
+        let device = device_id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached("DELETE FROM configuration_applied WHERE device_id = ?1")?
+                .execute(params![device])?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>> {
         let device = device_id.to_string();
         self.read(move |conn| {

@@ -1,5 +1,5 @@
 //! [`JobStore`] for [`SqliteStore`]: job documents in `jobs`, per-device rows in `device_jobs`
-//! (schema in `sqlite.rs`), each write one statement in the group-commit writer.
+//! (schema in `sqlite.rs`), each write one unit of the group-commit writer.
 
 use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
@@ -72,12 +72,18 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn put_device_job(&self, row: StoredDeviceJob) -> Result<()> {
+    async fn put_device_jobs(&self, rows: Vec<StoredDeviceJob>) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // One unit of the group commit: the writer's savepoint makes the rows all or none.
         self.write(move |conn| {
-            conn.execute(
+            let mut stmt = conn.prepare_cached(
                 "INSERT OR REPLACE INTO device_jobs (job_id, device_id, doc) VALUES (?1, ?2, ?3)",
-                params![row.job_id, row.device_id, row.doc],
             )?;
+            for row in &rows {
+                stmt.execute(params![row.job_id, row.device_id, row.doc])?;
+            }
             Ok(())
         })
         .await

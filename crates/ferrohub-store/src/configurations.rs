@@ -36,6 +36,9 @@ pub trait ConfigurationStore: Send + Sync + 'static {
     /// Records that `config_id` is the configuration applied to the device, replacing the
     /// earlier one. A device's record goes with the device.
     async fn mark_applied(&self, device_id: &str, config_id: &str) -> Result<()>;
+    /// Forgets what was applied to the device: it left every configuration's target. A
+    /// device with no record is no error.
+    async fn clear_applied(&self, device_id: &str) -> Result<()>;
     /// The configuration last applied to the device, if any.
     async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>>;
     /// How many devices have `config_id` as their applied configuration.

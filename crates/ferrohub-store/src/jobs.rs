@@ -32,8 +32,10 @@ pub trait JobStore: Send + Sync + 'static {
     async fn update_job(&self, job: StoredJob) -> Result<()>;
     /// Jobs ordered by id, after `after`, at most `limit`.
     async fn list_jobs(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredJob>>;
-    /// Inserts or replaces the row of `(job_id, device_id)`.
-    async fn put_device_job(&self, row: StoredDeviceJob) -> Result<()>;
+    /// Inserts or replaces the rows of their `(job_id, device_id)`, all in one durable commit
+    /// (all or none): a runner claims and settles devices in groups, and one commit per
+    /// device bound a job's rate by commit latency.
+    async fn put_device_jobs(&self, rows: Vec<StoredDeviceJob>) -> Result<()>;
     async fn get_device_job(
         &self,
         job_id: &str,

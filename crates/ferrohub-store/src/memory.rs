@@ -667,6 +667,11 @@ impl ConfigurationStore for MemoryStore {
         Ok(())
     }
 
+    async fn clear_applied(&self, device_id: &str) -> Result<()> {
+        self.state().applied.remove(device_id);
+        Ok(())
+    }
+
     async fn applied_configuration(&self, device_id: &str) -> Result<Option<String>> {
         Ok(self.state().applied.get(device_id).cloned())
     }
@@ -1096,10 +1101,11 @@ impl crate::JobStore for MemoryStore {
             .collect())
     }
 
-    async fn put_device_job(&self, row: crate::StoredDeviceJob) -> Result<()> {
-        lock(&self.jobs)
-            .device_jobs
-            .insert((row.job_id, row.device_id), row.doc);
+    async fn put_device_jobs(&self, rows: Vec<crate::StoredDeviceJob>) -> Result<()> {
+        let mut s = lock(&self.jobs);
+        for row in rows {
+            s.device_jobs.insert((row.job_id, row.device_id), row.doc);
+        }
         Ok(())
     }
 

@@ -96,6 +96,14 @@ async fn crud_with_etags_create_versus_update_and_error_bodies() -> TestResult {
     changed["priority"] = json!(5);
     let stale = put(&hub, "c1", &changed, Some("\"bm9wZQ==\"")).await?;
     assert_eq!(stale.status, 412, "{}", stale.body);
+    assert_eq!(stale.header("iothub-errorcode"), Some("PreconditionFailed"));
+    assert!(
+        stale.body["Message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("ErrorCode:PreconditionFailed;")),
+        "{}",
+        stale.body
+    );
     let updated = put(&hub, "c1", &changed, Some(&format!("\"{etag}\""))).await?;
     assert_eq!(updated.status, 200, "{}", updated.body);
     assert_eq!(updated.body["priority"], 5);
@@ -266,7 +274,8 @@ async fn content_reaches_matching_twins_and_connected_devices_by_priority() -> T
 }
 
 #[tokio::test]
-async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestResult {
+async fn devices_that_start_matching_later_get_it_and_leavers_keep_it_but_leave_the_counts(
+) -> TestResult {
     let hub = TestHub::start().await?;
     hub.create_device("d1").await?;
     put(
@@ -275,7 +284,7 @@ async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestR
         &config(
             "c",
             "tags.env = 'prod'",
-            0,
+            1,
             json!({"properties.desired.mode": "eco"}),
         ),
         None,
@@ -288,6 +297,34 @@ async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestR
     assert_eq!(desired(&hub, "d1").await?["mode"], "eco");
     let c = hub.api.get("/configurations/c").await?;
     assert_eq!(c["systemMetrics"]["results"]["appliedCount"], 1);
+    // The twin says which configurations target it and which one was applied, with the
+    // values IoT Hub's appliedCount query (`configurations.[[c]].status = 'Applied'`) reads.
+    put(
+        &hub,
+        "top",
+        &config(
+            "top",
+            "tags.env = 'prod'",
+            5,
+            json!({"properties.desired.top": 1}),
+        ),
+        None,
+    )
+    .await?;
+    let twin = hub.api.get("/twins/d1").await?;
+    assert_eq!(
+        twin["configurations"],
+        json!({"c": {"status": "Targeted"}, "top": {"status": "Applied"}}),
+        "{twin}"
+    );
+    let deleted = rest(&hub, Method::DELETE, "/configurations/top", None).await?;
+    assert_eq!(deleted.status, 204);
+    let twin = hub.api.get("/twins/d1").await?;
+    assert_eq!(
+        twin["configurations"],
+        json!({"c": {"status": "Applied"}}),
+        "{twin}"
+    );
 
     // A new device matching `*` configurations gets them when created.
     put(
@@ -301,11 +338,18 @@ async fn devices_that_start_matching_later_get_it_and_leavers_keep_it() -> TestR
     assert_eq!(desired(&hub, "d2").await?["fleet"], true);
 
     // A device that stops matching keeps what was written (IoT Hub removes nothing); it is
-    // no longer targeted.
+    // no longer targeted, no longer counted as applied, and its twin no longer names it.
     tag(&hub, "d1", json!({"env": "dev"})).await?;
     assert_eq!(desired(&hub, "d1").await?["mode"], "eco");
     let c = hub.api.get("/configurations/c").await?;
     assert_eq!(c["systemMetrics"]["results"]["targetedCount"], 0);
+    assert_eq!(c["systemMetrics"]["results"]["appliedCount"], 0, "{c}");
+    let twin = hub.api.get("/twins/d1").await?;
+    assert_eq!(
+        twin["configurations"],
+        json!({"all": {"status": "Applied"}}),
+        "{twin}"
+    );
     Ok(())
 }
 

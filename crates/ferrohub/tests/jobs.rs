@@ -358,8 +358,14 @@ async fn bad_job_requests_get_iot_hub_error_bodies() -> TestResult {
     assert_eq!(dup.status, 409, "{}", dup.body);
     assert!(dup.headers.contains_key("iothub-errorcode"));
 
+    // An unknown type is IoT Hub's generic bad request; the rest name what is wrong.
+    let a = put_job(&hub, "bad", json!({"type": "scheduleTwinUpdate"})).await?;
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(a.header("iothub-errorcode"), Some("GenericBadRequest"));
+    let msg = error_code_of(&a);
+    assert!(msg.starts_with("ErrorCode:GenericBadRequest;"), "{msg}");
+    assert!(msg.contains("type"), "{msg}");
     for (body, what) in [
-        (json!({"type": "exportDevices"}), "type"),
         (json!({"type": "scheduleUpdateTwin"}), "updateTwin"),
         (
             json!({"type": "scheduleDeviceMethod", "cloudToDeviceMethod": {}}),
@@ -387,11 +393,20 @@ async fn bad_job_requests_get_iot_hub_error_bodies() -> TestResult {
         );
         assert!(msg.contains(what), "{what}: {msg}");
     }
-    let missing = rest(&hub, Method::GET, "/jobs/v2/nope", None).await?;
-    assert_eq!(missing.status, 404, "{}", missing.body);
-    assert!(missing.body["Message"].is_string());
-    let missing = rest(&hub, Method::POST, "/jobs/v2/nope/cancel", None).await?;
-    assert_eq!(missing.status, 404);
+    for (method, path) in [
+        (Method::GET, "/jobs/v2/nope"),
+        (Method::POST, "/jobs/v2/nope/cancel"),
+    ] {
+        let missing = rest(&hub, method, path, None).await?;
+        assert_eq!(missing.status, 404, "{path}: {}", missing.body);
+        assert_eq!(
+            missing.header("iothub-errorcode"),
+            Some("JobNotFound"),
+            "{path}"
+        );
+        let msg = error_code_of(&missing);
+        assert!(msg.starts_with("ErrorCode:JobNotFound;"), "{path}: {msg}");
+    }
     hub.stop().await;
     Ok(())
 }

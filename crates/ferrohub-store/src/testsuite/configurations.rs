@@ -88,6 +88,12 @@ pub async fn applied_marks_go_with_their_device_and_configuration<S: Store + Clo
     store.mark_applied("d2", "b").await?;
     assert_eq!(store.count_applied("a").await?, 1);
     assert_eq!(store.count_applied("b").await?, 1);
+    // A device that left every target: its record goes, and clearing twice is no error.
+    store.clear_applied("d2").await?;
+    store.clear_applied("d2").await?;
+    assert_eq!(store.applied_configuration("d2").await?, None);
+    assert_eq!(store.count_applied("b").await?, 0);
+    store.mark_applied("d2", "b").await?;
     store.delete_device("d1", IfMatch::Any).await?;
     assert_eq!(store.applied_configuration("d1").await?, None);
     assert_eq!(store.count_applied("a").await?, 0);

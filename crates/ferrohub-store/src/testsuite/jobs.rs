@@ -43,13 +43,17 @@ pub async fn jobs_and_device_rows_page_in_key_order<S: Store + Clone>(store: &S)
     assert_eq!(ids(store.list_jobs(None, 2).await?), ["a", "b"]);
     assert_eq!(ids(store.list_jobs(Some("b"), 10).await?), ["c"]);
 
-    for (j, d) in [("b", "d2"), ("a", "d9"), ("b", "d1"), ("c", "d0")] {
-        store
-            .put_device_job(row(j, d, r#"{"status":"running"}"#))
-            .await?;
-    }
     store
-        .put_device_job(row("b", "d1", r#"{"status":"completed"}"#))
+        .put_device_jobs(
+            [("b", "d2"), ("a", "d9"), ("b", "d1"), ("c", "d0")]
+                .into_iter()
+                .map(|(j, d)| row(j, d, r#"{"status":"running"}"#))
+                .collect(),
+        )
+        .await?;
+    store.put_device_jobs(Vec::new()).await?;
+    store
+        .put_device_jobs(vec![row("b", "d1", r#"{"status":"completed"}"#)])
         .await?;
     assert_eq!(
         store.get_device_job("b", "d1").await?,
