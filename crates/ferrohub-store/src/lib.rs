@@ -296,7 +296,7 @@ impl<
             + QueryStore
             + ConfigurationStore
             + JobStore
-            + ModelStore,
+            + ModelStore
             + ProvisioningStore,
     > Store for T
 {
