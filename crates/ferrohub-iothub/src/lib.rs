@@ -11,6 +11,7 @@ pub mod identity;
 pub mod query;
 pub mod registry;
 pub mod routing;
+pub mod routing_config;
 pub mod sas;
 pub mod telemetry;
 pub mod topics;

@@ -116,6 +116,13 @@ CREATE TABLE IF NOT EXISTS device_jobs (
     doc       TEXT NOT NULL,
     PRIMARY KEY (job_id, device_id)
 ) WITHOUT ROWID;
+-- Message routing: the one routing document and its version (sqlite_routing.rs). The custom
+-- endpoints' streams are files of their own under `streams/`.
+CREATE TABLE IF NOT EXISTS routing (
+    id      INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+    version INTEGER NOT NULL,
+    doc     TEXT NOT NULL
+);
 "#;
 
 /// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod memory;
 pub mod model;
 pub mod query;
+pub mod routing;
 pub mod telemetry;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
@@ -25,9 +26,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use configurations::{ConfigurationStore, StoredConfiguration};
 pub use jobs::{JobStore, StoredDeviceJob, StoredJob};
-pub use memory::{MemoryStore, MemoryTelemetry};
+pub use memory::{MemoryStore, MemoryStreams, MemoryTelemetry};
 pub use model::*;
 pub use query::{QueryStore, TwinRow, TwinScan};
+pub use routing::{RoutingStore, StoredRouting, StreamEngine};
 pub use timestamp::Timestamp;
 
 /// What can go wrong in a store call. The variants that carry meaning for callers (not found,
@@ -277,6 +279,7 @@ pub trait Store:
     + QueryStore
     + ConfigurationStore
     + JobStore
+    + RoutingStore
 {
 }
 impl<
@@ -288,7 +291,8 @@ impl<
             + TwinStore
             + QueryStore
             + ConfigurationStore
-            + JobStore,
+            + JobStore
+            + RoutingStore,
     > Store for T
 {
 }

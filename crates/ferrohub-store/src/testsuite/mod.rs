@@ -18,6 +18,7 @@ mod jobs;
 pub mod model;
 mod query;
 mod registry;
+mod routing;
 mod telemetry;
 mod twins;
 
@@ -27,6 +28,7 @@ pub use feedback::*;
 pub use jobs::*;
 pub use query::*;
 pub use registry::*;
+pub use routing::*;
 pub use telemetry::*;
 pub use twins::*;
 
@@ -68,6 +70,7 @@ macro_rules! store_suite {
             applied_marks_go_with_their_device_and_configuration,
             jobs_are_created_once_and_updated_in_place,
             jobs_and_device_rows_page_in_key_order,
+            routing_document_is_written_only_at_its_version,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {
