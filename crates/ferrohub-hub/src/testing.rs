@@ -467,3 +467,14 @@ impl ferrohub_store::JobStore for TestStore {
         self.inner.scan_device_jobs(job_id, after, limit).await
     }
 }
+
+#[async_trait]
+impl ferrohub_store::RoutingStore for TestStore {
+    async fn load_routing(&self) -> Result<Option<ferrohub_store::StoredRouting>> {
+        self.inner.load_routing().await
+    }
+    async fn save_routing(&self, doc: String, expected: u64) -> Result<u64> {
+        self.write_failpoint()?;
+        self.inner.save_routing(doc, expected).await
+    }
+}
