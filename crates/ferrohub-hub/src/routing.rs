@@ -305,6 +305,8 @@ pub(crate) struct Active {
 pub(crate) struct Routing {
     /// Where custom streams live (the store's engine); memory until the server sets one.
     engine: OnceLock<Arc<dyn StreamEngine>>,
+    /// What `$iothubname` stamps; the first label of the first host name until set.
+    hub_name: OnceLock<String>,
     active: RwLock<Arc<Active>>,
     /// Serializes this process's changes, so the versioned write only ever fails because of
     /// another node, and streams are opened and removed in the order their changes commit.
@@ -321,6 +323,7 @@ impl Routing {
     pub(crate) fn new(builtin: Arc<dyn TelemetryLog>) -> Self {
         Self {
             engine: OnceLock::new(),
+            hub_name: OnceLock::new(),
             active: RwLock::new(Arc::new(Active {
                 passthrough: true,
                 routes: Vec::new(),
@@ -458,6 +461,11 @@ impl Hub {
     /// before [`Hub::load_routing`]. Without it they are kept in memory.
     pub fn set_stream_engine(&self, engine: Arc<dyn StreamEngine>) {
         let _ = self.routing.engine.set(engine);
+    }
+
+    /// Sets the name `$iothubname` enrichments stamp (the Event Hubs entity name); call once.
+    pub fn set_hub_name(&self, name: String) {
+        let _ = self.routing.hub_name.set(name);
     }
 
     /// Reads the stored routing configuration and makes it the one in force (at start-up).
@@ -859,11 +867,14 @@ impl Hub {
         if !matched && active.fallback {
             hit[0] = true;
         }
-        let hub_name = self
-            .hostnames
-            .first()
-            .map(|h| hub_name_of(h))
-            .unwrap_or("ferrohub");
+        let hub_name = match self.routing.hub_name.get() {
+            Some(n) => n.as_str(),
+            None => self
+                .hostnames
+                .first()
+                .map(|h| hub_name_of(h))
+                .unwrap_or("ferrohub"),
+        };
         let mut waits = Vec::new();
         for (t, _) in active.targets.iter().zip(&hit).filter(|(_, h)| **h) {
             let mut copy = event.clone();

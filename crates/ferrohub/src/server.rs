@@ -376,10 +376,12 @@ async fn compose(
         cfg.hub.clone(),
     );
     hub.set_stream_engine(streams);
+    hub.set_hub_name(cfg.hub_name());
     // Routes and endpoints in force before the first device connects.
     hub.load_routing()
         .await
         .context("loading the routing configuration")?;
+    apply_routing_file(&hub, &cfg.routing).await?;
     let mut owner = None;
     for p in default_policies() {
         let stored = hub.ensure_policy(p).await?;
@@ -401,6 +403,32 @@ async fn compose(
         &broker,
     ))));
     Ok((hub, broker, owner))
+}
+
+/// Adds (or replaces) the config file's routing entries, in dependency order, so a file that
+/// names its own endpoints works on a fresh data directory.
+async fn apply_routing_file(hub: &Hub, r: &crate::config::RoutingSettings) -> anyhow::Result<()> {
+    for e in &r.endpoints {
+        hub.put_endpoint(e.clone())
+            .await
+            .with_context(|| format!("config file: routing endpoint {}", e.name))?;
+    }
+    for rt in &r.routes {
+        hub.put_route(rt.clone())
+            .await
+            .with_context(|| format!("config file: routing route {}", rt.name))?;
+    }
+    for e in &r.enrichments {
+        hub.put_enrichment(e.clone())
+            .await
+            .with_context(|| format!("config file: routing enrichment {}", e.key))?;
+    }
+    if let Some(on) = r.fallback {
+        hub.set_fallback(on)
+            .await
+            .context("config file: routing fallback")?;
+    }
+    Ok(())
 }
 
 /// Telemetry retention, C2D expiry and the configurations' backstop pass, stopped by shutdown.

@@ -483,3 +483,45 @@ async fn cli_configures_tests_and_monitors_routes() -> TestResult {
     hub.stop().await;
     Ok(())
 }
+
+/// `[routing]` of the config file, as `ServerConfig::from_args` resolves it.
+fn file_routing(cfg: &mut ferrohub::config::ServerConfig) {
+    use ferrohub_hub::routing::{Endpoint, EndpointKind, Enrichment, Route, RouteSource};
+    cfg.routing.endpoints = vec![Endpoint {
+        name: "filed".into(),
+        kind: EndpointKind::Stream {
+            partitions: 1,
+            retention_secs: 600,
+        },
+    }];
+    cfg.routing.routes = vec![Route {
+        name: "from-file".into(),
+        source: RouteSource::DeviceMessages,
+        condition: "kind = 'f'".into(),
+        endpoint_names: vec!["filed".into()],
+        is_enabled: true,
+    }];
+    cfg.routing.enrichments = vec![Enrichment {
+        key: "origin".into(),
+        value: "toml".into(),
+        endpoint_names: vec!["filed".into()],
+    }];
+}
+
+#[tokio::test]
+async fn the_config_files_routing_is_applied_at_start_up() -> TestResult {
+    let mut hub = TestHub::start_with(file_routing).await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
+    send(&mut c, 1, "f1", "kind=f", b"1").await?;
+    drop(c);
+    // Applied again at a restart: the stream and its contents stay.
+    hub.restart().await?;
+    let (mut c, _) = hub.connect_device("dev1", &key, true).await?;
+    send(&mut c, 1, "f2", "kind=f", b"2").await?;
+    let filed = read(&hub, Some("filed"), 2).await?;
+    assert_eq!(ids(&filed), ["f1", "f2"]);
+    assert_eq!(filed[1]["properties"]["origin"], "toml");
+    hub.stop().await;
+    Ok(())
+}
