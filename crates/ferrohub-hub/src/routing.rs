@@ -875,9 +875,25 @@ impl Hub {
                 .map(|h| hub_name_of(h))
                 .unwrap_or("ferrohub"),
         };
-        let mut waits = Vec::new();
-        for (t, _) in active.targets.iter().zip(&hit).filter(|(_, h)| **h) {
-            let mut copy = event.clone();
+        let reached: Vec<&Target> = active
+            .targets
+            .iter()
+            .zip(&hit)
+            .filter(|(_, h)| **h)
+            .map(|(t, _)| t)
+            .collect();
+        let mut waits = Vec::with_capacity(reached.len());
+        let mut event = Some(event);
+        for (i, t) in reached.iter().enumerate() {
+            // The last endpoint takes the message itself; only the others need a copy.
+            let mut copy = match (i + 1 == reached.len(), &mut event) {
+                (true, e) => match e.take() {
+                    Some(e) => e,
+                    None => break,
+                },
+                (false, Some(e)) => e.clone(),
+                (false, None) => break,
+            };
             for (key, value) in &t.enrichments {
                 // What the device sent is never changed: its own property of that name stays.
                 if !copy.properties.iter().any(|(k, _)| k == key) {
