@@ -73,6 +73,8 @@ pub struct EventQuery {
     pub partition: Option<u32>,
     pub device_id: Option<String>,
     pub module_id: Option<String>,
+    /// The endpoint read: a custom stream's name, or the built-in stream for `None`/`events`.
+    pub endpoint: Option<String>,
     /// Whether the group's checkpoint follows this reader (`GET /events`). Event Hubs readers
     /// keep their own checkpoints and only read, so theirs do not move the group's.
     pub track_checkpoint: bool,
@@ -135,7 +137,7 @@ impl EventStream {
 impl Hub {
     /// Opens a stream of telemetry events for a back end.
     pub async fn open_events(&self, q: EventQuery) -> Result<EventStream, HubError> {
-        let log = self.telemetry.clone();
+        let log = self.endpoint_log(q.endpoint.as_deref())?;
         let group = q
             .consumer_group
             .unwrap_or_else(|| DEFAULT_CONSUMER_GROUP.into());

@@ -31,6 +31,7 @@ pub mod query;
 pub mod readers;
 pub mod registry;
 pub mod retention;
+pub mod routing;
 pub mod service_auth;
 pub mod statistics;
 mod telemetry;
@@ -197,6 +198,8 @@ pub struct Hub {
     pub(crate) store: Arc<dyn Store>,
     /// Where device-to-cloud messages go; a PUBACK waits for it.
     pub(crate) telemetry: Arc<dyn TelemetryLog>,
+    /// Routes, enrichments and custom endpoints in force (`routing.rs`).
+    routing: routing::Routing,
     /// Service tokens already checked.
     tokens: service_auth::TokenCache,
     /// Event Hubs readers per partition and consumer group (epochs, the reader limit).
@@ -257,6 +260,7 @@ impl Hub {
         Arc::new_cyclic(|me| Self {
             me: me.clone(),
             store,
+            routing: routing::Routing::new(telemetry.clone()),
             telemetry,
             tokens: service_auth::TokenCache::default(),
             readers: Arc::default(),

@@ -30,5 +30,13 @@ pub async fn retention_loop(
             Ok(n) => info!(removed = n, "telemetry retention removed expired messages"),
             Err(e) => warn!(error = %e, "telemetry retention failed"),
         }
+        // Custom endpoints' streams, each by its own age limit and the hub's size limit.
+        match hub.enforce_stream_retention(retention.max_bytes).await {
+            0 => {}
+            n => info!(
+                removed = n,
+                "endpoint stream retention removed expired messages"
+            ),
+        }
     }
 }

@@ -80,11 +80,23 @@ impl Hub {
                 body: event.body.clone(),
             });
         }
-        match self.telemetry.enqueue(event).await {
-            Ok(durable) => PublishOutcome::AcceptWhen(Box::pin(async move {
-                durable.await.map(|_| ()).map_err(HubError::from)
+        // Routing picks the endpoints (the built-in stream alone when no route exists) and
+        // enqueues the message in each; the PUBACK waits until every copy is on disk.
+        match self.route(&client.identity, event).await {
+            Ok(waits) if waits.is_empty() => PublishOutcome::Accept,
+            Ok(mut waits) if waits.len() == 1 => {
+                let durable = waits.remove(0);
+                PublishOutcome::AcceptWhen(Box::pin(async move {
+                    durable.await.map(|_| ()).map_err(HubError::from)
+                }))
+            }
+            Ok(waits) => PublishOutcome::AcceptWhen(Box::pin(async move {
+                for durable in waits {
+                    durable.await.map_err(HubError::from)?;
+                }
+                Ok(())
             })),
-            Err(e) => PublishOutcome::Fail(HubError::from(e)),
+            Err(e) => PublishOutcome::Fail(e),
         }
     }
 
@@ -104,9 +116,18 @@ impl Hub {
                 return;
             }
         };
-        match self.telemetry.append(event).await {
-            Ok((partition, sequence)) => {
-                info!(identity = %client.identity, partition, sequence, "Will message delivered as telemetry")
+        // A Will is telemetry, so it is routed like any other message.
+        let stored = async {
+            let waits = self.route(&client.identity, event).await?;
+            let endpoints = waits.len();
+            for durable in waits {
+                durable.await.map_err(HubError::from)?;
+            }
+            Ok::<_, HubError>(endpoints)
+        };
+        match stored.await {
+            Ok(endpoints) => {
+                info!(identity = %client.identity, endpoints, "Will message delivered as telemetry")
             }
             Err(e) => {
                 warn!(identity = %client.identity, error = %e, "Will message could not be stored")

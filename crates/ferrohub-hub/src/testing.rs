@@ -536,3 +536,14 @@ impl ferrohub_store::ProvisioningStore for TestStore {
         self.inner.ensure_id_scope(candidate).await
     }
 }
+
+#[async_trait]
+impl ferrohub_store::RoutingStore for TestStore {
+    async fn load_routing(&self) -> Result<Option<ferrohub_store::StoredRouting>> {
+        self.inner.load_routing().await
+    }
+    async fn save_routing(&self, doc: String, expected: u64) -> Result<u64> {
+        self.write_failpoint()?;
+        self.inner.save_routing(doc, expected).await
+    }
+}

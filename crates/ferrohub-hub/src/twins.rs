@@ -427,7 +427,10 @@ impl Hub {
     }
 
     /// The registry fields a twin shows, or NotFound.
-    async fn registry_view(&self, identity: &Identity) -> Result<Map<String, Value>, TwinFailure> {
+    pub(crate) async fn registry_view(
+        &self,
+        identity: &Identity,
+    ) -> Result<Map<String, Value>, TwinFailure> {
         let device = self
             .store
             .get_device(&identity.device_id)

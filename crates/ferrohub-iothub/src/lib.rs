@@ -14,6 +14,7 @@ pub mod notifications;
 pub mod query;
 pub mod registry;
 pub mod routing;
+pub mod routing_config;
 pub mod sas;
 pub mod telemetry;
 pub mod topics;

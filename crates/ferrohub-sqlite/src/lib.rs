@@ -1,5 +1,6 @@
 //! Ferrohub's embedded storage engine: every `ferrohub-store` trait on SQLite files in the data
-//! directory (`ferrohub.db` for the registry, queues and twins, `telemetry.db` for the event log).
+//! directory (`ferrohub.db` for the registry, queues, twins and routing, `telemetry.db` for the event
+//! log, `streams/NAME.db` for each custom endpoint's stream).
 //!
 //! Engine-specific machinery (group-commit writers, WAL checkpoints, schema migrations) stays in
 //! this crate; the hub only sees the traits.
@@ -14,10 +15,12 @@ mod sqlite_jobs;
 mod sqlite_models;
 mod sqlite_provisioning;
 mod sqlite_query;
+mod sqlite_routing;
 mod sqlite_telemetry;
 mod sqlite_twins;
 mod sqlite_writer;
 
 pub use ferrohub_store::telemetry::partition_for;
 pub use sqlite::{SqliteStore, DB_FILE};
+pub use sqlite_routing::{SqliteStreams, STREAMS_DIR};
 pub use sqlite_telemetry::{SqliteTelemetry, TELEMETRY_DB_FILE};

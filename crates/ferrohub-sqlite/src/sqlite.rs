@@ -137,6 +137,13 @@ CREATE TABLE IF NOT EXISTS provisioning_settings (
     name  TEXT PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+-- Message routing: the one routing document and its version (sqlite_routing.rs). The custom
+-- endpoints' streams are files of their own under `streams/`.
+CREATE TABLE IF NOT EXISTS routing (
+    id      INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+    version INTEGER NOT NULL,
+    doc     TEXT NOT NULL
+);
 "#;
 
 /// Brings a database written by an earlier build up to `SCHEMA`: `CREATE TABLE IF NOT EXISTS`

@@ -133,9 +133,22 @@ impl SqliteTelemetry {
         Ok(Self::open_sql(data_dir, partitions)?)
     }
 
+    /// Opens (creating if needed) a log in the file `path` (a custom endpoint's stream), as
+    /// [`SqliteTelemetry::open`] does `telemetry.db`.
+    pub fn open_file(path: &Path, partitions: u32) -> Result<Self> {
+        Ok(Self::open_path(path, partitions)?)
+    }
+
     fn open_sql(data_dir: &Path, partitions: u32) -> SqlResult<Self> {
         std::fs::create_dir_all(data_dir)?;
-        let path = data_dir.join(TELEMETRY_DB_FILE);
+        Self::open_path(&data_dir.join(TELEMETRY_DB_FILE), partitions)
+    }
+
+    fn open_path(path: &Path, partitions: u32) -> SqlResult<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let path = path.to_path_buf();
         let mut writer = open(&path, false)?;
         writer.execute_batch(SCHEMA)?;
         let stored: Option<String> = writer

@@ -17,6 +17,7 @@ pub mod model;
 pub mod models;
 pub mod provisioning;
 pub mod query;
+pub mod routing;
 pub mod telemetry;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod testsuite;
@@ -28,11 +29,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 pub use configurations::{ConfigurationStore, StoredConfiguration};
 pub use jobs::{JobStore, StoredDeviceJob, StoredJob};
-pub use memory::{MemoryStore, MemoryTelemetry};
+pub use memory::{MemoryStore, MemoryStreams, MemoryTelemetry};
 pub use model::*;
 pub use models::{ModelStore, StoredModel};
 pub use provisioning::{ProvisioningKind, ProvisioningStore, StoredProvisioning};
 pub use query::{QueryStore, TwinRow, TwinScan};
+pub use routing::{RoutingStore, StoredRouting, StreamEngine};
 pub use timestamp::Timestamp;
 
 /// What can go wrong in a store call. The variants that carry meaning for callers (not found,
@@ -284,6 +286,7 @@ pub trait Store:
     + JobStore
     + ModelStore
     + ProvisioningStore
+    + RoutingStore
 {
 }
 impl<
@@ -297,7 +300,8 @@ impl<
             + ConfigurationStore
             + JobStore
             + ModelStore
-            + ProvisioningStore,
+            + ProvisioningStore
+            + RoutingStore,
     > Store for T
 {
 }

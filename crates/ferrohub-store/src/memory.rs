@@ -19,6 +19,7 @@ use crate::models::{ModelStore, StoredModel};
 use crate::query::{
     compare_json, Field, Prefilter, QueryStore, ScanKind, ScannedIdentity, TwinRow, TwinScan,
 };
+use crate::routing::{RoutingStore, StoredRouting, StreamEngine};
 use crate::telemetry::{
     partition_for, Durable, EventRecord, NewEvent, Retention, StartPosition, TelemetryLog,
 };
@@ -80,6 +81,8 @@ struct State {
     /// Device id -> the configuration applied to it.
     applied: HashMap<String, String>,
     models: BTreeMap<String, StoredModel>,
+    /// The routing document and its version.
+    routing: Option<(u64, String)>,
 }
 
 impl State {
@@ -745,6 +748,52 @@ fn event_size(e: &NewEvent) -> u64 {
         )
         .sum();
     (e.body.len() + props + e.device_id.len()) as u64
+}
+
+#[async_trait]
+impl RoutingStore for MemoryStore {
+    async fn load_routing(&self) -> Result<Option<StoredRouting>> {
+        Ok(self
+            .state()
+            .routing
+            .as_ref()
+            .map(|(version, doc)| StoredRouting {
+                doc: doc.clone(),
+                version: *version,
+            }))
+    }
+
+    async fn save_routing(&self, doc: String, expected: u64) -> Result<u64> {
+        let mut s = self.state();
+        let current = s.routing.as_ref().map_or(0, |(v, _)| *v);
+        if current != expected {
+            return Err(StoreError::VersionMismatch);
+        }
+        s.routing = Some((current + 1, doc));
+        Ok(current + 1)
+    }
+}
+
+/// Custom endpoint streams in memory. A stream opened again under the same name is the same
+/// stream (as a reopened file would be), so a hub rebuilt over one `MemoryStreams` keeps them.
+#[derive(Clone, Default)]
+pub struct MemoryStreams {
+    streams: Arc<Mutex<HashMap<String, MemoryTelemetry>>>,
+}
+
+impl StreamEngine for MemoryStreams {
+    fn open_stream(&self, name: &str, partitions: u32) -> Result<Arc<dyn TelemetryLog>> {
+        let mut streams = lock(&self.streams);
+        let log = streams
+            .entry(name.to_string())
+            .or_insert_with(|| MemoryTelemetry::new(partitions));
+        Ok(Arc::new(log.clone()))
+    }
+
+    fn remove_stream(&self, name: &str) -> Result<()> {
+        lock(&self.streams).remove(name);
+        Ok(())
+    }
 }
 
 /// [`TelemetryLog`] in memory: appends are "durable" at once. Clones share the log.

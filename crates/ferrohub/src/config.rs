@@ -138,6 +138,130 @@ struct FileConfig {
     tls_handshake_timeout_secs: Option<u64>,
     model_dir: Option<PathBuf>,
     dps_id_scope: Option<String>,
+    routing: Option<RoutingFile>,
+}
+
+/// `[routing]` in the config file: endpoints, routes and enrichments added (or replaced) at
+/// every start, and the fallback route's state if given. What was added through the API and is
+/// not in the file stays until removed there.
+///
+/// ```toml
+/// [routing]
+/// fallback = true
+/// [[routing.endpoints]]
+/// name = "hot"
+/// type = "stream"        # the only type yet
+/// partitions = 2         # default 4
+/// retention_secs = 3600  # default 86400
+/// [[routing.routes]]
+/// name = "critical"
+/// source = "DeviceMessages"   # the default
+/// condition = "level = 'critical'"
+/// endpoints = ["hot", "events"]
+/// enabled = true
+/// [[routing.enrichments]]
+/// key = "site"
+/// value = "$twin.tags.site"
+/// endpoints = ["hot"]
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingFile {
+    pub fallback: Option<bool>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointFile>,
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+    #[serde(default)]
+    pub enrichments: Vec<EnrichmentFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub partitions: Option<u32>,
+    pub retention_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: String,
+    pub source: Option<String>,
+    pub condition: Option<String>,
+    pub endpoints: Vec<String>,
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichmentFile {
+    pub key: String,
+    pub value: String,
+    pub endpoints: Vec<String>,
+}
+
+/// The routing configuration the file asks for, in the hub's terms.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingSettings {
+    pub fallback: Option<bool>,
+    pub endpoints: Vec<ferrohub_hub::routing::Endpoint>,
+    pub routes: Vec<ferrohub_hub::routing::Route>,
+    pub enrichments: Vec<ferrohub_hub::routing::Enrichment>,
+}
+
+impl RoutingFile {
+    fn resolve(self) -> anyhow::Result<RoutingSettings> {
+        use ferrohub_hub::routing::{
+            Endpoint, EndpointKind, Enrichment, Route, RouteSource, DEFAULT_STREAM_PARTITIONS,
+            DEFAULT_STREAM_RETENTION_SECS,
+        };
+        let mut out = RoutingSettings {
+            fallback: self.fallback,
+            ..Default::default()
+        };
+        for e in self.endpoints {
+            if e.kind != "stream" {
+                anyhow::bail!(
+                    "routing endpoint {}: type {:?} is not supported (only \"stream\")",
+                    e.name,
+                    e.kind
+                );
+            }
+            out.endpoints.push(Endpoint {
+                name: e.name,
+                kind: EndpointKind::Stream {
+                    partitions: e.partitions.unwrap_or(DEFAULT_STREAM_PARTITIONS),
+                    retention_secs: e.retention_secs.unwrap_or(DEFAULT_STREAM_RETENTION_SECS),
+                },
+            });
+        }
+        for r in self.routes {
+            let source = match &r.source {
+                None => RouteSource::DeviceMessages,
+                Some(s) => RouteSource::parse(s)
+                    .map_err(|e| anyhow::anyhow!("routing route {}: {e}", r.name))?,
+            };
+            out.routes.push(Route {
+                name: r.name,
+                source,
+                condition: r.condition.unwrap_or_else(|| "true".into()),
+                endpoint_names: r.endpoints,
+                is_enabled: r.enabled.unwrap_or(true),
+            });
+        }
+        for e in self.enrichments {
+            out.enrichments.push(Enrichment {
+                key: e.key,
+                value: e.value,
+                endpoint_names: e.endpoints,
+            });
+        }
+        Ok(out)
+    }
 }
 
 /// The resolved configuration of a server.
@@ -182,6 +306,8 @@ pub struct ServerConfig {
     pub tls_handshake_timeout: Duration,
     /// The provisioning service's ID scope; `None`: the stored one, generated on first start.
     pub dps_id_scope: Option<String>,
+    /// Routing entries from the config file, applied at start-up.
+    pub routing: RoutingSettings,
 }
 
 /// How long an HTTPS client may take; see `https_conn` for how each is enforced.
@@ -232,6 +358,7 @@ impl ServerConfig {
             https_max_requests: 256,
             tls_handshake_timeout: Duration::from_secs(10),
             dps_id_scope: None,
+            routing: RoutingSettings::default(),
         }
     }
 
@@ -380,6 +507,9 @@ impl ServerConfig {
             rate(args.throttle_twin_updates.or(file.throttle_twin_updates));
         cfg.hub.throttle.method_calls =
             rate(args.throttle_method_calls.or(file.throttle_method_calls));
+        if let Some(r) = file.routing {
+            cfg.routing = r.resolve()?;
+        }
         Ok(cfg)
     }
 
@@ -497,6 +627,54 @@ mod tests {
         assert_eq!(t.body, Duration::from_secs(7));
         args.https_idle_timeout_secs = Some(0);
         assert!(ServerConfig::from_args(&args).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn routing_comes_from_the_file() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("f.toml");
+        std::fs::write(
+            &path,
+            r#"
+[routing]
+fallback = false
+[[routing.endpoints]]
+name = "hot"
+type = "stream"
+partitions = 2
+[[routing.routes]]
+name = "crit"
+condition = "level = 'critical'"
+endpoints = ["hot", "events"]
+[[routing.enrichments]]
+key = "site"
+value = "$twin.tags.site"
+endpoints = ["hot"]
+"#,
+        )?;
+        let args = ServeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let cfg = ServerConfig::from_args(&args)?;
+        assert_eq!(cfg.routing.fallback, Some(false));
+        assert_eq!(cfg.routing.endpoints[0].name, "hot");
+        assert_eq!(
+            cfg.routing.routes[0].source,
+            ferrohub_hub::routing::RouteSource::DeviceMessages
+        );
+        assert!(cfg.routing.routes[0].is_enabled);
+        assert_eq!(cfg.routing.enrichments[0].endpoint_names, ["hot"]);
+        std::fs::write(
+            &path,
+            "[[routing.endpoints]]\nname = \"w\"\ntype = \"webhook\"\n",
+        )?;
+        let e = ServerConfig::from_args(&args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("not supported"), "{e}");
         Ok(())
     }
 

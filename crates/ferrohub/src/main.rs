@@ -113,6 +113,34 @@ enum Command {
         #[command(subcommand)]
         cmd: cli::DpsCommand,
     },
+    /// Manage custom endpoints for message routing (event streams inside the hub).
+    Endpoint {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::EndpointCommand,
+    },
+    /// Manage message routes (like `az iot hub route`).
+    Route {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::RouteCommand,
+    },
+    /// Manage message enrichments (like `az iot hub message-enrichment`).
+    Enrichment {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::EnrichmentCommand,
+    },
+    /// Show or set the fallback route (messages matching no route go to `events`).
+    Fallback {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        cmd: cli::FallbackCommand,
+    },
     /// Print the Event Hubs-compatible connection string of the built-in events endpoint, for
     /// `azure-eventhub` and other Event Hubs clients.
     EventhubConnectionString {
@@ -151,6 +179,10 @@ async fn main() -> std::process::ExitCode {
         Command::Query { client, args } => cli::run_query(&client, args).await,
         Command::Job { client, cmd } => cli::run_job(&client, cmd).await,
         Command::Dps { client, cmd } => cli::run_dps(&client, cmd).await,
+        Command::Endpoint { client, cmd } => cli::run_endpoint(&client, cmd).await,
+        Command::Route { client, cmd } => cli::run_route(&client, cmd).await,
+        Command::Enrichment { client, cmd } => cli::run_enrichment(&client, cmd).await,
+        Command::Fallback { client, cmd } => cli::run_fallback(&client, cmd).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ use ferrohub_iothub::sas::generate_key;
 use ferrohub_iothub::ConnectionString;
 use ferrohub_sqlite::{SqliteStore, SqliteTelemetry};
 use ferrohub_store::telemetry::{Retention, TelemetryLog};
+use ferrohub_store::StreamEngine;
 use ferrohub_store::{AccessPolicy, Rights, Store};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::CertificateDer;
@@ -176,7 +177,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&cfg.data_dir)?;
-    let (store, telemetry) = open_storage(&data_dir, &cfg)?;
+    let (store, telemetry, streams) = open_storage(&data_dir, &cfg)?;
     let tls_files = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => tls::TlsFiles {
             cert: cert.clone(),
@@ -195,7 +196,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let amqp_addr = amqp_listener.local_addr()?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (hub, broker, owner) = compose(store, telemetry, &cfg, shutdown_rx.clone()).await?;
+    let (hub, broker, owner) =
+        compose(store, telemetry, streams, &cfg, shutdown_rx.clone()).await?;
     let tracker = TaskTracker::new();
     spawn_background(&tracker, &hub, &cfg, &shutdown_rx);
     let device_slots = Arc::new(Semaphore::new(
@@ -289,16 +291,18 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// The embedded engine's registry store and telemetry log in the data directory.
-fn open_storage(
-    data_dir: &Path,
-    cfg: &ServerConfig,
-) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn TelemetryLog>)> {
+/// The store, the built-in telemetry log and the custom endpoints' streams.
+type Storage = (Arc<dyn Store>, Arc<dyn TelemetryLog>, Arc<dyn StreamEngine>);
+
+/// The embedded engine's registry store, telemetry log and custom endpoint streams in the data
+/// directory.
+fn open_storage(data_dir: &Path, cfg: &ServerConfig) -> anyhow::Result<Storage> {
     let store = SqliteStore::open(data_dir)
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
     let telemetry = SqliteTelemetry::open(data_dir, cfg.partitions)
         .with_context(|| format!("opening the telemetry log in {}", data_dir.display()))?;
-    Ok((Arc::new(store), Arc::new(telemetry)))
+    let streams = ferrohub_sqlite::SqliteStreams::new(data_dir);
+    Ok((Arc::new(store), Arc::new(telemetry), Arc::new(streams)))
 }
 
 /// `Endpoint=sb://HOST/;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=HUB`, the
@@ -376,6 +380,7 @@ async fn bind_listeners(
 async fn compose(
     store: Arc<dyn Store>,
     telemetry: Arc<dyn TelemetryLog>,
+    streams: Arc<dyn StreamEngine>,
     cfg: &ServerConfig,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<(Arc<Hub>, Arc<HubBroker>, AccessPolicy)> {
@@ -385,6 +390,13 @@ async fn compose(
         cfg.accepted_hostnames(),
         cfg.hub.clone(),
     );
+    hub.set_stream_engine(streams);
+    hub.set_hub_name(cfg.hub_name());
+    // Routes and endpoints in force before the first device connects.
+    hub.load_routing()
+        .await
+        .context("loading the routing configuration")?;
+    apply_routing_file(&hub, &cfg.routing).await?;
     let mut owner = None;
     for p in default_policies() {
         let stored = hub.ensure_policy(p).await?;
@@ -409,6 +421,32 @@ async fn compose(
         &broker,
     ))));
     Ok((hub, broker, owner))
+}
+
+/// Adds (or replaces) the config file's routing entries, in dependency order, so a file that
+/// names its own endpoints works on a fresh data directory.
+async fn apply_routing_file(hub: &Hub, r: &crate::config::RoutingSettings) -> anyhow::Result<()> {
+    for e in &r.endpoints {
+        hub.put_endpoint(e.clone())
+            .await
+            .with_context(|| format!("config file: routing endpoint {}", e.name))?;
+    }
+    for rt in &r.routes {
+        hub.put_route(rt.clone())
+            .await
+            .with_context(|| format!("config file: routing route {}", rt.name))?;
+    }
+    for e in &r.enrichments {
+        hub.put_enrichment(e.clone())
+            .await
+            .with_context(|| format!("config file: routing enrichment {}", e.key))?;
+    }
+    if let Some(on) = r.fallback {
+        hub.set_fallback(on)
+            .await
+            .context("config file: routing fallback")?;
+    }
+    Ok(())
 }
 
 /// Telemetry retention, C2D expiry, the configurations' backstop pass, jobs and the IoT Plug

@@ -20,6 +20,7 @@ mod models;
 mod provisioning;
 mod query;
 mod registry;
+mod routing;
 mod telemetry;
 mod twins;
 
@@ -31,6 +32,7 @@ pub use models::*;
 pub use provisioning::*;
 pub use query::*;
 pub use registry::*;
+pub use routing::*;
 pub use telemetry::*;
 pub use twins::*;
 
@@ -75,6 +77,7 @@ macro_rules! store_suite {
             models_are_immutable_once_stored,
             provisioning_records_crud_with_etags,
             provisioning_lists_page_per_kind_and_scope_is_kept,
+            routing_document_is_written_only_at_its_version,
         );
     };
     (@tests $open:expr; $($name:ident),* $(,)?) => {

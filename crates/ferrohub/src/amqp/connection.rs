@@ -825,6 +825,7 @@ impl<W: AsyncRead + AsyncWrite + Send + 'static> Conn<W> {
                     partition: Some(addr.partition),
                     device_id: None,
                     module_id: None,
+                    endpoint: None,
                     track_checkpoint: false,
                 };
                 let epoch = a

@@ -3,7 +3,9 @@
 //!
 //! Query: `consumerGroup` (default `$Default`), `from` = `checkpoint` (default: where the
 //! group's last reader stopped, or `end` if it never read) | `start` | `end` | an ISO 8601 UTC
-//! time | a sequence number (with `partition`), optional `partition` and `deviceId` filters.
+//! time | a sequence number (with `partition`), optional `partition` and `deviceId` filters,
+//! and `endpoint` = a custom stream endpoint's name (default: the built-in `events`), read the
+//! same way with its own partitions and consumer-group checkpoints.
 //! Each line is one event. The group's checkpoint advances as lines are written to the
 //! connection, so a reader that reconnects with `from=checkpoint` gets no event twice and
 //! misses none published since; lines still in flight when a reader vanished count as read.
@@ -86,6 +88,7 @@ pub async fn stream(
         partition,
         device_id: q.get("deviceId").cloned(),
         module_id: q.get("moduleId").cloned(),
+        endpoint: q.get("endpoint").cloned(),
         track_checkpoint: true,
     };
     let events = state.hub.open_events(query).await?;

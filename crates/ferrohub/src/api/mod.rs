@@ -13,6 +13,7 @@ mod messaging;
 mod models;
 mod provisioning;
 pub mod query;
+pub mod routing;
 mod statistics;
 mod twins;
 pub mod types;
@@ -164,6 +165,39 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/{scope}/registrations/{id}/operations/{operation}",
             get(provisioning::device_operation),
+        )
+        .route("/ferrohub/routing", get(routing::get_all))
+        .route("/ferrohub/routing/endpoints", get(routing::list_endpoints))
+        .route(
+            "/ferrohub/routing/endpoints/{name}",
+            get(routing::get_endpoint)
+                .put(routing::put_endpoint)
+                .delete(routing::delete_endpoint),
+        )
+        .route("/ferrohub/routing/routes", get(routing::list_routes))
+        .route(
+            "/ferrohub/routing/routes/{name}",
+            get(routing::get_route)
+                .put(routing::put_route)
+                .delete(routing::delete_route),
+        )
+        .route(
+            "/ferrohub/routing/routes/{name}/test",
+            post(routing::test_route),
+        )
+        .route(
+            "/ferrohub/routing/enrichments",
+            get(routing::list_enrichments),
+        )
+        .route(
+            "/ferrohub/routing/enrichments/{key}",
+            get(routing::get_enrichment)
+                .put(routing::put_enrichment)
+                .delete(routing::delete_enrichment),
+        )
+        .route(
+            "/ferrohub/routing/fallback",
+            get(routing::get_fallback).put(routing::put_fallback),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

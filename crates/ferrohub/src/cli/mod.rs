@@ -1,5 +1,6 @@
 //! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `config`,
-//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query`, `job`, `model` and `dps`, all speaking the service REST
+//! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query`, `job`, `model`, `dps` and routing
+//! (`endpoint`, `route`, `enrichment`, `fallback`), all speaking the service REST
 //! API with the owner connection
 //! string, like `az iot hub`.
 
@@ -12,6 +13,7 @@ mod models;
 mod monitor;
 mod output;
 mod query;
+mod routing;
 mod service;
 
 use std::path::PathBuf;
@@ -37,6 +39,10 @@ pub use models::{run_model, ModelCommand};
 pub use monitor::{run_monitor, MonitorArgs};
 use output::Output;
 pub use query::{run_query, QueryArgs};
+pub use routing::{
+    run_endpoint, run_enrichment, run_fallback, run_route, EndpointCommand, EnrichmentCommand,
+    FallbackCommand, RouteCommand,
+};
 pub use service::{run_c2d, run_invoke, run_twin, C2dCommand, InvokeArgs, TwinCommand};
 
 /// How the CLI finds and trusts the hub.

@@ -1,5 +1,6 @@
 //! `ferrohub monitor`: follows the telemetry stream like `az iot hub monitor-events`, printing
-//! each event with its device, time, properties and body until Ctrl-C.
+//! each event with its device, time, properties and body until Ctrl-C; `--endpoint NAME` reads
+//! a custom stream endpoint instead of the built-in one.
 
 use clap::Args;
 use serde_json::Value;
@@ -24,6 +25,10 @@ pub struct MonitorArgs {
     /// Stop after this many events.
     #[arg(long)]
     pub count: Option<u64>,
+    /// A custom stream endpoint to read instead of the built-in `events` (see `ferrohub
+    /// endpoint`).
+    #[arg(long, short = 'e')]
+    pub endpoint: Option<String>,
 }
 
 pub async fn run_monitor(args: &ClientArgs, m: MonitorArgs) -> anyhow::Result<()> {
@@ -39,11 +44,16 @@ pub async fn run_monitor(args: &ClientArgs, m: MonitorArgs) -> anyhow::Result<()
     if let Some(mid) = &m.module {
         path.push_str(&format!("&moduleId={}", super::enc(mid)));
     }
+    if let Some(e) = &m.endpoint {
+        path.push_str(&format!("&endpoint={}", super::enc(e)));
+    }
     let mut resp = api.stream(&path).await?;
     if args.output == OutputFormat::Text {
         eprintln!(
-            "Monitoring telemetry (consumer group {}, from {}). Press Ctrl-C to stop.",
-            m.consumer_group, m.from
+            "Monitoring telemetry of endpoint {} (consumer group {}, from {}). Press Ctrl-C to stop.",
+            m.endpoint.as_deref().unwrap_or("events"),
+            m.consumer_group,
+            m.from
         );
     }
     let mut pending = Vec::new();

@@ -1,0 +1,1006 @@
+//! Message routing: the routing configuration (custom endpoints, routes, enrichments, the
+//! fallback route), how it is changed and checked, and where each telemetry message goes.
+//!
+//! The configuration is one document in the store ([`RoutingStore`]); every change reads it,
+//! checks the whole (names, conditions, that each route's endpoints exist, that a removed
+//! endpoint is unused) and writes it back at the version it read, so two writers cannot
+//! interleave. The hub then compiles it into an [`Active`] table (conditions parsed once,
+//! endpoints resolved to their logs) that ingest reads without touching the store.
+//!
+//! At ingest ([`Hub::route`]): with no route, no enrichment and the fallback on, the table is a
+//! pass-through and the message goes to the built-in stream as before routing existed. Otherwise
+//! the routing document is built once (the body parsed only if a condition reads `$body`, the
+//! twin read only if a condition or enrichment reads `$twin`), every enabled route is evaluated,
+//! and the message is appended once to each endpoint it reached (the built-in `events` when a
+//! route names it, or when no route matched and the fallback is on). The PUBACK waits for every
+//! one of those appends to be durable. Enrichments are stamped on the copy for their endpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use ferrohub_iothub::routing::{BodyStatus, RouteCondition, RoutingDocument};
+use ferrohub_iothub::routing_config::{
+    check_enrichment_key, check_name, hub_name_of, EnrichmentValue, BUILTIN_ENDPOINT,
+};
+use ferrohub_iothub::{ErrorCode, Identity};
+use ferrohub_store::telemetry::{Durable, NewEvent, Retention, TelemetryLog};
+use ferrohub_store::{MemoryStreams, StoreError, StreamEngine};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::error::HubError;
+use crate::twins::StoredDoc;
+use crate::Hub;
+
+/// Partitions of a custom stream when its creator names none (as the built-in default).
+pub const DEFAULT_STREAM_PARTITIONS: u32 = 4;
+/// Retention of a custom stream when its creator names none: one day, IoT Hub's default for
+/// its built-in endpoint.
+pub const DEFAULT_STREAM_RETENTION_SECS: u64 = 86_400;
+/// IoT Hub's limits: 100 routes, 10 enrichments, 10 custom endpoints of a type.
+pub const MAX_ROUTES: usize = 100;
+pub const MAX_ENRICHMENTS: usize = 10;
+pub const MAX_ENDPOINTS: usize = 10;
+/// How often, at most, undefined conditions are logged (a summary, not one line a message).
+const UNDEFINED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// What an endpoint is. Tagged by `type` in JSON, so webhook, storage and NATS endpoints are
+/// further variants with their own fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum EndpointKind {
+    /// An event stream inside the hub, read like the built-in one.
+    Stream {
+        /// Fixed when the stream is created.
+        #[serde(default = "default_partitions")]
+        partitions: u32,
+        /// Events older than this are removed.
+        #[serde(default = "default_retention", rename = "retentionSeconds")]
+        retention_secs: u64,
+    },
+}
+
+fn default_partitions() -> u32 {
+    DEFAULT_STREAM_PARTITIONS
+}
+fn default_retention() -> u64 {
+    DEFAULT_STREAM_RETENTION_SECS
+}
+fn yes() -> bool {
+    true
+}
+
+/// A custom endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub name: String,
+    #[serde(flatten)]
+    pub kind: EndpointKind,
+}
+
+/// Where a route's messages come from, by IoT Hub's names. Only `DeviceMessages` is emitted
+/// yet; routes on the others are refused until their events exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouteSource {
+    DeviceMessages,
+    TwinChangeEvents,
+    DeviceLifecycleEvents,
+    DeviceConnectionStateEvents,
+    DigitalTwinChangeEvents,
+    DeviceJobLifecycleEvents,
+}
+
+impl RouteSource {
+    pub fn parse(s: &str) -> Result<Self, HubError> {
+        serde_json::from_value(Value::String(s.to_string())).map_err(|_| {
+            HubError::argument(format!(
+                "source {s:?}: one of DeviceMessages, TwinChangeEvents, DeviceLifecycleEvents, \
+                 DeviceConnectionStateEvents, DigitalTwinChangeEvents, DeviceJobLifecycleEvents"
+            ))
+        })
+    }
+}
+
+/// A route, in the shape of IoT Hub's resource (`endpointNames`, `isEnabled`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    pub name: String,
+    pub source: RouteSource,
+    /// The routing query; `true` when omitted, as in IoT Hub.
+    #[serde(default = "true_condition")]
+    pub condition: String,
+    pub endpoint_names: Vec<String>,
+    #[serde(default = "yes")]
+    pub is_enabled: bool,
+}
+
+fn true_condition() -> String {
+    "true".into()
+}
+
+/// An enrichment, in the shape of IoT Hub's resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Enrichment {
+    pub key: String,
+    pub value: String,
+    pub endpoint_names: Vec<String>,
+}
+
+/// The whole routing configuration, as stored and as `GET /ferrohub/routing` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingConfig {
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub enrichments: Vec<Enrichment>,
+    /// Whether telemetry that matched no route goes to the built-in endpoint (IoT Hub's
+    /// fallback route, on by default).
+    #[serde(default = "yes")]
+    pub fallback_enabled: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            routes: Vec::new(),
+            enrichments: Vec::new(),
+            fallback_enabled: true,
+        }
+    }
+}
+
+fn not_found(what: &str, name: &str) -> HubError {
+    HubError::new(
+        ErrorCode::InvalidOperation,
+        format!("{what} {name} does not exist"),
+    )
+    .with_status(404)
+}
+
+fn conflict(message: String) -> HubError {
+    HubError::new(ErrorCode::InvalidOperation, message).with_status(409)
+}
+
+impl RoutingConfig {
+    fn endpoint(&self, name: &str) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.name == name)
+    }
+
+    /// Every rule a stored configuration keeps; a change that breaks one is refused whole.
+    fn check(&self) -> Result<(), HubError> {
+        if self.endpoints.len() > MAX_ENDPOINTS {
+            return Err(HubError::argument(format!(
+                "at most {MAX_ENDPOINTS} custom endpoints"
+            )));
+        }
+        if self.routes.len() > MAX_ROUTES {
+            return Err(HubError::argument(format!("at most {MAX_ROUTES} routes")));
+        }
+        if self.enrichments.len() > MAX_ENRICHMENTS {
+            return Err(HubError::argument(format!(
+                "at most {MAX_ENRICHMENTS} enrichments"
+            )));
+        }
+        for e in &self.endpoints {
+            check_name("endpoint", &e.name).map_err(HubError::argument)?;
+            if e.name.eq_ignore_ascii_case(BUILTIN_ENDPOINT) {
+                return Err(HubError::argument(format!(
+                    "endpoint name {:?} is reserved for the built-in endpoint",
+                    e.name
+                )));
+            }
+            match e.kind {
+                EndpointKind::Stream {
+                    partitions,
+                    retention_secs,
+                } => {
+                    if !(1..=32).contains(&partitions) {
+                        return Err(HubError::argument(format!(
+                            "endpoint {}: partitions must be 1 to 32, not {partitions}",
+                            e.name
+                        )));
+                    }
+                    if retention_secs == 0 {
+                        return Err(HubError::argument(format!(
+                            "endpoint {}: retention must be at least one second",
+                            e.name
+                        )));
+                    }
+                }
+            }
+        }
+        let known = |n: &str| n == BUILTIN_ENDPOINT || self.endpoint(n).is_some();
+        for r in &self.routes {
+            check_name("route", &r.name).map_err(HubError::argument)?;
+            if r.source != RouteSource::DeviceMessages {
+                return Err(HubError::argument(format!(
+                    "route {}: source {:?} is not emitted by this hub yet; only DeviceMessages",
+                    r.name, r.source
+                )));
+            }
+            parse_condition(&r.condition)?;
+            if r.endpoint_names.is_empty() {
+                return Err(HubError::argument(format!(
+                    "route {} names no endpoint",
+                    r.name
+                )));
+            }
+            if let Some(n) = r.endpoint_names.iter().find(|n| !known(n)) {
+                return Err(HubError::argument(format!(
+                    "route {}: endpoint {n} does not exist",
+                    r.name
+                )));
+            }
+        }
+        for e in &self.enrichments {
+            check_enrichment_key(&e.key).map_err(HubError::argument)?;
+            EnrichmentValue::parse(&e.value).map_err(HubError::argument)?;
+            if e.endpoint_names.is_empty() {
+                return Err(HubError::argument(format!(
+                    "enrichment {} names no endpoint",
+                    e.key
+                )));
+            }
+            if let Some(n) = e.endpoint_names.iter().find(|n| !known(n)) {
+                return Err(HubError::argument(format!(
+                    "enrichment {}: endpoint {n} does not exist",
+                    e.key
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses a condition, refusing it with its position.
+pub fn parse_condition(text: &str) -> Result<RouteCondition, HubError> {
+    RouteCondition::parse(text).map_err(|e| {
+        HubError::argument(format!(
+            "condition {text:?} is invalid at line {}, column {}: {}",
+            e.line, e.column, e.message
+        ))
+    })
+}
+
+/// One endpoint as ingest sees it: its log and the enrichments stamped on its copies.
+struct Target {
+    name: String,
+    log: Arc<dyn TelemetryLog>,
+    enrichments: Vec<(String, EnrichmentValue)>,
+    /// Age limit for the retention loop; `None` for the built-in stream, which has its own.
+    retention_secs: Option<u64>,
+}
+
+struct ActiveRoute {
+    name: String,
+    condition: RouteCondition,
+    /// Indexes into `Active::targets`.
+    targets: Vec<usize>,
+}
+
+/// The compiled configuration ingest reads: swapped whole on every change.
+pub(crate) struct Active {
+    /// No routes, no enrichments, fallback on: every message goes to the built-in stream as it
+    /// did before routing existed, at no cost.
+    passthrough: bool,
+    routes: Vec<ActiveRoute>,
+    /// `targets[0]` is the built-in stream.
+    targets: Vec<Target>,
+    fallback: bool,
+    reads_body: bool,
+    reads_twin: bool,
+}
+
+/// The hub's routing state.
+pub(crate) struct Routing {
+    /// Where custom streams live (the store's engine); memory until the server sets one.
+    engine: OnceLock<Arc<dyn StreamEngine>>,
+    /// What `$iothubname` stamps; the first label of the first host name until set.
+    hub_name: OnceLock<String>,
+    active: RwLock<Arc<Active>>,
+    /// Serializes this process's changes, so the versioned write only ever fails because of
+    /// another node, and streams are opened and removed in the order their changes commit.
+    writer: tokio::sync::Mutex<()>,
+    /// Conditions that evaluated to undefined (a missing property, a body that is not JSON).
+    undefined: AtomicU64,
+    /// Undefined conditions counted since the last log line, and when that line was written.
+    undefined_log: Mutex<(u64, Option<Instant>)>,
+    /// Messages that reached no endpoint (no route matched, fallback off).
+    dropped: AtomicU64,
+}
+
+impl Routing {
+    pub(crate) fn new(builtin: Arc<dyn TelemetryLog>) -> Self {
+        Self {
+            engine: OnceLock::new(),
+            hub_name: OnceLock::new(),
+            active: RwLock::new(Arc::new(Active {
+                passthrough: true,
+                routes: Vec::new(),
+                targets: vec![Target {
+                    name: BUILTIN_ENDPOINT.into(),
+                    log: builtin,
+                    enrichments: Vec::new(),
+                    retention_secs: None,
+                }],
+                fallback: true,
+                reads_body: false,
+                reads_twin: false,
+            })),
+            writer: tokio::sync::Mutex::new(()),
+            undefined: AtomicU64::new(0),
+            undefined_log: Mutex::new((0, None)),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn engine(&self) -> Arc<dyn StreamEngine> {
+        self.engine
+            .get_or_init(|| Arc::new(MemoryStreams::default()))
+            .clone()
+    }
+
+    /// Counts undefined conditions and logs a summary at most every [`UNDEFINED_LOG_EVERY`].
+    fn count_undefined(&self, route: &str, identity: &str, body: &BodyStatus) {
+        self.undefined.fetch_add(1, Ordering::Relaxed);
+        let mut log = self.undefined_log.lock().unwrap_or_else(|e| e.into_inner());
+        log.0 += 1;
+        let due = log.1.is_none_or(|t| t.elapsed() >= UNDEFINED_LOG_EVERY);
+        if due {
+            warn!(
+                route,
+                identity,
+                body = ?body,
+                undefined_since_last_line = log.0,
+                "routing condition undefined (counted as false); one line per {}s at most",
+                UNDEFINED_LOG_EVERY.as_secs()
+            );
+            *log = (0, Some(Instant::now()));
+        }
+    }
+}
+
+/// What `GET /ferrohub/routing` reports besides the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingCounters {
+    pub undefined_conditions: u64,
+    pub unrouted_messages: u64,
+}
+
+/// The answer of a route test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTestResult {
+    /// `true`, `false` or `undefined` (which routes nothing).
+    pub result: String,
+    /// Why, when the result is not plainly true or false because of the message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<String>,
+}
+
+/// A message to test a route on (the CLI's `route test`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTestMessage {
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub app_properties: BTreeMap<String, String>,
+    #[serde(default)]
+    pub system_properties: BTreeMap<String, String>,
+    /// The sender's twin, in the `GET /twins` shape.
+    #[serde(default)]
+    pub twin: Option<Value>,
+}
+
+/// Tests a condition on a message: whether it matches and, if not plainly, why.
+pub fn test_condition(condition: &RouteCondition, msg: &RouteTestMessage) -> RouteTestResult {
+    let props: Vec<(String, Option<String>)> = msg
+        .app_properties
+        .iter()
+        .map(|(k, v)| (k.clone(), Some(v.clone())))
+        .collect();
+    let doc = RoutingDocument::from_parts(
+        &msg.system_properties,
+        &props,
+        msg.body.as_bytes(),
+        condition.reads_body(),
+        msg.twin.clone(),
+    );
+    let result = condition.evaluate(&doc);
+    let mut why = Vec::new();
+    match doc.body_status() {
+        BodyStatus::NotDeclaredJson => why.push(
+            "body is not JSON: content-type is not application/json or content-encoding is not \
+             utf-8, utf-16 or utf-32, so $body is undefined"
+                .to_string(),
+        ),
+        BodyStatus::Invalid(e) => why.push(format!("body cannot be read: {e}")),
+        BodyStatus::Json | BodyStatus::NotRead => {}
+    }
+    if condition.reads_twin() && msg.twin.is_none() {
+        why.push("no twin given, so $twin is undefined".into());
+    }
+    if result.is_none() && why.is_empty() {
+        why.push(
+            "a property the condition reads is missing, or values of different types are compared"
+                .into(),
+        );
+    }
+    RouteTestResult {
+        result: match result {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "undefined",
+        }
+        .into(),
+        details: (!why.is_empty() && result != Some(true)).then(|| why.join("; ")),
+    }
+}
+
+impl Hub {
+    /// Sets where custom endpoint streams are kept (the server's storage engine); call once,
+    /// before [`Hub::load_routing`]. Without it they are kept in memory.
+    pub fn set_stream_engine(&self, engine: Arc<dyn StreamEngine>) {
+        let _ = self.routing.engine.set(engine);
+    }
+
+    /// Sets the name `$iothubname` enrichments stamp (the Event Hubs entity name); call once.
+    pub fn set_hub_name(&self, name: String) {
+        let _ = self.routing.hub_name.set(name);
+    }
+
+    /// Reads the stored routing configuration and makes it the one in force (at start-up).
+    pub async fn load_routing(&self) -> Result<(), HubError> {
+        let _w = self.routing.writer.lock().await;
+        let (config, _) = self.stored_routing().await?;
+        let logs = self.open_streams(&config)?;
+        self.activate(&config, logs)
+    }
+
+    /// The configuration in force and its counters.
+    pub async fn routing_config(&self) -> Result<(RoutingConfig, RoutingCounters), HubError> {
+        let (config, _) = self.stored_routing().await?;
+        Ok((
+            config,
+            RoutingCounters {
+                undefined_conditions: self.routing.undefined.load(Ordering::Relaxed),
+                unrouted_messages: self.routing.dropped.load(Ordering::Relaxed),
+            },
+        ))
+    }
+
+    async fn stored_routing(&self) -> Result<(RoutingConfig, u64), HubError> {
+        match self.store.load_routing().await? {
+            None => Ok((RoutingConfig::default(), 0)),
+            Some(s) => {
+                let config = serde_json::from_str(&s.doc)
+                    .map_err(|e| HubError::internal("reading the routing configuration", e))?;
+                Ok((config, s.version))
+            }
+        }
+    }
+
+    /// Applies `change` to the stored configuration, checks the result, writes it at the
+    /// version read and puts it in force. Runs to its end even if the caller goes.
+    async fn change_routing<T, F>(&self, what: String, change: F) -> Result<T, HubError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut RoutingConfig) -> Result<T, HubError> + Send + 'static,
+    {
+        self.to_the_end(move |hub| async move {
+            let _w = hub.routing.writer.lock().await;
+            let (mut config, version) = hub.stored_routing().await?;
+            let before = config.clone();
+            let out = change(&mut config)?;
+            config.check()?;
+            // Streams of new endpoints are opened before the write, so a configuration that
+            // names one is never in force without it.
+            let logs = hub.open_streams(&config)?;
+            let doc = serde_json::to_string(&config)
+                .map_err(|e| HubError::internal("writing the routing configuration", e))?;
+            match hub.store.save_routing(doc, version).await {
+                Ok(_) => {}
+                Err(StoreError::VersionMismatch) => {
+                    return Err(conflict(
+                        "the routing configuration changed meanwhile; try again".into(),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            }
+            hub.activate(&config, logs)?;
+            for gone in before
+                .endpoints
+                .iter()
+                .filter(|e| config.endpoint(&e.name).is_none())
+            {
+                if let Err(e) = hub.routing.engine().remove_stream(&gone.name) {
+                    warn!(endpoint = %gone.name, error = %e, "removing an endpoint's stream failed");
+                }
+            }
+            info!(change = %what, "routing configuration changed");
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The log of every endpoint of `config`: those in force as they are, new ones opened.
+    fn open_streams(
+        &self,
+        config: &RoutingConfig,
+    ) -> Result<HashMap<String, Arc<dyn TelemetryLog>>, HubError> {
+        let current = self.routing.active();
+        let mut logs = HashMap::new();
+        for e in &config.endpoints {
+            let EndpointKind::Stream { partitions, .. } = e.kind;
+            let log = match current.targets.iter().find(|t| t.name == e.name) {
+                Some(t) => t.log.clone(),
+                None => self
+                    .routing
+                    .engine()
+                    .open_stream(&e.name, partitions)
+                    .map_err(|err| HubError::internal("opening an endpoint's stream", err))?,
+            };
+            logs.insert(e.name.clone(), log);
+        }
+        Ok(logs)
+    }
+
+    /// Compiles `config` and puts it in force, with the endpoints' logs [`Hub::open_streams`]
+    /// gave (opened once: a second writer on a stream's file would break its group commit).
+    fn activate(
+        &self,
+        config: &RoutingConfig,
+        mut logs: HashMap<String, Arc<dyn TelemetryLog>>,
+    ) -> Result<(), HubError> {
+        let mut targets = vec![Target {
+            name: BUILTIN_ENDPOINT.into(),
+            log: self.telemetry.clone(),
+            enrichments: Vec::new(),
+            retention_secs: None,
+        }];
+        for e in &config.endpoints {
+            let EndpointKind::Stream { retention_secs, .. } = e.kind;
+            let log = logs.remove(&e.name).ok_or_else(|| {
+                HubError::internal("routing", format!("no stream for {}", e.name))
+            })?;
+            targets.push(Target {
+                name: e.name.clone(),
+                log,
+                enrichments: Vec::new(),
+                retention_secs: Some(retention_secs),
+            });
+        }
+        let index = |n: &str| targets.iter().position(|t| t.name == n);
+        let mut routes = Vec::new();
+        for r in config.routes.iter().filter(|r| r.is_enabled) {
+            let mut idx: Vec<usize> = r.endpoint_names.iter().filter_map(|n| index(n)).collect();
+            idx.sort_unstable();
+            idx.dedup();
+            routes.push(ActiveRoute {
+                name: r.name.clone(),
+                condition: parse_condition(&r.condition)?,
+                targets: idx,
+            });
+        }
+        let mut enrich = Vec::new();
+        for e in &config.enrichments {
+            let value = EnrichmentValue::parse(&e.value).map_err(HubError::argument)?;
+            for n in &e.endpoint_names {
+                if let Some(i) = index(n) {
+                    enrich.push((i, e.key.clone(), value.clone()));
+                }
+            }
+        }
+        let reads_twin = routes.iter().any(|r| r.condition.reads_twin())
+            || enrich.iter().any(|(_, _, v)| v.reads_twin());
+        for (i, key, value) in enrich {
+            if let Some(t) = targets.get_mut(i) {
+                t.enrichments.push((key, value));
+            }
+        }
+        let active = Active {
+            passthrough: routes.is_empty()
+                && config.fallback_enabled
+                && targets[0].enrichments.is_empty(),
+            reads_body: routes.iter().any(|r| r.condition.reads_body()),
+            reads_twin,
+            routes,
+            targets,
+            fallback: config.fallback_enabled,
+        };
+        *self
+            .routing
+            .active
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(active);
+        Ok(())
+    }
+
+    /// Adds or replaces a custom endpoint. An existing stream keeps its partition count.
+    pub async fn put_endpoint(&self, endpoint: Endpoint) -> Result<Endpoint, HubError> {
+        self.change_routing(format!("endpoint {} set", endpoint.name), move |c| {
+            if let Some(old) = c.endpoints.iter_mut().find(|e| e.name == endpoint.name) {
+                let (EndpointKind::Stream { partitions: a, .. }, EndpointKind::Stream { partitions: b, .. }) =
+                    (&old.kind, &endpoint.kind);
+                if a != b {
+                    return Err(conflict(format!(
+                        "endpoint {}: the partition count is fixed at creation ({a}); remove the endpoint and add it again",
+                        endpoint.name
+                    )));
+                }
+                *old = endpoint.clone();
+            } else {
+                c.endpoints.push(endpoint.clone());
+            }
+            Ok(endpoint)
+        })
+        .await
+    }
+
+    /// Removes a custom endpoint and its stream; refused while a route or enrichment uses it.
+    pub async fn delete_endpoint(&self, name: &str) -> Result<(), HubError> {
+        let name = name.to_string();
+        self.change_routing(format!("endpoint {name} removed"), move |c| {
+            if c.endpoint(&name).is_none() {
+                return Err(not_found("endpoint", &name));
+            }
+            if let Some(r) = c.routes.iter().find(|r| r.endpoint_names.contains(&name)) {
+                return Err(conflict(format!(
+                    "endpoint {name} is used by route {}; remove the route or its endpoint first",
+                    r.name
+                )));
+            }
+            if let Some(e) = c
+                .enrichments
+                .iter()
+                .find(|e| e.endpoint_names.contains(&name))
+            {
+                return Err(conflict(format!(
+                    "endpoint {name} is used by enrichment {}; remove it first",
+                    e.key
+                )));
+            }
+            c.endpoints.retain(|e| e.name != name);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Adds or replaces a route.
+    pub async fn put_route(&self, route: Route) -> Result<Route, HubError> {
+        self.change_routing(format!("route {} set", route.name), move |c| {
+            match c.routes.iter_mut().find(|r| r.name == route.name) {
+                Some(old) => *old = route.clone(),
+                None => c.routes.push(route.clone()),
+            }
+            Ok(route)
+        })
+        .await
+    }
+
+    pub async fn delete_route(&self, name: &str) -> Result<(), HubError> {
+        let name = name.to_string();
+        self.change_routing(format!("route {name} removed"), move |c| {
+            let before = c.routes.len();
+            c.routes.retain(|r| r.name != name);
+            if c.routes.len() == before {
+                return Err(not_found("route", &name));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Adds or replaces an enrichment.
+    pub async fn put_enrichment(&self, enrichment: Enrichment) -> Result<Enrichment, HubError> {
+        self.change_routing(format!("enrichment {} set", enrichment.key), move |c| {
+            match c.enrichments.iter_mut().find(|e| e.key == enrichment.key) {
+                Some(old) => *old = enrichment.clone(),
+                None => c.enrichments.push(enrichment.clone()),
+            }
+            Ok(enrichment)
+        })
+        .await
+    }
+
+    pub async fn delete_enrichment(&self, key: &str) -> Result<(), HubError> {
+        let key = key.to_string();
+        self.change_routing(format!("enrichment {key} removed"), move |c| {
+            let before = c.enrichments.len();
+            c.enrichments.retain(|e| e.key != key);
+            if c.enrichments.len() == before {
+                return Err(not_found("enrichment", &key));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_fallback(&self, enabled: bool) -> Result<(), HubError> {
+        self.change_routing(format!("fallback route enabled={enabled}"), move |c| {
+            c.fallback_enabled = enabled;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Tests a stored route's condition on a message, as IoT Hub's "test route" does.
+    pub async fn test_route(
+        &self,
+        name: &str,
+        msg: &RouteTestMessage,
+    ) -> Result<RouteTestResult, HubError> {
+        let (config, _) = self.stored_routing().await?;
+        let route = config
+            .routes
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| not_found("route", name))?;
+        Ok(test_condition(&parse_condition(&route.condition)?, msg))
+    }
+
+    /// The log of an endpoint: the built-in stream for `None` or `events`.
+    pub(crate) fn endpoint_log(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Arc<dyn TelemetryLog>, HubError> {
+        let name = name.unwrap_or(BUILTIN_ENDPOINT);
+        if name == BUILTIN_ENDPOINT {
+            return Ok(self.telemetry.clone());
+        }
+        self.routing
+            .active()
+            .targets
+            .iter()
+            .find(|t| t.name == name)
+            .map(|t| t.log.clone())
+            .ok_or_else(|| not_found("endpoint", name))
+    }
+
+    /// Removes expired events of the custom streams (each by its own age limit).
+    pub(crate) async fn enforce_stream_retention(&self, max_bytes: u64) -> u64 {
+        let active = self.routing.active();
+        let mut removed = 0;
+        for t in &active.targets {
+            let Some(secs) = t.retention_secs else {
+                continue;
+            };
+            let retention = Retention {
+                max_age_ms: i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+                max_bytes,
+            };
+            match t
+                .log
+                .enforce_retention(retention, ferrohub_store::Timestamp::now())
+                .await
+            {
+                Ok(n) => removed += n,
+                Err(e) => warn!(endpoint = %t.name, error = %e, "endpoint stream retention failed"),
+            }
+        }
+        removed
+    }
+
+    /// The sender's twin for routing: the service view, read without spending the clients'
+    /// twin-read throttle (this is the hub's own read). `None`, logged, if it cannot be read:
+    /// `$twin` conditions are then undefined, as for a message without one.
+    async fn routing_twin(&self, identity: &Identity) -> Option<Value> {
+        let read = async {
+            let registry = self.registry_view(identity).await?;
+            let doc = self
+                .store
+                .get_twin(&identity.device_id, identity.module_id.as_deref())
+                .await?
+                .map(|t| t.doc);
+            let d = StoredDoc::load(doc, &crate::timefmt::now_iso())?;
+            Ok::<_, crate::twins::TwinFailure>(self.twin_json(identity, &d, registry))
+        };
+        match read.await {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(identity = %identity, error = %e, "routing could not read the sender's twin");
+                None
+            }
+        }
+    }
+
+    /// Sends a telemetry event where the routes say, and returns what the PUBACK waits for:
+    /// every append durable. Called while the connection handles its PUBLISHes one by one, so
+    /// each endpoint keeps the device's order.
+    pub(crate) async fn route(
+        &self,
+        identity: &Identity,
+        event: NewEvent,
+    ) -> Result<Vec<Durable>, HubError> {
+        let active = self.routing.active();
+        if active.passthrough {
+            return Ok(vec![self.telemetry.enqueue(event).await?]);
+        }
+        let twin = if active.reads_twin {
+            self.routing_twin(identity).await
+        } else {
+            None
+        };
+        let doc = RoutingDocument::from_parts(
+            &event.system_properties,
+            &event.properties,
+            &event.body,
+            active.reads_body,
+            twin.clone(),
+        );
+        let mut hit = vec![false; active.targets.len()];
+        let mut matched = false;
+        for r in &active.routes {
+            match r.condition.evaluate(&doc) {
+                Some(true) => {
+                    matched = true;
+                    for &t in &r.targets {
+                        hit[t] = true;
+                    }
+                }
+                Some(false) => {}
+                None => {
+                    self.routing
+                        .count_undefined(&r.name, &identity.to_string(), doc.body_status())
+                }
+            }
+        }
+        if !matched && active.fallback {
+            hit[0] = true;
+        }
+        let hub_name = match self.routing.hub_name.get() {
+            Some(n) => n.as_str(),
+            None => self
+                .hostnames
+                .first()
+                .map(|h| hub_name_of(h))
+                .unwrap_or("ferrohub"),
+        };
+        let reached: Vec<&Target> = active
+            .targets
+            .iter()
+            .zip(&hit)
+            .filter(|(_, h)| **h)
+            .map(|(t, _)| t)
+            .collect();
+        let mut waits = Vec::with_capacity(reached.len());
+        let mut event = Some(event);
+        for (i, t) in reached.iter().enumerate() {
+            // The last endpoint takes the message itself; only the others need a copy.
+            let mut copy = match (i + 1 == reached.len(), &mut event) {
+                (true, e) => match e.take() {
+                    Some(e) => e,
+                    None => break,
+                },
+                (false, Some(e)) => e.clone(),
+                (false, None) => break,
+            };
+            for (key, value) in &t.enrichments {
+                // What the device sent is never changed: its own property of that name stays.
+                if !copy.properties.iter().any(|(k, _)| k == key) {
+                    copy.properties
+                        .push((key.clone(), Some(value.resolve(hub_name, twin.as_ref()))));
+                }
+            }
+            waits.push(t.log.enqueue(copy).await?);
+        }
+        if waits.is_empty() {
+            self.routing.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(waits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msg(body: &str, ct: Option<&str>) -> RouteTestMessage {
+        let mut m = RouteTestMessage {
+            body: body.into(),
+            ..Default::default()
+        };
+        if let Some(ct) = ct {
+            m.system_properties.insert("content-type".into(), ct.into());
+            m.system_properties
+                .insert("content-encoding".into(), "utf-8".into());
+        }
+        m
+    }
+
+    #[test]
+    fn route_test_says_why_a_body_condition_is_undefined() -> Result<(), HubError> {
+        let c = parse_condition("$body.t > 20")?;
+        let r = test_condition(&c, &msg("{\"t\": 25}", None));
+        assert_eq!(r.result, "undefined");
+        let why = r.details.unwrap_or_default();
+        assert!(
+            why.contains("content-type is not application/json"),
+            "{why}"
+        );
+        let r = test_condition(&c, &msg("{\"t\": 25}", Some("application/json")));
+        assert_eq!((r.result.as_str(), r.details), ("true", None));
+        let r = test_condition(&c, &msg("{\"t\": 5}", Some("application/json")));
+        assert_eq!(r.result, "false");
+        let r = test_condition(&c, &msg("{nope", Some("application/json")));
+        assert_eq!(r.result, "undefined");
+        Ok(())
+    }
+
+    #[test]
+    fn a_configuration_is_checked_whole() {
+        let stream = |name: &str| Endpoint {
+            name: name.into(),
+            kind: EndpointKind::Stream {
+                partitions: 2,
+                retention_secs: 60,
+            },
+        };
+        let route = |eps: &[&str]| Route {
+            name: "r1".into(),
+            source: RouteSource::DeviceMessages,
+            condition: "true".into(),
+            endpoint_names: eps.iter().map(|s| s.to_string()).collect(),
+            is_enabled: true,
+        };
+        let mut c = RoutingConfig {
+            endpoints: vec![stream("hot")],
+            routes: vec![route(&["hot", "events"])],
+            ..Default::default()
+        };
+        assert!(c.check().is_ok());
+        c.routes = vec![route(&["cold"])];
+        assert!(c.check().is_err());
+        c.routes = vec![route(&[])];
+        assert!(c.check().is_err());
+        c.routes.clear();
+        c.endpoints.push(stream("Events"));
+        assert!(c.check().is_err(), "the built-in name is reserved");
+        c.endpoints.pop();
+        c.routes = vec![Route {
+            source: RouteSource::TwinChangeEvents,
+            ..route(&["hot"])
+        }];
+        assert!(c.check().is_err(), "sources not emitted yet are refused");
+    }
+
+    #[test]
+    fn the_json_shape_is_iot_hubs() -> Result<(), serde_json::Error> {
+        let r: Route = serde_json::from_value(json!({
+            "name": "r", "source": "DeviceMessages", "endpointNames": ["events"]
+        }))?;
+        assert_eq!(r.condition, "true");
+        assert!(r.is_enabled);
+        let e: Endpoint = serde_json::from_value(json!({"name": "hot", "type": "stream"}))?;
+        assert_eq!(
+            e.kind,
+            EndpointKind::Stream {
+                partitions: DEFAULT_STREAM_PARTITIONS,
+                retention_secs: DEFAULT_STREAM_RETENTION_SECS
+            }
+        );
+        let c: RoutingConfig = serde_json::from_str("{}")?;
+        assert!(c.fallback_enabled);
+        Ok(())
+    }
+}
