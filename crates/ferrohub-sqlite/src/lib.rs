@@ -13,6 +13,7 @@ mod sqlite_configurations;
 mod sqlite_jobs;
 mod sqlite_query;
 mod sqlite_telemetry;
+mod sqlite_twin_index;
 mod sqlite_twins;
 mod sqlite_writer;
 
