@@ -38,7 +38,7 @@ fn long() -> String {
 fn scalar() -> impl Strategy<Value = Value> {
     prop_oneof![
         (-3i64..4).prop_map(Value::from),
-        prop::sample::select(vec![-1.5, 0.5, 2.0, 2.5, 3.0]).prop_map(Value::from),
+        prop::sample::select(vec![-1.5, -0.0, 0.0, 0.5, 2.0, 2.5, 3.0]).prop_map(Value::from),
         prop::sample::select(vec!["a", "ab", "b", "", "B", "3", "true"]).prop_map(Value::from),
         Just(Value::from(long())),
         any::<bool>().prop_map(Value::from),

@@ -7,7 +7,7 @@
 
 use async_trait::async_trait;
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{params_from_iter, Row};
+use rusqlite::{params, params_from_iter, Row};
 
 use crate::error::SqlResult;
 use crate::sqlite::{device_from_row, module_from_row, SqliteStore};
@@ -451,6 +451,13 @@ fn group_count(
     kind: ScanKind,
     fields: &[Field],
 ) -> SqlResult<Option<Vec<GroupCount>>> {
+    if let [Field::Twin(p)] = fields {
+        if index::indexed(p) {
+            if let Some(path) = json_path(p) {
+                return group_count_indexed(conn, kind, p, &path).map(Some);
+            }
+        }
+    }
     let mut params = Vec::new();
     let mut cols = Vec::new();
     let mut join = false;
@@ -515,6 +522,95 @@ fn group_count(
         }
     }
     Ok(Some(out))
+}
+
+/// `GROUP BY` one indexed member without parsing the documents that hold a scalar there:
+/// those groups are counted over the member's index rows (`typeof` keeps 3 and 3.0 apart, as
+/// the evaluator does), and only the rest (the member missing, null, an object or array, a
+/// twin marked as overflowing, no twin) is grouped from its documents. Both statements read
+/// one snapshot (one transaction).
+fn group_count_indexed(
+    conn: &rusqlite::Connection,
+    kind: ScanKind,
+    segments: &[String],
+    json_path: &str,
+) -> SqlResult<Vec<GroupCount>> {
+    let (table, on, twin_key, key, kind_cond) = match kind {
+        ScanKind::Devices => (
+            "devices",
+            "i.device_id = v.device_id",
+            "''",
+            "i.device_id",
+            "v.module_id = ''",
+        ),
+        ScanKind::Modules => (
+            "modules",
+            "i.device_id = v.device_id AND i.module_id = v.module_id",
+            "i.module_id",
+            "(i.device_id, i.module_id)",
+            "v.module_id <> ''",
+        ),
+    };
+    let tx = conn.unchecked_transaction()?;
+    let path = index::encode_path(segments);
+    let mut out = Vec::new();
+    {
+        // Joined to the identities: a scan only counts twins whose identity exists.
+        let sql = format!(
+            "SELECT v.vtype, v.value, count(*) FROM twin_values v CROSS JOIN {table} i ON {on} \
+             WHERE v.path = ?1 AND v.vtype > 0 AND {kind_cond} \
+             GROUP BY v.vtype, v.value, typeof(v.value)"
+        );
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params![path])?;
+        while let Some(row) = rows.next()? {
+            let vtype: i64 = row.get(0)?;
+            let value: SqlValue = row.get(1)?;
+            let count: i64 = row.get(2)?;
+            let value = match (vtype, value) {
+                (VTYPE_BOOL, SqlValue::Integer(b)) => serde_json::Value::Bool(b != 0),
+                (VTYPE_NUMBER, SqlValue::Integer(i)) => serde_json::Value::from(i),
+                (VTYPE_NUMBER, SqlValue::Real(f)) => match serde_json::Number::from_f64(f) {
+                    Some(n) => serde_json::Value::Number(n),
+                    None => continue,
+                },
+                (VTYPE_STRING, SqlValue::Text(t)) => serde_json::Value::String(t),
+                // Not written by this build's index; such a row says nothing.
+                _ => continue,
+            };
+            out.push(GroupCount {
+                values: vec![Some(value)],
+                count: u64::try_from(count).unwrap_or(0),
+            });
+        }
+    }
+    {
+        let v_kind = kind_cond.trim_start_matches("v.");
+        let sql = format!(
+            "SELECT t.doc -> ?2, count(*) FROM {table} i \
+             LEFT JOIN twins t ON t.device_id = i.device_id AND t.module_id = {twin_key} \
+             WHERE {key} NOT IN (SELECT {} FROM twin_values \
+                 WHERE path = ?1 AND vtype > 0 AND {v_kind}) \
+             GROUP BY 1",
+            match kind {
+                ScanKind::Devices => "device_id",
+                ScanKind::Modules => "device_id, module_id",
+            }
+        );
+        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut rows = stmt.query(params![path, json_path])?;
+        while let Some(row) = rows.next()? {
+            let text: Option<String> = row.get(0)?;
+            let count: i64 = row.get(1)?;
+            out.push(GroupCount {
+                values: vec![text.map(|t| serde_json::from_str(&t)).transpose()?],
+                count: u64::try_from(count).unwrap_or(0),
+            });
+        }
+    }
+    tx.commit()?;
+    out.retain(|g| g.count > 0);
+    Ok(out)
 }
 
 #[async_trait]
