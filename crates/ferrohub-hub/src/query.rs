@@ -10,7 +10,8 @@ use base64::Engine;
 use ferrohub_iothub::query::{self, BinaryOp, Collection, Query, Select, Sieve};
 use ferrohub_iothub::Identity;
 use ferrohub_store::query::{
-    CompareOp, Field, Prefilter, Scalar, ScanKind, ScannedIdentity, TwinRow, TwinScan,
+    is_member_path, CompareOp, Field, Prefilter, Scalar, ScanKind, ScannedIdentity, TwinRow,
+    TwinScan,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -247,6 +248,40 @@ impl Plan {
         })
     }
 
+    /// The store fields of a `GROUP BY` the store can count by itself, with the scan kind:
+    /// no condition, and every grouped path one the store keeps with the value the hub shows
+    /// (a member of the tags or properties, or of the identity record), none inside another
+    /// (the group's key document could not hold both). Whether the projections only count is
+    /// the aggregator's to say.
+    fn counted_fields(&self) -> Option<(ScanKind, Vec<Field>)> {
+        let kind = self.kind?;
+        if self.query.condition.is_some() {
+            return None;
+        }
+        let paths = &self.query.group_by;
+        for (n, a) in paths.iter().enumerate() {
+            for b in &paths[n + 1..] {
+                let nested =
+                    a.segments.starts_with(&b.segments) || b.segments.starts_with(&a.segments);
+                if a != b && nested {
+                    return None;
+                }
+            }
+        }
+        let fields = paths
+            .iter()
+            .map(|p| {
+                field_of(&p.segments, self.query.from).filter(|f| match f {
+                    // `$version` and the like read as a default when no twin is stored, which
+                    // the store does not know.
+                    Field::Twin(stored) => is_member_path(stored),
+                    Field::DeviceId | Field::ModuleId | Field::Identity(_) => true,
+                })
+            })
+            .collect::<Option<Vec<Field>>>()?;
+        Some((kind, fields))
+    }
+
     fn item_type(&self) -> ItemType {
         match (&self.query.select, self.query.from) {
             (Select::All, Collection::Jobs) => ItemType::DeviceJob,
@@ -467,7 +502,19 @@ impl Hub {
         cursor: Cursor,
     ) -> Result<QueryPage, HubError> {
         let mut agg = query::Aggregator::new(&plan.query);
-        {
+        let counted = plan.counted_fields().filter(|_| agg.counts_only());
+        if let Some((kind, fields)) = counted {
+            // `SELECT <grouped paths>, COUNT() ... GROUP BY <paths>` over everything: the
+            // store counts, and no twin document is built.
+            let groups = self
+                .store
+                .group_count(kind, &fields)
+                .await
+                .map_err(|e| HubError::internal("query group count", e))?;
+            for g in groups {
+                agg.add_counted(&g.values, g.count);
+            }
+        } else {
             let mut after = None;
             loop {
                 let (docs, exhausted) = self.fetch(plan, after.clone(), SCAN_BATCH).await?;

@@ -394,6 +394,14 @@ impl ferrohub_store::QueryStore for TestStore {
     async fn scan_twins(&self, scan: &TwinScan) -> Result<Vec<TwinRow>> {
         self.inner.scan_twins(scan).await
     }
+
+    async fn group_count(
+        &self,
+        kind: ferrohub_store::query::ScanKind,
+        fields: &[ferrohub_store::query::Field],
+    ) -> Result<Vec<ferrohub_store::query::GroupCount>> {
+        self.inner.group_count(kind, fields).await
+    }
 }
 
 #[async_trait]

@@ -17,6 +17,7 @@ mod sqlite_provisioning;
 mod sqlite_query;
 mod sqlite_routing;
 mod sqlite_telemetry;
+mod sqlite_twin_index;
 mod sqlite_twins;
 mod sqlite_writer;
 

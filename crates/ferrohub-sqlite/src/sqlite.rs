@@ -277,6 +277,7 @@ impl SqliteStore {
         let writer = open_conn(&path, false)?;
         writer.execute_batch(SCHEMA)?;
         migrate(&writer)?;
+        crate::sqlite_twin_index::ensure(&writer)?;
         // Checkpoints normally run on their own thread (see `Checkpoints`); this only
         // bounds the WAL if that thread falls far behind (64 MiB).
         writer.pragma_update(None, "wal_autocheckpoint", 16384)?;
@@ -549,6 +550,7 @@ impl RegistryStore for SqliteStore {
             check_if_match(current, &if_match)?;
             // The device's own queue and twin and those of all its modules; queued messages
             // go without feedback, as in IoT Hub.
+            crate::sqlite_twin_index::forget(conn, &id, None)?;
             for sql in [
                 "DELETE FROM modules WHERE device_id = ?1",
                 "DELETE FROM devices WHERE device_id = ?1",
@@ -683,6 +685,7 @@ impl RegistryStore for SqliteStore {
                 )
                 .optional()?;
             check_if_match(current, &if_match)?;
+            crate::sqlite_twin_index::forget(conn, &d, Some(&m))?;
             for sql in [
                 "DELETE FROM modules WHERE device_id = ?1 AND module_id = ?2",
                 "DELETE FROM c2d_messages WHERE device_id = ?1 AND module_id = ?2",

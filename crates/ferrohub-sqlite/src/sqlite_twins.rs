@@ -2,7 +2,8 @@
 //! (schema in `sqlite.rs`), each with the version conditional writes check.
 //!
 //! A conditional write is one statement in one job of the group-commit writer, so the check
-//! and the write see no other write in between.
+//! and the write see no other write in between. The same job brings the twin value index
+//! (`sqlite_twin_index`) up to the new document.
 
 use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
@@ -45,6 +46,17 @@ impl TwinStore for SqliteStore {
             .map(|v| i64::try_from(v).map_err(|_| StoreError::VersionMismatch))
             .transpose()?;
         self.write(move |conn| {
+            // The index rows to replace are the old document's; a create has none (a twin
+            // already there makes the insert below fail).
+            let old: Option<String> = match expected {
+                None => None,
+                Some(_) => conn
+                    .prepare_cached(
+                        "SELECT doc FROM twins WHERE device_id = ?1 AND module_id = ?2",
+                    )?
+                    .query_row(params![device, module], |r| r.get(0))
+                    .optional()?,
+            };
             let written: Option<i64> = match expected {
                 None => conn
                     .prepare_cached(
@@ -64,7 +76,16 @@ impl TwinStore for SqliteStore {
                     .optional()?,
             };
             match written {
-                Some(v) => Ok(u64::try_from(v).unwrap_or(0)),
+                Some(v) => {
+                    crate::sqlite_twin_index::reindex(
+                        conn,
+                        &device,
+                        &module,
+                        old.as_deref(),
+                        Some(&doc),
+                    )?;
+                    Ok(u64::try_from(v).unwrap_or(0))
+                }
                 None => Err(StoreError::VersionMismatch.into()),
             }
         })

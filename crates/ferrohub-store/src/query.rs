@@ -24,7 +24,9 @@ pub enum Field {
     /// A member of the identity's own record as stored (the `Device` or `Module` JSON).
     Identity(Vec<String>),
     /// A member of the stored twin document. A row without a stored twin passes every
-    /// condition on a twin field (the hub shows such a twin with defaults).
+    /// condition on a twin field (the hub shows such a twin with defaults), except on a
+    /// member of the tags or properties ([`is_member_path`]): a twin with defaults has none,
+    /// so an engine may leave such rows out there.
     Twin(Vec<String>),
 }
 
@@ -100,11 +102,107 @@ impl TwinRow {
     }
 }
 
+/// Whether a stored twin document path is a member of the tags or of a properties section
+/// (`twin.tags.*`, `twin.desired.props.*`, `twin.reported.props.*`): values a client wrote,
+/// which a twin never written does not have.
+pub fn is_member_path(segments: &[String]) -> bool {
+    let s: Vec<&str> = segments.iter().map(String::as_str).collect();
+    matches!(
+        s.as_slice(),
+        ["twin", "tags", _, ..] | ["twin", "desired" | "reported", "props", _, ..]
+    )
+}
+
+/// One group of [`QueryStore::group_count`]: the fields' values (`None` where a row does not
+/// have the member) and how many rows have them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupCount {
+    pub values: Vec<Option<serde_json::Value>>,
+    pub count: u64,
+}
+
 /// Scans of the registry joined with twins. Each call sees one consistent state of the store
 /// (everything committed before it started).
 #[async_trait]
 pub trait QueryStore: Send + Sync + 'static {
     async fn scan_twins(&self, scan: &TwinScan) -> Result<Vec<TwinRow>>;
+
+    /// Every row of `kind` counted by the values of `fields` (`GROUP BY` with `COUNT()` and
+    /// no condition). Groups may come split (the same values in two groups, e.g. an engine
+    /// grouping by text): callers add them up. Fields are those [`Prefilter`]s use, and
+    /// mean the same: `Field::Twin` of a row without a stored twin is missing, so only
+    /// [`is_member_path`] twin fields give what the hub shows. The default scans.
+    async fn group_count(&self, kind: ScanKind, fields: &[Field]) -> Result<Vec<GroupCount>> {
+        group_count_by_scan(self, kind, fields).await
+    }
+}
+
+/// Rows read per scan by [`group_count_by_scan`].
+const GROUP_SCAN_BATCH: usize = 1000;
+
+/// [`QueryStore::group_count`] over [`QueryStore::scan_twins`], a batch at a time.
+pub async fn group_count_by_scan<S: QueryStore + ?Sized>(
+    store: &S,
+    kind: ScanKind,
+    fields: &[Field],
+) -> Result<Vec<GroupCount>> {
+    use std::collections::BTreeMap;
+    let with_twins = fields.iter().any(|f| matches!(f, Field::Twin(_)));
+    let mut groups: BTreeMap<String, GroupCount> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let rows = store
+            .scan_twins(&TwinScan {
+                kind,
+                filter: Prefilter::All,
+                after: after.take(),
+                limit: GROUP_SCAN_BATCH,
+                with_twins,
+            })
+            .await?;
+        for row in &rows {
+            let identity = match &row.identity {
+                ScannedIdentity::Device(d) => serde_json::to_value(d)?,
+                ScannedIdentity::Module(m) => serde_json::to_value(m)?,
+            };
+            let twin: Option<serde_json::Value> = match &row.twin {
+                Some(t) if with_twins => Some(serde_json::from_str(&t.doc)?),
+                _ => None,
+            };
+            let at = |doc: &serde_json::Value, path: &[String]| {
+                path.iter()
+                    .try_fold(doc, |v, s| v.as_object()?.get(s))
+                    .cloned()
+            };
+            let values: Vec<Option<serde_json::Value>> = fields
+                .iter()
+                .map(|f| match (f, &row.identity) {
+                    (Field::DeviceId, ScannedIdentity::Device(d)) => {
+                        Some(serde_json::Value::String(d.device_id.clone()))
+                    }
+                    (Field::DeviceId, ScannedIdentity::Module(m)) => {
+                        Some(serde_json::Value::String(m.device_id.clone()))
+                    }
+                    (Field::ModuleId, ScannedIdentity::Module(m)) => {
+                        Some(serde_json::Value::String(m.module_id.clone()))
+                    }
+                    (Field::ModuleId, ScannedIdentity::Device(_)) => None,
+                    (Field::Identity(p), _) => at(&identity, p),
+                    (Field::Twin(p), _) => twin.as_ref().and_then(|t| at(t, p)),
+                })
+                .collect();
+            let key = serde_json::to_string(&values)?;
+            groups
+                .entry(key)
+                .or_insert_with(|| GroupCount { values, count: 0 })
+                .count += 1;
+        }
+        if rows.len() < GROUP_SCAN_BATCH {
+            break;
+        }
+        after = rows.last().map(TwinRow::key);
+    }
+    Ok(groups.into_values().collect())
 }
 
 /// Whether a stored JSON value satisfies a comparison, by the prefilter rules; shared by the

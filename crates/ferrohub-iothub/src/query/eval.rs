@@ -450,25 +450,64 @@ impl<'q> Aggregator<'q> {
     pub fn add(&mut self, doc: &Value) {
         let values: Vec<Option<&Value>> =
             self.query.group_by.iter().map(|p| p.lookup(doc)).collect();
-        let key = serde_json::to_string(&values).unwrap_or_default();
-        let group = self.groups.entry(key).or_insert_with(|| {
-            let mut keys = Value::Object(Map::new());
-            for (p, v) in self.query.group_by.iter().zip(&values) {
-                if let Some(v) = v {
-                    set_path(&mut keys, &p.segments, (*v).clone());
-                }
-            }
-            Group {
-                keys,
-                accs: self.nodes.iter().map(|(_, a, _)| Acc::new(*a)).collect(),
-            }
-        });
+        let group = Self::group(&mut self.groups, self.query, &self.nodes, &values);
         for (acc, (_, _, arg)) in group.accs.iter_mut().zip(&self.nodes) {
             match arg {
                 None => acc.add(None),
                 Some(e) => acc.add(eval(e, doc).as_deref()),
             }
         }
+    }
+
+    /// Whether [`Aggregator::add_counted`] gives this query's results: its aggregates all
+    /// count, and its other projections are grouped paths.
+    pub fn counts_only(&self) -> bool {
+        let Select::Items(items) = &self.query.select else {
+            return false;
+        };
+        items.iter().all(|i| match &i.expr {
+            Expr::Aggregate(Aggregate::Count, _) => true,
+            Expr::Path(p) => self.query.group_by.contains(p),
+            _ => false,
+        })
+    }
+
+    /// Adds `n` documents whose grouped paths hold `values` (in `GROUP BY` order, `None` for
+    /// undefined), as a store that counted them gives them. Only for a query where
+    /// [`Aggregator::counts_only`] holds: other aggregates would need the documents.
+    pub fn add_counted(&mut self, values: &[Option<Value>], n: u64) {
+        if n == 0 {
+            return;
+        }
+        let values: Vec<Option<&Value>> = values.iter().map(Option::as_ref).collect();
+        let group = Self::group(&mut self.groups, self.query, &self.nodes, &values);
+        for acc in &mut group.accs {
+            if let Acc::Count(c) = acc {
+                *c = c.saturating_add(n);
+            }
+        }
+    }
+
+    /// The group of these grouped values, created empty when new.
+    fn group<'g>(
+        groups: &'g mut BTreeMap<String, Group>,
+        query: &Query,
+        nodes: &[(&'q Expr, Aggregate, Option<&'q Expr>)],
+        values: &[Option<&Value>],
+    ) -> &'g mut Group {
+        let key = serde_json::to_string(&values).unwrap_or_default();
+        groups.entry(key).or_insert_with(|| {
+            let mut keys = Value::Object(Map::new());
+            for (p, v) in query.group_by.iter().zip(values) {
+                if let Some(v) = v {
+                    set_path(&mut keys, &p.segments, (*v).clone());
+                }
+            }
+            Group {
+                keys,
+                accs: nodes.iter().map(|(_, a, _)| Acc::new(*a)).collect(),
+            }
+        })
     }
 
     /// The result rows: one per group, or exactly one without `GROUP BY` (over no documents
