@@ -30,7 +30,8 @@ fn fail(path: &str, message: impl Into<String>) -> Result<(), ValueError> {
     })
 }
 
-fn describe(v: &Value) -> String {
+/// A value as JSON text, cut to 60 characters for messages.
+pub(crate) fn describe(v: &Value) -> String {
     let text = v.to_string();
     if text.chars().count() > 60 {
         format!("{}...", text.chars().take(60).collect::<String>())

@@ -6,7 +6,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::check::check_value;
+use crate::check::{check_value, describe};
 use crate::resolve::{Model, Resolved};
 
 /// What kind of departure from the model or the conventions a finding is.
@@ -95,7 +95,7 @@ pub fn check_telemetry(model: &Model, component: Option<&str>, body: &[u8]) -> V
                 None,
                 format!(
                     "telemetry is a JSON object of telemetry names, not {}",
-                    short(&other)
+                    describe(&other)
                 ),
             )]
         }
@@ -160,7 +160,7 @@ pub fn check_reported(
                     FindingKind::MissingComponentMarker,
                     Some(key),
                     None,
-                    format!("the component '{key}' is reported as {}, not an object marked \"__t\": \"c\"", short(value)),
+                    format!("the component '{key}' is reported as {}, not an object marked \"__t\": \"c\"", describe(value)),
                 ));
                 continue;
             };
@@ -350,15 +350,6 @@ fn where_(model: &Model, component: Option<&str>) -> String {
     match component.and_then(|c| model.components.get(c).map(|(id, _)| (c, id))) {
         Some((c, id)) => format!("the component '{c}' ({id})"),
         None => model.id.to_string(),
-    }
-}
-
-fn short(v: &Value) -> String {
-    let t = v.to_string();
-    if t.chars().count() > 60 {
-        format!("{}...", t.chars().take(60).collect::<String>())
-    } else {
-        t
     }
 }
 

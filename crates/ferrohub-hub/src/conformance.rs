@@ -88,9 +88,9 @@ pub struct ConformanceReport {
 /// A model resolved when, or `None` if it could not be.
 type CachedModel = (Instant, Option<Arc<Model>>);
 
-#[derive(Default)]
 pub(crate) struct Conformance {
-    tx: Mutex<Option<mpsc::Sender<Observation>>>,
+    /// `try_send` takes `&self`: the traffic paths offer without a lock.
+    tx: mpsc::Sender<Observation>,
     rx: Mutex<Option<mpsc::Receiver<Observation>>>,
     reports: Mutex<HashMap<Identity, ConformanceReport>>,
     models: Mutex<HashMap<String, CachedModel>>,
@@ -105,9 +105,11 @@ impl Conformance {
     pub(crate) fn new() -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         Self {
-            tx: Mutex::new(Some(tx)),
+            tx,
             rx: Mutex::new(Some(rx)),
-            ..Default::default()
+            reports: Mutex::default(),
+            models: Mutex::default(),
+            dropped: AtomicU64::new(0),
         }
     }
 }
@@ -142,9 +144,7 @@ fn excerpt(text: &str) -> String {
 impl Hub {
     /// Offers an observation to the checker without waiting.
     pub(crate) fn observe(&self, obs: Observation) {
-        let tx = lock(&self.conformance.tx).clone();
-        let sent = tx.is_some_and(|tx| tx.try_send(obs).is_ok());
-        if !sent {
+        if self.conformance.tx.try_send(obs).is_err() {
             self.conformance.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

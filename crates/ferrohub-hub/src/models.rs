@@ -119,8 +119,8 @@ impl Hub {
         }
         let mut missing = BTreeSet::new();
         for id in &added.ids {
-            let set = self.model_set(&parse_id(id)?).await?;
-            let (_, gone) = set.closure(&parse_id(id)?);
+            let dtmi = parse_id(id)?;
+            let (_, gone) = self.model_set(&dtmi).await?.closure(&dtmi);
             missing.extend(gone.into_iter().map(|d| d.to_string()));
         }
         added.missing = missing.into_iter().collect();

@@ -70,7 +70,7 @@ impl RouteCondition {
         let mut expr = crate::query::parse_routing(text, MAX_CONDITION_CHARS)?;
         let mut reads_body = false;
         let mut reads_twin = false;
-        visit_paths(&mut expr, &mut |p| {
+        crate::query::visit_paths(&mut expr, &mut |p| {
             let part = place(p);
             reads_body |= part == Part::Body;
             reads_twin |= part == Part::Twin;
@@ -163,25 +163,6 @@ fn normalize_twin(s: &mut [String]) {
                 if second.eq_ignore_ascii_case(name) {
                     *second = name.into();
                 }
-            }
-        }
-    }
-}
-
-fn visit_paths(e: &mut Expr, f: &mut impl FnMut(&mut Path)) {
-    match e {
-        Expr::Literal(_) => {}
-        Expr::Path(p) => f(p),
-        Expr::Unary(_, e) => visit_paths(e, f),
-        Expr::Binary(_, a, b) => {
-            visit_paths(a, f);
-            visit_paths(b, f);
-        }
-        Expr::In { expr, .. } => visit_paths(expr, f),
-        Expr::Call(_, args) => args.iter_mut().for_each(|a| visit_paths(a, f)),
-        Expr::Aggregate(_, arg) => {
-            if let Some(a) = arg {
-                visit_paths(a, f);
             }
         }
     }

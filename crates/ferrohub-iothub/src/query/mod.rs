@@ -16,7 +16,7 @@ pub use ast::{
     Aggregate, BinaryOp, Collection, Expr, Function, Path, Query, Select, SelectItem, UnaryOp,
 };
 pub use eval::{compare, eval, matches, number_order, project, Aggregator};
-pub(crate) use parser::parse_routing;
+pub(crate) use parser::{parse_routing, visit_paths};
 pub use plan::{sieve, Sieve};
 
 /// The longest query IoT Hub accepts, in characters.

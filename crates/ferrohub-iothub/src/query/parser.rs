@@ -644,10 +644,10 @@ fn paths_outside_aggregates<'a>(e: &'a Expr, out: &mut Vec<&'a Path>) {
 /// projections after their last segment.
 fn normalize_query(q: &mut Query) {
     let from = q.from;
-    let fix = |p: &mut Path| normalize_path(p, from);
+    let mut fix = |p: &mut Path| normalize_path(p, from);
     if let Select::Items(items) = &mut q.select {
         for item in items.iter_mut() {
-            visit_paths(&mut item.expr, &fix);
+            visit_paths(&mut item.expr, &mut fix);
             if item.name.is_empty() {
                 if let Expr::Path(p) = &item.expr {
                     item.name = p.segments.last().cloned().unwrap_or_default();
@@ -656,12 +656,13 @@ fn normalize_query(q: &mut Query) {
         }
     }
     if let Some(c) = &mut q.condition {
-        visit_paths(c, &fix);
+        visit_paths(c, &mut fix);
     }
     q.group_by.iter_mut().for_each(fix);
 }
 
-fn visit_paths(e: &mut Expr, f: &impl Fn(&mut Path)) {
+/// Calls `f` on every path in `e`, aggregates' arguments included.
+pub(crate) fn visit_paths(e: &mut Expr, f: &mut impl FnMut(&mut Path)) {
     match e {
         Expr::Literal(_) => {}
         Expr::Path(p) => f(p),
