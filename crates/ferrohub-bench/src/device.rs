@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use ferrohub_iothub::sas::generate_token;
 use ferrohub_mqtt::{decode, encode, Connect, Packet};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -102,6 +103,8 @@ pub struct Connector {
     addr: SocketAddr,
     credentials: Credentials,
     timeout: Duration,
+    /// An IoT Plug and Play model id announced in every CONNECT (`&model-id=` in the username).
+    model_id: Option<String>,
 }
 
 /// Where to open connections and whom to trust there.
@@ -179,7 +182,14 @@ impl Connector {
             addr: resolve_mqtt(endpoint.host, endpoint.port).await?,
             credentials,
             timeout,
+            model_id: None,
         })
+    }
+
+    /// Devices connected from now on announce `model_id` as IoT Plug and Play devices do.
+    pub fn with_model_id(mut self, model_id: Option<String>) -> Connector {
+        self.model_id = model_id;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -207,8 +217,13 @@ impl Connector {
                     None,
                 )
                 .map_err(|e| ConnectFailure::Protocol(format!("signing the token: {e}")))?;
+                let model = self.model_id.as_deref().map_or_else(String::new, |m| {
+                    format!("&model-id={}", utf8_percent_encode(m, NON_ALPHANUMERIC))
+                });
                 (
-                    Some(format!("{hostname}/{device_id}/?api-version={API_VERSION}")),
+                    Some(format!(
+                        "{hostname}/{device_id}/?api-version={API_VERSION}{model}"
+                    )),
                     Some(Bytes::from(token.into_bytes())),
                 )
             }

@@ -73,6 +73,19 @@ pub struct TelemetryArgs {
     /// Size of every message body.
     #[arg(long, default_value_t = 256)]
     pub body_bytes: usize,
+    /// Bodies are the JSON telemetry of an IoT Plug and Play thermostat,
+    /// `{"temperature":21.5}` padded with spaces to --body-bytes, sent with
+    /// `$.ct=application/json` and `$.ce=utf-8`, instead of printable filler.
+    #[arg(long)]
+    pub json_body: bool,
+    /// An application property `NAME=VALUE` on every message (repeatable), for routing
+    /// conditions to read.
+    #[arg(long = "property", value_name = "NAME=VALUE", value_parser = parse_property)]
+    pub properties: Vec<(String, String)>,
+    /// Devices announce this IoT Plug and Play model id when they connect (ferrohub target), so
+    /// the hub checks their traffic against the model, e.g. `dtmi:com:example:Thermostat;1`.
+    #[arg(long)]
+    pub model_id: Option<String>,
     /// Total PUBLISHes per second, spread evenly over the connections (still at most --inflight
     /// unacknowledged each) [default: as fast as PUBACKs come back].
     #[arg(long)]
@@ -89,6 +102,13 @@ pub struct TelemetryArgs {
     /// Seconds before one connect attempt counts as failed.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout_secs: u64,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
 }
 
 impl TelemetryArgs {
@@ -114,6 +134,15 @@ impl TelemetryArgs {
         // IoT Hub's limit for a device-to-cloud message.
         if self.body_bytes > 256 * 1024 {
             bail!("--body-bytes must be at most 262144");
+        }
+        if self.json_body && self.body_bytes < publisher::JSON_BODY.len() {
+            bail!(
+                "--json-body needs --body-bytes of at least {}",
+                publisher::JSON_BODY.len()
+            );
+        }
+        if self.model_id.is_some() && self.target != Target::Ferrohub {
+            bail!("--model-id needs --target ferrohub");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use bytes::{Bytes, BytesMut};
 use ferrohub_mqtt::{decode, encode, Packet, Publish, QoS};
 use hdrhistogram::Histogram;
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -264,6 +265,35 @@ pub(crate) fn body(len: usize) -> Bytes {
     )
 }
 
+/// The telemetry of `--json-body`: what an IoT Plug and Play thermostat sends.
+pub(crate) const JSON_BODY: &str = r#"{"temperature":21.5}"#;
+
+/// `JSON_BODY` padded with spaces (still one JSON document) to `len` bytes, or unpadded when
+/// `len` is shorter.
+pub(crate) fn json_body(len: usize) -> Bytes {
+    let mut body = JSON_BODY.as_bytes().to_vec();
+    body.resize(len.max(body.len()), b' ');
+    Bytes::from(body)
+}
+
+/// The topic's property bag declaring a JSON body, so routing and conformance read it as such.
+const JSON_PROPERTIES: [(&str, &str); 2] = [("$.ct", "application/json"), ("$.ce", "utf-8")];
+
+/// The property bag of a telemetry topic, each name and value percent-encoded.
+fn property_bag<'a>(properties: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    properties
+        .into_iter()
+        .map(|(name, value)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(name, NON_ALPHANUMERIC),
+                utf8_percent_encode(value, NON_ALPHANUMERIC)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 pub(super) fn spawn_publishers(
     args: &TelemetryArgs,
     fleet: &FleetArgs,
@@ -275,10 +305,22 @@ pub(super) fn spawn_publishers(
     let n = streams.len();
     // Each connection offers rate/N, phase-shifted by i/N of its interval so the total is even.
     let interval = args.rate.map(|r| Duration::from_secs_f64(n as f64 / r));
-    let body = body(args.body_bytes);
+    let (body, system): (_, &[(&str, &str)]) = if args.json_body {
+        (json_body(args.body_bytes), &JSON_PROPERTIES)
+    } else {
+        (body(args.body_bytes), &[])
+    };
+    let application = args
+        .properties
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()));
+    let properties = property_bag(system.iter().copied().chain(application));
     let mut tasks = Vec::with_capacity(n);
     for (index, stream) in streams.into_iter().enumerate() {
-        let topic = format!("devices/{}/messages/events/", fleet.device_id(index));
+        let topic = format!(
+            "devices/{}/messages/events/{properties}",
+            fleet.device_id(index)
+        );
         let mut publisher = Publisher::new(stream, topic, body.clone(), args.inflight)?;
         publisher.pace = interval.map(|interval| Pace {
             interval,
@@ -297,6 +339,25 @@ pub(super) fn spawn_publishers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_body_is_one_json_document_of_the_asked_length() -> anyhow::Result<()> {
+        let body = json_body(256);
+        assert_eq!(body.len(), 256);
+        let parsed: serde_json::Value = serde_json::from_slice(&body)?;
+        assert_eq!(parsed, serde_json::json!({"temperature": 21.5}));
+        assert_eq!(json_body(3).as_ref(), JSON_BODY.as_bytes());
+        Ok(())
+    }
+
+    #[test]
+    fn property_bags_are_percent_encoded() {
+        assert_eq!(
+            property_bag(JSON_PROPERTIES.iter().copied().chain([("level", "a b&c")])),
+            "%24%2Ect=application%2Fjson&%24%2Ece=utf%2D8&level=a%20b%26c"
+        );
+        assert_eq!(property_bag([]), "");
+    }
 
     #[test]
     fn body_has_the_asked_length() {

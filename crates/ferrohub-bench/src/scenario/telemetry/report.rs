@@ -189,6 +189,8 @@ impl Figures {
             "connections": args.connections,
             "inflight": args.inflight,
             "body_bytes": args.body_bytes,
+            "json_body": args.json_body,
+            "model_id": args.model_id,
             "rate_target": args.rate,
             "warmup_secs": args.warmup_secs,
             "measured_secs": round3(w.secs),

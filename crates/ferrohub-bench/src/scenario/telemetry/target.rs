@@ -98,7 +98,9 @@ pub(super) async fn resolve(args: &TelemetryArgs, fleet: &FleetArgs) -> Result<R
                 registration.created,
                 registration.overwritten,
             );
-            let connector = Connector::new(&hub, device_key, false, timeout).await?;
+            let connector = Connector::new(&hub, device_key, false, timeout)
+                .await?
+                .with_model_id(args.model_id.clone());
             let description = format!(
                 "{} (TLS server name {}, SAS-authenticated devices)",
                 connector.addr(),
