@@ -29,6 +29,9 @@ pub enum FindingKind {
     /// An acknowledgement whose `av` is no desired version the device could be answering.
     AckVersion,
     UnknownCommand,
+    /// A command's successful (2xx) response whose payload does not fit the command's
+    /// `response` schema.
+    CommandResponseType,
 }
 
 impl FindingKind {
@@ -45,6 +48,7 @@ impl FindingKind {
             FindingKind::AckShape => "ackShape",
             FindingKind::AckVersion => "ackVersion",
             FindingKind::UnknownCommand => "unknownCommand",
+            FindingKind::CommandResponseType => "commandResponseType",
         }
     }
 }
@@ -313,8 +317,10 @@ fn property(
     }
 }
 
-/// A command name as a service invokes it (`command` or `component*command`).
-pub fn check_command(model: &Model, method: &str) -> Vec<Finding> {
+/// A command as a service invoked it (`command` or `component*command`) and, when the device
+/// answered with a 2xx status, the payload it answered with. Only the device's side is judged:
+/// a request payload is the service's, and an error status may carry any payload.
+pub fn check_command(model: &Model, method: &str, answer: Option<(i32, &Value)>) -> Vec<Finding> {
     let (component, command) = match method.split_once('*') {
         Some((c, n)) => (Some(c), n),
         None => (None, method),
@@ -331,8 +337,33 @@ pub fn check_command(model: &Model, method: &str) -> Vec<Finding> {
             ),
         )];
     };
-    if part.commands.contains_key(command) {
-        Vec::new()
+    if let Some(c) = part.commands.get(command) {
+        let Some((status, payload)) = answer.filter(|(status, _)| (200..300).contains(status))
+        else {
+            return Vec::new();
+        };
+        let wrong = match &c.response {
+            // The conventions leave a command without a response free to answer nothing.
+            None => None,
+            Some(r) if payload.is_null() && r.nullable => None,
+            Some(r) => check_value(&r.schema, payload).err().map(|e| {
+                format!(
+                    "the {status} response of '{method}' is not its response '{}': {e}",
+                    r.name
+                )
+            }),
+        };
+        wrong
+            .map(|detail| {
+                finding(
+                    FindingKind::CommandResponseType,
+                    component,
+                    Some(command),
+                    detail,
+                )
+            })
+            .into_iter()
+            .collect()
     } else {
         vec![finding(
             FindingKind::UnknownCommand,
@@ -489,19 +520,47 @@ mod tests {
     #[test]
     fn commands() {
         let m = controller();
-        assert_eq!(check_command(&m, "reboot"), vec![]);
-        assert_eq!(check_command(&m, "thermostat2*getMaxMinReport"), vec![]);
+        assert_eq!(check_command(&m, "reboot", None), vec![]);
         assert_eq!(
-            kinds(&check_command(&m, "getMaxMinReport")),
+            check_command(&m, "thermostat2*getMaxMinReport", None),
+            vec![]
+        );
+        assert_eq!(
+            kinds(&check_command(&m, "getMaxMinReport", None)),
             [FindingKind::UnknownCommand]
         );
         assert_eq!(
-            kinds(&check_command(&m, "thermostat1*reboot")),
+            kinds(&check_command(&m, "thermostat1*reboot", None)),
             [FindingKind::UnknownCommand]
         );
         assert_eq!(
-            kinds(&check_command(&m, "nope*reboot")),
+            kinds(&check_command(&m, "nope*reboot", None)),
             [FindingKind::UnknownComponent]
+        );
+    }
+
+    #[test]
+    fn command_responses_are_checked_against_the_response_schema_when_2xx() {
+        let m = controller();
+        let report = json!({
+            "maxTemp": 30.5, "minTemp": 18.0, "avgTemp": 22.1,
+            "startTime": "2026-12-01T10:00:00Z", "endTime": "2026-12-01T11:00:00Z"
+        });
+        let method = "thermostat1*getMaxMinReport";
+        assert_eq!(check_command(&m, method, Some((200, &report))), vec![]);
+        let wrong = json!({"maxTemp": "hot"});
+        let f = check_command(&m, method, Some((200, &wrong)));
+        assert_eq!(kinds(&f), [FindingKind::CommandResponseType]);
+        assert_eq!(f[0].component.as_deref(), Some("thermostat1"));
+        assert!(f[0].detail.contains("tempReport"), "{}", f[0].detail);
+        assert!(f[0].detail.contains("maxTemp"), "{}", f[0].detail);
+        // An error status may answer anything; so may a command without a response.
+        assert_eq!(check_command(&m, method, Some((500, &wrong))), vec![]);
+        assert_eq!(check_command(&m, "reboot", Some((200, &wrong))), vec![]);
+        let null = Value::Null;
+        assert_eq!(
+            kinds(&check_command(&m, method, Some((200, &null)))),
+            [FindingKind::CommandResponseType]
         );
     }
 }

@@ -52,6 +52,8 @@ pub(crate) enum Observation {
     Command {
         identity: Identity,
         method: String,
+        /// The device's status and payload, when it answered.
+        answer: Option<(i32, Value)>,
     },
 }
 
@@ -203,7 +205,11 @@ impl Hub {
                 };
                 (identity, model_id, "reportedProperties", text, findings)
             }
-            Observation::Command { identity, method } => {
+            Observation::Command {
+                identity,
+                method,
+                answer,
+            } => {
                 // The model a command is checked against is the one the twin records.
                 let Ok(twin) = self.get_twin(&identity).await else {
                     return;
@@ -217,10 +223,15 @@ impl Hub {
                 };
                 let model_id = model_id.to_owned();
                 let findings = match self.model_for_check(&model_id).await {
-                    Some(m) => check_command(&m, &method),
+                    Some(m) => check_command(&m, &method, answer.as_ref().map(|(s, p)| (*s, p))),
                     None => vec![unknown_model(&model_id)],
                 };
-                (identity, model_id, "command", method, findings)
+                // An example shows what the device answered, not only what was asked.
+                let text = match &answer {
+                    Some((status, payload)) => format!("{method} -> {status} {payload}"),
+                    None => method,
+                };
+                (identity, model_id, "command", text, findings)
             }
         };
         if !findings.is_empty() {

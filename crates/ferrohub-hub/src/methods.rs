@@ -168,10 +168,27 @@ impl Hub {
                 inv.method_name
             )));
         }
+        // Checked once the device answered (or not), so its response is judged with the name.
+        let method = inv.method_name.clone();
+        let outcome = self
+            .send_method(identity, inv, response_timeout, connect_timeout)
+            .await;
         self.observe(crate::conformance::Observation::Command {
             identity: identity.clone(),
-            method: inv.method_name.clone(),
+            method,
+            answer: outcome.as_ref().ok().map(|r| (r.status, r.payload.clone())),
         });
+        outcome
+    }
+
+    /// Sends a checked invocation to the identity and waits for its answer.
+    async fn send_method(
+        &self,
+        identity: &Identity,
+        inv: Invocation,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<MethodResult, MethodError> {
         let body = if inv.payload.is_null() {
             Vec::new()
         } else {

@@ -1,8 +1,9 @@
 //! Live IoT Plug and Play conformance over real MQTT/TLS and HTTPS: a device following its
 //! model (TemperatureController with two thermostat components) produces no findings; one that
 //! sends an unknown telemetry name, a wrong type, a component's properties without `__t`, an
-//! acknowledgement with the wrong `av`, and a service invoking a command the model lacks
-//! produce exactly those findings; a model id the repository lacks is a finding of its own.
+//! acknowledgement with the wrong `av`, a service invoking a command the model lacks, and a
+//! command answered (2xx) with a payload its response schema does not allow produce exactly
+//! those findings; a model id the repository lacks is a finding of its own.
 
 mod common;
 
@@ -243,6 +244,97 @@ async fn findings_are_exactly_what_the_device_got_wrong() -> TestResult {
     let r = rest(&hub, Method::GET, "/digitaltwins/nobody/conformance", None).await?;
     assert_eq!(r.status, 404);
     assert_eq!(r.header("iothub-errorcode"), Some("DeviceNotFound"));
+    hub.stop().await;
+    Ok(())
+}
+
+/// Invokes `method` on `id` through the REST API while the device answers `status` and
+/// `payload`; returns once the caller has the answer.
+async fn answer_command(
+    hub: &TestHub,
+    c: &mut MqttClient,
+    id: &str,
+    method: &str,
+    pid: u16,
+    status: u16,
+    payload: Value,
+) -> TestResult {
+    let api = hub.api.clone();
+    let path = format!("/twins/{id}/methods");
+    let body = json!({"methodName": method, "payload": null, "responseTimeoutInSeconds": 10});
+    let call = tokio::spawn(async move { api.post(&path, &body).await });
+    let p = recv_publish(c, WAIT).await?.ok_or("no method request")?;
+    let rid = p
+        .topic
+        .strip_prefix(&format!("$iothub/methods/POST/{method}/?$rid="))
+        .ok_or_else(|| format!("unexpected request {}", p.topic))?
+        .to_string();
+    c.publish_qos1(
+        pid,
+        &format!("$iothub/methods/res/{status}/?$rid={rid}"),
+        payload.to_string().as_bytes(),
+    )
+    .await?;
+    let answer = call.await??.ok_or("no answer")?;
+    assert_eq!(answer["status"], status, "{answer}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_command_response_that_does_not_fit_its_schema_is_a_finding() -> TestResult {
+    let hub = TestHub::start().await?;
+    for m in [THERMOSTAT, CONTROLLER, DEVICE_INFO] {
+        let a = rest(
+            &hub,
+            Method::POST,
+            "/models",
+            Some(&serde_json::from_str(m)?),
+        )
+        .await?;
+        assert_eq!(a.status, 200, "{}", a.body);
+    }
+    let (key, _) = hub.create_device("tc2").await?;
+    let mut c = connect_pnp(
+        &hub,
+        "tc2",
+        &key,
+        "dtmi:com:example:TemperatureController;2",
+    )
+    .await?;
+    c.subscribe(
+        1,
+        &[("$iothub/methods/POST/#", ferrohub_mqtt::QoS::AtMostOnce)],
+    )
+    .await?;
+    let method = "thermostat1*getMaxMinReport";
+    let good = json!({"maxTemp": 30.5, "minTemp": 18.0, "avgTemp": 22.1,
+                      "startTime": "2026-12-01T10:00:00Z", "endTime": "2026-12-01T11:00:00Z"});
+    answer_command(&hub, &mut c, "tc2", method, 2, 200, good).await?;
+    // An error status may carry any payload.
+    answer_command(&hub, &mut c, "tc2", method, 3, 500, json!("busy")).await?;
+    let r = report_after(&hub, "tc2", 2).await?;
+    assert_eq!(r["findings"], json!({}), "{r}");
+
+    answer_command(
+        &hub,
+        &mut c,
+        "tc2",
+        method,
+        4,
+        200,
+        json!({"maxTemp": "hot"}),
+    )
+    .await?;
+    let r = report_after(&hub, "tc2", 3).await?;
+    assert_eq!(r["findings"], json!({"commandResponseType": 1}), "{r}");
+    let example = &r["examples"][0];
+    assert_eq!(example["source"], "command");
+    assert_eq!(example["component"], "thermostat1");
+    assert_eq!(example["name"], "getMaxMinReport");
+    assert_eq!(
+        example["excerpt"],
+        r#"thermostat1*getMaxMinReport -> 200 {"maxTemp":"hot"}"#
+    );
     hub.stop().await;
     Ok(())
 }
