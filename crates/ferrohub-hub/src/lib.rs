@@ -34,6 +34,7 @@ pub mod retention;
 pub mod routing;
 pub mod service_auth;
 pub mod statistics;
+pub mod storage_endpoint;
 mod telemetry;
 #[cfg(test)]
 mod testing;
