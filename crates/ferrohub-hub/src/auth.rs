@@ -36,7 +36,7 @@ pub enum AuthKind {
 
 impl AuthMethod {
     /// The scope and type as IoT Hub names them.
-    fn names(&self) -> (&'static str, &'static str) {
+    pub(crate) fn names(&self) -> (&'static str, &'static str) {
         let scope = match self.scope {
             AuthScope::Device => "device",
             AuthScope::Module => "module",
@@ -129,6 +129,7 @@ impl Hub {
                 let code = connack_from_u8(e.connack_code());
                 warn!(client_id = %connect.client_id, peer = %peer.addr, transport = %peer.transport,
                       reason = %e, connack = code as u8, "connection refused");
+                crate::metrics::connect_refused(peer.transport, ErrorCode::ArgumentInvalid.name());
                 return Err(code);
             }
         };
@@ -143,6 +144,12 @@ impl Hub {
                 credentials_expiry,
             }),
             Err(r) => {
+                let error = if r.code == ConnectReturnCode::ServerUnavailable {
+                    ErrorCode::ServiceUnavailable
+                } else {
+                    ErrorCode::IoTHubUnauthorized
+                };
+                crate::metrics::connect_refused(peer.transport, error.name());
                 if r.code == ConnectReturnCode::ServerUnavailable {
                     warn!(identity = %identity, peer = %peer.addr, transport = %peer.transport,
                           reason = %r.why, connack = r.code as u8, "connection refused");

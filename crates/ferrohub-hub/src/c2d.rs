@@ -185,6 +185,7 @@ impl Hub {
             }
             Err(e) => return Err(e.into()),
         };
+        crate::metrics::c2d("sent");
         self.c2d_wake(identity);
         // SeqCst pairs with the loop's stores: either the loop's next look at the queue sees this
         // message, or this load sees the plan the loop made without it.
@@ -374,6 +375,7 @@ async fn deliver(
             if outbound.send(out).await.is_err() {
                 return;
             }
+            crate::metrics::c2d("delivered");
             hub.c2d_handed().insert(identity.clone(), seq);
         }
         if drained {
@@ -395,6 +397,9 @@ async fn settle(hub: &Hub, identity: &Identity, seq: u64, status: FeedbackStatus
         .await;
     if matches!(&r, Ok(Some(m)) if m.ack.wants(status)) {
         hub.feedback_produced();
+    }
+    if let Ok(Some(_)) = &r {
+        crate::metrics::c2d(crate::metrics::c2d_outcome(status));
     }
     match r {
         Ok(Some(m)) if status != FeedbackStatus::Success => info!(

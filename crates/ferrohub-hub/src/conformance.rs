@@ -242,6 +242,7 @@ impl Hub {
         let report = reports.entry(identity).or_default();
         report.model_id = Some(model_id);
         report.checked += 1;
+        crate::metrics::conformance_checked(findings.iter().map(|f| f.kind.name()));
         for f in findings {
             *report.findings.entry(f.kind.name()).or_default() += 1;
             report.examples.push_front(Example {

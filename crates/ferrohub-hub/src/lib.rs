@@ -24,6 +24,7 @@ pub mod feedback;
 pub mod jobs;
 pub mod link;
 pub mod methods;
+pub mod metrics;
 pub mod models;
 pub mod presence;
 pub mod provisioning;
@@ -418,6 +419,7 @@ impl Hub {
         }
         self.presence
             .connected(&client.identity, client.activity.clone());
+        crate::metrics::connection_opened(client.transport, client.auth.names().1);
         self.apply_subscriptions(client, subscriptions).await;
         info!(
             identity = %client.identity,
@@ -511,6 +513,7 @@ impl Hub {
         // Presence orders connections itself: an older one ending never clears a newer one.
         self.presence
             .disconnected(&client.identity, client.conn_seq);
+        crate::metrics::connection_closed(client.transport, client.auth.names().1);
         match code {
             Some(code) => info!(
                 identity = %client.identity,

@@ -170,9 +170,21 @@ impl Hub {
         }
         // Checked once the device answered (or not), so its response is judged with the name.
         let method = inv.method_name.clone();
+        let started = std::time::Instant::now();
         let outcome = self
             .send_method(identity, inv, response_timeout, connect_timeout)
             .await;
+        crate::metrics::method_call(
+            match &outcome {
+                // The device picks the status: keep the label's values bounded.
+                Ok(r) if (100..600).contains(&r.status) => r.status.to_string(),
+                Ok(_) => "other".to_owned(),
+                Err(MethodError::Timeout(..)) => "timeout".to_owned(),
+                Err(MethodError::NotOnline(_)) => "offline".to_owned(),
+                Err(_) => "error".to_owned(),
+            },
+            started.elapsed(),
+        );
         self.observe(crate::conformance::Observation::Command {
             identity: identity.clone(),
             method,

@@ -68,10 +68,12 @@ impl Hub {
         retain: bool,
         is_will: bool,
     ) -> PublishOutcome {
+        let arrived = std::time::Instant::now();
         let event = match self.telemetry_event(client, property_bag, body, retain, is_will) {
             Ok(e) => e,
             Err(why) => return PublishOutcome::Reject(why),
         };
+        crate::metrics::telemetry_accepted(event.body.len());
         if let Some(model_id) = &client.model_id {
             self.observe(crate::conformance::Observation::Telemetry {
                 identity: client.identity.clone(),
@@ -87,13 +89,16 @@ impl Hub {
             Ok(mut waits) if waits.len() == 1 => {
                 let durable = waits.remove(0);
                 PublishOutcome::AcceptWhen(Box::pin(async move {
-                    durable.await.map(|_| ()).map_err(HubError::from)
+                    durable.await.map_err(HubError::from)?;
+                    crate::metrics::telemetry_durable(arrived.elapsed());
+                    Ok(())
                 }))
             }
             Ok(waits) => PublishOutcome::AcceptWhen(Box::pin(async move {
                 for durable in waits {
                     durable.await.map_err(HubError::from)?;
                 }
+                crate::metrics::telemetry_durable(arrived.elapsed());
                 Ok(())
             })),
             Err(e) => PublishOutcome::Fail(e),

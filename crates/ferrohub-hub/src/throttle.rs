@@ -47,7 +47,15 @@ impl Throttles {
             Operation::TwinUpdate => &self.twin_updates,
             Operation::MethodCall => &self.method_calls,
         };
-        l.as_ref().is_none_or(|l| l.check().is_ok())
+        let allowed = l.as_ref().is_none_or(|l| l.check().is_ok());
+        if !allowed {
+            crate::metrics::throttled(match op {
+                Operation::TwinRead => "twinRead",
+                Operation::TwinUpdate => "twinUpdate",
+                Operation::MethodCall => "methodCall",
+            });
+        }
+        allowed
     }
 }
 

@@ -25,6 +25,7 @@ impl Hub {
         replace: bool,
         if_match: IfMatch,
     ) -> Result<Value, HubError> {
+        crate::metrics::twin("service", if replace { "replace" } else { "patch" });
         let identity = identity.clone();
         self.to_the_end(move |hub| async move {
             let twin = hub.update_twin(&identity, body, replace, if_match).await?;

@@ -271,6 +271,7 @@ impl Hub {
 
     /// `$iothub/twin/GET/?$rid=…`: answers 200 with desired and reported.
     pub(super) async fn device_twin_get(&self, client: &HubClient, rid: &str) {
+        crate::metrics::twin("device", "get");
         if !self.throttles.allow(Operation::TwinRead) {
             return self.respond_error(client, rid, &TwinFailure::Throttled);
         }
@@ -295,6 +296,7 @@ impl Hub {
     /// `$iothub/twin/PATCH/properties/reported/?$rid=…`: merges, answers 204 with the new
     /// reported `$version` once it is on disk.
     pub(super) async fn device_twin_patch(&self, client: &HubClient, rid: &str, body: &[u8]) {
+        crate::metrics::twin("device", "patch");
         if !self.throttles.allow(Operation::TwinUpdate) {
             return self.respond_error(client, rid, &TwinFailure::Throttled);
         }

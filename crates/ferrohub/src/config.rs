@@ -31,6 +31,14 @@ pub struct ServeArgs {
     /// Address for AMQP over TLS: the Event Hubs-compatible endpoint.
     #[arg(long, env = "FERROHUB_AMQP_BIND")]
     pub amqp_bind: Option<SocketAddr>,
+    /// Address for the metrics listener (plain HTTP: Prometheus `/metrics`, `/healthz`,
+    /// `/readyz`), or `off`. Default: 127.0.0.1:9464.
+    #[arg(long, env = "FERROHUB_METRICS_BIND")]
+    pub metrics_bind: Option<String>,
+    /// How log lines are written to stderr: `text` for people, `json` (one object per line)
+    /// for log shippers.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "FERROHUB_LOG_FORMAT")]
+    pub log_format: LogFormat,
     /// Event Hubs-compatible name of the telemetry stream (default: the first label of the
     /// first host name).
     #[arg(long, env = "FERROHUB_HUB_NAME")]
@@ -116,6 +124,7 @@ struct FileConfig {
     mqtt_bind: Option<SocketAddr>,
     https_bind: Option<SocketAddr>,
     amqp_bind: Option<SocketAddr>,
+    metrics_bind: Option<String>,
     hub_name: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -275,6 +284,11 @@ pub struct ServerConfig {
     /// privileges we lack, the server falls back to 8443 instead of failing.
     pub https_bind_explicit: bool,
     pub amqp_bind: SocketAddr,
+    /// The metrics listener's address; `None`: off.
+    pub metrics_bind: Option<SocketAddr>,
+    /// Whether `metrics_bind` was chosen by the user. When it was not and the port is taken
+    /// (another hub on this machine), the hub runs without a metrics listener instead of failing.
+    pub metrics_bind_explicit: bool,
     /// Time an AMQP client has from its TLS handshake to its Open (SASL included).
     pub amqp_open_timeout: Duration,
     /// The Event Hubs-compatible entity name; `None`: from the host name ([`Self::hub_name`]).
@@ -341,6 +355,8 @@ impl ServerConfig {
             https_bind: SocketAddr::from(([0, 0, 0, 0], 443)),
             https_bind_explicit: false,
             amqp_bind: SocketAddr::from(([0, 0, 0, 0], 5671)),
+            metrics_bind: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            metrics_bind_explicit: false,
             amqp_open_timeout: Duration::from_secs(30),
             hub_name: None,
             tls_cert: None,
@@ -391,6 +407,10 @@ impl ServerConfig {
         }
         if let Some(a) = args.amqp_bind.or(file.amqp_bind) {
             cfg.amqp_bind = a;
+        }
+        if let Some(m) = args.metrics_bind.clone().or(file.metrics_bind) {
+            cfg.metrics_bind = parse_metrics_bind(&m)?;
+            cfg.metrics_bind_explicit = true;
         }
         cfg.hub_name = args.hub_name.clone().or(file.hub_name);
         if let Some(n) = &cfg.hub_name {
@@ -566,6 +586,25 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `off` or a socket address.
+fn parse_metrics_bind(s: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    s.parse().map(Some).map_err(|e| {
+        anyhow::anyhow!(
+            "metrics_bind must be an address such as 127.0.0.1:9464, or off; {s:?}: {e}"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,6 +627,28 @@ mod tests {
         assert_eq!(cfg.hostnames, vec!["hub.example".to_string()]);
         assert_eq!(cfg.mqtt_bind, "127.0.0.1:2".parse()?);
         assert_eq!(cfg.https_bind.port(), 443);
+        Ok(())
+    }
+
+    #[test]
+    fn metrics_bind_defaults_to_loopback_9464_and_can_be_off() -> anyhow::Result<()> {
+        let cfg = ServerConfig::from_args(&ServeArgs::default())?;
+        assert_eq!(cfg.metrics_bind, Some("127.0.0.1:9464".parse()?));
+        assert!(!cfg.metrics_bind_explicit);
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("f.toml");
+        std::fs::write(&file, "metrics_bind = \"127.0.0.1:9999\"\n")?;
+        let mut args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let cfg = ServerConfig::from_args(&args)?;
+        assert_eq!(cfg.metrics_bind, Some("127.0.0.1:9999".parse()?));
+        assert!(cfg.metrics_bind_explicit);
+        args.metrics_bind = Some("off".into());
+        assert_eq!(ServerConfig::from_args(&args)?.metrics_bind, None);
+        args.metrics_bind = Some("nine".into());
+        assert!(ServerConfig::from_args(&args).is_err());
         Ok(())
     }
 

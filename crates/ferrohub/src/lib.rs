@@ -10,6 +10,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod https_conn;
+pub mod metrics;
 pub mod mqtt;
 pub mod server;
 pub mod tls;

@@ -194,17 +194,21 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("FERROHUB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = EnvFilter::try_from_env("FERROHUB_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        // One JSON object per line, for log shippers: fields stay fields.
+        ferrohub::config::LogFormat::Json => logs.json().with_ansi(false).init(),
+        ferrohub::config::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     raise_fd_limit();
     let cfg = ServerConfig::from_args(&args)?;
     let server = ferrohub::server::start(cfg.clone()).await?;
-    print_banner(&cfg, &server.info);
+    print_banner(&cfg, &server.info, server.metrics_addr);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -215,7 +219,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(cfg: &ServerConfig, info: &ferrohub::server::HubInfo) {
+fn print_banner(
+    cfg: &ServerConfig,
+    info: &ferrohub::server::HubInfo,
+    metrics: Option<std::net::SocketAddr>,
+) {
+    let metrics = metrics.map_or_else(
+        || "off".to_owned(),
+        |a| format!("http://{a}/metrics (and /healthz, /readyz)"),
+    );
     let data_dir = cfg.data_dir.display();
     let ca = info
         .ca_file
@@ -232,6 +244,7 @@ fn print_banner(cfg: &ServerConfig, info: &ferrohub::server::HubInfo) {
          \n  AMQP over TLS (Event Hubs-compatible endpoint): port {amqp}\
          \n  Event Hubs-compatible connection string: {eh}\
          \n  Device provisioning (DPS): host {host}, ID scope {scope}\
+         \n  Metrics (Prometheus):     {metrics}\
          \n\nCreate a device:\
          \n  ferrohub device create my-device --data-dir {data_dir}\
          \nThen get its connection string for an IoT Hub SDK:\

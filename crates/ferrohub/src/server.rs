@@ -81,6 +81,8 @@ pub struct RunningServer {
     pub mqtt_addr: SocketAddr,
     pub https_addr: SocketAddr,
     pub amqp_addr: SocketAddr,
+    /// The metrics listener's address, when it runs.
+    pub metrics_addr: Option<SocketAddr>,
     pub info: HubInfo,
     pub hub: Arc<Hub>,
     pub broker: Arc<HubBroker>,
@@ -194,12 +196,24 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let mqtt_addr = mqtt_listener.local_addr()?;
     let https_addr = https_listener.local_addr()?;
     let amqp_addr = amqp_listener.local_addr()?;
+    let metrics_listener = bind_metrics(&cfg).await?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (hub, broker, owner) =
         compose(store, telemetry, streams, &cfg, shutdown_rx.clone()).await?;
     let tracker = TaskTracker::new();
     spawn_background(&tracker, &hub, &cfg, &shutdown_rx);
+    if let Some(listener) = metrics_listener {
+        if let Some(handle) = crate::metrics::recorder() {
+            tracker.spawn(crate::metrics::serve(
+                listener,
+                handle,
+                hub.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+    }
     let device_slots = Arc::new(Semaphore::new(
         cfg.max_connections.min(Semaphore::MAX_PERMITS),
     ));
@@ -283,6 +297,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         mqtt_addr,
         https_addr,
         amqp_addr,
+        metrics_addr,
         info,
         hub,
         broker,
@@ -372,6 +387,35 @@ async fn bind_listeners(
     )
     .await?;
     Ok((mqtt_listener, https_listener, amqp_listener))
+}
+
+/// The metrics listener, if one is configured. A default address that is taken (a second hub
+/// on this machine) leaves the hub without one rather than failing it; a chosen one must bind.
+async fn bind_metrics(cfg: &ServerConfig) -> anyhow::Result<Option<TcpListener>> {
+    let Some(addr) = cfg.metrics_bind else {
+        return Ok(None);
+    };
+    if cfg.metrics_bind_explicit {
+        return bind(
+            addr,
+            "metrics (Prometheus /metrics, /healthz, /readyz)",
+            "--metrics-bind",
+            "FERROHUB_METRICS_BIND",
+            "metrics_bind",
+        )
+        .await
+        .map(Some);
+    }
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e) => {
+            warn!(
+                "cannot listen on {addr} for metrics ({e}); running without a metrics \
+                 listener. Choose another address with --metrics-bind, or --metrics-bind off"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// The hub on its storage, with the default policies, and the MQTT front end over the broker

@@ -25,7 +25,11 @@ async fn publish_until_dead(mut c: MqttClient, device: String) -> u32 {
     loop {
         while next - acked <= 32 {
             let pid = (next % 65000 + 1) as u16;
-            let parity = if next.is_multiple_of(2) { "even" } else { "odd" };
+            let parity = if next.is_multiple_of(2) {
+                "even"
+            } else {
+                "odd"
+            };
             let p = publish(
                 &format!("devices/{device}/messages/events/n={next}&parity={parity}"),
                 b"payload",

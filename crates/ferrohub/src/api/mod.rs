@@ -207,6 +207,8 @@ pub fn router(state: ApiState) -> Router {
             state.in_flight.clone(),
             shed_load,
         ))
+        // Outside `shed_load`, so a shed request is counted with its 429.
+        .layer(axum::middleware::from_fn(crate::metrics::count_requests))
         .with_state(state);
     // A layer on the router itself would run after routing, too late to change the path.
     Router::new().fallback_service(

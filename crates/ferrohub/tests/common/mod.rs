@@ -65,6 +65,8 @@ pub fn config(dir: &Path) -> ServerConfig {
     cfg.mqtt_bind = "127.0.0.1:0".parse().expect("literal address");
     cfg.https_bind = "127.0.0.1:0".parse().expect("literal address");
     cfg.amqp_bind = "127.0.0.1:0".parse().expect("literal address");
+    // Off: every test hub would contend for one port; tests/metrics.rs turns it on.
+    cfg.metrics_bind = None;
     cfg.https_bind_explicit = true;
     cfg.hostnames = vec![HOST.to_string()];
     cfg

@@ -1,0 +1,178 @@
+//! The hub's operational metrics, named in one place: what the hub records through the
+//! `metrics` facade as devices and services use it. Which recorder receives them (the
+//! Prometheus exporter of the `serve` command, or none, making every call a no-op) is the
+//! binary's choice. Names follow Prometheus conventions: `_total` counters, base units
+//! (`_seconds`, `_bytes`), low-cardinality labels only (never a device id).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Histogram, Unit};
+
+use crate::Transport;
+
+pub const DEVICE_CONNECTIONS: &str = "ferrohub_device_connections";
+pub const DEVICE_CONNECTS: &str = "ferrohub_device_connects_total";
+pub const DEVICE_CONNECT_REFUSALS: &str = "ferrohub_device_connect_refusals_total";
+pub const TELEMETRY_MESSAGES: &str = "ferrohub_telemetry_messages_total";
+pub const TELEMETRY_BYTES: &str = "ferrohub_telemetry_bytes_total";
+pub const TELEMETRY_DURABLE_SECONDS: &str = "ferrohub_telemetry_durable_seconds";
+pub const C2D_MESSAGES: &str = "ferrohub_c2d_messages_total";
+pub const TWIN_OPERATIONS: &str = "ferrohub_twin_operations_total";
+pub const METHOD_CALLS: &str = "ferrohub_method_calls_total";
+pub const METHOD_CALL_SECONDS: &str = "ferrohub_method_call_seconds";
+pub const THROTTLED: &str = "ferrohub_throttled_total";
+pub const CONFORMANCE_CHECKED: &str = "ferrohub_conformance_checked_total";
+pub const CONFORMANCE_FINDINGS: &str = "ferrohub_conformance_findings_total";
+
+/// Registers the descriptions (HELP lines) with the installed recorder; call once after
+/// installing it.
+pub fn describe() {
+    describe_gauge!(
+        DEVICE_CONNECTIONS,
+        "Open device and module connections, by transport and authentication method"
+    );
+    describe_counter!(
+        DEVICE_CONNECTS,
+        "Device and module connections accepted, by transport and authentication method"
+    );
+    describe_counter!(
+        DEVICE_CONNECT_REFUSALS,
+        "Device and module CONNECTs refused, by transport and IoT Hub error code"
+    );
+    describe_counter!(
+        TELEMETRY_MESSAGES,
+        "Device-to-cloud messages accepted for storage"
+    );
+    describe_counter!(
+        TELEMETRY_BYTES,
+        Unit::Bytes,
+        "Bodies of the device-to-cloud messages accepted for storage"
+    );
+    describe_histogram!(
+        TELEMETRY_DURABLE_SECONDS,
+        Unit::Seconds,
+        "From a device-to-cloud message's arrival to every copy of it being on disk (its PUBACK)"
+    );
+    describe_counter!(
+        C2D_MESSAGES,
+        "Cloud-to-device messages by outcome: sent (queued), delivered (handed to a connection), \
+         completed, expired, deadLettered (delivery count exceeded), rejected"
+    );
+    describe_counter!(
+        TWIN_OPERATIONS,
+        "Twin reads and updates, by side (device, service) and operation"
+    );
+    describe_counter!(
+        METHOD_CALLS,
+        "Direct method calls, by the device's status (or timeout, offline, error)"
+    );
+    describe_histogram!(
+        METHOD_CALL_SECONDS,
+        Unit::Seconds,
+        "Direct method calls, from the request to the device's answer"
+    );
+    describe_counter!(
+        THROTTLED,
+        "Operations refused by the hub's throttles (429), by operation"
+    );
+    describe_counter!(
+        CONFORMANCE_CHECKED,
+        "Messages, patches and commands checked against IoT Plug and Play models"
+    );
+    describe_counter!(
+        CONFORMANCE_FINDINGS,
+        "IoT Plug and Play conformance findings, by kind"
+    );
+}
+
+fn transport_label(t: Transport) -> &'static str {
+    match t {
+        Transport::MqttTls => "mqtt-tls",
+        Transport::MqttWebSocket => "mqtt-ws",
+        Transport::Https => "https",
+    }
+}
+
+pub(crate) fn connection_opened(transport: Transport, auth: &'static str) {
+    let labels = [("transport", transport_label(transport)), ("auth", auth)];
+    gauge!(DEVICE_CONNECTIONS, &labels).increment(1.0);
+    counter!(DEVICE_CONNECTS, &labels).increment(1);
+}
+
+pub(crate) fn connection_closed(transport: Transport, auth: &'static str) {
+    let labels = [("transport", transport_label(transport)), ("auth", auth)];
+    gauge!(DEVICE_CONNECTIONS, &labels).decrement(1.0);
+}
+
+pub(crate) fn connect_refused(transport: Transport, error: &'static str) {
+    counter!(
+        DEVICE_CONNECT_REFUSALS,
+        "transport" => transport_label(transport),
+        "error" => error
+    )
+    .increment(1);
+}
+
+/// The telemetry path's handles, resolved once: looking a metric up by name on every message
+/// would cost a hash and a lock.
+struct TelemetryHandles {
+    messages: Counter,
+    bytes: Counter,
+    durable: Histogram,
+}
+
+static TELEMETRY: LazyLock<TelemetryHandles> = LazyLock::new(|| TelemetryHandles {
+    messages: counter!(TELEMETRY_MESSAGES),
+    bytes: counter!(TELEMETRY_BYTES),
+    durable: histogram!(TELEMETRY_DURABLE_SECONDS),
+});
+
+pub(crate) fn telemetry_accepted(body_bytes: usize) {
+    TELEMETRY.messages.increment(1);
+    TELEMETRY.bytes.increment(body_bytes as u64);
+}
+
+pub(crate) fn telemetry_durable(after: Duration) {
+    TELEMETRY.durable.record(after.as_secs_f64());
+}
+
+/// A C2D outcome: `sent`, `delivered`, `completed`, `expired`, `deadLettered`, `rejected`.
+pub(crate) fn c2d(outcome: &'static str) {
+    counter!(C2D_MESSAGES, "outcome" => outcome).increment(1);
+}
+
+/// The outcome label of a settled C2D message.
+pub(crate) fn c2d_outcome(status: ferrohub_store::FeedbackStatus) -> &'static str {
+    use ferrohub_store::FeedbackStatus as S;
+    match status {
+        S::Success => "completed",
+        S::Expired => "expired",
+        S::DeliveryCountExceeded => "deadLettered",
+        S::Rejected => "rejected",
+        S::Purged => "purged",
+    }
+}
+
+/// `side` is `device` or `service`; `op` is `get`, `patch` or `replace`.
+pub(crate) fn twin(side: &'static str, op: &'static str) {
+    counter!(TWIN_OPERATIONS, "side" => side, "op" => op).increment(1);
+}
+
+/// `status` is the device's status code, or `timeout`, `offline`, `error`.
+pub(crate) fn method_call(status: String, took: Duration) {
+    counter!(METHOD_CALLS, "status" => status).increment(1);
+    histogram!(METHOD_CALL_SECONDS).record(took.as_secs_f64());
+}
+
+pub(crate) fn throttled(operation: &'static str) {
+    counter!(THROTTLED, "operation" => operation).increment(1);
+}
+
+pub(crate) fn conformance_checked(findings: impl IntoIterator<Item = &'static str>) {
+    counter!(CONFORMANCE_CHECKED).increment(1);
+    for kind in findings {
+        counter!(CONFORMANCE_FINDINGS, "kind" => kind).increment(1);
+    }
+}
