@@ -33,6 +33,7 @@ pub mod registry;
 pub mod retention;
 pub mod routing;
 pub mod service_auth;
+mod sources;
 pub mod statistics;
 mod telemetry;
 #[cfg(test)]
@@ -237,6 +238,8 @@ pub struct Hub {
     pub(crate) conformance: conformance::Conformance,
     /// The device provisioning service's ID scope and allocator (`provisioning.rs`).
     provisioning: provisioning::ProvisioningService,
+    /// The non-telemetry events' emitters (`sources.rs`).
+    sources: sources::Sources,
 }
 
 impl Hub {
@@ -281,6 +284,7 @@ impl Hub {
             control: std::sync::OnceLock::new(),
             conformance: conformance::Conformance::new(),
             provisioning: Default::default(),
+            sources: Default::default(),
         })
     }
 
@@ -418,6 +422,8 @@ impl Hub {
         self.presence
             .connected(&client.identity, client.activity.clone());
         self.apply_subscriptions(client, subscriptions).await;
+        self.emit_connection_state(&client.identity, client.conn_seq, true)
+            .await;
         info!(
             identity = %client.identity,
             auth = %client.auth,
@@ -510,6 +516,8 @@ impl Hub {
         // Presence orders connections itself: an older one ending never clears a newer one.
         self.presence
             .disconnected(&client.identity, client.conn_seq);
+        self.emit_connection_state(&client.identity, client.conn_seq, false)
+            .await;
         match code {
             Some(code) => info!(
                 identity = %client.identity,
