@@ -227,3 +227,70 @@ impl Hub {
         self.emit(identity, n, None).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use ferrohub_store::telemetry::TelemetryLog;
+    use ferrohub_store::IfMatch;
+
+    use crate::registry::IdentityRequest;
+    use crate::routing::{Route, RouteSource};
+    use crate::testing::{fixture, R};
+
+    fn lifecycle_route_to_events() -> Route {
+        Route {
+            name: "life".into(),
+            source: RouteSource::DeviceLifecycleEvents,
+            condition: "true".into(),
+            endpoint_names: vec!["events".into()],
+            is_enabled: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_route_a_delete_reads_no_twin_for_its_event() -> R {
+        let f = fixture()?;
+        f.hub
+            .put_device("d1", IdentityRequest::default(), None)
+            .await?;
+        let reads = f.store.twin_reads.load(Ordering::SeqCst);
+        f.hub.delete_device("d1", IfMatch::Any).await?;
+        assert_eq!(f.store.twin_reads.load(Ordering::SeqCst), reads);
+
+        // With a lifecycle route the twin is read before the delete, for the event's body.
+        f.hub.put_route(lifecycle_route_to_events()).await?;
+        f.hub
+            .put_device("d2", IdentityRequest::default(), None)
+            .await?;
+        let reads = f.store.twin_reads.load(Ordering::SeqCst);
+        f.hub.delete_device("d2", IfMatch::Any).await?;
+        assert!(f.store.twin_reads.load(Ordering::SeqCst) > reads);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn an_event_that_cannot_be_stored_does_not_fail_its_operation() -> R {
+        let f = fixture()?;
+        f.hub.put_route(lifecycle_route_to_events()).await?;
+        f.telemetry.fail_syncs.store(true, Ordering::SeqCst);
+        // The device is created and answered; its event is logged as lost.
+        let d = f
+            .hub
+            .put_device("d1", IdentityRequest::default(), None)
+            .await?;
+        assert_eq!(d.device.device_id, "d1");
+        f.telemetry.fail_syncs.store(false, Ordering::SeqCst);
+        f.hub.delete_device("d1", IfMatch::Any).await?;
+        // The next event is stored: only the failed one was lost.
+        let stored = f.telemetry.inner.read(0, 0, 10).await?;
+        let ops: Vec<_> = stored
+            .iter()
+            .filter_map(|e| e.event.properties.iter().find(|(k, _)| k == "opType"))
+            .filter_map(|(_, v)| v.clone())
+            .collect();
+        assert_eq!(ops, ["deleteDeviceIdentity"]);
+        Ok(())
+    }
+}
