@@ -494,3 +494,39 @@ async fn the_cli_adds_routes_of_every_source_and_tests_them_as_json() -> TestRes
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_taken_over_connection_s_disconnect_sorts_before_the_new_connect() -> TestResult {
+    let hub = TestHub::start().await?;
+    let (key, _) = hub.create_device("dev1").await?;
+    stream(&hub, "conn").await?;
+    route(
+        &hub,
+        "connections",
+        "DeviceConnectionStateEvents",
+        "true",
+        &["conn"],
+    )
+    .await?;
+    let (mut old, _) = hub.connect_device("dev1", &key, true).await?;
+    // The same identity connects again: the old connection is closed, and its disconnect may
+    // be stored after the new connect.
+    let (mut new, _) = hub.connect_device("dev1", &key, true).await?;
+    old.expect_closed().await?;
+    new.send(&Packet::Disconnect).await?;
+    new.expect_closed().await?;
+    let all = read(&hub, "conn", 4).await?;
+    let ops: Vec<String> = by_sequence(&all)?.into_iter().map(|(_, op)| op).collect();
+    assert_eq!(
+        ops,
+        [
+            "deviceConnected",
+            "deviceDisconnected",
+            "deviceConnected",
+            "deviceDisconnected"
+        ],
+        "{all:?}"
+    );
+    hub.stop().await;
+    Ok(())
+}
