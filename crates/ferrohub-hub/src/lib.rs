@@ -34,6 +34,7 @@ pub mod registry;
 pub mod retention;
 pub mod routing;
 pub mod service_auth;
+mod sources;
 pub mod statistics;
 pub mod storage_endpoint;
 mod telemetry;
@@ -239,6 +240,8 @@ pub struct Hub {
     pub(crate) conformance: conformance::Conformance,
     /// The device provisioning service's ID scope and allocator (`provisioning.rs`).
     provisioning: provisioning::ProvisioningService,
+    /// The non-telemetry events' emitters (`sources.rs`).
+    sources: sources::Sources,
 }
 
 impl Hub {
@@ -283,6 +286,7 @@ impl Hub {
             control: std::sync::OnceLock::new(),
             conformance: conformance::Conformance::new(),
             provisioning: Default::default(),
+            sources: Default::default(),
         })
     }
 
@@ -421,6 +425,8 @@ impl Hub {
             .connected(&client.identity, client.activity.clone());
         crate::metrics::connection_opened(client.transport, client.auth.names().1);
         self.apply_subscriptions(client, subscriptions).await;
+        self.emit_connection_state(&client.identity, client.conn_seq, true)
+            .await;
         info!(
             identity = %client.identity,
             auth = %client.auth,
@@ -514,6 +520,8 @@ impl Hub {
         self.presence
             .disconnected(&client.identity, client.conn_seq);
         crate::metrics::connection_closed(client.transport, client.auth.names().1);
+        self.emit_connection_state(&client.identity, client.conn_seq, false)
+            .await;
         match code {
             Some(code) => info!(
                 identity = %client.identity,

@@ -7,6 +7,7 @@
 //! Records come back with what only the running hub knows about them ([`Live`]): presence and
 //! the depth of the C2D queue. How they are rendered is the front end's business.
 
+use ferrohub_iothub::notifications::Operation;
 use ferrohub_iothub::registry::{new_generation_id, valid_symmetric_key, valid_thumbprint};
 use ferrohub_iothub::sas::generate_key;
 use ferrohub_iothub::{validate_device_id, validate_module_id, ErrorCode, Identity};
@@ -304,7 +305,11 @@ impl Hub {
                     capabilities: req.capabilities.unwrap_or_default(),
                     ..Default::default()
                 };
-                store.create_device(device).await.map_err(store_err)
+                let created = store.create_device(device).await.map_err(store_err)?;
+                // After the commit: the event reports a device that exists.
+                self.emit_lifecycle(Operation::CreateDeviceIdentity, &Identity::device(id), None)
+                    .await;
+                Ok(created)
             }
             (Some(_), None) => Err(device_exists(id)),
             (Some(current), Some(cond)) => self.update_device_record(current, req, cond).await,
@@ -363,6 +368,17 @@ impl Hub {
             // Listed first: a failure leaves everything as it was, while a delete that went
             // ahead without the list would leave module sessions no one could forget.
             let modules = hub.store.list_modules(&id).await?;
+            // The twins lifecycle events carry are read before they are gone (only when a
+            // lifecycle route exists). A device's modules go with it, each with its event.
+            let device_twin = hub.lifecycle_twin(&Identity::device(id.as_str())).await;
+            let mut module_twins = Vec::new();
+            if device_twin.is_some() {
+                for m in &modules {
+                    let identity = Identity::module(id.as_str(), m.module_id.as_str());
+                    let twin = hub.lifecycle_twin(&identity).await;
+                    module_twins.push((identity, twin));
+                }
+            }
             hub.store.delete_device(&id, if_match).await.map_err(|e| {
                 HubError::from_store(
                     e,
@@ -378,6 +394,20 @@ impl Hub {
             );
             for identity in &gone {
                 hub.forget(identity).await;
+            }
+            for (identity, twin) in module_twins {
+                if twin.is_some() {
+                    hub.emit_lifecycle(Operation::DeleteModuleIdentity, &identity, twin)
+                        .await;
+                }
+            }
+            if device_twin.is_some() {
+                hub.emit_lifecycle(
+                    Operation::DeleteDeviceIdentity,
+                    &Identity::device(id.as_str()),
+                    device_twin,
+                )
+                .await;
             }
             Ok(())
         })
@@ -435,9 +465,16 @@ impl Hub {
                     authentication: authentication(req.authentication, None)?,
                     ..Default::default()
                 };
-                store.create_module(module).await.map_err(|e| {
+                let created = store.create_module(module).await.map_err(|e| {
                     HubError::from_store(e, HubError::device_not_found(id), module_exists(id, mid))
-                })
+                })?;
+                self.emit_lifecycle(
+                    Operation::CreateModuleIdentity,
+                    &Identity::module(id, mid),
+                    None,
+                )
+                .await;
+                Ok(created)
             }
             (Some(_), None) => Err(module_exists(id, mid)),
             (Some(current), Some(cond)) => {
@@ -471,6 +508,8 @@ impl Hub {
     ) -> Result<(), HubError> {
         let (id, mid) = (id.to_string(), mid.to_string());
         self.to_the_end(move |hub| async move {
+            let identity = Identity::module(id.as_str(), mid.as_str());
+            let twin = hub.lifecycle_twin(&identity).await;
             hub.store
                 .delete_module(&id, &mid, if_match)
                 .await
@@ -481,7 +520,11 @@ impl Hub {
                         HubError::module_not_found(&id, &mid),
                     )
                 })?;
-            hub.forget(&Identity::module(id, mid)).await;
+            hub.forget(&identity).await;
+            if twin.is_some() {
+                hub.emit_lifecycle(Operation::DeleteModuleIdentity, &identity, twin)
+                    .await;
+            }
             Ok(())
         })
         .await

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ferrohub_iothub::notifications::{twin_change_body, Operation as EventOp};
 use ferrohub_iothub::registry::etag_of;
 use ferrohub_iothub::topics::{desired_patch_topic, twin_response_topic};
 use ferrohub_iothub::twin::{Twin, TwinError};
@@ -304,13 +305,40 @@ impl Hub {
             Ok(v) => v,
             Err(e) => return self.respond_error(client, rid, &TwinFailure::BadJson(e.to_string())),
         };
+        // The digital twin before the write, kept only when a digital twin change route exists
+        // and the device has a model: the event is the difference.
+        let keep_before = self.emits_digital_twin_changes();
+        let mut before = None;
         let update =
             self.modify_twin_locked(&client.identity, Some(&client.twin_memo), |d, now| {
+                if keep_before && d.model_id.is_some() {
+                    before = Some(d.twin.properties_view());
+                }
                 Ok(d.twin.patch_reported(&patch, now)?)
             });
         match update.await {
             Ok((d, version)) => {
                 self.respond(client, 204, rid, Some(version), Vec::new());
+                // Events after the answer: the write is durable, and the device need not wait
+                // for the events' appends.
+                if self.emits(EventOp::UpdateTwin) {
+                    let mut reported = patch.clone();
+                    if let Value::Object(r) = &mut reported {
+                        r.insert("$version".into(), Value::from(version));
+                    }
+                    let body = twin_change_body(d.twin.version, None, None, Some(&reported));
+                    self.emit_twin_change(EventOp::UpdateTwin, &client.identity, body)
+                        .await;
+                }
+                if let (Some(before), Some(model_id)) = (before, &d.model_id) {
+                    self.emit_digital_twin_change(
+                        &client.identity,
+                        model_id,
+                        before,
+                        d.twin.properties_view(),
+                    )
+                    .await;
+                }
                 if let (Some(model_id), Value::Object(patch)) = (&client.model_id, patch) {
                     let desired = d.twin.properties_view()["desired"].take();
                     self.observe(crate::conformance::Observation::Reported {
@@ -394,17 +422,46 @@ impl Hub {
         }
         let registry = self.registry_view(identity).await?;
         let order = self.twin_locks.lock(identity).await;
+        let keep_before = self.emits_digital_twin_changes();
+        let mut before = None;
         let update = self.modify_twin(identity, None, |d, now| {
             // Checked against each fresh read: a retry must not pass on a stale match.
             if !if_match.matches(&d.etag()) {
                 return Err(TwinFailure::PreconditionFailed(d.etag()));
             }
+            if keep_before && d.model_id.is_some() {
+                before = Some(d.twin.properties_view());
+            }
             let result = d.twin.apply_service_update(&body, replace, now)?;
-            Ok(result.desired_notification)
+            Ok((result.desired_notification, result.changed))
         });
-        let (doc, notification) = update.await?;
+        let (doc, (notification, changed)) = update.await?;
+        let op = if replace {
+            EventOp::ReplaceTwin
+        } else {
+            EventOp::UpdateTwin
+        };
+        // Built before the device's notification takes the desired patch. A patch reports the
+        // tags it sent and the desired patch; a replacement the whole of both, as IoT Hub's
+        // replaceTwin does.
+        let event = (changed && self.emits(op)).then(|| {
+            let tags = if replace {
+                Some(Value::Object(doc.twin.tags.clone()))
+            } else {
+                body.get("tags").filter(|t| t.is_object()).cloned()
+            };
+            twin_change_body(doc.twin.version, tags.as_ref(), notification.as_ref(), None)
+        });
         if let Some(n) = notification {
             self.notify_desired(identity, doc.twin.desired.version, n)
+                .await;
+        }
+        // Under the twin lock, so one identity's twin change events leave in version order.
+        if let Some(event) = event {
+            self.emit_twin_change(op, identity, event).await;
+        }
+        if let (Some(before), Some(model_id)) = (before, &doc.model_id) {
+            self.emit_digital_twin_change(identity, model_id, before, doc.twin.properties_view())
                 .await;
         }
         drop(order);

@@ -80,7 +80,8 @@ impl Operation {
             Operation::ReplaceTwin => "replaceTwin",
             Operation::DeviceConnected => "deviceConnected",
             Operation::DeviceDisconnected => "deviceDisconnected",
-            Operation::UpdateDigitalTwin => "updateDigitalTwin",
+            // IoT Hub names a digital twin change by the twin operation behind it.
+            Operation::UpdateDigitalTwin => "updateTwin",
             Operation::DeviceJobCompleted => "deviceJobCompleted",
         }
     }
@@ -162,12 +163,90 @@ pub fn notification(op: Operation, ctx: &Context<'_>, body: &Value) -> Notificat
 /// The body of a connection state event: a sequence number that grows with every connect and
 /// disconnect of the identity, so that a reader can put events that arrive out of order back
 /// in order. IoT Hub's is an opaque 64-digit hexadecimal string compared as text; this one is
-/// too: the connection's sequence (a counter the hub keeps) and the event's order within it,
-/// each 32 hex digits, so text order is numeric order.
-pub fn connection_state_body(connection_sequence: u64, event_in_connection: u64) -> Value {
+/// too: the hub's start epoch (16 hex digits, larger for every start of the hub on its data
+/// directory), the connection's sequence within that start (16) and the event's order within
+/// the connection (32: 0 connected, 1 disconnected). Fixed widths, so text order is numeric.
+pub fn connection_state_body(
+    epoch: u64,
+    connection_sequence: u64,
+    event_in_connection: u64,
+) -> Value {
     serde_json::json!({
-        "sequenceNumber": format!("{connection_sequence:032X}{event_in_connection:032X}")
+        "sequenceNumber":
+            format!("{epoch:016X}{connection_sequence:016X}{event_in_connection:032X}")
     })
+}
+
+/// A fresh `correlation-id`: 128 random bits in the 8-4-4-4-12 form of a UUID (version 4).
+pub fn new_correlation_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex_of(&b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// A digital twin change event: `opType` `updateTwin`, the device's model in `dt-dataschema`
+/// (a system property, as IoT Hub sets it) and a JSON Patch body.
+pub fn digital_twin_change(ctx: &Context<'_>, model_id: &str, patch: &[Value]) -> Notification {
+    let mut n = notification(
+        Operation::UpdateDigitalTwin,
+        ctx,
+        &Value::Array(patch.to_vec()),
+    );
+    n.system_properties
+        .insert("dt-dataschema".into(), model_id.to_owned());
+    n
+}
+
+/// The JSON Patch (RFC 6902: `add`, `replace`, `remove`) that turns `before` into `after`,
+/// objects compared member by member so only what changed is named; anything else (arrays,
+/// scalars) is replaced whole. The body of a digital twin change event, from the digital twin
+/// before and after the write.
+pub fn json_patch_diff(before: &Value, after: &Value) -> Vec<Value> {
+    let mut ops = Vec::new();
+    diff_into(&mut ops, String::new(), before, after);
+    ops
+}
+
+fn diff_into(ops: &mut Vec<Value>, path: String, before: &Value, after: &Value) {
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) => {
+            for (k, av) in a {
+                let p = format!("{path}/{}", escape_pointer(k));
+                match b.get(k) {
+                    None => ops.push(serde_json::json!({"op": "add", "path": p, "value": av})),
+                    Some(bv) => diff_into(ops, p, bv, av),
+                }
+            }
+            for k in b.keys().filter(|k| !a.contains_key(*k)) {
+                let p = format!("{path}/{}", escape_pointer(k));
+                ops.push(serde_json::json!({"op": "remove", "path": p}));
+            }
+        }
+        _ if before == after => {}
+        _ => ops.push(serde_json::json!({"op": "replace", "path": path, "value": after})),
+    }
+}
+
+/// A JSON Pointer reference token (RFC 6901): `~` and `/` escaped.
+fn escape_pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
 }
 
 /// The body of a twin change event: what changed, with the twin's new `version` (IoT Hub's
@@ -266,7 +345,7 @@ mod tests {
         let n = notification(
             Operation::DeviceConnected,
             &ctx(&id),
-            &connection_state_body(1, 0),
+            &connection_state_body(7, 1, 0),
         );
         assert_eq!(n.source, EventSource::DeviceConnectionStateEvents);
         assert!(!n
@@ -281,21 +360,156 @@ mod tests {
 
     #[test]
     fn connection_sequence_numbers_order_as_text() {
-        let seq = |c, e| {
-            connection_state_body(c, e)["sequenceNumber"]
+        let seq = |e, c, ev| {
+            connection_state_body(e, c, ev)["sequenceNumber"]
                 .as_str()
                 .map(str::to_owned)
         };
+        // Within a start, by connection then event; every later start after all of them.
         let order = [
-            seq(1, 0),
-            seq(1, 1),
-            seq(2, 0),
-            seq(10, 0),
-            seq(255, 3),
-            seq(u64::MAX, 0),
+            seq(1, 1, 0),
+            seq(1, 1, 1),
+            seq(1, 2, 0),
+            seq(1, 10, 0),
+            seq(1, 255, 3),
+            seq(1, u64::MAX, 1),
+            seq(2, 1, 0),
+            seq(u64::MAX, 0, 0),
         ];
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
         assert_eq!(order[0].as_deref().map(str::len), Some(64));
+        assert!(order
+            .iter()
+            .flatten()
+            .all(|s| s.chars().all(|c| c.is_ascii_hexdigit())));
+    }
+
+    #[test]
+    fn connection_state_events_are_iot_hubs() {
+        let id = Identity::device("d1");
+        for (op, name) in [
+            (Operation::DeviceConnected, "deviceConnected"),
+            (Operation::DeviceDisconnected, "deviceDisconnected"),
+        ] {
+            let n = notification(op, &ctx(&id), &connection_state_body(1, 2, 0));
+            let prop = |k: &str| {
+                n.properties
+                    .iter()
+                    .find(|(p, _)| p == k)
+                    .and_then(|(_, v)| v.clone())
+            };
+            assert_eq!(prop("opType").as_deref(), Some(name));
+            assert_eq!(
+                prop("iothub-message-schema").as_deref(),
+                Some("deviceConnectionStateNotification")
+            );
+            assert_eq!(prop("hubName").as_deref(), Some("myhub"));
+            assert_eq!(n.system_properties["content-type"], "application/json");
+            let body: Value = serde_json::from_slice(&n.body).expect("json");
+            assert_eq!(
+                body,
+                json!({"sequenceNumber": format!("{:016X}{:016X}{:032X}", 1, 2, 0)})
+            );
+        }
+    }
+
+    #[test]
+    fn lifecycle_and_twin_change_operations() {
+        let id = Identity::device("d1");
+        for (op, name, source, schema) in [
+            (
+                Operation::CreateDeviceIdentity,
+                "createDeviceIdentity",
+                "deviceLifecycleEvents",
+                "deviceLifecycleNotification",
+            ),
+            (
+                Operation::DeleteDeviceIdentity,
+                "deleteDeviceIdentity",
+                "deviceLifecycleEvents",
+                "deviceLifecycleNotification",
+            ),
+            (
+                Operation::DeleteModuleIdentity,
+                "deleteModuleIdentity",
+                "deviceLifecycleEvents",
+                "deviceLifecycleNotification",
+            ),
+            (
+                Operation::UpdateTwin,
+                "updateTwin",
+                "twinChangeEvents",
+                "twinChangeNotification",
+            ),
+            (
+                Operation::ReplaceTwin,
+                "replaceTwin",
+                "twinChangeEvents",
+                "twinChangeNotification",
+            ),
+        ] {
+            let twin = json!({"deviceId": "d1", "etag": "AAAAAAAAAAE=", "version": 2});
+            let n = notification(op, &ctx(&id), &twin);
+            assert_eq!(n.system_properties["iothub-message-source"], source);
+            assert!(n.properties.contains(&("opType".into(), Some(name.into()))));
+            assert!(n
+                .properties
+                .contains(&("iothub-message-schema".into(), Some(schema.into()))));
+            assert_eq!(
+                serde_json::from_slice::<Value>(&n.body).expect("json"),
+                twin
+            );
+        }
+    }
+
+    #[test]
+    fn digital_twin_changes_are_json_patches_with_the_model() {
+        let id = Identity::device("d1");
+        let before = json!({"$dtId": "d1", "temp": 20, "gone": 1,
+            "thermostat1": {"target": 5, "$metadata": {"target": {"lastUpdateTime": "a"}}}});
+        let after = json!({"$dtId": "d1", "temp": 21, "new/one": true,
+            "thermostat1": {"target": 5, "$metadata": {"target": {"lastUpdateTime": "b"}}}});
+        let patch = json_patch_diff(&before, &after);
+        assert_eq!(
+            patch,
+            vec![
+                json!({"op": "add", "path": "/new~1one", "value": true}),
+                json!({"op": "replace", "path": "/temp", "value": 21}),
+                json!({"op": "replace", "path": "/thermostat1/$metadata/target/lastUpdateTime", "value": "b"}),
+                json!({"op": "remove", "path": "/gone"}),
+            ]
+        );
+        let n = digital_twin_change(&ctx(&id), "dtmi:com:example:Thermostat;1", &patch);
+        assert_eq!(n.source, EventSource::DigitalTwinChangeEvents);
+        assert_eq!(
+            n.system_properties["iothub-message-source"],
+            "digitalTwinChangeEvents"
+        );
+        assert_eq!(
+            n.system_properties["dt-dataschema"],
+            "dtmi:com:example:Thermostat;1"
+        );
+        assert!(n
+            .properties
+            .contains(&("opType".into(), Some("updateTwin".into()))));
+        assert!(n.properties.contains(&(
+            "iothub-message-schema".into(),
+            Some("digitalTwinChangeNotification".into())
+        )));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&n.body).expect("json"),
+            Value::Array(patch)
+        );
+    }
+
+    #[test]
+    fn correlation_ids_are_unique_uuids() {
+        let a = new_correlation_id();
+        let b = new_correlation_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.as_bytes()[14], b'4');
+        assert!(a.split('-').map(str::len).eq([8, 4, 4, 4, 12]));
     }
 
     #[test]

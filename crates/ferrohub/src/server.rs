@@ -202,6 +202,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (hub, broker, owner) =
         compose(store, telemetry, streams, &cfg, shutdown_rx.clone()).await?;
+    hub.set_connection_epoch(connection_epoch(&data_dir));
     let tracker = TaskTracker::new();
     spawn_background(&tracker, &hub, &cfg, &shutdown_rx);
     if let Some(listener) = metrics_listener {
@@ -564,6 +565,43 @@ fn hub_info(
         dps_id_scope: String::new(),
         pid: std::process::id(),
     }
+}
+
+/// The file that keeps the last connection state epoch (see [`connection_epoch`]).
+pub const EPOCH_FILE: &str = "connection-epoch";
+
+/// The epoch of this start's connection state sequence numbers: one more than the last start's
+/// (kept in `connection-epoch`), or the time in Unix milliseconds if that is larger. Written
+/// (fsync'd, then renamed) before any device connects, so every start on this data directory
+/// has a larger epoch than the one before, even if the clock went back; the time only makes
+/// the number say roughly when the hub started. Connection state events must keep working on a
+/// full disk, so a failed write is logged and the unwritten epoch used: then only a clock that
+/// went back since the last start could make this start's events sort before its.
+fn connection_epoch(data_dir: &Path) -> u64 {
+    use std::io::Write;
+    let file = data_dir.join(EPOCH_FILE);
+    let last = std::fs::read_to_string(&file)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let epoch = last.map_or(now, |l| now.max(l.saturating_add(1)));
+    let tmp = data_dir.join(format!("{EPOCH_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(epoch.to_string().as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &file)?;
+        // The rename is durable once the directory is.
+        std::fs::File::open(data_dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        warn!(error = %e, file = %file.display(), "could not keep the connection state epoch; connection state sequence numbers rely on the clock until it can be written");
+    }
+    epoch
 }
 
 fn write_hub_file(data_dir: &Path, info: &HubInfo) -> anyhow::Result<()> {

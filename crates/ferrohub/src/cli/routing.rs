@@ -50,7 +50,9 @@ pub enum RouteCommand {
     /// Add or replace a route.
     Add {
         name: String,
-        /// The messages routed: DeviceMessages (the only source this hub emits yet).
+        /// The messages routed: DeviceMessages (telemetry), TwinChangeEvents,
+        /// DeviceLifecycleEvents, DeviceConnectionStateEvents, DigitalTwinChangeEvents or
+        /// DeviceJobLifecycleEvents (the hub's own events; no fallback route applies to them).
         #[arg(long, default_value = "DeviceMessages", value_parser = parse_source)]
         source: RouteSource,
         /// Routing query, e.g. `$body.temp > 30 AND level = 'critical'`.
@@ -465,7 +467,16 @@ mod tests {
 
     #[test]
     fn an_unknown_source_is_refused_by_name() {
-        assert!(parse_source("DeviceMessages").is_ok());
+        for s in [
+            "DeviceMessages",
+            "TwinChangeEvents",
+            "DeviceLifecycleEvents",
+            "DeviceConnectionStateEvents",
+            "DigitalTwinChangeEvents",
+            "DeviceJobLifecycleEvents",
+        ] {
+            assert!(parse_source(s).is_ok(), "{s}");
+        }
         let e = parse_source("Telemetry").err().unwrap_or_default();
         assert!(e.contains("DeviceMessages"), "{e}");
     }
