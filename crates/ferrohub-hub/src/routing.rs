@@ -466,6 +466,14 @@ pub fn parse_condition(text: &str) -> Result<RouteCondition, HubError> {
     })
 }
 
+/// An external endpoint to deliver to: its options, its stream and its dead-letter stream.
+type External<'a> = (
+    &'a Endpoint,
+    DeliveryOptions,
+    Arc<dyn TelemetryLog>,
+    Arc<dyn TelemetryLog>,
+);
+
 /// One endpoint as ingest sees it: its log and the enrichments stamped on its copies.
 struct Target {
     name: String,
@@ -904,15 +912,7 @@ impl Hub {
 
     /// Starts the delivery tasks of new external endpoints, restarts those whose options
     /// changed (the new task waits for the old one) and stops those of removed endpoints.
-    fn sync_deliveries(
-        &self,
-        external: Vec<(
-            &Endpoint,
-            DeliveryOptions,
-            Arc<dyn TelemetryLog>,
-            Arc<dyn TelemetryLog>,
-        )>,
-    ) {
+    fn sync_deliveries(&self, external: Vec<External<'_>>) {
         let mut running = self
             .routing
             .deliveries

@@ -611,3 +611,146 @@ async fn nats_jetstream_gets_every_message_with_headers_across_a_server_restart(
     hub.stop().await;
     Ok(())
 }
+
+/// An HTTPS receiver with a certificate for `localhost` from a test CA (returned as PEM),
+/// acknowledging every request with 204 and keeping the message ids.
+async fn https_receiver() -> R<(
+    SocketAddr,
+    String,
+    Arc<Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let ca_key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = p.self_signed(&ca_key)?;
+    let key = KeyPair::generate()?;
+    let cert =
+        CertificateParams::new(vec!["localhost".to_string()])?.signed_by(&key, &ca, &ca_key)?;
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, g) = (acceptor.clone(), g.clone());
+            tokio::spawn(async move {
+                // A client that refuses our certificate ends here.
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let g = g.clone();
+                        async move {
+                            if let Some(id) = req
+                                .headers()
+                                .get("message-id")
+                                .and_then(|v| v.to_str().ok())
+                            {
+                                g.lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .push(id.to_string());
+                            }
+                            hyper::Response::builder()
+                                .status(204)
+                                .body(axum::body::Body::empty())
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, ca.pem(), got, task))
+}
+
+#[tokio::test]
+async fn https_webhook_trusts_its_ca_file_and_the_cli_shows_health() -> TestResult {
+    let (addr, ca_pem, got, task) = https_receiver().await?;
+    let hub = TestHub::start().await?;
+    let (k1, _) = hub.create_device("dev1").await?;
+    let ca_file = hub.dir.path().join("receiver-ca.pem");
+    std::fs::write(&ca_file, &ca_pem)?;
+    let dir = hub.dir.path().to_path_buf();
+    let url = format!("https://localhost:{}/in", addr.port());
+    let cli = move |args: Vec<String>| {
+        let dir = dir.clone();
+        async move {
+            let (okay, out, err) =
+                tokio::task::spawn_blocking(move || ferrohub_cli(&dir, &args)).await??;
+            if !okay {
+                return Err(format!("ferrohub failed: {err}").into());
+            }
+            R::Ok(out)
+        }
+    };
+    let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    cli(args(&[
+        "endpoint",
+        "add",
+        "sec",
+        "--type",
+        "webhook",
+        "--url",
+        &url,
+        "--ca",
+        &ca_file.to_string_lossy(),
+        "--header",
+        "X-Token=abc",
+        "--timeout-secs",
+        "5",
+    ]))
+    .await?;
+    // The same receiver without its CA: the system's roots do not know it.
+    ok(
+        &hub,
+        "/ferrohub/routing/endpoints/untrusting",
+        json!({"type": "webhook", "url": url, "timeoutSeconds": 5}),
+    )
+    .await?;
+    cli(args(&[
+        "route",
+        "add",
+        "all",
+        "--endpoint",
+        "sec,untrusting",
+    ]))
+    .await?;
+    let (mut c1, _) = hub.connect_device("dev1", &k1, true).await?;
+    send(&mut c1, "dev1", 1, "s0").await?;
+    send(&mut c1, "dev1", 2, "s1").await?;
+    wait_health(&hub, "sec", |h| h["delivered"] == 2).await?;
+    assert_eq!(*got.lock().unwrap_or_else(|e| e.into_inner()), ["s0", "s1"]);
+    let h = wait_health(&hub, "untrusting", |h| h["status"] == "unhealthy").await?;
+    assert_eq!(h["delivered"], 0, "{h}");
+    let list = cli(args(&["endpoint", "list"])).await?;
+    let line = |name: &str| {
+        list.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line("sec ").contains("health healthy delivered 2"),
+        "{list}"
+    );
+    assert!(line("untrusting").contains("health unhealthy"), "{list}");
+    hub.stop().await;
+    task.abort();
+    Ok(())
+}
