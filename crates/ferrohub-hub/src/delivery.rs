@@ -449,9 +449,13 @@ impl Task {
             None => "not delivered within the endpoint's retention".to_string(),
         };
         let at = crate::timefmt::now_iso();
+        let now_ms = Timestamp::now().unix_ms();
         let mut waits = Vec::with_capacity(expired.len());
         for e in expired {
             let mut event = e.event.clone();
+            // Enqueued in the dead-letter stream now, so its retention counts from here; the
+            // hub's original time stays in `iothub-enqueuedtime`.
+            event.enqueued_ms = now_ms;
             event
                 .system_properties
                 .insert(DEAD_LETTER_REASON.into(), reason.clone());

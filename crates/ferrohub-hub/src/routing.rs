@@ -1120,6 +1120,37 @@ impl Hub {
                 Err(e) => warn!(endpoint = %t.name, error = %e, "endpoint stream retention failed"),
             }
         }
+        // Dead letters are kept as long as their endpoint's stream keeps messages, counted from
+        // when they were dead-lettered (their enqueued time in that stream).
+        let dead_letters: Vec<(String, u64, Arc<dyn TelemetryLog>)> = self
+            .routing
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, d)| {
+                (
+                    n.clone(),
+                    d.kind.stream_retention_secs(),
+                    d.dead_letters.clone(),
+                )
+            })
+            .collect();
+        for (name, secs, log) in dead_letters {
+            let retention = Retention {
+                max_age_ms: i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+                max_bytes,
+            };
+            match log
+                .enforce_retention(retention, ferrohub_store::Timestamp::now())
+                .await
+            {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    warn!(endpoint = %name, error = %e, "dead-letter stream retention failed")
+                }
+            }
+        }
         removed
     }
 
