@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (Debian
-# mosquitto-clients and Node.js, a Python venv with the official Azure SDKs, the Node
+# mosquitto-clients, nats-server and Node.js, a Python venv with the official Azure SDKs, the Node
 # service clients), then runs
 #   1. cargo test for every crate (unit + integration tests over real TLS sockets),
 #   2. the README quickstart with mosquitto_pub against a real server,
@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 
 missing=()
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+# crates/ferrohub/tests/routing_endpoints.rs delivers to a real NATS JetStream server.
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 # @azure/event-hubs 6 needs Node.js 20 or later.
 if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' 2>/dev/null; then
   missing+=(nodejs npm)

@@ -13,6 +13,7 @@ pub mod c2d;
 pub mod certificates;
 pub mod configurations;
 pub mod conformance;
+pub mod delivery;
 mod detached;
 pub mod digital_twins;
 pub mod directory;

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use ferrohub_iothub::endpoints;
 use ferrohub_iothub::routing::{BodyStatus, RouteCondition, RoutingDocument};
 use ferrohub_iothub::routing_config::{
     check_enrichment_key, check_name, hub_name_of, EnrichmentValue, BUILTIN_ENDPOINT,
@@ -31,6 +32,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
+use crate::delivery::{
+    Deliveries, Delivery, DeliveryOptions, EndpointHealth, SenderFactory, DEAD_LETTER_SUFFIX,
+};
 use crate::error::HubError;
 use crate::twins::StoredDoc;
 use crate::Hub;
@@ -62,6 +66,134 @@ pub enum EndpointKind {
         #[serde(default = "default_retention", rename = "retentionSeconds")]
         retention_secs: u64,
     },
+    /// An HTTPS POST per message (or a JSON array of `batchSize` messages) to `url`, from the
+    /// endpoint's own stream inside the hub (`delivery.rs`); 2xx acknowledges.
+    Webhook {
+        /// `https://...`; `http://` only to a loopback host.
+        url: String,
+        #[serde(default = "one", rename = "batchSize")]
+        batch: u32,
+        #[serde(default = "default_timeout", rename = "timeoutSeconds")]
+        timeout_secs: u64,
+        /// Sent with every request (an `Authorization`, say).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+        /// PEM certificates of the CAs to trust for `url` instead of the system's.
+        #[serde(
+            default,
+            rename = "caCertificates",
+            skip_serializing_if = "Option::is_none"
+        )]
+        ca_pem: Option<String>,
+        /// Undelivered messages older than this are dead-lettered.
+        #[serde(default = "default_retention", rename = "retentionSeconds")]
+        retention_secs: u64,
+        /// Failing for this long turns the endpoint's health `dead`.
+        #[serde(default = "default_dead_after", rename = "deadAfterSeconds")]
+        dead_after_secs: u64,
+    },
+    /// A JetStream publish per message to `subject` on an external NATS server, each awaited
+    /// for its PubAck before the endpoint's cursor moves (`delivery.rs`).
+    Nats {
+        /// `nats://host:port` (or `tls://`).
+        url: String,
+        subject: String,
+        /// The JetStream stream that must capture `subject` (sent as `Nats-Expected-Stream`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stream: Option<String>,
+        /// Publishes in flight at once, their acks awaited together.
+        #[serde(default = "default_nats_batch", rename = "batchSize")]
+        batch: u32,
+        #[serde(default = "default_timeout", rename = "timeoutSeconds")]
+        timeout_secs: u64,
+        #[serde(default = "default_retention", rename = "retentionSeconds")]
+        retention_secs: u64,
+        #[serde(default = "default_dead_after", rename = "deadAfterSeconds")]
+        dead_after_secs: u64,
+    },
+}
+
+/// Request timeout of an external endpoint when its creator names none.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+/// How long an external endpoint may fail before it is `dead`, when its creator names none.
+pub const DEFAULT_DEAD_AFTER_SECS: u64 = 600;
+/// Publishes a NATS endpoint has in flight when its creator names no batch size.
+pub const DEFAULT_NATS_BATCH: u32 = 64;
+/// Largest batch of an external endpoint.
+pub const MAX_BATCH: u32 = 500;
+
+fn one() -> u32 {
+    1
+}
+fn default_timeout() -> u64 {
+    DEFAULT_TIMEOUT_SECS
+}
+fn default_dead_after() -> u64 {
+    DEFAULT_DEAD_AFTER_SECS
+}
+fn default_nats_batch() -> u32 {
+    DEFAULT_NATS_BATCH
+}
+
+impl EndpointKind {
+    /// The `type` in JSON.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EndpointKind::Stream { .. } => "stream",
+            EndpointKind::Webhook { .. } => "webhook",
+            EndpointKind::Nats { .. } => "nats",
+        }
+    }
+
+    /// How an external endpoint is delivered to; `None` for a stream read inside the hub.
+    pub(crate) fn delivery(&self) -> Option<DeliveryOptions> {
+        let (batch, timeout_secs, retention_secs, dead_after_secs) = match self {
+            EndpointKind::Stream { .. } => return None,
+            EndpointKind::Webhook {
+                batch,
+                timeout_secs,
+                retention_secs,
+                dead_after_secs,
+                ..
+            }
+            | EndpointKind::Nats {
+                batch,
+                timeout_secs,
+                retention_secs,
+                dead_after_secs,
+                ..
+            } => (*batch, *timeout_secs, *retention_secs, *dead_after_secs),
+        };
+        Some(DeliveryOptions {
+            batch: usize::try_from(batch.clamp(1, MAX_BATCH)).unwrap_or(1),
+            timeout: Duration::from_secs(timeout_secs),
+            retention: Duration::from_secs(retention_secs),
+            dead_after: Duration::from_secs(dead_after_secs),
+        })
+    }
+
+    /// The age limit of the endpoint's stream for the retention loop. An external endpoint's
+    /// stream keeps its messages past the endpoint's retention (twice it, plus the request
+    /// timeout and a minute), so its delivery task, which wakes when the oldest undelivered
+    /// message expires, dead-letters them before retention could remove them.
+    fn stream_retention_secs(&self) -> u64 {
+        match self {
+            EndpointKind::Stream { retention_secs, .. } => *retention_secs,
+            EndpointKind::Webhook {
+                retention_secs,
+                timeout_secs,
+                ..
+            }
+            | EndpointKind::Nats {
+                retention_secs,
+                timeout_secs,
+                ..
+            } => retention_secs
+                .saturating_mul(2)
+                .saturating_add(*timeout_secs)
+                .saturating_add(60),
+        }
+    }
 }
 
 fn default_partitions() -> u32 {
@@ -204,8 +336,8 @@ impl RoutingConfig {
                     e.name
                 )));
             }
-            match e.kind {
-                EndpointKind::Stream {
+            match &e.kind {
+                &EndpointKind::Stream {
                     partitions,
                     retention_secs,
                 } => {
@@ -221,6 +353,68 @@ impl RoutingConfig {
                             e.name
                         )));
                     }
+                }
+                EndpointKind::Webhook {
+                    url,
+                    headers,
+                    ca_pem,
+                    ..
+                } => {
+                    let arg = |m: String| HubError::argument(format!("endpoint {}: {m}", e.name));
+                    endpoints::check_webhook_url(url).map_err(arg)?;
+                    for (k, v) in headers {
+                        endpoints::check_static_header(k, v).map_err(arg)?;
+                    }
+                    if let Some(pem) = ca_pem {
+                        let n = rustls_pemfile::certs(&mut pem.as_bytes())
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|err| arg(format!("caCertificates: {err}")))?
+                            .len();
+                        if n == 0 {
+                            return Err(arg("caCertificates holds no PEM certificate".into()));
+                        }
+                    }
+                }
+                EndpointKind::Nats {
+                    url,
+                    subject,
+                    stream,
+                    ..
+                } => {
+                    let arg = |m: String| HubError::argument(format!("endpoint {}: {m}", e.name));
+                    endpoints::check_nats_url(url).map_err(arg)?;
+                    endpoints::check_nats_subject(subject).map_err(arg)?;
+                    if let Some(s) = stream {
+                        endpoints::check_nats_stream(s).map_err(arg)?;
+                    }
+                }
+            }
+            if let EndpointKind::Webhook {
+                batch,
+                timeout_secs,
+                retention_secs,
+                dead_after_secs,
+                ..
+            }
+            | EndpointKind::Nats {
+                batch,
+                timeout_secs,
+                retention_secs,
+                dead_after_secs,
+                ..
+            } = &e.kind
+            {
+                let bad = |m: String| Err(HubError::argument(format!("endpoint {}: {m}", e.name)));
+                if !(1..=MAX_BATCH).contains(batch) {
+                    return bad(format!("batchSize must be 1 to {MAX_BATCH}, not {batch}"));
+                }
+                if !(1..=300).contains(timeout_secs) {
+                    return bad(format!(
+                        "timeoutSeconds must be 1 to 300, not {timeout_secs}"
+                    ));
+                }
+                if *retention_secs == 0 || *dead_after_secs == 0 {
+                    return bad("retentionSeconds and deadAfterSeconds must be at least 1".into());
                 }
             }
         }
@@ -270,6 +464,14 @@ pub fn parse_condition(text: &str) -> Result<RouteCondition, HubError> {
         ))
     })
 }
+
+/// An external endpoint to deliver to: its options, its stream and its dead-letter stream.
+type External<'a> = (
+    &'a Endpoint,
+    DeliveryOptions,
+    Arc<dyn TelemetryLog>,
+    Arc<dyn TelemetryLog>,
+);
 
 /// One endpoint as ingest sees it: its log and the enrichments stamped on its copies.
 struct Target {
@@ -324,6 +526,10 @@ pub(crate) struct Routing {
     undefined_log: Mutex<(u64, Option<Instant>)>,
     /// Messages that reached no endpoint (no route matched, fallback off).
     dropped: AtomicU64,
+    /// Makes the senders of external endpoints (the composer's); none until set.
+    senders: OnceLock<Arc<dyn SenderFactory>>,
+    /// The delivery task of each external endpoint in force (`delivery.rs`).
+    deliveries: Deliveries,
 }
 
 impl Routing {
@@ -352,6 +558,8 @@ impl Routing {
             undefined: AtomicU64::new(0),
             undefined_log: Mutex::new((0, None)),
             dropped: AtomicU64::new(0),
+            senders: OnceLock::new(),
+            deliveries: Deliveries::default(),
         }
     }
 
@@ -482,6 +690,37 @@ impl Hub {
         let _ = self.routing.engine.set(engine);
     }
 
+    /// Sets what sends to external endpoints (webhook, NATS); call once, before
+    /// [`Hub::load_routing`]. Without it their messages wait in their streams.
+    pub fn set_sender_factory(&self, factory: Arc<dyn SenderFactory>) {
+        let _ = self.routing.senders.set(factory);
+    }
+
+    /// The delivery health of every external endpoint in force, by name.
+    pub fn endpoint_health(&self) -> Vec<EndpointHealth> {
+        let d = self
+            .routing
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = d.values().map(|d| d.health.view()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Stops every delivery task and waits (bounded) until they have ended (shutdown).
+    pub async fn stop_deliveries(&self) {
+        let all: Vec<Delivery> = self
+            .routing
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, d)| d)
+            .collect();
+        crate::delivery::stop_all(all).await;
+    }
+
     /// Sets the name `$iothubname` enrichments stamp (the Event Hubs entity name); call once.
     pub fn set_hub_name(&self, name: String) {
         let _ = self.routing.hub_name.set(name);
@@ -554,6 +793,12 @@ impl Hub {
                 if let Err(e) = hub.routing.engine().remove_stream(&gone.name) {
                     warn!(endpoint = %gone.name, error = %e, "removing an endpoint's stream failed");
                 }
+                if gone.kind.delivery().is_some() {
+                    let dl = format!("{}{DEAD_LETTER_SUFFIX}", gone.name);
+                    if let Err(e) = hub.routing.engine().remove_stream(&dl) {
+                        warn!(endpoint = %gone.name, error = %e, "removing a dead-letter stream failed");
+                    }
+                }
             }
             info!(change = %what, "routing configuration changed");
             Ok(out)
@@ -569,7 +814,11 @@ impl Hub {
         let current = self.routing.active();
         let mut logs = HashMap::new();
         for e in &config.endpoints {
-            let EndpointKind::Stream { partitions, .. } = e.kind;
+            // An external endpoint's stream has one partition: its delivery keeps one order.
+            let partitions = match e.kind {
+                EndpointKind::Stream { partitions, .. } => partitions,
+                _ => 1,
+            };
             let log = match current.targets.iter().find(|t| t.name == e.name) {
                 Some(t) => t.log.clone(),
                 None => self
@@ -579,6 +828,24 @@ impl Hub {
                     .map_err(|err| HubError::internal("opening an endpoint's stream", err))?,
             };
             logs.insert(e.name.clone(), log);
+            if e.kind.delivery().is_some() {
+                let dl = format!("{}{DEAD_LETTER_SUFFIX}", e.name);
+                let running = self
+                    .routing
+                    .deliveries
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&e.name)
+                    .map(|d| d.dead_letters.clone());
+                let log =
+                    match running {
+                        Some(l) => l,
+                        None => self.routing.engine().open_stream(&dl, 1).map_err(|err| {
+                            HubError::internal("opening a dead-letter stream", err)
+                        })?,
+                    };
+                logs.insert(dl, log);
+            }
         }
         Ok(logs)
     }
@@ -596,16 +863,23 @@ impl Hub {
             enrichments: Vec::new(),
             retention_secs: None,
         }];
+        let mut external = Vec::new();
         for e in &config.endpoints {
-            let EndpointKind::Stream { retention_secs, .. } = e.kind;
             let log = logs.remove(&e.name).ok_or_else(|| {
                 HubError::internal("routing", format!("no stream for {}", e.name))
             })?;
+            if let Some(opts) = e.kind.delivery() {
+                let dl = format!("{}{DEAD_LETTER_SUFFIX}", e.name);
+                let dead_letters = logs.remove(&dl).ok_or_else(|| {
+                    HubError::internal("routing", format!("no dead-letter stream for {}", e.name))
+                })?;
+                external.push((e, opts, log.clone(), dead_letters));
+            }
             targets.push(Target {
                 name: e.name.clone(),
                 log,
                 enrichments: Vec::new(),
-                retention_secs: Some(retention_secs),
+                retention_secs: Some(e.kind.stream_retention_secs()),
             });
         }
         let index = |n: &str| targets.iter().position(|t| t.name == n);
@@ -664,20 +938,59 @@ impl Hub {
             .active
             .write()
             .unwrap_or_else(|e| e.into_inner()) = Arc::new(active);
+        self.sync_deliveries(external);
         Ok(())
+    }
+
+    /// Starts the delivery tasks of new external endpoints, restarts those whose options
+    /// changed (the new task waits for the old one) and stops those of removed endpoints.
+    fn sync_deliveries(&self, external: Vec<External<'_>>) {
+        let mut running = self
+            .routing
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut old = std::mem::take(&mut *running);
+        for (e, opts, log, dead_letters) in external {
+            let previous = match old.remove(&e.name) {
+                Some(p) if p.kind == e.kind => {
+                    running.insert(e.name.clone(), p);
+                    continue;
+                }
+                previous => previous,
+            };
+            let sender = match self.routing.senders.get() {
+                Some(f) => f.sender(e),
+                None => Err(format!("no sender for {} endpoints", e.kind.type_name())),
+            };
+            let d = Delivery::start(e, opts, log, dead_letters, sender, previous);
+            running.insert(e.name.clone(), d);
+        }
+        for gone in old.into_values() {
+            let _ = gone.signal();
+        }
     }
 
     /// Adds or replaces a custom endpoint. An existing stream keeps its partition count.
     pub async fn put_endpoint(&self, endpoint: Endpoint) -> Result<Endpoint, HubError> {
         self.change_routing(format!("endpoint {} set", endpoint.name), move |c| {
             if let Some(old) = c.endpoints.iter_mut().find(|e| e.name == endpoint.name) {
-                let (EndpointKind::Stream { partitions: a, .. }, EndpointKind::Stream { partitions: b, .. }) =
-                    (&old.kind, &endpoint.kind);
-                if a != b {
+                if old.kind.type_name() != endpoint.kind.type_name() {
                     return Err(conflict(format!(
-                        "endpoint {}: the partition count is fixed at creation ({a}); remove the endpoint and add it again",
-                        endpoint.name
+                        "endpoint {}: the type is fixed at creation ({}); remove the endpoint and add it again",
+                        endpoint.name,
+                        old.kind.type_name()
                     )));
+                }
+                if let (EndpointKind::Stream { partitions: a, .. }, EndpointKind::Stream { partitions: b, .. }) =
+                    (&old.kind, &endpoint.kind)
+                {
+                    if a != b {
+                        return Err(conflict(format!(
+                            "endpoint {}: the partition count is fixed at creation ({a}); remove the endpoint and add it again",
+                            endpoint.name
+                        )));
+                    }
                 }
                 *old = endpoint.clone();
             } else {
@@ -817,6 +1130,16 @@ impl Hub {
         if name == BUILTIN_ENDPOINT {
             return Ok(self.telemetry.clone());
         }
+        if let Some(endpoint) = name.strip_suffix(DEAD_LETTER_SUFFIX) {
+            return self
+                .routing
+                .deliveries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(endpoint)
+                .map(|d| d.dead_letters.clone())
+                .ok_or_else(|| not_found("dead-letter stream", name));
+        }
         self.routing
             .active()
             .targets
@@ -845,6 +1168,37 @@ impl Hub {
             {
                 Ok(n) => removed += n,
                 Err(e) => warn!(endpoint = %t.name, error = %e, "endpoint stream retention failed"),
+            }
+        }
+        // Dead letters are kept as long as their endpoint's stream keeps messages, counted from
+        // when they were dead-lettered (their enqueued time in that stream).
+        let dead_letters: Vec<(String, u64, Arc<dyn TelemetryLog>)> = self
+            .routing
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, d)| {
+                (
+                    n.clone(),
+                    d.kind.stream_retention_secs(),
+                    d.dead_letters.clone(),
+                )
+            })
+            .collect();
+        for (name, secs, log) in dead_letters {
+            let retention = Retention {
+                max_age_ms: i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+                max_bytes,
+            };
+            match log
+                .enforce_retention(retention, ferrohub_store::Timestamp::now())
+                .await
+            {
+                Ok(n) => removed += n,
+                Err(e) => {
+                    warn!(endpoint = %name, error = %e, "dead-letter stream retention failed")
+                }
             }
         }
         removed

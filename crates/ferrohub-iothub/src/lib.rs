@@ -8,6 +8,7 @@ pub mod connection_string;
 pub mod digital_twin;
 pub mod dps;
 mod encoding;
+pub mod endpoints;
 pub mod errors;
 pub mod identity;
 pub mod notifications;

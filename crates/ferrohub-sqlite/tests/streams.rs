@@ -50,9 +50,12 @@ async fn a_stream_keeps_its_events_across_reopening_and_goes_when_removed() -> R
 fn names_that_could_leave_the_directory_are_refused() -> std::io::Result<()> {
     let dir = tempfile::tempdir()?;
     let streams = SqliteStreams::new(dir.path());
-    for bad in ["", "../x", "a/b", "a.b"] {
+    for bad in ["", "../x", "a/b", "..", ".hidden"] {
         assert!(streams.open_stream(bad, 1).is_err(), "{bad:?}");
         assert!(streams.remove_stream(bad).is_err(), "{bad:?}");
     }
+    // A `.` inside is the hub's dead-letter streams' (`NAME.deadletter`), a file in the directory.
+    assert!(streams.open_stream("a.deadletter", 1).is_ok());
+    assert!(streams.remove_stream("a.deadletter").is_ok());
     Ok(())
 }

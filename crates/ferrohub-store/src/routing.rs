@@ -39,7 +39,8 @@ pub trait RoutingStore: Send + Sync + 'static {
 pub trait StreamEngine: Send + Sync + 'static {
     /// Opens the stream called `name`, creating it with `partitions` partitions if it does not
     /// exist (an existing stream keeps its partition count). `name` is already validated
-    /// (letters, digits, `-`, `_`).
+    /// (letters, digits, `-`, `_`, and a `.` inside for the hub's dead-letter streams,
+    /// `NAME.deadletter`).
     fn open_stream(&self, name: &str, partitions: u32) -> Result<Arc<dyn TelemetryLog>>;
     /// Deletes the stream and everything in it; nothing happens if it does not exist.
     fn remove_stream(&self, name: &str) -> Result<()>;

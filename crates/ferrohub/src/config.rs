@@ -159,9 +159,25 @@ struct FileConfig {
 /// fallback = true
 /// [[routing.endpoints]]
 /// name = "hot"
-/// type = "stream"        # the only type yet
+/// type = "stream"        # stream | webhook | nats
 /// partitions = 2         # default 4
 /// retention_secs = 3600  # default 86400
+/// [[routing.endpoints]]
+/// name = "hook"
+/// type = "webhook"
+/// url = "https://example.com/iot"  # http:// only to a loopback host
+/// batch_size = 1         # default 1: a POST per message; more: a JSON array
+/// timeout_secs = 30      # default 30
+/// headers = { Authorization = "Bearer ..." }
+/// ca_file = "ca.pem"     # CAs to trust instead of the system's
+/// retention_secs = 86400 # undelivered for this long: dead-lettered
+/// dead_after_secs = 600  # failing for this long: health "dead"
+/// [[routing.endpoints]]
+/// name = "bus"
+/// type = "nats"
+/// url = "nats://127.0.0.1:4222"
+/// subject = "iot.telemetry"
+/// stream = "TELEMETRY"   # optional: the JetStream stream that must capture the subject
 /// [[routing.routes]]
 /// name = "critical"
 /// source = "DeviceMessages"   # the default
@@ -193,6 +209,97 @@ pub struct EndpointFile {
     pub kind: String,
     pub partitions: Option<u32>,
     pub retention_secs: Option<u64>,
+    pub url: Option<String>,
+    pub subject: Option<String>,
+    pub stream: Option<String>,
+    pub batch_size: Option<u32>,
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub ca_file: Option<PathBuf>,
+    pub dead_after_secs: Option<u64>,
+}
+
+impl EndpointFile {
+    /// The endpoint in the hub's terms; options of another type are refused, not ignored.
+    fn resolve(self) -> anyhow::Result<ferrohub_hub::routing::Endpoint> {
+        use ferrohub_hub::routing::{
+            Endpoint, EndpointKind, DEFAULT_DEAD_AFTER_SECS, DEFAULT_NATS_BATCH,
+            DEFAULT_STREAM_PARTITIONS, DEFAULT_STREAM_RETENTION_SECS, DEFAULT_TIMEOUT_SECS,
+        };
+        let name = self.name;
+        let retention_secs = self.retention_secs.unwrap_or(DEFAULT_STREAM_RETENTION_SECS);
+        let timeout_secs = self.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let dead_after_secs = self.dead_after_secs.unwrap_or(DEFAULT_DEAD_AFTER_SECS);
+        let need = |v: Option<String>, what: &str| {
+            v.ok_or_else(|| anyhow::anyhow!("routing endpoint {name}: {what} is required"))
+        };
+        let refuse = |set: bool, what: &str| {
+            if set {
+                anyhow::bail!("routing endpoint {name}: {what} is not an option of this type")
+            }
+            Ok(())
+        };
+        let kind = match self.kind.as_str() {
+            "stream" => {
+                refuse(
+                    self.url.is_some()
+                        || self.subject.is_some()
+                        || self.stream.is_some()
+                        || self.batch_size.is_some()
+                        || self.timeout_secs.is_some()
+                        || !self.headers.is_empty()
+                        || self.ca_file.is_some()
+                        || self.dead_after_secs.is_some(),
+                    "url, subject, stream, batch_size, timeout_secs, headers, ca_file or dead_after_secs",
+                )?;
+                EndpointKind::Stream {
+                    partitions: self.partitions.unwrap_or(DEFAULT_STREAM_PARTITIONS),
+                    retention_secs,
+                }
+            }
+            "webhook" => {
+                refuse(
+                    self.partitions.is_some() || self.subject.is_some() || self.stream.is_some(),
+                    "partitions, subject or stream",
+                )?;
+                let ca_pem = match &self.ca_file {
+                    Some(p) => Some(std::fs::read_to_string(p).with_context(|| {
+                        format!("routing endpoint {name}: reading ca_file {}", p.display())
+                    })?),
+                    None => None,
+                };
+                EndpointKind::Webhook {
+                    url: need(self.url, "url")?,
+                    batch: self.batch_size.unwrap_or(1),
+                    timeout_secs,
+                    headers: self.headers,
+                    ca_pem,
+                    retention_secs,
+                    dead_after_secs,
+                }
+            }
+            "nats" => {
+                refuse(
+                    self.partitions.is_some() || !self.headers.is_empty() || self.ca_file.is_some(),
+                    "partitions, headers or ca_file",
+                )?;
+                EndpointKind::Nats {
+                    url: need(self.url, "url")?,
+                    subject: need(self.subject, "subject")?,
+                    stream: self.stream,
+                    batch: self.batch_size.unwrap_or(DEFAULT_NATS_BATCH),
+                    timeout_secs,
+                    retention_secs,
+                    dead_after_secs,
+                }
+            }
+            other => anyhow::bail!(
+                "routing endpoint {name}: type {other:?} is not supported (stream, webhook or nats)"
+            ),
+        };
+        Ok(Endpoint { name, kind })
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,29 +331,13 @@ pub struct RoutingSettings {
 
 impl RoutingFile {
     fn resolve(self) -> anyhow::Result<RoutingSettings> {
-        use ferrohub_hub::routing::{
-            Endpoint, EndpointKind, Enrichment, Route, RouteSource, DEFAULT_STREAM_PARTITIONS,
-            DEFAULT_STREAM_RETENTION_SECS,
-        };
+        use ferrohub_hub::routing::{Enrichment, Route, RouteSource};
         let mut out = RoutingSettings {
             fallback: self.fallback,
             ..Default::default()
         };
         for e in self.endpoints {
-            if e.kind != "stream" {
-                anyhow::bail!(
-                    "routing endpoint {}: type {:?} is not supported (only \"stream\")",
-                    e.name,
-                    e.kind
-                );
-            }
-            out.endpoints.push(Endpoint {
-                name: e.name,
-                kind: EndpointKind::Stream {
-                    partitions: e.partitions.unwrap_or(DEFAULT_STREAM_PARTITIONS),
-                    retention_secs: e.retention_secs.unwrap_or(DEFAULT_STREAM_RETENTION_SECS),
-                },
-            });
+            out.endpoints.push(e.resolve()?);
         }
         for r in self.routes {
             let source = match &r.source {
@@ -729,13 +820,61 @@ endpoints = ["hot"]
         assert_eq!(cfg.routing.enrichments[0].endpoint_names, ["hot"]);
         std::fs::write(
             &path,
-            "[[routing.endpoints]]\nname = \"w\"\ntype = \"webhook\"\n",
+            "[[routing.endpoints]]\nname = \"w\"\ntype = \"ftp\"\n",
         )?;
         let e = ServerConfig::from_args(&args)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("not supported"), "{e}");
+        std::fs::write(
+            &path,
+            r#"
+[[routing.endpoints]]
+name = "w"
+type = "webhook"
+url = "https://example.com/in"
+batch_size = 10
+headers = { Authorization = "Bearer t" }
+dead_after_secs = 5
+[[routing.endpoints]]
+name = "n"
+type = "nats"
+url = "nats://127.0.0.1:4222"
+subject = "iot.t"
+stream = "T"
+"#,
+        )?;
+        let cfg = ServerConfig::from_args(&args)?;
+        use ferrohub_hub::routing::EndpointKind;
+        match &cfg.routing.endpoints[0].kind {
+            EndpointKind::Webhook {
+                batch,
+                headers,
+                dead_after_secs,
+                ..
+            } => {
+                assert_eq!((*batch, *dead_after_secs), (10, 5));
+                assert_eq!(
+                    headers.get("Authorization").map(String::as_str),
+                    Some("Bearer t")
+                );
+            }
+            other => panic!("not a webhook: {other:?}"),
+        }
+        assert!(matches!(
+            &cfg.routing.endpoints[1].kind,
+            EndpointKind::Nats { stream: Some(s), .. } if s == "T"
+        ));
+        std::fs::write(
+            &path,
+            "[[routing.endpoints]]\nname = \"n\"\ntype = \"nats\"\nurl = \"nats://x\"\n",
+        )?;
+        let e = ServerConfig::from_args(&args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("subject is required"), "{e}");
         Ok(())
     }
 

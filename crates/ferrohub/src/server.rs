@@ -436,6 +436,7 @@ async fn compose(
         cfg.hub.clone(),
     );
     hub.set_stream_engine(streams);
+    hub.set_sender_factory(Arc::new(crate::endpoints::Senders));
     hub.set_hub_name(cfg.hub_name());
     // Routes and endpoints in force before the first device connects.
     hub.load_routing()
@@ -494,8 +495,9 @@ async fn apply_routing_file(hub: &Hub, r: &crate::config::RoutingSettings) -> an
     Ok(())
 }
 
-/// Telemetry retention, C2D expiry, the configurations' backstop pass, jobs and the IoT Plug
-/// and Play conformance checker, stopped by shutdown.
+/// Telemetry retention, C2D expiry, the configurations' backstop pass, jobs, the IoT Plug
+/// and Play conformance checker and the stop of external endpoints' deliveries, stopped by
+/// shutdown.
 fn spawn_background(
     tracker: &TaskTracker,
     hub: &Arc<Hub>,
@@ -521,6 +523,10 @@ fn spawn_background(
         shutdown.clone(),
     ));
     tracker.spawn(ferrohub_hub::jobs::jobs_loop(hub.clone(), shutdown.clone()));
+    tracker.spawn(ferrohub_hub::delivery::stop_at_shutdown(
+        hub.clone(),
+        shutdown.clone(),
+    ));
     tracker.spawn(ferrohub_hub::conformance::conformance_loop(
         hub.clone(),
         shutdown.clone(),

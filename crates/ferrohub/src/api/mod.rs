@@ -174,6 +174,10 @@ pub fn router(state: ApiState) -> Router {
                 .put(routing::put_endpoint)
                 .delete(routing::delete_endpoint),
         )
+        .route(
+            "/ferrohub/routing/endpoints/{name}/health",
+            get(routing::endpoint_health),
+        )
         .route("/ferrohub/routing/routes", get(routing::list_routes))
         .route(
             "/ferrohub/routing/routes/{name}",

@@ -5,7 +5,14 @@
 //!
 //! - `GET /ferrohub/routing`: the whole configuration and its counters.
 //! - `GET /ferrohub/routing/endpoints`, `GET|PUT|DELETE /ferrohub/routing/endpoints/{name}`
-//!   (`{"type": "stream", "partitions": 4, "retentionSeconds": 86400}`).
+//!   (`{"type": "stream", "partitions": 4, "retentionSeconds": 86400}`;
+//!   `{"type": "webhook", "url": "https://...", "batchSize": 1, "timeoutSeconds": 30,
+//!   "headers": {...}, "caCertificates": "PEM", "retentionSeconds": 86400,
+//!   "deadAfterSeconds": 600}`; `{"type": "nats", "url": "nats://host:4222", "subject": "...",
+//!   "stream": "...", "batchSize": 64, ...}`).
+//! - `GET /ferrohub/routing/endpoints/{name}/health`: an external endpoint's delivery health
+//!   (`status`: `healthy` | `unhealthy` | `dead`, `delivered`, `deadLettered`, `failures`,
+//!   `failingForSecs`, `lastError`); `GET /ferrohub/routing` lists them all as `health`.
 //! - `GET /ferrohub/routing/routes`, `GET|PUT|DELETE /ferrohub/routing/routes/{name}`
 //!   (`{"source": "DeviceMessages", "condition": "...", "endpointNames": [...], "isEnabled": true}`),
 //!   `POST /ferrohub/routing/routes/{name}/test` (a message: `body`, `appProperties`,
@@ -21,6 +28,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use ferrohub_hub::delivery::EndpointHealth;
 use ferrohub_hub::routing::{
     Endpoint, Enrichment, Route, RouteTestMessage, RouteTestResult, RoutingConfig, RoutingCounters,
 };
@@ -38,6 +46,9 @@ pub struct RoutingView {
     #[serde(flatten)]
     pub config: RoutingConfig,
     pub counters: RoutingCounters,
+    /// The delivery health of each external (webhook, NATS) endpoint.
+    #[serde(default)]
+    pub health: Vec<EndpointHealth>,
 }
 
 /// `GET|PUT /ferrohub/routing/fallback`.
@@ -91,7 +102,25 @@ pub async fn get_all(
     State(state): State<ApiState>,
 ) -> Result<Json<RoutingView>, ApiError> {
     let (config, counters) = state.hub.routing_config().await?;
-    Ok(Json(RoutingView { config, counters }))
+    Ok(Json(RoutingView {
+        config,
+        counters,
+        health: state.hub.endpoint_health(),
+    }))
+}
+
+pub async fn endpoint_health(
+    _: RegistryRead,
+    State(state): State<ApiState>,
+    PathParam(name): PathParam<String>,
+) -> Result<Json<EndpointHealth>, ApiError> {
+    state
+        .hub
+        .endpoint_health()
+        .into_iter()
+        .find(|h| h.name == name)
+        .map(Json)
+        .ok_or_else(|| missing("external endpoint", &name))
 }
 
 pub async fn list_endpoints(

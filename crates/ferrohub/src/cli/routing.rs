@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Subcommand, ValueEnum};
+use ferrohub_hub::delivery::EndpointHealth;
 use ferrohub_hub::routing::{
     Endpoint, EndpointKind, Enrichment, Route, RouteSource, RouteTestMessage, RouteTestResult,
     DEFAULT_STREAM_PARTITIONS,
@@ -22,6 +23,10 @@ use crate::api::routing::{Fallback, RoutingView};
 pub enum EndpointType {
     /// An event stream inside the hub, read like the built-in one (`monitor --endpoint`).
     Stream,
+    /// An HTTPS POST per message (or a JSON array with `--batch`) to `--url`.
+    Webhook,
+    /// A JetStream publish per message to `--subject` on the NATS server at `--url`.
+    Nats,
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,10 +41,36 @@ pub enum EndpointCommand {
         partitions: u32,
         /// How long events are kept: a number with s, m, h or d (e.g. 12h, 7d); seconds if
         /// bare.
+        /// For webhook and nats endpoints: how long an undelivered message waits before it is
+        /// dead-lettered (to the stream NAME.deadletter).
         #[arg(long, value_parser = parse_retention, default_value = "1d")]
         retention: u64,
+        /// webhook: `https://...` (`http://` only to a loopback host); nats: `nats://host:port`.
+        #[arg(long)]
+        url: Option<String>,
+        /// nats: the subject published to.
+        #[arg(long)]
+        subject: Option<String>,
+        /// nats: the JetStream stream that must capture the subject.
+        #[arg(long)]
+        stream: Option<String>,
+        /// webhook: messages per POST (more than 1: a JSON array); nats: publishes in flight.
+        #[arg(long)]
+        batch: Option<u32>,
+        /// webhook and nats: how long to wait for the peer's acknowledgement.
+        #[arg(long, default_value_t = ferrohub_hub::routing::DEFAULT_TIMEOUT_SECS)]
+        timeout_secs: u64,
+        /// webhook: a header sent with every request, `name=value` (repeatable).
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        /// webhook: a PEM file of the CAs to trust instead of the system's.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// webhook and nats: failing for this long makes the endpoint's health `dead`.
+        #[arg(long, value_parser = parse_retention, default_value = "10m")]
+        dead_after: u64,
     },
-    /// List custom endpoints.
+    /// List custom endpoints (with the delivery health of webhook and nats endpoints).
     List,
     /// Remove a custom endpoint and its stream (refused while a route or enrichment uses it).
     Remove { name: String },
@@ -170,13 +201,50 @@ fn retention_text(secs: u64) -> String {
     }
 }
 
-fn print_endpoint(e: &Endpoint) {
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: expected name=value"))
+}
+
+fn print_endpoint(e: &Endpoint, health: Option<&EndpointHealth>) {
+    let health = health.map_or(String::new(), |h| {
+        let mut t = format!(
+            "  health {:?} delivered {} dead-lettered {}",
+            h.status, h.delivered, h.dead_lettered
+        )
+        .to_lowercase();
+        if let Some(err) = &h.last_error {
+            t.push_str(&format!(" ({err})"));
+        }
+        t
+    });
     match &e.kind {
         EndpointKind::Stream {
             partitions,
             retention_secs,
         } => println!(
             "{:<24} stream  partitions {partitions:<3} retention {}",
+            e.name,
+            retention_text(*retention_secs)
+        ),
+        EndpointKind::Webhook {
+            url,
+            batch,
+            retention_secs,
+            ..
+        } => println!(
+            "{:<24} webhook {url} batch {batch} retention {}{health}",
+            e.name,
+            retention_text(*retention_secs)
+        ),
+        EndpointKind::Nats {
+            url,
+            subject,
+            retention_secs,
+            ..
+        } => println!(
+            "{:<24} nats    {url} subject {subject} retention {}{health}",
             e.name,
             retention_text(*retention_secs)
         ),
@@ -202,16 +270,54 @@ pub async fn run_endpoint(args: &ClientArgs, cmd: EndpointCommand) -> anyhow::Re
     match cmd {
         EndpointCommand::Add {
             name,
-            kind: EndpointType::Stream,
+            kind,
             partitions,
             retention,
+            url,
+            subject,
+            stream,
+            batch,
+            timeout_secs,
+            headers,
+            ca,
+            dead_after,
         } => {
-            let body = Endpoint {
-                name: name.clone(),
-                kind: EndpointKind::Stream {
+            let need = |v: Option<String>, what: &str| {
+                v.with_context(|| format!("--{what} is required for this endpoint type"))
+            };
+            let kind = match kind {
+                EndpointType::Stream => EndpointKind::Stream {
                     partitions,
                     retention_secs: retention,
                 },
+                EndpointType::Webhook => EndpointKind::Webhook {
+                    url: need(url, "url")?,
+                    batch: batch.unwrap_or(1),
+                    timeout_secs,
+                    headers: headers.into_iter().collect(),
+                    ca_pem: match ca {
+                        Some(p) => Some(
+                            std::fs::read_to_string(&p)
+                                .with_context(|| format!("reading {}", p.display()))?,
+                        ),
+                        None => None,
+                    },
+                    retention_secs: retention,
+                    dead_after_secs: dead_after,
+                },
+                EndpointType::Nats => EndpointKind::Nats {
+                    url: need(url, "url")?,
+                    subject: need(subject, "subject")?,
+                    stream,
+                    batch: batch.unwrap_or(ferrohub_hub::routing::DEFAULT_NATS_BATCH),
+                    timeout_secs,
+                    retention_secs: retention,
+                    dead_after_secs: dead_after,
+                },
+            };
+            let body = Endpoint {
+                name: name.clone(),
+                kind,
             };
             let e: Endpoint = api
                 .put_as(
@@ -224,19 +330,22 @@ pub async fn run_endpoint(args: &ClientArgs, cmd: EndpointCommand) -> anyhow::Re
                 return out.json(&e);
             }
             println!("added endpoint {}", e.name);
-            print_endpoint(&e);
+            print_endpoint(&e, None);
             Ok(())
         }
         EndpointCommand::List => {
-            let list: Vec<Endpoint> = api.get_as("/ferrohub/routing/endpoints").await?;
             if args.output == OutputFormat::Json {
+                let list: Vec<Endpoint> = api.get_as("/ferrohub/routing/endpoints").await?;
                 return out.json(&list);
             }
+            let view: RoutingView = api.get_as("/ferrohub/routing").await?;
             println!(
                 "{:<24} stream  (built-in; retention and partitions set at `serve`)",
                 "events"
             );
-            list.iter().for_each(print_endpoint);
+            for e in &view.config.endpoints {
+                print_endpoint(e, view.health.iter().find(|h| h.name == e.name));
+            }
             Ok(())
         }
         EndpointCommand::Remove { name } => {
