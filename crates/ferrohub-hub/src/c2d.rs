@@ -447,15 +447,7 @@ pub fn ms_to_datetime(ms: i64) -> time::OffsetDateTime {
 
 /// A random id in the 8-4-4-4-12 form service SDKs give messages.
 pub fn uuid_like(b: [u8; 16]) -> String {
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    ferrohub_iothub::notifications::uuid_text(b)
 }
 
 /// Dead-letters expired messages of every queue, connected or not, as their expiry passes, so

@@ -182,6 +182,12 @@ pub fn new_correlation_id() -> String {
     let mut b: [u8; 16] = rand::random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
+    uuid_text(b)
+}
+
+/// 16 bytes in the 8-4-4-4-12 hex form of a UUID, as IoT Hub and the SDKs write message,
+/// correlation and request ids.
+pub fn uuid_text(b: [u8; 16]) -> String {
     let h = hex_of(&b);
     format!(
         "{}-{}-{}-{}-{}",

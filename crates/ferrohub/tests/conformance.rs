@@ -86,12 +86,11 @@ async fn reported(c: &mut MqttClient, pid: u16, patch: Value) -> TestResult {
     }
 }
 
-#[tokio::test]
-async fn findings_are_exactly_what_the_device_got_wrong() -> TestResult {
-    let hub = TestHub::start().await?;
+/// Adds the three sample models (the controller and what it uses) to the repository.
+async fn add_models(hub: &TestHub) -> TestResult {
     for m in [THERMOSTAT, CONTROLLER, DEVICE_INFO] {
         let a = rest(
-            &hub,
+            hub,
             Method::POST,
             "/models",
             Some(&serde_json::from_str(m)?),
@@ -99,6 +98,13 @@ async fn findings_are_exactly_what_the_device_got_wrong() -> TestResult {
         .await?;
         assert_eq!(a.status, 200, "{}", a.body);
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn findings_are_exactly_what_the_device_got_wrong() -> TestResult {
+    let hub = TestHub::start().await?;
+    add_models(&hub).await?;
     let (key, _) = hub.create_device("tc1").await?;
     let mut c = connect_pnp(
         &hub,
@@ -283,16 +289,7 @@ async fn answer_command(
 #[tokio::test]
 async fn a_command_response_that_does_not_fit_its_schema_is_a_finding() -> TestResult {
     let hub = TestHub::start().await?;
-    for m in [THERMOSTAT, CONTROLLER, DEVICE_INFO] {
-        let a = rest(
-            &hub,
-            Method::POST,
-            "/models",
-            Some(&serde_json::from_str(m)?),
-        )
-        .await?;
-        assert_eq!(a.status, 200, "{}", a.body);
-    }
+    add_models(&hub).await?;
     let (key, _) = hub.create_device("tc2").await?;
     let mut c = connect_pnp(
         &hub,

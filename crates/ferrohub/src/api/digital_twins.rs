@@ -114,18 +114,7 @@ async fn invoke(
 
 /// A GUID-shaped id for the call, as IoT Hub's `x-ms-request-id` is.
 fn request_id() -> String {
-    let h = ferrohub_hub::timefmt::tracking_id();
-    if h.len() < 32 {
-        return h;
-    }
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
+    ferrohub_hub::c2d::uuid_like(rand::random())
 }
 
 /// The query string, refused with IoT Hub's body when it does not decode.
