@@ -311,6 +311,24 @@ pub struct Endpoint {
     pub kind: EndpointKind,
 }
 
+/// What the routing resource shows instead of a webhook's static header values, which hold
+/// secrets (an `Authorization`, say) that a registry-read policy must not learn. Putting an
+/// endpoint back with this value keeps the stored one, so a read-modify-write loses nothing.
+pub const REDACTED: &str = "<redacted>";
+
+impl Endpoint {
+    /// The endpoint as the API shows it: webhook header values [`REDACTED`].
+    pub fn redacted(&self) -> Endpoint {
+        let mut e = self.clone();
+        if let EndpointKind::Webhook { headers, .. } = &mut e.kind {
+            for v in headers.values_mut() {
+                *v = REDACTED.into();
+            }
+        }
+        e
+    }
+}
+
 /// Where a route's messages come from, by IoT Hub's names: device telemetry, or one of the
 /// events the hub emits itself (`sources.rs`), which have no fallback route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -406,6 +424,14 @@ fn conflict(message: String) -> HubError {
 }
 
 impl RoutingConfig {
+    /// The configuration as the API shows it (see [`Endpoint::redacted`]).
+    pub fn redacted(&self) -> RoutingConfig {
+        RoutingConfig {
+            endpoints: self.endpoints.iter().map(Endpoint::redacted).collect(),
+            ..self.clone()
+        }
+    }
+
     fn endpoint(&self, name: &str) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.name == name)
     }
@@ -1090,8 +1116,26 @@ impl Hub {
     }
 
     /// Adds or replaces a custom endpoint. An existing stream keeps its partition count.
+    /// A webhook header given as [`REDACTED`] keeps its stored value.
     pub async fn put_endpoint(&self, endpoint: Endpoint) -> Result<Endpoint, HubError> {
         self.change_routing(format!("endpoint {} set", endpoint.name), move |c| {
+            let mut endpoint = endpoint.clone();
+            let stored = c.endpoint(&endpoint.name).map(|e| e.kind.clone());
+            if let EndpointKind::Webhook { headers, .. } = &mut endpoint.kind {
+                for (k, v) in headers.iter_mut().filter(|(_, v)| v.as_str() == REDACTED) {
+                    match &stored {
+                        Some(EndpointKind::Webhook { headers: old, .. }) if old.contains_key(k) => {
+                            v.clone_from(&old[k]);
+                        }
+                        _ => {
+                            return Err(HubError::argument(format!(
+                                "endpoint {}: header {k} is {REDACTED}, but no value is stored for it; give the value",
+                                endpoint.name
+                            )))
+                        }
+                    }
+                }
+            }
             if let Some(old) = c.endpoints.iter_mut().find(|e| e.name == endpoint.name) {
                 if old.kind.type_name() != endpoint.kind.type_name() {
                     return Err(conflict(format!(

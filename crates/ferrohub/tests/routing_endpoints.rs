@@ -303,6 +303,50 @@ async fn webhook_delivers_everything_in_order_through_failures_and_a_restart() -
 }
 
 #[tokio::test]
+async fn webhook_header_values_are_redacted_and_kept_when_put_back() -> TestResult {
+    let rx = Receiver::start(false).await?;
+    let hub = TestHub::start().await?;
+    let (k1, _) = hub.create_device("dev1").await?;
+    ok(
+        &hub,
+        "/ferrohub/routing/endpoints/hook",
+        json!({"type": "webhook", "url": rx.url(), "headers": {"Authorization": "Bearer secret"}}),
+    )
+    .await?;
+    let shown = rest(&hub, Method::GET, "/ferrohub/routing/endpoints/hook", None).await?;
+    assert_eq!(shown.body["headers"]["Authorization"], "<redacted>");
+    let all = rest(&hub, Method::GET, "/ferrohub/routing", None).await?;
+    assert_eq!(
+        all.body["endpoints"][0]["headers"]["Authorization"],
+        "<redacted>"
+    );
+    assert!(!all.body.to_string().contains("Bearer secret"));
+    // A read-modify-write with the redacted value keeps the secret.
+    let mut back = shown.body.clone();
+    back["timeoutSeconds"] = json!(7);
+    ok(&hub, "/ferrohub/routing/endpoints/hook", back).await?;
+    route_all(&hub, &["hook"]).await?;
+    let (mut c1, _) = hub.connect_device("dev1", &k1, true).await?;
+    send(&mut c1, "dev1", 1, "m0").await?;
+    let got = rx.wait_for(1).await?;
+    assert_eq!(
+        got[0].headers.get("authorization").map(String::as_str),
+        Some("Bearer secret")
+    );
+    // With nothing stored, the marker is not a value.
+    let a = rest(
+        &hub,
+        Method::PUT,
+        "/ferrohub/routing/endpoints/other",
+        Some(&json!({"type": "webhook", "url": rx.url(), "headers": {"X-Key": "<redacted>"}})),
+    )
+    .await?;
+    assert_eq!(a.status, 400, "{}", a.body);
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn webhook_batches_are_json_arrays() -> TestResult {
     let rx = Receiver::start(true).await?;
     let hub = TestHub::start().await?;
