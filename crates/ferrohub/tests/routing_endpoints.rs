@@ -23,16 +23,8 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn ok(hub: &TestHub, path: &str, body: Value) -> TestResult {
-    let a = rest(hub, Method::PUT, path, Some(&body)).await?;
-    if a.status != 200 {
-        return Err(format!("PUT {path}: {} {}", a.status, a.body).into());
-    }
-    Ok(())
-}
-
 async fn route_all(hub: &TestHub, endpoints: &[&str]) -> TestResult {
-    ok(
+    put_ok(
         hub,
         "/ferrohub/routing/routes/all",
         json!({"source": "DeviceMessages", "condition": "true", "endpointNames": endpoints}),
@@ -205,14 +197,14 @@ async fn webhook_delivers_everything_in_order_through_failures_and_a_restart() -
     let mut hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
     let (k2, _) = hub.create_device("dev2").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/hook",
         json!({"type": "webhook", "url": rx.url(), "timeoutSeconds": 5,
                "headers": {"Authorization": "Bearer test"}}),
     )
     .await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/enrichments/site",
         json!({"value": "plant-7", "endpointNames": ["hook"]}),
@@ -307,7 +299,7 @@ async fn webhook_header_values_are_redacted_and_kept_when_put_back() -> TestResu
     let rx = Receiver::start(false).await?;
     let hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/hook",
         json!({"type": "webhook", "url": rx.url(), "headers": {"Authorization": "Bearer secret"}}),
@@ -324,7 +316,7 @@ async fn webhook_header_values_are_redacted_and_kept_when_put_back() -> TestResu
     // A read-modify-write with the redacted value keeps the secret.
     let mut back = shown.body.clone();
     back["timeoutSeconds"] = json!(7);
-    ok(&hub, "/ferrohub/routing/endpoints/hook", back).await?;
+    put_ok(&hub, "/ferrohub/routing/endpoints/hook", back).await?;
     route_all(&hub, &["hook"]).await?;
     let (mut c1, _) = hub.connect_device("dev1", &k1, true).await?;
     send(&mut c1, "dev1", 1, "m0").await?;
@@ -351,7 +343,7 @@ async fn webhook_batches_are_json_arrays() -> TestResult {
     let rx = Receiver::start(true).await?;
     let hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/hook",
         json!({"type": "webhook", "url": rx.url(), "batchSize": 10}),
@@ -396,7 +388,7 @@ async fn a_dead_endpoint_does_not_slow_ingest_and_its_messages_are_dead_lettered
     let dead_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/gone",
         json!({"type": "webhook", "url": format!("http://{dead_addr}/in"),
@@ -486,7 +478,7 @@ async fn bad_external_endpoints_are_refused() -> TestResult {
             a.status
         );
     }
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/x",
         json!({"type": "stream"}),
@@ -607,7 +599,7 @@ async fn nats_jetstream_gets_every_message_with_headers_across_a_server_restart(
     }
     let hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/bus",
         json!({"type": "nats", "url": format!("nats://127.0.0.1:{port}"),
@@ -761,7 +753,7 @@ async fn https_webhook_trusts_its_ca_file_and_the_cli_shows_health() -> TestResu
     ]))
     .await?;
     // The same receiver without its CA: the system's roots do not know it.
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/untrusting",
         json!({"type": "webhook", "url": url, "timeoutSeconds": 5}),

@@ -19,25 +19,13 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn put(hub: &TestHub, path: &str, body: Value) -> R<Answer> {
-    rest(hub, Method::PUT, path, Some(&body)).await
-}
-
-async fn ok(hub: &TestHub, path: &str, body: Value) -> TestResult {
-    let a = put(hub, path, body).await?;
-    if a.status != 200 {
-        return Err(format!("PUT {path}: {} {}", a.status, a.body).into());
-    }
-    Ok(())
-}
-
 async fn storage_endpoint(hub: &TestHub, name: &str, options: Value) -> TestResult {
     let mut body = json!({"type": "storage", "containerName": "archive"});
     if let (Some(b), Some(o)) = (body.as_object_mut(), options.as_object()) {
         b.extend(o.clone());
     }
-    ok(hub, &format!("/ferrohub/routing/endpoints/{name}"), body).await?;
-    ok(
+    put_ok(hub, &format!("/ferrohub/routing/endpoints/{name}"), body).await?;
+    put_ok(
         hub,
         "/ferrohub/routing/routes/all",
         json!({"source": "DeviceMessages", "condition": "true", "endpointNames": [name]}),
