@@ -189,6 +189,50 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    /// Every metric the example Grafana dashboard charts is one the hub exports.
+    #[test]
+    fn the_grafana_dashboard_names_only_exported_metrics() {
+        use ferrohub_hub::metrics as hub;
+        use ferrohub_sqlite::metrics as store;
+        let known = [
+            hub::DEVICE_CONNECTIONS,
+            hub::DEVICE_CONNECTS,
+            hub::DEVICE_CONNECT_REFUSALS,
+            hub::TELEMETRY_MESSAGES,
+            hub::TELEMETRY_BYTES,
+            hub::TELEMETRY_DURABLE_SECONDS,
+            hub::C2D_MESSAGES,
+            hub::TWIN_OPERATIONS,
+            hub::METHOD_CALLS,
+            hub::METHOD_CALL_SECONDS,
+            hub::THROTTLED,
+            hub::CONFORMANCE_CHECKED,
+            hub::CONFORMANCE_FINDINGS,
+            hub::EVENT_READERS,
+            hub::EVENT_READER_LAG,
+            store::STORE_COMMIT_SECONDS,
+            store::STORE_COMMIT_BATCH_SIZE,
+            store::TELEMETRY_LOG_BYTES,
+            HTTP_REQUESTS,
+            HTTP_REQUEST_SECONDS,
+        ];
+        let dashboard = include_str!("../../../examples/grafana/ferrohub-dashboard.json");
+        let mut named = 0;
+        for (i, _) in dashboard.match_indices("ferrohub_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| known.contains(b)))
+                .unwrap_or(&name);
+            assert!(known.contains(&base), "the dashboard charts {name}");
+            named += 1;
+        }
+        assert!(named >= known.len(), "the dashboard charts {named} series");
+    }
+
     #[test]
     fn route_templates_become_colon_labels() {
         assert_eq!(route_label("/devices/{id}"), "/devices/:id");
