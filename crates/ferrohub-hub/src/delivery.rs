@@ -376,9 +376,29 @@ impl Task {
         };
         info!(endpoint = %self.name, cursor, "delivery started");
         let mut failures: u32 = 0;
+        let lingers = !self.opts.linger.is_zero();
+        // A lingering endpoint keeps what it read while its batch fills, and reads only what
+        // came after it, rather than reading the whole batch again at every look.
+        let mut held: Vec<EventRecord> = Vec::new();
         while !*self.stop.borrow() {
             commits.borrow_and_update();
-            let batch = match self.log.read(0, cursor, self.opts.batch).await {
+            let (from, room) = match held.last() {
+                Some(last) if lingers => (
+                    last.sequence + 1,
+                    self.opts.batch.saturating_sub(held.len()),
+                ),
+                _ => (cursor, self.opts.batch),
+            };
+            let read = if room == 0 {
+                Ok(Vec::new())
+            } else {
+                self.log.read(0, from, room).await
+            };
+            let batch = match read {
+                Ok(more) if lingers => {
+                    held.extend(more);
+                    std::mem::take(&mut held)
+                }
                 Ok(b) => b,
                 Err(e) => {
                     warn!(endpoint = %self.name, error = %e, "reading the endpoint's stream failed");
@@ -409,9 +429,16 @@ impl Task {
                 match self.dead_letter(&batch[..expired]).await {
                     Ok(next) => {
                         cursor = next;
+                        if lingers {
+                            batch.drain(..expired);
+                            held = batch;
+                        }
                         continue;
                     }
                     Err(e) => {
+                        if lingers {
+                            held = batch;
+                        }
                         warn!(endpoint = %self.name, error = %e, "dead-lettering failed");
                         failures = failures.saturating_add(1);
                         if let Woken::Stop = self.pause(backoff(failures)).await {
@@ -421,20 +448,23 @@ impl Task {
                     }
                 }
             }
-            if !self.opts.linger.is_zero() {
+            // What a lingering endpoint read past the cut, kept for its next batch.
+            let mut rest = Vec::new();
+            if lingers {
                 let cut = fits(&batch, self.opts.max_bytes);
                 let full = cut < batch.len() || batch.len() >= self.opts.batch;
                 let head_age = Duration::from_millis(
                     u64::try_from(now_ms.saturating_sub(head_enqueued_ms)).unwrap_or(0),
                 );
                 if !full && head_age < self.opts.linger {
+                    held = batch;
                     let wait = (self.opts.linger - head_age).min(LINGER_POLL);
                     if let Woken::Stop = self.pause(wait).await {
                         return;
                     }
                     continue;
                 }
-                batch.truncate(cut);
+                rest = batch.split_off(cut);
             }
             let send_limit = self.opts.timeout + SEND_GRACE;
             let outcome = tokio::select! {
@@ -456,6 +486,11 @@ impl Task {
                     warn!(endpoint = %self.name, error = %e, "saving the delivery cursor failed");
                 }
                 cursor = next;
+            }
+            if lingers {
+                batch.drain(..delivered);
+                batch.append(&mut rest);
+                held = batch;
             }
             match error {
                 None => {
