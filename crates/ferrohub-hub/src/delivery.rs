@@ -121,6 +121,10 @@ pub struct EndpointHealth {
     pub dead_lettered: u64,
     /// Failed attempts since the hub started.
     pub failures: u64,
+    /// Undelivered messages the hub's size limit removed from the endpoint's stream (lost)
+    /// since the hub started.
+    #[serde(default)]
+    pub dropped_by_size: u64,
     /// How long the endpoint has been failing, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failing_for_secs: Option<u64>,
@@ -145,6 +149,10 @@ struct HealthState {
     delivered: u64,
     dead_lettered: u64,
     failures: u64,
+    dropped_by_size: u64,
+    /// The oldest retained sequence when size retention was last counted, so a gap is counted
+    /// once however often retention runs before the cursor moves.
+    counted_through: u64,
 }
 
 impl Health {
@@ -176,6 +184,18 @@ impl Health {
         s.last_error = Some(error.into());
     }
 
+    /// Retention left `start` as the oldest message while the cursor is at `cursor`: the
+    /// messages in between were removed undelivered. Counts those not counted before and
+    /// returns how many that is.
+    pub(crate) fn removed_before(&self, cursor: u64, start: u64) -> u64 {
+        let mut s = self.lock();
+        let from = cursor.max(s.counted_through);
+        let lost = start.saturating_sub(from);
+        s.counted_through = s.counted_through.max(start);
+        s.dropped_by_size += lost;
+        lost
+    }
+
     fn dead_lettered(&self, n: usize) {
         self.lock().dead_lettered += n as u64;
     }
@@ -199,6 +219,7 @@ impl Health {
             delivered: s.delivered,
             dead_lettered: s.dead_lettered,
             failures: s.failures,
+            dropped_by_size: s.dropped_by_size,
             failing_for_secs: s.failing_since.map(|t| t.elapsed().as_secs()),
             last_error: s.last_error.clone(),
         }
@@ -620,6 +641,21 @@ mod tests {
             HealthStatus::Unhealthy,
             "a new run starts afresh"
         );
+    }
+
+    #[test]
+    fn undelivered_messages_removed_by_size_are_counted_once() {
+        let h = Health::new("w", Duration::from_secs(1));
+        assert_eq!(h.removed_before(10, 10), 0, "nothing skipped");
+        assert_eq!(
+            h.removed_before(10, 15),
+            5,
+            "10..15 removed before delivery"
+        );
+        assert_eq!(h.removed_before(10, 15), 0, "the same gap again");
+        assert_eq!(h.removed_before(10, 18), 3, "only the new part");
+        assert_eq!(h.removed_before(20, 19), 0, "the cursor is past the start");
+        assert_eq!(h.view().dropped_by_size, 8);
     }
 
     #[test]

@@ -1311,6 +1311,38 @@ impl Hub {
             .ok_or_else(|| not_found("endpoint", name))
     }
 
+    /// An external endpoint's stream outlives its endpoint's retention (so messages are
+    /// dead-lettered, not removed), but the hub's size limit applies to it too: when it removed
+    /// messages the endpoint had not delivered, they are lost, and this makes that loud (a
+    /// warning, and `droppedBySize` in the endpoint's health) rather than silent.
+    async fn count_undelivered_removed(&self, name: &str, log: &Arc<dyn TelemetryLog>) {
+        let Some(health) = self
+            .routing
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .map(|d| d.health.clone())
+        else {
+            return;
+        };
+        let (Ok(start), Ok(groups)) = (
+            log.resolve(0, ferrohub_store::telemetry::StartPosition::Start)
+                .await,
+            log.checkpoints(crate::delivery::DELIVERY_GROUP).await,
+        ) else {
+            return;
+        };
+        // Without a checkpoint the task starts at the oldest retained message: nothing skipped.
+        let Some(cursor) = groups.get(&0).copied() else {
+            return;
+        };
+        let lost = health.removed_before(cursor, start);
+        if lost > 0 {
+            warn!(endpoint = %name, lost, "the hub's telemetry size limit removed messages this endpoint had not delivered; they are lost (give the hub more space or fix the endpoint)");
+        }
+    }
+
     /// Removes expired events of the custom streams (each by its own age limit).
     pub(crate) async fn enforce_stream_retention(&self, max_bytes: u64) -> u64 {
         let active = self.routing.active();
@@ -1331,6 +1363,7 @@ impl Hub {
                 Ok(n) => removed += n,
                 Err(e) => warn!(endpoint = %t.name, error = %e, "endpoint stream retention failed"),
             }
+            self.count_undelivered_removed(&t.name, &t.log).await;
         }
         // Dead letters are kept as long as their endpoint's stream keeps messages, counted from
         // when they were dead-lettered (their enqueued time in that stream).
