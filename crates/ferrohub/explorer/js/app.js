@@ -11,8 +11,8 @@ const routes = [
   { re: /^\/?$/, go: '/overview' },
   { re: /^\/overview$/, page: 'overview', nav: 'overview' },
   { re: /^\/devices$/, page: 'devices', nav: 'devices' },
-  { re: /^\/devices\/([^/]+)(?:\/([a-z]+))?$/, page: 'device', nav: 'devices', params: ['deviceId', 'tab'] },
-  { re: /^\/devices\/([^/]+)\/modules\/([^/]+)(?:\/([a-z]+))?$/, page: 'device', nav: 'devices', params: ['deviceId', 'moduleId', 'tab'] },
+  { re: /^\/devices\/([^/]+)(?:\/([a-z0-9]+))?$/, page: 'device', nav: 'devices', params: ['deviceId', 'tab'] },
+  { re: /^\/devices\/([^/]+)\/modules\/([^/]+)(?:\/([a-z0-9]+))?$/, page: 'device', nav: 'devices', params: ['deviceId', 'moduleId', 'tab'] },
   { re: /^\/models$/, page: 'models', nav: 'models' },
   { re: /^\/models\/(.+)$/, page: 'models', nav: 'models', params: ['modelId'] },
 ];

@@ -132,18 +132,20 @@ function identityTab(ctx) {
         ]),
         canWrite ? actions : rightsNote(`The policy ${api.currentSession().policy} has no RegistryWrite right: the identity cannot be changed or deleted.`)),
     ];
+    const side = [];
     if (auth.type === 'sas') {
-      sections.push(h('section.card',
+      side.push(h('section.card',
         h('div.card-head', h('h2', { text: 'Keys and connection strings' })),
         field('Primary key', secret(sym.primaryKey || '', 'key-primary')),
         field('Secondary key', secret(sym.secondaryKey || '', 'key-secondary')),
         field('Primary connection string', secret(connectionString(host, deviceId, sym.primaryKey, moduleId), 'cs-primary')),
         field('Secondary connection string', secret(connectionString(host, deviceId, sym.secondaryKey, moduleId), 'cs-secondary'))));
-      sections.push(sasGenerator(host, deviceId, moduleId, sym));
+      side.push(sasGenerator(host, deviceId, moduleId, sym));
     } else if (auth.type === 'selfSigned') {
-      sections.push(h('section.card', h('div.card-head', h('h2', { text: 'X.509 thumbprints' })),
+      side.push(h('section.card', h('div.card-head', h('h2', { text: 'X.509 thumbprints' })),
         kv([['Primary thumbprint', h('code', { text: x.primaryThumbprint || DASH })], ['Secondary thumbprint', h('code', { text: x.secondaryThumbprint || DASH })]])));
     }
+    if (side.length) sections.push(h('div.stack', side));
     setChildren(body, h('div.grid-2.grid-top', sections));
   };
 
