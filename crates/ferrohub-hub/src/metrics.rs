@@ -3,8 +3,14 @@
 //! Prometheus exporter of the `serve` command, or none, making every call a no-op) is the
 //! binary's choice. Names follow Prometheus conventions: `_total` counters, base units
 //! (`_seconds`, `_bytes`), low-cardinality labels only (never a device id).
+//!
+//! A few of the same figures are also kept as plain atomics ([`counters`]), updated by the
+//! same calls, for readers inside the process (the web explorer's overview) that must not
+//! depend on which recorder, if any, is installed.
 
-use std::sync::LazyLock;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -87,6 +93,63 @@ pub fn describe() {
     );
 }
 
+/// The process's counters of what devices did, as the metrics facade records them: one set
+/// per process, like the recorder (a process runs one hub).
+#[derive(Default)]
+pub struct Counters {
+    pub telemetry_messages: AtomicU64,
+    pub telemetry_bytes: AtomicU64,
+    pub c2d_sent: AtomicU64,
+    pub c2d_delivered: AtomicU64,
+    pub c2d_completed: AtomicU64,
+    pub connects: AtomicU64,
+    /// Open connections by transport label (`mqtt-tls`, `mqtt-ws`, `https`).
+    connections: [AtomicI64; 3],
+    /// Refused CONNECTs by IoT Hub error name: few names, and not a hot path.
+    refusals: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Counters {
+    /// Open connections by transport label.
+    pub fn connections(&self) -> BTreeMap<&'static str, u64> {
+        TRANSPORTS
+            .iter()
+            .zip(&self.connections)
+            .map(|(t, n)| (transport_label(*t), n.load(Ordering::Relaxed).max(0) as u64))
+            .collect()
+    }
+
+    /// Refused CONNECTs so far, by IoT Hub error name.
+    pub fn refusals(&self) -> BTreeMap<&'static str, u64> {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn connection_slot(&self, t: Transport) -> &AtomicI64 {
+        let [tls, ws, https] = &self.connections;
+        match t {
+            Transport::MqttTls => tls,
+            Transport::MqttWebSocket => ws,
+            Transport::Https => https,
+        }
+    }
+}
+
+const TRANSPORTS: [Transport; 3] = [
+    Transport::MqttTls,
+    Transport::MqttWebSocket,
+    Transport::Https,
+];
+
+static COUNTERS: LazyLock<Counters> = LazyLock::new(Counters::default);
+
+/// The process's counters.
+pub fn counters() -> &'static Counters {
+    &COUNTERS
+}
+
 fn transport_label(t: Transport) -> &'static str {
     match t {
         Transport::MqttTls => "mqtt-tls",
@@ -99,11 +162,18 @@ pub(crate) fn connection_opened(transport: Transport, auth: &'static str) {
     let labels = [("transport", transport_label(transport)), ("auth", auth)];
     gauge!(DEVICE_CONNECTIONS, &labels).increment(1.0);
     counter!(DEVICE_CONNECTS, &labels).increment(1);
+    COUNTERS.connects.fetch_add(1, Ordering::Relaxed);
+    COUNTERS
+        .connection_slot(transport)
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 pub(crate) fn connection_closed(transport: Transport, auth: &'static str) {
     let labels = [("transport", transport_label(transport)), ("auth", auth)];
     gauge!(DEVICE_CONNECTIONS, &labels).decrement(1.0);
+    COUNTERS
+        .connection_slot(transport)
+        .fetch_sub(1, Ordering::Relaxed);
 }
 
 pub(crate) fn connect_refused(transport: Transport, error: &'static str) {
@@ -113,6 +183,12 @@ pub(crate) fn connect_refused(transport: Transport, error: &'static str) {
         "error" => error
     )
     .increment(1);
+    *COUNTERS
+        .refusals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(error)
+        .or_default() += 1;
 }
 
 /// The telemetry path's handles, resolved once: looking a metric up by name on every message
@@ -132,6 +208,10 @@ static TELEMETRY: LazyLock<TelemetryHandles> = LazyLock::new(|| TelemetryHandles
 pub(crate) fn telemetry_accepted(body_bytes: usize) {
     TELEMETRY.messages.increment(1);
     TELEMETRY.bytes.increment(body_bytes as u64);
+    COUNTERS.telemetry_messages.fetch_add(1, Ordering::Relaxed);
+    COUNTERS
+        .telemetry_bytes
+        .fetch_add(body_bytes as u64, Ordering::Relaxed);
 }
 
 pub(crate) fn telemetry_durable(after: Duration) {
@@ -141,6 +221,13 @@ pub(crate) fn telemetry_durable(after: Duration) {
 /// A C2D outcome: `sent`, `delivered`, `completed`, `expired`, `deadLettered`, `rejected`.
 pub(crate) fn c2d(outcome: &'static str) {
     counter!(C2D_MESSAGES, "outcome" => outcome).increment(1);
+    let kept = match outcome {
+        "sent" => &COUNTERS.c2d_sent,
+        "delivered" => &COUNTERS.c2d_delivered,
+        "completed" => &COUNTERS.c2d_completed,
+        _ => return,
+    };
+    kept.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The outcome label of a settled C2D message.

@@ -2,7 +2,7 @@
 //!
 //! Parts: [`mqtt`] (the MQTT front end over the broker), [`endpoints`] (the senders of webhook
 //! and NATS routing endpoints), [`api`]
-//! (service REST API and the WebSocket endpoint), [`server`] (listeners and start-up), [`https_conn`]
+//! (service REST API and the WebSocket endpoint), [`explorer`] (the web explorer's back end), [`server`] (listeners and start-up), [`https_conn`]
 //! (time limits of HTTPS connections), [`tls`],
 //! [`config`], and [`cli`] (the command line, a client of the REST API).
 
@@ -11,6 +11,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod endpoints;
+pub mod explorer;
 pub mod https_conn;
 pub mod metrics;
 pub mod mqtt;

@@ -149,6 +149,11 @@ enum Command {
         #[command(flatten)]
         args: EventhubArgs,
     },
+    /// Print a one-time sign-in URL for the web explorer (signs a browser in as iothubowner).
+    Explorer {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Generate a SAS token for a device, a module or a hub policy.
     SasToken {
         #[command(flatten)]
@@ -168,6 +173,7 @@ async fn main() -> std::process::ExitCode {
         Command::Certificate { client, cmd } => cli::run_certificate(&client, cmd).await,
         Command::Config { client, cmd } => cli::run_config(&client, cmd).await,
         Command::Model { client, cmd } => cli::run_model(&client, cmd).await,
+        Command::Explorer { client } => cli::run_explorer(&client).await,
         Command::SasToken { client, args } => cli::run_sas_token(&client, args).await,
         Command::EventhubConnectionString { client, args } => {
             cli::run_eventhub_connection_string(&client, args)
@@ -245,6 +251,7 @@ fn print_banner(
          \n  Event Hubs-compatible connection string: {eh}\
          \n  Device provisioning (DPS): host {host}, ID scope {scope}\
          \n  Metrics (Prometheus):     {metrics}\
+         \n  Explorer:  {explorer}\
          \n\nCreate a device:\
          \n  ferrohub device create my-device --data-dir {data_dir}\
          \nThen get its connection string for an IoT Hub SDK:\
@@ -258,6 +265,7 @@ fn print_banner(
         amqp = info.amqp_port,
         eh = info.eventhub_connection_string,
         scope = info.dps_id_scope,
+        explorer = info.explorer_url,
     );
 }
 

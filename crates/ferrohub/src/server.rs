@@ -49,6 +49,10 @@ pub struct HubInfo {
     /// MQTT and HTTPS ports). Absent in files written before provisioning existed.
     #[serde(default)]
     pub dps_id_scope: String,
+    /// The web explorer's sign-in URL with the one-time login token minted at start-up (in the
+    /// fragment). Absent in files written before the explorer existed.
+    #[serde(default, rename = "explorerUrl")]
+    pub explorer_url: String,
     pub pid: u32,
 }
 
@@ -239,13 +243,22 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
             .cloned()
             .unwrap_or_else(|| "localhost".into()),
     };
-    let router = api::router(api::ApiState {
-        hub: hub.clone(),
-        broker: broker.clone(),
-        amqp: amqp.clone(),
-        body_timeout: cfg.https_timeouts.body,
-        in_flight: Arc::new(Semaphore::new(cfg.https_max_requests)),
-    });
+    let explorer = explorer(&cfg, &hub, https_addr, &data_dir);
+    tracker.spawn(crate::explorer::sweep_loop(
+        explorer.sessions.clone(),
+        shutdown_rx.clone(),
+    ));
+    let (_, explorer_url) = explorer.mint_login().await;
+    let router = api::router(
+        api::ApiState {
+            hub: hub.clone(),
+            broker: broker.clone(),
+            amqp: amqp.clone(),
+            body_timeout: cfg.https_timeouts.body,
+            in_flight: Arc::new(Semaphore::new(cfg.https_max_requests)),
+        },
+        explorer,
+    );
     tracker.spawn(accept_loop(
         amqp_listener,
         acceptor.clone(),
@@ -280,6 +293,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
     let mut info = hub_info(&cfg, mqtt_addr, https_addr, &tls_files, &owner);
     info.amqp_port = amqp_addr.port();
     info.dps_id_scope = hub.id_scope().unwrap_or_default().to_string();
+    info.explorer_url = explorer_url;
     info.eventhub_connection_string = eventhub_connection_string(
         &info.hostname,
         amqp_addr.port(),
@@ -533,6 +547,51 @@ fn spawn_background(
     ));
 }
 
+/// The first configured host name, as devices write it in connection strings.
+fn host_name(cfg: &ServerConfig) -> String {
+    cfg.hostnames
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `host[:port]` of the HTTPS listener, the port left out when it is 443.
+fn https_authority(cfg: &ServerConfig, https_addr: SocketAddr) -> String {
+    let host = host_name(cfg);
+    if https_addr.port() == 443 {
+        host
+    } else {
+        format!("{host}:{}", https_addr.port())
+    }
+}
+
+/// The web explorer's state, with in-memory sessions and login tokens (node-local).
+fn explorer(
+    cfg: &ServerConfig,
+    hub: &Arc<Hub>,
+    https_addr: SocketAddr,
+    data_dir: &Path,
+) -> crate::explorer::Explorer {
+    use crate::explorer::sessions;
+    crate::explorer::Explorer {
+        hub: hub.clone(),
+        sessions: Arc::new(sessions::MemorySessions::new(
+            sessions::SessionLimits::default(),
+        )),
+        tokens: Arc::new(sessions::MemoryLoginTokens::new(
+            sessions::LOGIN_TOKEN_LIFETIME,
+        )),
+        base_url: format!("https://{}", https_authority(cfg, https_addr)),
+        host_name: host_name(cfg),
+        started: std::time::Instant::now(),
+        data_dir: data_dir.to_path_buf(),
+        retention: crate::explorer::RetentionInfo {
+            telemetry_seconds: cfg.retention.as_secs(),
+            partitions: cfg.partitions,
+        },
+    }
+}
+
 /// How to reach the hub, as `hub.json` and the start-up banner give it.
 fn hub_info(
     cfg: &ServerConfig,
@@ -541,16 +600,8 @@ fn hub_info(
     tls_files: &tls::TlsFiles,
     owner: &AccessPolicy,
 ) -> HubInfo {
-    let hostname = cfg
-        .hostnames
-        .first()
-        .cloned()
-        .unwrap_or_else(|| "localhost".into());
-    let rest_host = if https_addr.port() == 443 {
-        hostname.clone()
-    } else {
-        format!("{hostname}:{}", https_addr.port())
-    };
+    let hostname = host_name(cfg);
+    let rest_host = https_authority(cfg, https_addr);
     let owner_cs = ConnectionString {
         host_name: rest_host,
         shared_access_key_name: Some(owner.key_name.clone()),
@@ -569,6 +620,7 @@ fn hub_info(
         amqp_port: 0,
         eventhub_connection_string: String::new(),
         dps_id_scope: String::new(),
+        explorer_url: String::new(),
         pid: std::process::id(),
     }
 }

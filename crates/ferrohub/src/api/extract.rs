@@ -10,7 +10,7 @@ use std::marker::PhantomData;
 
 use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use ferrohub_hub::service_auth::Right;
@@ -73,10 +73,18 @@ pub type ServiceConnect = ServiceAuth<Connect>;
 pub type EnrollmentRead = ServiceAuth<EnrollRead>;
 pub type EnrollmentWrite = ServiceAuth<EnrollWrite>;
 
-impl<R: NeedsRight> FromRequestParts<ApiState> for ServiceAuth<R> {
+// Any state that holds the API's (the explorer's, for its login-token route) can check a
+// service call the same way.
+impl<S, R> FromRequestParts<S> for ServiceAuth<R>
+where
+    R: NeedsRight,
+    S: Send + Sync,
+    ApiState: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let state = ApiState::from_ref(state);
         require_api_version(parts)?;
         let header = parts
             .headers

@@ -1,5 +1,6 @@
 //! The service REST API, in the shape of IoT Hub's (what the official service SDKs call), and
-//! the `/$iothub/websocket` endpoint for MQTT over WebSocket.
+//! the `/$iothub/websocket` endpoint for MQTT over WebSocket; the web explorer
+//! (`crate::explorer`) is mounted beside it under `/explorer`.
 
 mod certificates;
 mod configurations;
@@ -46,7 +47,9 @@ pub struct ApiState {
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The REST API, with the web explorer (`crate::explorer`) under `/explorer`: the explorer's
+/// routes come first, everything else is the API's.
+pub fn router(state: ApiState, explorer: crate::explorer::Explorer) -> Router {
     let identity = || {
         get(devices::get_identity)
             .put(devices::put_identity)
@@ -213,12 +216,18 @@ pub fn router(state: ApiState) -> Router {
         ))
         // Outside `shed_load`, so a shed request is counted with its 429.
         .layer(axum::middleware::from_fn(crate::metrics::count_requests))
-        .with_state(state);
+        .with_state(state.clone());
+    let app = crate::explorer::router(crate::explorer::ExplorerState {
+        explorer,
+        api: state,
+        rest: routes.clone(),
+    })
+    .fallback_service(routes);
     // A layer on the router itself would run after routing, too late to change the path.
     Router::new().fallback_service(
         tower::ServiceBuilder::new()
             .map_request(trim_trailing_slash)
-            .service(routes),
+            .service(app),
     )
 }
 

@@ -1,12 +1,13 @@
 //! The command line's client side: `device` (with bulk `import`), `module`, `certificate`, `config`,
 //! `sas-token`, `monitor`, `c2d`, `twin`, `invoke`, `query`, `job`, `model`, `dps` and routing
-//! (`endpoint`, `route`, `enrichment`, `fallback`), all speaking the service REST
+//! (`endpoint`, `route`, `enrichment`, `fallback`) and `explorer` (a web explorer sign-in URL), all speaking the service REST
 //! API with the owner connection
 //! string, like `az iot hub`.
 
 mod client;
 mod config;
 mod dps;
+mod explorer;
 mod import;
 mod jobs;
 mod models;
@@ -34,6 +35,7 @@ use crate::api::types::{
 pub use client::ApiClient;
 pub use config::{run_config, ConfigCommand};
 pub use dps::{run_dps, DpsCommand};
+pub use explorer::run_explorer;
 pub use jobs::{run_job, JobCommand};
 pub use models::{run_model, ModelCommand};
 pub use monitor::{run_monitor, MonitorArgs};
