@@ -264,7 +264,7 @@ export async function pnpView(ctx) {
   if (canService && fields.length) {
     telBox.append(h('h2.section-title', { text: 'Telemetry by the model' }));
     telemetryView(telBox, {
-      deviceId, signal, labels, fields, title: 'Model telemetry',
+      deviceId, signal, labels, fields, title: 'Model telemetry', minutesBack: 5, windowSeconds: 300,
       fieldOf: (ev, json, nums) => {
         const comp = ev.systemProperties && ev.systemProperties['dt-subject'];
         if (!comp) return nums;

@@ -38,7 +38,7 @@ export function telemetryView(container, opts) {
     h('option', { value: 'start', text: 'From the start of retention' }),
     h('option', { value: 'time', text: 'From a time…' }));
   const fromTime = h('input', { type: 'datetime-local', testid: 'tel-from-time', hidden: true, step: 1 });
-  const windowSel = h('select', { testid: 'tel-window' }, [[60, '1 min'], [300, '5 min'], [900, '15 min'], [3600, '1 h']].map(([v, l]) => h('option', { value: String(v), text: l, selected: v === 60 })));
+  const windowSel = h('select', { testid: 'tel-window' }, [[60, '1 min'], [300, '5 min'], [900, '15 min'], [3600, '1 h']].map(([v, l]) => h('option', { value: String(v), text: l, selected: v === (opts.windowSeconds || 60) })));
   const pauseBtn = h('button.btn', { type: 'button', text: 'Pause', testid: 'tel-pause' });
   const clearBtn = h('button.btn', { type: 'button', text: 'Clear', testid: 'tel-clear' });
   const state = h('span.stream-state', { testid: 'tel-state' });
@@ -48,7 +48,7 @@ export function telemetryView(container, opts) {
   const count = h('span.muted', { testid: 'tel-count', text: '0 events' });
   const errBox = h('div');
 
-  const chart = new LiveChart(chartBox, { windowSeconds: 60, labels: opts.labels || {}, testid: 'tel-chart', emptyText: 'No numeric fields yet: the chart shows every number in JSON bodies.' });
+  const chart = new LiveChart(chartBox, { windowSeconds: opts.windowSeconds || 60, labels: opts.labels || {}, testid: 'tel-chart', emptyText: 'No numeric fields yet: the chart shows every number in JSON bodies.' });
   const known = new Map(); // field -> checkbox
   let paused = false;
   let total = 0;
@@ -135,6 +135,13 @@ export function telemetryView(container, opts) {
     run(streamCtl);
   }
 
+  if (opts.minutesBack) {
+    // Start a little in the past, so the chart has the recent history at once.
+    const d = new Date(Date.now() - opts.minutesBack * 60e3);
+    from.value = 'time';
+    fromTime.hidden = false;
+    fromTime.value = new Date(d.getTime() - d.getTimezoneOffset() * 60000).toISOString().slice(0, 19);
+  }
   from.addEventListener('change', () => { fromTime.hidden = from.value !== 'time'; restart(); });
   fromTime.addEventListener('change', restart);
   consumerGroup.addEventListener('change', restart);
