@@ -49,6 +49,9 @@ WAIT = 20
 MODEL_ID = "dtmi:com:example:Thermostat;1"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 THERMOSTAT_MODEL = REPO_ROOT / "examples" / "thermostat" / "Thermostat.json"
+# Set by scripts/explorer-screenshots.sh: also write the PNGs there, and give the pages some
+# content worth a picture (a few more devices, a longer overview chart).
+SCREENSHOTS = os.environ.get("EXPLORER_SCREENSHOTS")
 
 
 # --- fixtures ----------------------------------------------------------------------------------
@@ -66,13 +69,15 @@ def shots(tmp_path_factory):
     """shots(name): a PNG of the page now, in a temp dir (and in $EXPLORER_SCREENSHOTS)."""
     out = tmp_path_factory.mktemp("explorer-screenshots")
     print(f"explorer screenshots: {out}")
-    extra = os.environ.get("EXPLORER_SCREENSHOTS")
+    extra = SCREENSHOTS
     if extra:
         Path(extra).mkdir(parents=True, exist_ok=True)
     state = {}
 
     def shot(name):
         d = state["driver"]
+        # Toasts are transient: leave them out of the picture.
+        d.execute_script("document.querySelectorAll('.toasts').forEach((t) => t.remove())")
         d.save_screenshot(str(out / f"{name}.png"))
         if extra:
             d.save_screenshot(str(Path(extra) / f"{name}.png"))
@@ -235,6 +240,13 @@ def _ui_made_device(page, shots, sdk_clients):
     if _ui_device:
         return _ui_device
     device_id = new_id("explorer-ui")
+    if SCREENSHOTS:
+        for name, status in (("thermostat-kitchen", "enabled"), ("sensor-lab-01", "enabled"),
+                             ("sensor-lab-02", "disabled"), ("gateway-roof", "enabled")):
+            r = service_request(page.hub, "PUT", f"/devices/{name}", json_body={
+                "deviceId": name, "status": status,
+                "authentication": {"type": "sas", "symmetricKey": {"primaryKey": new_key(), "secondaryKey": new_key()}}})
+            assert r.status_code in (200, 409), r.text
     page.go("/devices")
     page.click(page.el("new-device"))
     page.type(page.el("create-id"), device_id)
@@ -245,7 +257,6 @@ def _ui_made_device(page, shots, sdk_clients):
     row = page.css(f'tr[data-device-id="{device_id}"]')
     assert "enabled" in row.text
     assert "Disconnected" in row.text
-    shots("devices")
 
     page.click(row.find_element(By.CSS_SELECTOR, "a.id-link"))
     cs = page.wait(lambda: page.el("cs-primary").get_attribute("value") or None, "connection string shown")
@@ -291,6 +302,7 @@ def test_create_sas_device_in_the_ui_and_connect_with_its_connection_string(page
     page.go("/devices")
     page.wait(lambda: "Connected" in page.css(f'tr[data-device-id="{dev["id"]}"]').text.replace("Disconnected", ""),
               "the device shown connected", timeout=WAIT)
+    shots("devices")
     # Identity page: connection state, SAS token generator.
     page.go(f"/devices/{urllib.parse.quote(dev['id'], safe='')}/identity")
     page.click(page.el("sas-generate"))
@@ -326,9 +338,10 @@ def test_telemetry_shows_in_the_live_table_and_chart(page, shots, sdk_clients):
     page.wait(lambda: page.d.find_elements(By.CSS_SELECTOR, '[data-testid="tel-chart"] canvas'), "the chart's canvas")
     legend = page.css('[data-testid="tel-chart"] .u-legend').text
     assert "temperature" in legend and "humidity" in legend, legend
-    # More points for a chart worth a look, then the picture.
+    # More points, 0.4 s apart, for a chart worth a look; then the picture.
     for i in range(6, 14):
         send(i)
+        time.sleep(0.4)
     page.wait(lambda: len(page.all("tel-row")) >= 14, "fourteen telemetry rows")
     shots("device-telemetry")
 
@@ -356,6 +369,10 @@ def test_telemetry_shows_in_the_live_table_and_chart(page, shots, sdk_clients):
                      "a telemetry rate above zero", timeout=WAIT)
         page.text_of("ov-devices-connected", lambda x: x.isdigit() and int(x) >= 1, "a connected device")
         page.wait(lambda: page.d.find_elements(By.CSS_SELECTOR, '[data-testid="ov-chart"] canvas'), "the overview chart")
+        if SCREENSHOTS:
+            # For the README: a few rate points on the chart (one per 2 s poll).
+            page.wait(lambda: int(page.el("ov-chart").get_attribute("data-points") or 0) >= 6,
+                      "six points on the overview chart", timeout=30)
         shots("overview")
     finally:
         stop.set()
@@ -484,6 +501,15 @@ def test_plug_and_play_device_shows_model_components_properties_and_commands(pag
 
         call_with_timeout(lambda: setattr(client, "on_method_request_received", handler), CONNECT_TIMEOUT,
                           "setting on_method_request_received")
+
+        def desired(patch):
+            # The PnP convention: acknowledge a writable property with ac/av/ad.
+            if "targetTemperature" in patch:
+                client.patch_twin_reported_properties({"targetTemperature": {
+                    "value": patch["targetTemperature"], "ac": 200, "av": patch["$version"], "ad": "applied"}})
+
+        call_with_timeout(lambda: setattr(client, "on_twin_desired_properties_patch_received", desired),
+                          CONNECT_TIMEOUT, "setting on_twin_desired_properties_patch_received")
         call_with_timeout(lambda: client.patch_twin_reported_properties({
             "maxTempSinceLastReboot": 30.5,
             "targetTemperature": {"value": 22, "ac": 200, "av": 1, "ad": "set at boot"}}),
@@ -501,6 +527,14 @@ def test_plug_and_play_device_shows_model_components_properties_and_commands(pag
         target = page.css('tr[data-testid="pnp-property"][data-name="targetTemperature"]')
         page.wait(lambda: "200 / 1 / set at boot" in target.text, "the ack of targetTemperature")
         assert "22" in target.find_element(By.CSS_SELECTOR, '[data-testid="pnp-reported"]').text
+        # A desired value set in the UI is acknowledged by the device: in sync.
+        inp = page.el("pnp-desired-input-targetTemperature")
+        inp.send_keys("23.5")
+        page.click(target.find_element(By.CSS_SELECTOR, 'button[type="submit"]'))
+        row = lambda: page.css('tr[data-testid="pnp-property"][data-name="targetTemperature"]')  # noqa: E731
+        page.wait(lambda: "in sync" in row().text and "23.5" in row().find_element(
+            By.CSS_SELECTOR, '[data-testid="pnp-desired"]').text, "targetTemperature in sync at 23.5", timeout=WAIT)
+        assert "applied" in row().text
         maxrow = page.css('tr[data-testid="pnp-property"][data-name="maxTempSinceLastReboot"]')
         assert "30.5" in maxrow.text
         cmd = page.css('[data-testid="pnp-command"][data-name="getMaxMinReport"]')

@@ -63,6 +63,7 @@ export class LiveChart {
     this.points.push({ t: ms / 1000, values });
     if (this.points.length > 20000) this.points.splice(0, this.points.length - 20000);
     this.trim();
+    this.el.dataset.points = String(this.points.length);
     if (!this.paused) this.schedule();
   }
 
@@ -124,8 +125,12 @@ export class LiveChart {
       if (!this.plot) return;
       const d = this.data();
       const now = Date.now() / 1000;
+      // Until the data spans the window, the x axis spans the data (at least 5 s), so a
+      // fresh chart is not a sliver at its right edge.
+      const first = d[0].length ? d[0][0] : now;
+      const span = Math.min(this.windowSeconds, Math.max(5, now - first + 0.5));
       this.plot.setData(d, false);
-      this.plot.setScale('x', { min: now - this.windowSeconds, max: now });
+      this.plot.setScale('x', { min: now - span, max: now });
     });
   }
 

@@ -277,7 +277,7 @@ export async function pnpView(ctx) {
     await loadTwin();
     if (!signal.aborted) paint();
     loadConformance();
-  }, 5000);
+  }, 3000);
   signal.addEventListener('abort', () => clearInterval(timer));
 }
 

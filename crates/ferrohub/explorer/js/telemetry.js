@@ -175,7 +175,7 @@ export function telemetryView(container, opts) {
         h('label.inline', h('span', { text: 'Consumer group' }), consumerGroup),
         h('label.inline', h('span', { text: 'Start' }), from, fromTime),
         h('label.inline', h('span', { text: 'Window' }), windowSel),
-        pauseBtn, clearBtn, h('div.spacer'), state, count)),
+        pauseBtn, clearBtn, h('div.spacer'), h('span.row', state, count))),
     errBox,
     h('section.card',
       h('div.card-head', h('h2', { text: opts.title || 'Numeric fields' }), fieldsBox),

@@ -19,7 +19,7 @@ export async function render({ main, signal }) {
     devices: stat('Devices', 'ov-devices-total'),
     connected: stat('Connected', 'ov-devices-connected'),
     inRate: stat('Messages in / s', 'ov-rate-in'),
-    outRate: stat('Events out / s', 'ov-rate-out'),
+    c2dRate: stat('Cloud-to-device / s', 'ov-rate-c2d'),
   };
   const errBox = h('div');
   const chartBox = h('div.chart-box');
@@ -39,8 +39,9 @@ export async function render({ main, signal }) {
       h('section.card', h('div.card-head', h('h2', { text: 'Connections' })), transports),
       h('section.card', h('div.card-head', h('h2', { text: 'Refused connections and requests' }), h('span.muted', { text: 'by IoT Hub error code' })), refusals)));
 
-  const chart = new LiveChart(chartBox, { windowSeconds: 300, height: 240, labels: { in: 'telemetry in', out: 'events out', c2d: 'C2D sent' }, yLabel: 'msg/s', testid: 'ov-chart', emptyText: 'Collecting rates…' });
-  chart.setSeries(['in', 'out', 'c2d']);
+  const chart = new LiveChart(chartBox, { windowSeconds: 300, height: 240, labels: { in: 'telemetry in', out: 'events read', c2d: 'C2D out' }, yLabel: 'msg/s', testid: 'ov-chart', emptyText: 'Collecting rates…' });
+  let chartSeries = ['in', 'c2d'];
+  chart.setSeries(chartSeries);
   signal.addEventListener('abort', () => chart.destroy());
 
   let prev = null;
@@ -77,8 +78,12 @@ export async function render({ main, signal }) {
     cards.connected.sub.textContent = `${fmtNum(get(o, 'connections.current'))} connections open`;
     cards.inRate.value.textContent = rIn === undefined ? DASH : fmtNum(rIn, 1);
     cards.inRate.sub.textContent = `${fmtNum(get(o, 'telemetry.messagesIn'))} total · ${rBytes === undefined ? DASH : fmtBytes(rBytes)}/s`;
-    cards.outRate.value.textContent = rOut === undefined ? DASH : fmtNum(rOut, 1);
-    cards.outRate.sub.textContent = `${fmtNum(get(o, 'eventsOut'))} events read by back ends`;
+    cards.c2dRate.value.textContent = rC2d === undefined ? DASH : fmtNum(rC2d, 1);
+    cards.c2dRate.sub.textContent = `${fmtNum(get(o, 'c2d.sent'))} sent · ${fmtNum(get(o, 'c2d.completed'))} completed`;
+    if (typeof o.eventsOut === 'number' && !chartSeries.includes('out')) {
+      chartSeries = ['in', 'out', 'c2d'];
+      chart.setSeries(chartSeries);
+    }
     version.textContent = o.version ? `Ferrohub ${o.version} · up ${fmtDuration(o.uptimeSeconds)}` : '';
     if (rIn !== undefined || rOut !== undefined) chart.push(now, { in: rIn, out: rOut, c2d: rC2d });
 
@@ -93,6 +98,7 @@ export async function render({ main, signal }) {
         ['Sent', fmtNum(get(o, 'c2d.sent'))],
         ['Delivered', fmtNum(get(o, 'c2d.delivered'))],
         ['Completed', fmtNum(get(o, 'c2d.completed'))],
+        ['Events read by back ends', fmtNum(get(o, 'eventsOut'))],
         ['Telemetry in', fmtNum(get(o, 'telemetry.messagesIn'))],
         ['Telemetry bytes in', fmtBytes(get(o, 'telemetry.bytesIn'))],
       ])),
