@@ -22,6 +22,8 @@ const READ_BATCH: usize = 256;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Events buffered towards a slow reader before reading the log pauses.
 const BUFFERED: usize = 64;
+/// How often a reader that is behind measures how far (`ferrohub_event_reader_lag_events`).
+const LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// The consumer group a reader belongs to when it names none.
 pub const DEFAULT_CONSUMER_GROUP: &str = "$Default";
@@ -251,11 +253,25 @@ impl Reader {
                 .is_none_or(|m| Some(m) == e.event.module_id.as_deref())
     }
 
+    /// Events committed past `positions`: one read per partition, so done at most once a
+    /// second, and only while behind (caught up is 0 without asking).
+    async fn lag(&self, positions: &[(u32, u64)]) -> u64 {
+        let mut behind = 0u64;
+        for (partition, next) in positions {
+            if let Ok(head) = self.log.resolve(*partition, StartPosition::End).await {
+                behind = behind.saturating_add(head.saturating_sub(*next));
+            }
+        }
+        behind
+    }
+
     /// Reads the partitions in turn until the stream goes away.
     async fn run(self, mut positions: Vec<(u32, u64)>) {
         let mut commits = self.log.watch_commits();
         let mut saved_at = Instant::now();
         let mut dirty = false;
+        let mut metrics = crate::metrics::ReaderMetrics::open();
+        let mut lag_at: Option<Instant> = None;
         'outer: loop {
             commits.borrow_and_update();
             let mut progressed = false;
@@ -287,8 +303,13 @@ impl Reader {
                 dirty = false;
             }
             if progressed {
+                if lag_at.is_none_or(|t| t.elapsed() >= LAG_EVERY) {
+                    metrics.lag(self.lag(&positions).await);
+                    lag_at = Some(Instant::now());
+                }
                 continue;
             }
+            metrics.lag(0);
             tokio::select! {
                 r = commits.changed() => if r.is_err() { break },
                 _ = self.tx.closed() => break,

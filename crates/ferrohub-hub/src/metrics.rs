@@ -31,6 +31,8 @@ pub const METHOD_CALL_SECONDS: &str = "ferrohub_method_call_seconds";
 pub const THROTTLED: &str = "ferrohub_throttled_total";
 pub const CONFORMANCE_CHECKED: &str = "ferrohub_conformance_checked_total";
 pub const CONFORMANCE_FINDINGS: &str = "ferrohub_conformance_findings_total";
+pub const EVENT_READERS: &str = "ferrohub_event_readers";
+pub const EVENT_READER_LAG: &str = "ferrohub_event_reader_lag_events";
 
 /// Registers the descriptions (HELP lines) with the installed recorder; call once after
 /// installing it.
@@ -91,6 +93,43 @@ pub fn describe() {
         CONFORMANCE_FINDINGS,
         "IoT Plug and Play conformance findings, by kind"
     );
+    describe_gauge!(
+        EVENT_READERS,
+        "Open event stream readers: GET /events responses and Event Hubs (AMQP) receivers"
+    );
+    describe_gauge!(
+        EVENT_READER_LAG,
+        "Events committed to the log that open readers have not read yet, summed over readers \
+         (each reader's figure refreshed at most once a second as it reads: a reader whose client stopped taking events keeps its last figure)"
+    );
+}
+
+/// One open event stream reader, counted while it lives, with its lag in the sum.
+pub(crate) struct ReaderMetrics {
+    lag: f64,
+}
+
+impl ReaderMetrics {
+    pub(crate) fn open() -> Self {
+        gauge!(EVENT_READERS).increment(1.0);
+        Self { lag: 0.0 }
+    }
+
+    /// This reader is now `events` behind the log's head.
+    pub(crate) fn lag(&mut self, events: u64) {
+        let now = events as f64;
+        if now != self.lag {
+            gauge!(EVENT_READER_LAG).increment(now - self.lag);
+            self.lag = now;
+        }
+    }
+}
+
+impl Drop for ReaderMetrics {
+    fn drop(&mut self) {
+        gauge!(EVENT_READERS).decrement(1.0);
+        gauge!(EVENT_READER_LAG).decrement(self.lag);
+    }
 }
 
 /// The process's counters of what devices did, as the metrics facade records them: one set

@@ -8,6 +8,7 @@
 mod error;
 #[cfg(test)]
 mod faulty_vfs;
+pub mod metrics;
 mod sqlite;
 mod sqlite_c2d;
 mod sqlite_configurations;

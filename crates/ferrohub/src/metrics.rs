@@ -4,6 +4,7 @@
 //! Plain HTTP on its own listener, loopback by default, as exporters usually are.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -37,7 +38,13 @@ pub fn recorder() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS);
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(ferrohub_sqlite::metrics::STORE_COMMIT_BATCH_SIZE.into()),
+                        &ferrohub_sqlite::metrics::BATCH_SIZE_BUCKETS,
+                    )
+                });
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),
                 Err(e) => {
@@ -51,6 +58,7 @@ pub fn recorder() -> Option<PrometheusHandle> {
                 return None;
             }
             ferrohub_hub::metrics::describe();
+            ferrohub_sqlite::metrics::describe();
             metrics::describe_counter!(
                 HTTP_REQUESTS,
                 "Requests to the HTTPS listener's REST API, by route template, method and status"
@@ -105,9 +113,18 @@ pub async fn count_requests(req: Request, next: Next) -> Response {
 struct MetricsState {
     handle: PrometheusHandle,
     hub: Arc<Hub>,
+    data_dir: PathBuf,
 }
 
 async fn render(State(s): State<MetricsState>) -> impl IntoResponse {
+    // A size is read when asked for: nothing needs it between scrapes.
+    let dir = s.data_dir.clone();
+    if let Ok(bytes) =
+        tokio::task::spawn_blocking(move || ferrohub_sqlite::metrics::telemetry_log_bytes(&dir))
+            .await
+    {
+        metrics::gauge!(ferrohub_sqlite::metrics::TELEMETRY_LOG_BYTES).set(bytes as f64);
+    }
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
         s.handle.render(),
@@ -146,6 +163,7 @@ pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     hub: Arc<Hub>,
+    data_dir: PathBuf,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
@@ -153,7 +171,11 @@ pub async fn serve(
         .route("/metrics", get(render))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(MetricsState { handle, hub });
+        .with_state(MetricsState {
+            handle,
+            hub,
+            data_dir,
+        });
     let stop = async move { ferrohub_hub::until_shutdown(&mut shutdown).await };
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(stop)
@@ -166,6 +188,50 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every metric the example Grafana dashboard charts is one the hub exports.
+    #[test]
+    fn the_grafana_dashboard_names_only_exported_metrics() {
+        use ferrohub_hub::metrics as hub;
+        use ferrohub_sqlite::metrics as store;
+        let known = [
+            hub::DEVICE_CONNECTIONS,
+            hub::DEVICE_CONNECTS,
+            hub::DEVICE_CONNECT_REFUSALS,
+            hub::TELEMETRY_MESSAGES,
+            hub::TELEMETRY_BYTES,
+            hub::TELEMETRY_DURABLE_SECONDS,
+            hub::C2D_MESSAGES,
+            hub::TWIN_OPERATIONS,
+            hub::METHOD_CALLS,
+            hub::METHOD_CALL_SECONDS,
+            hub::THROTTLED,
+            hub::CONFORMANCE_CHECKED,
+            hub::CONFORMANCE_FINDINGS,
+            hub::EVENT_READERS,
+            hub::EVENT_READER_LAG,
+            store::STORE_COMMIT_SECONDS,
+            store::STORE_COMMIT_BATCH_SIZE,
+            store::TELEMETRY_LOG_BYTES,
+            HTTP_REQUESTS,
+            HTTP_REQUEST_SECONDS,
+        ];
+        let dashboard = include_str!("../../../examples/grafana/ferrohub-dashboard.json");
+        let mut named = 0;
+        for (i, _) in dashboard.match_indices("ferrohub_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| known.contains(b)))
+                .unwrap_or(&name);
+            assert!(known.contains(&base), "the dashboard charts {name}");
+            named += 1;
+        }
+        assert!(named >= known.len(), "the dashboard charts {named} series");
+    }
 
     #[test]
     fn route_templates_become_colon_labels() {

@@ -215,6 +215,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
                 listener,
                 handle,
                 hub.clone(),
+                data_dir.clone(),
                 shutdown_rx.clone(),
             ));
         }

@@ -336,6 +336,26 @@ async fn connection_strings_sign_in_as_their_policy() -> TestResult {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _, _) = post_session(&hub, &json!({"connectionString": "not one"})).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Signing in again from the same browser ends the session its old cookie named.
+    let resp = client(&hub)?
+        .post(format!("{}/explorer/api/session", base(&hub)))
+        .header(header::COOKIE, &owner.cookie)
+        .json(&json!({"connectionString": hub.server().info.owner_connection_string}))
+        .send()
+        .await?;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let old = call(
+        &hub,
+        Method::GET,
+        "/explorer/api/session",
+        Some(&owner),
+        None,
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(old.status, 401);
     hub.stop().await;
     Ok(())
 }

@@ -42,6 +42,20 @@ fn delta(a: &Scrape, b: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     value(b, name, labels) - value(a, name, labels)
 }
 
+/// Scrapes until `ok` holds, for state that settles after the call that changed it returned.
+async fn until(addr: std::net::SocketAddr, what: &str, ok: impl Fn(&Scrape) -> bool) -> TestResult {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ok(&scrape(addr).await?) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("never: {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn counters_move_by_exactly_the_traffic_and_health_answers() -> TestResult {
     let hub = TestHub::start_with(|cfg| {
@@ -153,6 +167,45 @@ async fn counters_move_by_exactly_the_traffic_and_health_answers() -> TestResult
         ),
         1.0
     );
+
+    // The telemetry log's group commits: at least one per acknowledged message (each PUBACK
+    // was awaited before the next publish), each carrying at least that message.
+    let telemetry_log = [("log", "telemetry")];
+    assert!(
+        delta(
+            &before,
+            &after,
+            "ferrohub_store_commit_seconds_count",
+            &telemetry_log
+        ) >= 3.0
+    );
+    assert!(
+        delta(
+            &before,
+            &after,
+            "ferrohub_store_commit_batch_size_sum",
+            &telemetry_log
+        ) >= 3.0
+    );
+    assert!(value(&after, "ferrohub_telemetry_log_bytes", &[]) > 0.0);
+
+    // An open `GET /events` is a reader while it lasts; caught up, it lags by nothing.
+    assert_eq!(value(&after, "ferrohub_event_readers", &[]), 0.0);
+    let mut events = hub.api.stream("/events?from=start").await?;
+    let first = tokio::time::timeout(WAIT, events.chunk())
+        .await
+        .map_err(|_| "no event within the wait")??;
+    assert!(first.is_some(), "the stream ended");
+    until(addr, "one reader, caught up", |s| {
+        value(s, "ferrohub_event_readers", &[]) == 1.0
+            && value(s, "ferrohub_event_reader_lag_events", &[]) == 0.0
+    })
+    .await?;
+    drop(events);
+    until(addr, "no reader once the response is gone", |s| {
+        value(s, "ferrohub_event_readers", &[]) == 0.0
+    })
+    .await?;
 
     // The connection's end takes the gauge back down.
     c.send(&ferrohub_mqtt::Packet::Disconnect).await?;

@@ -328,9 +328,9 @@ fn cookie_header(value: &str, clear: bool) -> HeaderValue {
     .unwrap_or_else(|_| HeaderValue::from_static("ferrohub_session=; Path=/explorer"))
 }
 
-/// `POST /explorer/api/session`'s body: one of the two.
+/// `POST /explorer/api/session`'s body: one of the two (other fields are ignored).
 #[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct SignIn {
     token: Option<String>,
     connection_string: Option<String>,
@@ -377,6 +377,7 @@ async fn policy_of_connection_string(hub: &Hub, cs: &str) -> Result<AccessPolicy
 
 async fn sign_in(State(state): State<ExplorerState>, req: Request) -> Result<Response, ApiError> {
     let explorer = &state.explorer;
+    let previous = session_cookie(req.headers());
     let body = axum::body::to_bytes(req.into_body(), SIGN_IN_BODY_LIMIT)
         .await
         .map_err(|_| ApiError::argument("the sign-in body could not be read"))?;
@@ -408,6 +409,10 @@ async fn sign_in(State(state): State<ExplorerState>, req: Request) -> Result<Res
             ))
         }
     };
+    // A browser signing in again leaves no session behind under its old cookie.
+    if let Some(old) = previous {
+        explorer.sessions.remove(&old).await;
+    }
     let (id, session) = explorer.sessions.create(&policy.key_name).await;
     info!(via = how, policy = policy.key_name, "explorer sign-in");
     let mut resp = Json(explorer.info(&session, &policy)).into_response();

@@ -50,16 +50,6 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The telemetry log's database with its WAL and shared-memory files.
-fn telemetry_log_bytes(dir: &Path) -> u64 {
-    let base = ferrohub_sqlite::TELEMETRY_DB_FILE;
-    ["", "-wal", "-shm"]
-        .iter()
-        .filter_map(|suffix| std::fs::metadata(dir.join(format!("{base}{suffix}"))).ok())
-        .map(|m| m.len())
-        .sum()
-}
-
 pub async fn overview(State(state): State<ExplorerState>, _: SignedIn) -> Json<Value> {
     let explorer = &state.explorer;
     let c = ferrohub_hub::metrics::counters();
@@ -110,8 +100,13 @@ pub async fn overview(State(state): State<ExplorerState>, _: SignedIn) -> Json<V
     );
     out.insert("refusals".into(), json!(c.refusals()));
     let dir = explorer.data_dir.clone();
-    if let Ok((all, log)) =
-        tokio::task::spawn_blocking(move || (dir_bytes(&dir), telemetry_log_bytes(&dir))).await
+    if let Ok((all, log)) = tokio::task::spawn_blocking(move || {
+        (
+            dir_bytes(&dir),
+            ferrohub_sqlite::metrics::telemetry_log_bytes(&dir),
+        )
+    })
+    .await
     {
         out.insert(
             "storage".into(),
