@@ -303,6 +303,15 @@ def test_create_sas_device_in_the_ui_and_connect_with_its_connection_string(page
     page.wait(lambda: "Connected" in page.css(f'tr[data-device-id="{dev["id"]}"]').text.replace("Disconnected", ""),
               "the device shown connected", timeout=WAIT)
     shots("devices")
+    # The search form builds the query: an id prefix and a status.
+    page.type(page.el("search-prefix"), dev["id"][:-3])
+    page.click(page.el("search-submit"))
+    page.wait(lambda: [r.get_attribute("data-device-id") for r in page.all("device-row")] == [dev["id"]],
+              "only the UI-made device listed")
+    assert "STARTSWITH(deviceId" in page.all("raw-query")[0].get_attribute("value")
+    status = page.el("search-status")
+    page.click(status.find_element(By.CSS_SELECTOR, 'option[value="disabled"]'))
+    page.text_of("devices-info", lambda t: t == "No devices match.", "no disabled device of that prefix")
     # Identity page: connection state, SAS token generator.
     page.go(f"/devices/{urllib.parse.quote(dev['id'], safe='')}/identity")
     page.click(page.el("sas-generate"))
@@ -310,6 +319,28 @@ def test_create_sas_device_in_the_ui_and_connect_with_its_connection_string(page
     assert token.startswith("SharedAccessSignature sr=")
     assert urllib.parse.quote(f"{page.hub.hostname}/devices/{dev['id']}", safe="") in token
     shots("device-identity")
+
+
+def test_module_created_on_the_device_page_has_its_own_connection_string(page, shots, sdk_clients):
+    page.sign_in()
+    dev = _ui_made_device(page, shots, sdk_clients)
+    q = urllib.parse.quote(dev["id"], safe="")
+    page.go(f"/devices/{q}/modules")
+    page.el("modules-table")
+    page.click(page.el("new-module"))
+    page.type(page.el("create-id"), "edge-agent")
+    primary = page.el("create-primary-key").get_attribute("value")
+    page.click(page.el("create-submit"))
+    row = page.css('tr[data-testid="module-row"][data-module-id="edge-agent"]')
+    page.click(row.find_element(By.CSS_SELECTOR, "a.id-link"))
+    cs = page.wait(lambda: page.el("cs-primary").get_attribute("value") or None, "the module's connection string")
+    assert cs == f"HostName={page.hub.hostname};DeviceId={dev['id']};ModuleId=edge-agent;SharedAccessKey={primary}", cs
+    assert "edge-agent" in page.el("device-title").text
+    page.click(page.el("delete-identity"))
+    page.click(page.el("confirm-ok"))
+    page.el("modules-table")
+    page.wait(lambda: not page.d.find_elements(By.CSS_SELECTOR, 'tr[data-module-id="edge-agent"]'),
+              "the module gone")
 
 
 def test_telemetry_shows_in_the_live_table_and_chart(page, shots, sdk_clients):
@@ -374,6 +405,14 @@ def test_telemetry_shows_in_the_live_table_and_chart(page, shots, sdk_clients):
             page.wait(lambda: int(page.el("ov-chart").get_attribute("data-points") or 0) >= 6,
                       "six points on the overview chart", timeout=30)
         shots("overview")
+        if SCREENSHOTS:
+            # The dark theme (prefers-color-scheme), for the docs.
+            page.d.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                                   {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+            try:
+                shots("overview-dark")
+            finally:
+                page.d.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
     finally:
         stop.set()
         t.join(10)

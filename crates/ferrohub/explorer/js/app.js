@@ -194,15 +194,16 @@ async function start() {
   await route();
 }
 
-async function boot() {
+function init() {
   api.setUnauthorizedHandler(() => showLogin(new Error('Your session has ended: sign in again.')));
   window.addEventListener('hashchange', () => {
-    if (location.hash.includes('token=')) {
-      boot();
-      return;
-    }
-    route();
+    if (/(?:^#|&)token=/.test(location.hash)) boot();
+    else route();
   });
+  boot();
+}
+
+async function boot() {
   const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
   if (m) {
     const token = decodeURIComponent(m[1]);
@@ -225,4 +226,4 @@ async function boot() {
   }
 }
 
-boot();
+init();

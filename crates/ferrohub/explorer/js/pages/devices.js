@@ -11,7 +11,7 @@ const quote = (s) => `'${String(s).replace(/'/g, "''")}'`;
 /** The WHERE clause of the search form (empty string for none). */
 export function whereClause({ prefix, status, connection, tag, model }) {
   const c = [];
-  if (prefix) c.push(`STARTS_WITH(deviceId, ${quote(prefix)})`);
+  if (prefix) c.push(`STARTSWITH(deviceId, ${quote(prefix)})`);
   if (status) c.push(`status = ${quote(status)}`);
   if (connection) c.push(`connectionState = ${quote(connection)}`);
   if (tag) {
