@@ -343,6 +343,35 @@ def test_module_created_on_the_device_page_has_its_own_connection_string(page, s
               "the module gone")
 
 
+def test_identity_actions_disable_regenerate_and_delete(page, shots, hub, registry_manager):
+    device_id = new_id("explorer-id")
+    key = new_key()
+    registry_manager.create_device_with_sas(device_id, key, new_key(), "enabled")
+    q = urllib.parse.quote(device_id, safe="")
+    page.sign_in()
+    page.go(f"/devices/{q}/identity")
+    etag = page.el("identity-etag").text
+    assert page.el("cs-primary").get_attribute("value").endswith(key)
+
+    page.click(page.el("toggle-status"))
+    page.text_of("identity-status", lambda t: t == "disabled", "the device disabled")
+    assert registry_manager.get_device(device_id).status == "disabled"
+    assert page.el("identity-etag").text != etag
+
+    page.click(page.el("regen-primary"))
+    page.click(page.el("confirm-ok"))
+    page.wait(lambda: not page.el("cs-primary").get_attribute("value").endswith(key), "a new primary key shown")
+    new_primary = registry_manager.get_device(device_id).authentication.symmetric_key.primary_key
+    assert new_primary != key
+    assert page.el("cs-primary").get_attribute("value").endswith(new_primary)
+
+    page.click(page.el("delete-identity"))
+    page.click(page.el("confirm-ok"))
+    page.wait(lambda: page.d.current_url.endswith("#/devices"), "back on the device list")
+    r = service_request(hub, "GET", f"/devices/{q}")
+    assert r.status_code == 404, r.text
+
+
 def test_telemetry_shows_in_the_live_table_and_chart(page, shots, sdk_clients):
     from azure.iot.device import Message
 
@@ -360,6 +389,7 @@ def test_telemetry_shows_in_the_live_table_and_chart(page, shots, sdk_clients):
 
     for i in range(6):
         send(i)
+        time.sleep(0.3)  # paced like a device, so the chart has a shape
     page.wait(lambda: len(page.all("tel-row")) >= 6, "six telemetry rows")
     rows = page.all("tel-row")
     assert '"temperature"' in rows[0].text and '"seq":"5"' in rows[0].text.replace(" ", ""), rows[0].text
@@ -369,10 +399,10 @@ def test_telemetry_shows_in_the_live_table_and_chart(page, shots, sdk_clients):
     page.wait(lambda: page.d.find_elements(By.CSS_SELECTOR, '[data-testid="tel-chart"] canvas'), "the chart's canvas")
     legend = page.css('[data-testid="tel-chart"] .u-legend').text
     assert "temperature" in legend and "humidity" in legend, legend
-    # More points, 0.4 s apart, for a chart worth a look; then the picture.
+    # More points for a chart worth a look; then the picture.
     for i in range(6, 14):
         send(i)
-        time.sleep(0.4)
+        time.sleep(0.3)
     page.wait(lambda: len(page.all("tel-row")) >= 14, "fourteen telemetry rows")
     shots("device-telemetry")
 

@@ -263,7 +263,7 @@ export async function streamEvents({ deviceId, moduleId, from, consumerGroup, si
         } catch (_) {
           continue;
         }
-        onEvent(ev);
+        if (ev && typeof ev === 'object' && !Array.isArray(ev)) onEvent(ev);
       }
     }
   } finally {

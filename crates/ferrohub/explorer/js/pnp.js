@@ -9,7 +9,8 @@ import { h, setChildren, errorBox, toast, pretty, deepEqual, isPlainObject, fmtT
 
 const UNITS = {
   degreeCelsius: '°C', degreeFahrenheit: '°F', kelvin: 'K', percent: '%', kilobyte: 'kB', megabyte: 'MB', gigabyte: 'GB',
-  byte: 'B', second: 's', millisecond: 'ms', minute: 'min', hour: 'h', metre: 'm', kilometre: 'km', volt: 'V', ampere: 'A',
+  byte: 'B', kibibyte: 'KiB', mebibyte: 'MiB', gibibyte: 'GiB', bit: 'bit', kilobit: 'kbit', megabit: 'Mbit',
+  bytePerSecond: 'B/s', kilobytePerSecond: 'kB/s', megabytePerSecond: 'MB/s', degreeOfArc: '°', radian: 'rad', second: 's', millisecond: 'ms', minute: 'min', hour: 'h', metre: 'm', kilometre: 'km', volt: 'V', ampere: 'A',
   watt: 'W', kilowatt: 'kW', hertz: 'Hz', pascal: 'Pa', kilopascal: 'kPa', bar: 'bar', lux: 'lx', metrePerSecond: 'm/s',
   kilometrePerHour: 'km/h', litre: 'L', gram: 'g', kilogram: 'kg', decibel: 'dB', revolutionPerMinute: 'rpm',
 };
