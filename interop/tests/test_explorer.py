@@ -91,7 +91,7 @@ def shots(tmp_path_factory):
 def page(browser, shots, hub, request):
     """The module's browser, signed in as iothubowner through a fresh login token."""
     shots.state["driver"] = browser.driver
-    p = Page(browser, hub)
+    p = Page(browser, hub, shots.dir / f"failed-{request.node.name}.png")
     yield p
     entries = browser.logs()
     csp = [e for e in entries if "Content Security Policy" in e.get("message", "")]
@@ -120,7 +120,8 @@ def sdk_clients(hub):
 
 
 class Page:
-    def __init__(self, browser, hub):
+    def __init__(self, browser, hub, failure_png=None):
+        self.failure_png = failure_png
         self.b = browser
         self.d = browser.driver
         self.hub = hub
@@ -132,13 +133,20 @@ class Page:
             return WebDriverWait(self.d, timeout, poll_frequency=0.1,
                                  ignored_exceptions=(StaleElementReferenceException,)).until(lambda _: cond())
         except TimeoutException:
+            shot = ""
+            if self.failure_png:
+                try:
+                    self.d.save_screenshot(str(self.failure_png))
+                    shot = f"\nscreenshot: {self.failure_png}"
+                except Exception:  # noqa: BLE001
+                    pass
             body = ""
             try:
                 body = self.d.find_element(By.TAG_NAME, "body").text[-1500:]
             except Exception:  # noqa: BLE001
                 pass
             logs = [e.get("message", "")[:300] for e in self.b.logs()]
-            pytest.fail(f"{what}: not within {timeout} s\nURL {self.d.current_url}\n--- page text ---\n"
+            pytest.fail(f"{what}: not within {timeout} s\nURL {self.d.current_url}{shot}\n--- page text ---\n"
                         f"{body}\n--- console ---\n" + "\n".join(logs), pytrace=False)
 
     def all(self, testid, root=None):
@@ -547,6 +555,7 @@ def test_c2d_sent_from_the_ui_reaches_the_device_with_feedback(page, shots, sdk_
     assert m.content_type == "text/plain"
     # The SDK completes what it receives: positive feedback comes back and the page shows it.
     page.wait(lambda: any("Success" in e.text for e in page.all("c2d-feedback")), "feedback shown", timeout=30)
+    page.d.execute_script("window.scrollTo(0, 0)")
     shots("device-c2d")
 
 

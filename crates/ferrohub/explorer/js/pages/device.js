@@ -211,6 +211,9 @@ function c2dTab(ctx) {
   const cenc = h('input', { value: 'utf-8', testid: 'c2d-content-encoding' });
   const ack = h('select', { testid: 'c2d-ack' }, [['none', 'None'], ['positive', 'Positive (completed)'], ['negative', 'Negative (expired, rejected)'], ['full', 'Full (both)']].map(([v, l]) => h('option', { value: v, text: l })));
   const ttl = h('input', { type: 'number', min: 1, max: 172800, placeholder: 'hub default', testid: 'c2d-ttl' });
+  const expiresAt = h('input', { type: 'datetime-local', step: 1, testid: 'c2d-expires-at' });
+  ttl.addEventListener('input', () => { if (ttl.value) expiresAt.value = ''; });
+  expiresAt.addEventListener('input', () => { if (expiresAt.value) ttl.value = ''; });
   const props = h('div.props', { testid: 'c2d-props' });
   const addProp = (k = '', v = '') => {
     const row = h('div.prop-row', h('input', { placeholder: 'name', value: k, testid: 'c2d-prop-name' }), h('input', { placeholder: 'value', value: v, testid: 'c2d-prop-value' }),
@@ -237,6 +240,7 @@ function c2dTab(ctx) {
       if (ctype.value.trim()) b.contentType = ctype.value.trim();
       if (cenc.value.trim()) b.contentEncoding = cenc.value.trim();
       if (ttl.value) b.ttlSeconds = Number(ttl.value);
+      else if (expiresAt.value) b.expiryTimeUtc = new Date(expiresAt.value).toISOString();
       for (const row of props.querySelectorAll('.prop-row')) {
         const [k, v] = row.querySelectorAll('input');
         if (k.value.trim()) b.properties[k.value.trim()] = v.value;
@@ -257,7 +261,8 @@ function c2dTab(ctx) {
   },
   field('Payload', payload, 'Sent as its UTF-8 text.'),
   h('div.grid-2', field('Message ID', msgId), field('Correlation ID', corr), field('Content type', ctype), field('Content encoding', cenc),
-    field('Acknowledgement (feedback)', ack), field('Time to live (seconds)', ttl, 'Up to 2 days; empty: the hub default.')),
+    field('Acknowledgement (feedback)', ack), field('Time to live (seconds)', ttl, 'Up to 2 days; empty: the hub default.'),
+    h('div'), field('Or expires at', expiresAt, 'An absolute expiry (your local time).')),
   h('div.field', h('span.field-label', { text: 'Application properties' }), props,
     h('button.btn.btn-small', { type: 'button', text: '+ Property', testid: 'c2d-add-prop', onclick: () => addProp() })),
   msg,
