@@ -124,6 +124,7 @@ impl EventStream {
     pub async fn next(&mut self) -> Option<EventRecord> {
         let e = self.rx.recv().await?;
         advance(&self.taken, e.partition, e.sequence + 1);
+        crate::metrics::event_delivered();
         Some(e)
     }
 
@@ -132,6 +133,7 @@ impl EventStream {
     pub fn try_next(&mut self) -> Option<EventRecord> {
         let e = self.rx.try_recv().ok()?;
         advance(&self.taken, e.partition, e.sequence + 1);
+        crate::metrics::event_delivered();
         Some(e)
     }
 }

@@ -31,6 +31,7 @@ pub const METHOD_CALL_SECONDS: &str = "ferrohub_method_call_seconds";
 pub const THROTTLED: &str = "ferrohub_throttled_total";
 pub const CONFORMANCE_CHECKED: &str = "ferrohub_conformance_checked_total";
 pub const CONFORMANCE_FINDINGS: &str = "ferrohub_conformance_findings_total";
+pub const EVENTS_DELIVERED: &str = "ferrohub_events_delivered_total";
 pub const EVENT_READERS: &str = "ferrohub_event_readers";
 pub const EVENT_READER_LAG: &str = "ferrohub_event_reader_lag_events";
 
@@ -93,6 +94,10 @@ pub fn describe() {
         CONFORMANCE_FINDINGS,
         "IoT Plug and Play conformance findings, by kind"
     );
+    describe_counter!(
+        EVENTS_DELIVERED,
+        "Events handed to back-end readers: GET /events lines and Event Hubs (AMQP) transfers"
+    );
     describe_gauge!(
         EVENT_READERS,
         "Open event stream readers: GET /events responses and Event Hubs (AMQP) receivers"
@@ -102,6 +107,14 @@ pub fn describe() {
         "Events committed to the log that open readers have not read yet, summed over readers \
          (each reader's figure refreshed at most once a second as it reads: a reader whose client stopped taking events keeps its last figure)"
     );
+}
+
+static EVENTS_DELIVERED_COUNTER: LazyLock<Counter> = LazyLock::new(|| counter!(EVENTS_DELIVERED));
+
+/// An event handed to a back-end reader.
+pub(crate) fn event_delivered() {
+    EVENTS_DELIVERED_COUNTER.increment(1);
+    COUNTERS.events_delivered.fetch_add(1, Ordering::Relaxed);
 }
 
 /// One open event stream reader, counted while it lives, with its lag in the sum.
@@ -141,6 +154,8 @@ pub struct Counters {
     pub c2d_sent: AtomicU64,
     pub c2d_delivered: AtomicU64,
     pub c2d_completed: AtomicU64,
+    /// Events handed to back-end readers.
+    pub events_delivered: AtomicU64,
     pub connects: AtomicU64,
     /// Open connections by transport label (`mqtt-tls`, `mqtt-ws`, `https`).
     connections: [AtomicI64; 3],

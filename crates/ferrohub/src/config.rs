@@ -105,6 +105,12 @@ pub struct ServeArgs {
     /// Seconds a client has to finish the TLS handshake, on both listeners (default 10).
     #[arg(long, env = "FERROHUB_TLS_HANDSHAKE_TIMEOUT_SECS")]
     pub tls_handshake_timeout_secs: Option<u64>,
+    /// Seconds a web explorer session lasts without a request (default 1800).
+    #[arg(long, env = "FERROHUB_EXPLORER_IDLE_TIMEOUT_SECS")]
+    pub explorer_idle_timeout_secs: Option<u64>,
+    /// Seconds a web explorer session lasts at most, however busy (default 43200).
+    #[arg(long, env = "FERROHUB_EXPLORER_SESSION_MAX_SECS")]
+    pub explorer_session_max_secs: Option<u64>,
     /// A read-only directory laid out as the Device Models Repository
     /// (`dtmi/com/example/thermostat-1.json`), searched after the models added to the hub.
     #[arg(long, env = "FERROHUB_MODEL_DIR")]
@@ -145,6 +151,8 @@ struct FileConfig {
     https_body_timeout_secs: Option<u64>,
     https_max_requests: Option<usize>,
     tls_handshake_timeout_secs: Option<u64>,
+    explorer_idle_timeout_secs: Option<u64>,
+    explorer_session_max_secs: Option<u64>,
     model_dir: Option<PathBuf>,
     dps_id_scope: Option<String>,
     routing: Option<RoutingFile>,
@@ -409,6 +417,8 @@ pub struct ServerConfig {
     pub https_max_requests: usize,
     /// Time a client has to finish the TLS handshake, MQTT and HTTPS alike.
     pub tls_handshake_timeout: Duration,
+    /// How long web explorer sessions last.
+    pub explorer_sessions: crate::explorer::sessions::SessionLimits,
     /// The provisioning service's ID scope; `None`: the stored one, generated on first start.
     pub dps_id_scope: Option<String>,
     /// Routing entries from the config file, applied at start-up.
@@ -464,6 +474,7 @@ impl ServerConfig {
             https_timeouts: HttpsTimeouts::default(),
             https_max_requests: 256,
             tls_handshake_timeout: Duration::from_secs(10),
+            explorer_sessions: crate::explorer::sessions::SessionLimits::default(),
             dps_id_scope: None,
             routing: RoutingSettings::default(),
         }
@@ -591,6 +602,21 @@ impl ServerConfig {
                 .or(file.tls_handshake_timeout_secs),
             cfg.tls_handshake_timeout,
         )?;
+        let limits = cfg.explorer_sessions;
+        cfg.explorer_sessions = crate::explorer::sessions::SessionLimits {
+            idle: secs(
+                "explorer_idle_timeout_secs",
+                args.explorer_idle_timeout_secs
+                    .or(file.explorer_idle_timeout_secs),
+                limits.idle,
+            )?,
+            absolute: secs(
+                "explorer_session_max_secs",
+                args.explorer_session_max_secs
+                    .or(file.explorer_session_max_secs),
+                limits.absolute,
+            )?,
+        };
         let t = cfg.https_timeouts;
         cfg.https_timeouts = HttpsTimeouts {
             header: secs(
@@ -739,6 +765,29 @@ mod tests {
         args.metrics_bind = Some("off".into());
         assert_eq!(ServerConfig::from_args(&args)?.metrics_bind, None);
         args.metrics_bind = Some("nine".into());
+        assert!(ServerConfig::from_args(&args).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn explorer_session_limits_come_from_file_or_flag() -> anyhow::Result<()> {
+        let defaults = ServerConfig::from_args(&ServeArgs::default())?.explorer_sessions;
+        assert_eq!(defaults.idle, Duration::from_secs(1800));
+        assert_eq!(defaults.absolute, Duration::from_secs(12 * 3600));
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("f.toml");
+        std::fs::write(
+            &file,
+            "explorer_idle_timeout_secs = 60\nexplorer_session_max_secs = 600\n",
+        )?;
+        let mut args = ServeArgs {
+            config: Some(file),
+            ..Default::default()
+        };
+        let limits = ServerConfig::from_args(&args)?.explorer_sessions;
+        assert_eq!(limits.idle, Duration::from_secs(60));
+        assert_eq!(limits.absolute, Duration::from_secs(600));
+        args.explorer_idle_timeout_secs = Some(0);
         assert!(ServerConfig::from_args(&args).is_err());
         Ok(())
     }

@@ -209,6 +209,7 @@ mod tests {
             hub::CONFORMANCE_CHECKED,
             hub::CONFORMANCE_FINDINGS,
             hub::EVENT_READERS,
+            hub::EVENTS_DELIVERED,
             hub::EVENT_READER_LAG,
             store::STORE_COMMIT_SECONDS,
             store::STORE_COMMIT_BATCH_SIZE,

@@ -576,9 +576,7 @@ fn explorer(
     use crate::explorer::sessions;
     crate::explorer::Explorer {
         hub: hub.clone(),
-        sessions: Arc::new(sessions::MemorySessions::new(
-            sessions::SessionLimits::default(),
-        )),
+        sessions: Arc::new(sessions::MemorySessions::new(cfg.explorer_sessions)),
         tokens: Arc::new(sessions::MemoryLoginTokens::new(
             sessions::LOGIN_TOKEN_LIFETIME,
         )),

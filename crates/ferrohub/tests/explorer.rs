@@ -606,7 +606,13 @@ async fn the_overview_counts_devices_and_telemetry() -> TestResult {
     assert!(n(&after, "telemetry", "bytesIn") >= n(&before, "telemetry", "bytesIn") + 10);
     assert!(n(&after, "connects", "accepted") > n(&before, "connects", "accepted"));
     assert!(n(&after, "connections", "current") >= 1);
-    assert!(after.get("eventsOut").is_none(), "not counted, so not sent");
+    assert!(after["eventsOut"].is_u64());
+    assert_eq!(
+        after["connections"]["byTransport"]["mqtt-tls"]
+            .as_u64()
+            .map(|n| n >= 1),
+        Some(true)
+    );
 
     let anonymous = call(
         &hub,

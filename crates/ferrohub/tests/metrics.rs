@@ -196,6 +196,10 @@ async fn counters_move_by_exactly_the_traffic_and_health_answers() -> TestResult
         .await
         .map_err(|_| "no event within the wait")??;
     assert!(first.is_some(), "the stream ended");
+    until(addr, "the events read counted", |s| {
+        value(s, "ferrohub_events_delivered_total", &[]) >= 1.0
+    })
+    .await?;
     until(addr, "one reader, caught up", |s| {
         value(s, "ferrohub_event_readers", &[]) == 1.0
             && value(s, "ferrohub_event_reader_lag_events", &[]) == 0.0

@@ -378,9 +378,17 @@ async fn policy_of_connection_string(hub: &Hub, cs: &str) -> Result<AccessPolicy
 async fn sign_in(State(state): State<ExplorerState>, req: Request) -> Result<Response, ApiError> {
     let explorer = &state.explorer;
     let previous = session_cookie(req.headers());
-    let body = axum::body::to_bytes(req.into_body(), SIGN_IN_BODY_LIMIT)
-        .await
-        .map_err(|_| ApiError::argument("the sign-in body could not be read"))?;
+    // Within the API's body time, as every REST body: a trickled body cannot hold the request.
+    let body = tokio::time::timeout(
+        state.api.body_timeout,
+        axum::body::to_bytes(req.into_body(), SIGN_IN_BODY_LIMIT),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::argument("the sign-in body did not arrive in time")
+            .with_status(StatusCode::REQUEST_TIMEOUT)
+    })?
+    .map_err(|_| ApiError::argument("the sign-in body could not be read"))?;
     let sign_in: SignIn = serde_json::from_slice(&body).map_err(|_| {
         ApiError::argument("the body must be {\"token\": ...} or {\"connectionString\": ...}")
     })?;

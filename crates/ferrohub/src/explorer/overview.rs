@@ -6,6 +6,7 @@
 //!  "devices": {"total": 3, "enabled": 2, "disabled": 1, "connected": 1},
 //!  "telemetry": {"messagesIn": 10, "bytesIn": 420},
 //!  "c2d": {"sent": 2, "delivered": 2, "completed": 1},
+//!  "eventsOut": 9,
 //!  "connections": {"current": 1, "byTransport": {"mqtt-tls": 1, "mqtt-ws": 0, "https": 0}},
 //!  "connects": {"accepted": 4},
 //!  "refusals": {"IoTHubUnauthorized": 1},
@@ -14,9 +15,11 @@
 //! ```
 //!
 //! Counters are the process's (`ferrohub_hub::metrics::counters`, moved by the same calls as
-//! the Prometheus metrics) since it started; `refusals` counts refused device CONNECTs by IoT
-//! Hub error name. A figure the hub cannot give is left out rather than sent as zero: the
-//! device counts when the store fails, and `eventsOut`, which the hub does not count.
+//! the Prometheus metrics) since it started; `eventsOut` counts events handed to back-end
+//! readers (`GET /events` lines, Event Hubs transfers), `refusals` refused device CONNECTs by
+//! IoT Hub error name, `byTransport` open connections by the metrics' transport label
+//! (`mqtt-tls`, `mqtt-ws`, `https`). A figure the hub cannot give is left out rather than sent
+//! as zero: `devices` when the store fails, `storage` when the directory cannot be read.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -85,6 +88,10 @@ pub async fn overview(State(state): State<ExplorerState>, _: SignedIn) -> Json<V
             "delivered": c.c2d_delivered.load(Ordering::Relaxed),
             "completed": c.c2d_completed.load(Ordering::Relaxed),
         }),
+    );
+    out.insert(
+        "eventsOut".into(),
+        json!(c.events_delivered.load(Ordering::Relaxed)),
     );
     let by_transport = c.connections();
     out.insert(
