@@ -21,6 +21,8 @@ export class LiveChart {
     this.windowSeconds = opts.windowSeconds || 300;
     this.height = opts.height || 260;
     this.labels = opts.labels || {};
+    // {name: unit}: series of different units get their own y axis (left, right, ...).
+    this.units = opts.units || {};
     this.yLabel = opts.yLabel || '';
     this.names = [];
     this.points = []; // [{t, values: {name: number}}]
@@ -94,20 +96,34 @@ export class LiveChart {
     this.empty.hidden = true;
     const axis = cssVar('--muted', '#6b7280');
     const grid = cssVar('--grid', 'rgba(0,0,0,0.08)');
+    const scaleOf = (n) => (this.units[n] ? `unit:${this.units[n]}` : 'y');
+    const scaleKeys = [...new Set(this.names.map(scaleOf))];
+    const scales = { x: { time: true } };
+    for (const k of scaleKeys) scales[k] = { auto: true };
+    const yAxes = scaleKeys.map((k, i) => ({
+      scale: k,
+      side: i % 2 ? 1 : 3,
+      stroke: axis,
+      grid: { stroke: grid, show: i === 0 },
+      ticks: { stroke: grid },
+      label: k === 'y' ? this.yLabel || undefined : k.slice(5),
+      size: 60,
+    }));
     const opts = {
       width: Math.max(200, this.container.clientWidth - 2),
       height: this.height,
       cursor: { drag: { x: false, y: false } },
       legend: { live: true },
-      scales: { x: { time: true } },
+      scales,
       axes: [
         { stroke: axis, grid: { stroke: grid }, ticks: { stroke: grid } },
-        { stroke: axis, grid: { stroke: grid }, ticks: { stroke: grid }, label: this.yLabel || undefined, size: 60 },
+        ...yAxes,
       ],
       series: [
         { label: 'time' },
         ...this.names.map((n, i) => ({
           label: this.labels[n] || n,
+          scale: scaleOf(n),
           stroke: PALETTE[i % PALETTE.length],
           width: 2,
           spanGaps: true,

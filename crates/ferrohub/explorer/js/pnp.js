@@ -240,12 +240,14 @@ export async function pnpView(ctx) {
 
   // Telemetry by the model's names and units (component telemetry: "component/name").
   const labels = {};
+  const units = {};
   const fields = [];
   for (const comp of comps) {
     for (const t of comp.contents.filter((c) => isA(c, 'Telemetry'))) {
       const key = comp.name ? `${comp.name}/${t.name}` : t.name;
       fields.push(key);
       const u = unitSymbol(t.unit);
+      if (u) units[key] = u;
       labels[key] = `${comp.name ? `${comp.name}: ` : ''}${label(t)}${u ? ` (${u})` : ''}`;
     }
   }
@@ -265,7 +267,7 @@ export async function pnpView(ctx) {
   if (canService && fields.length) {
     telBox.append(h('h2.section-title', { text: 'Telemetry by the model' }));
     telemetryView(telBox, {
-      deviceId, signal, labels, fields, title: 'Model telemetry', minutesBack: 5, windowSeconds: 300,
+      deviceId, signal, labels, units, fields, title: 'Model telemetry', minutesBack: 5, windowSeconds: 300,
       fieldOf: (ev, json, nums) => {
         const comp = ev.systemProperties && ev.systemProperties['dt-subject'];
         if (!comp) return nums;

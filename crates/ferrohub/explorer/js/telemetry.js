@@ -48,7 +48,7 @@ export function telemetryView(container, opts) {
   const count = h('span.muted', { testid: 'tel-count', text: '0 events' });
   const errBox = h('div');
 
-  const chart = new LiveChart(chartBox, { windowSeconds: opts.windowSeconds || 60, labels: opts.labels || {}, testid: 'tel-chart', emptyText: 'No numeric fields yet: the chart shows every number in JSON bodies.' });
+  const chart = new LiveChart(chartBox, { windowSeconds: opts.windowSeconds || 60, labels: opts.labels || {}, units: opts.units || {}, testid: 'tel-chart', emptyText: 'No numeric fields yet: the chart shows every number in JSON bodies.' });
   const known = new Map(); // field -> checkbox
   let paused = false;
   let total = 0;

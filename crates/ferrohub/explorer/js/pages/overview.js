@@ -19,7 +19,7 @@ export async function render({ main, signal }) {
     devices: stat('Devices', 'ov-devices-total'),
     connected: stat('Connected', 'ov-devices-connected'),
     inRate: stat('Messages in / s', 'ov-rate-in'),
-    c2dRate: stat('Cloud-to-device / s', 'ov-rate-c2d'),
+    outRate: stat('Events out / s', 'ov-rate-out'),
   };
   const errBox = h('div');
   const chartBox = h('div.chart-box');
@@ -78,8 +78,8 @@ export async function render({ main, signal }) {
     cards.connected.sub.textContent = `${fmtNum(get(o, 'connections.current'))} connections open`;
     cards.inRate.value.textContent = rIn === undefined ? DASH : fmtNum(rIn, 1);
     cards.inRate.sub.textContent = `${fmtNum(get(o, 'telemetry.messagesIn'))} total · ${rBytes === undefined ? DASH : fmtBytes(rBytes)}/s`;
-    cards.c2dRate.value.textContent = rC2d === undefined ? DASH : fmtNum(rC2d, 1);
-    cards.c2dRate.sub.textContent = `${fmtNum(get(o, 'c2d.sent'))} sent · ${fmtNum(get(o, 'c2d.completed'))} completed`;
+    cards.outRate.value.textContent = rOut === undefined ? DASH : fmtNum(rOut, 1);
+    cards.outRate.sub.textContent = `to back-end readers · C2D ${rC2d === undefined ? DASH : fmtNum(rC2d, 1)}/s`;
     if (typeof o.eventsOut === 'number' && !chartSeries.includes('out')) {
       chartSeries = ['in', 'out', 'c2d'];
       chart.setSeries(chartSeries);
