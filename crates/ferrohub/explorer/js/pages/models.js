@@ -23,7 +23,7 @@ export async function render({ main, params, signal }) {
         h('tbody', models.length ? models.map((m) => h('tr', { testid: 'model-row', dataset: { modelId: m.id }, class: params.modelId === m.id ? 'selected' : '' },
           h('td', h('a.id-link', { href: `#/models/${encodeURIComponent(m.id)}`, text: m.id })),
           h('td', { text: text(m.displayName) || DASH }),
-          h('td', { text: fmtTime(m.createdDateTimeUtc) }),
+          h('td.nowrap', { text: fmtTime(m.createdDateTimeUtc) }),
           h('td.row-actions', canWrite ? h('button.btn.btn-small.btn-danger', { type: 'button', text: 'Remove', testid: 'model-remove', onclick: () => remove(m.id) }) : null)))
           : h('tr', h('td.empty', { colspan: 4, text: 'No models yet. Add a DTDL interface to describe your devices.' })))));
     } catch (e) {
