@@ -1,5 +1,5 @@
-//! Delivery to external routing endpoints (webhook, NATS): a durable stream per endpoint that
-//! ingest appends to, and a task per endpoint that sends from it at least once.
+//! Delivery to external routing endpoints (webhook, NATS, storage): a durable stream per
+//! endpoint that ingest appends to, and a task per endpoint that sends from it at least once.
 //!
 //! Ingest never waits on the external system: a message routed to an external endpoint is
 //! appended to the endpoint's own one-partition stream inside the hub (a [`StreamEngine`]
@@ -17,8 +17,13 @@
 //! [`DEAD_LETTER_REASON`], to the stream `NAME.deadletter` (readable like any endpoint stream,
 //! `ferrohub monitor --endpoint NAME.deadletter`) and counted, rather than left to retention.
 //!
-//! The senders themselves (HTTP, NATS) live with the composer (`ferrohub/src/endpoints`), so
-//! this crate still holds no sockets: it asks a [`SenderFactory`] for one per endpoint.
+//! A storage endpoint lingers: its batch is sent (written as one file) when the oldest message
+//! in it is the endpoint's window old, or when it reaches the endpoint's size, whichever is
+//! first; the cursor moves only once the file is durable.
+//!
+//! The senders themselves (HTTP, NATS, the file writer) are made by the composer
+//! (`ferrohub/src/endpoints`), so this crate still holds no sockets: it asks a
+//! [`SenderFactory`] for one per endpoint.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -207,6 +212,45 @@ pub(crate) struct DeliveryOptions {
     pub timeout: Duration,
     pub retention: Duration,
     pub dead_after: Duration,
+    /// How long the oldest message waits for company before a batch that is not full is sent
+    /// anyway (a storage endpoint's window); zero sends whatever is there at once.
+    pub linger: Duration,
+    /// A batch is full, and cut there, at this many bytes (at least one message).
+    pub max_bytes: usize,
+}
+
+/// How often a lingering task looks again whether its batch filled up.
+const LINGER_POLL: Duration = Duration::from_secs(1);
+
+/// What a message counts for against a batch's size: its body and properties.
+fn record_bytes(e: &EventRecord) -> usize {
+    let props: usize = e
+        .event
+        .properties
+        .iter()
+        .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
+        .sum();
+    let system: usize = e
+        .event
+        .system_properties
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    e.event.body.len() + props + system
+}
+
+/// How many messages at the head of `batch` fit in `max_bytes` (at least one, so a message
+/// larger than the limit still leaves, alone).
+fn fits(batch: &[EventRecord], max_bytes: usize) -> usize {
+    let mut total = 0usize;
+    let n = batch
+        .iter()
+        .take_while(|e| {
+            total = total.saturating_add(record_bytes(e));
+            total <= max_bytes
+        })
+        .count();
+    n.max(1).min(batch.len())
 }
 
 /// A running delivery task.
@@ -345,13 +389,14 @@ impl Task {
                     continue;
                 }
             };
-            let Some(first) = batch.first() else {
+            let Some(head_enqueued_ms) = batch.first().map(|e| e.event.enqueued_ms) else {
                 tokio::select! {
                     r = commits.changed() => if r.is_err() { return },
                     _ = self.stop.wait_for(|s| *s) => return,
                 }
                 continue;
             };
+            let mut batch = batch;
             // Messages past the retention window leave for the dead-letter stream instead of
             // being removed unseen by retention.
             let now_ms = Timestamp::now().unix_ms();
@@ -375,6 +420,21 @@ impl Task {
                         continue;
                     }
                 }
+            }
+            if !self.opts.linger.is_zero() {
+                let cut = fits(&batch, self.opts.max_bytes);
+                let full = cut < batch.len() || batch.len() >= self.opts.batch;
+                let head_age = Duration::from_millis(
+                    u64::try_from(now_ms.saturating_sub(head_enqueued_ms)).unwrap_or(0),
+                );
+                if !full && head_age < self.opts.linger {
+                    let wait = (self.opts.linger - head_age).min(LINGER_POLL);
+                    if let Woken::Stop = self.pause(wait).await {
+                        return;
+                    }
+                    continue;
+                }
+                batch.truncate(cut);
             }
             let send_limit = self.opts.timeout + SEND_GRACE;
             let outcome = tokio::select! {
@@ -416,7 +476,7 @@ impl Task {
                     self.health.failure(&e);
                     // Wake no later than the head message expires, to dead-letter it on time.
                     let head_age = Duration::from_millis(
-                        u64::try_from(now_ms.saturating_sub(first.event.enqueued_ms)).unwrap_or(0),
+                        u64::try_from(now_ms.saturating_sub(head_enqueued_ms)).unwrap_or(0),
                     );
                     let until_expiry = self.opts.retention.saturating_sub(head_age);
                     let wait = backoff(failures).min(until_expiry.max(BACKOFF_BASE));

@@ -852,7 +852,15 @@ impl Hub {
                     .collect(),
             )
             .await
-            .map_err(|e| store_error("write device jobs", e))
+            .map_err(|e| store_error("write device jobs", e))?;
+        // Each device whose part ended is a device job lifecycle event, once its row is durable.
+        for (device_id, row) in rows {
+            if matches!(row["status"].as_str(), Some("completed" | "failed")) {
+                self.emit_device_job(&Identity::device(device_id), row)
+                    .await;
+            }
+        }
+        Ok(())
     }
 
     /// The runner is the only writer of statistics; a cancelled job still gets them (its

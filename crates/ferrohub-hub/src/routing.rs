@@ -36,6 +36,7 @@ use crate::delivery::{
     Deliveries, Delivery, DeliveryOptions, EndpointHealth, SenderFactory, DEAD_LETTER_SUFFIX,
 };
 use crate::error::HubError;
+use crate::storage_endpoint::{check_file_name_format, Encoding, DEFAULT_FILE_NAME_FORMAT};
 use crate::twins::StoredDoc;
 use crate::Hub;
 
@@ -111,6 +112,38 @@ pub enum EndpointKind {
         #[serde(default = "default_dead_after", rename = "deadAfterSeconds")]
         dead_after_secs: u64,
     },
+    /// Batches written as files (`storage_endpoint.rs`) under the hub's storage root, in the
+    /// directory `containerName` (IoT Hub's container), cut when the oldest message of a batch
+    /// is `batchFrequencyInSeconds` old or the batch reaches `maxChunkSizeInBytes`.
+    Storage {
+        #[serde(rename = "containerName")]
+        container: String,
+        #[serde(default)]
+        encoding: Encoding,
+        #[serde(default = "default_file_name_format", rename = "fileNameFormat")]
+        file_name_format: String,
+        #[serde(
+            default = "default_batch_frequency",
+            rename = "batchFrequencyInSeconds"
+        )]
+        batch_frequency_secs: u64,
+        #[serde(default = "default_max_chunk", rename = "maxChunkSizeInBytes")]
+        max_chunk_bytes: u64,
+        #[serde(default = "default_retention", rename = "retentionSeconds")]
+        retention_secs: u64,
+        #[serde(default = "default_dead_after", rename = "deadAfterSeconds")]
+        dead_after_secs: u64,
+    },
+}
+
+/// What every endpoint delivered from the hub (webhook, NATS, storage) has, whatever its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalFields {
+    /// Messages read (and handed to the sender) at once.
+    pub batch: u32,
+    pub timeout_secs: u64,
+    pub retention_secs: u64,
+    pub dead_after_secs: u64,
 }
 
 /// Request timeout of an external endpoint when its creator names none.
@@ -121,6 +154,20 @@ pub const DEFAULT_DEAD_AFTER_SECS: u64 = 600;
 pub const DEFAULT_NATS_BATCH: u32 = 64;
 /// Largest batch of an external endpoint.
 pub const MAX_BATCH: u32 = 500;
+/// IoT Hub's default window of a storage endpoint (its range is 60 to 720 s; Ferrohub also
+/// takes shorter windows, down to one second, for tests and local development).
+pub const DEFAULT_BATCH_FREQUENCY_SECS: u64 = 300;
+pub const MAX_BATCH_FREQUENCY_SECS: u64 = 720;
+/// IoT Hub's default and largest chunk of a storage endpoint: 300 MB and 500 MB (IoT Hub's
+/// smallest is 10 MB; Ferrohub takes down to 1 KiB, for tests).
+pub const DEFAULT_MAX_CHUNK_BYTES: u64 = 314_572_800;
+pub const MAX_CHUNK_BYTES: u64 = 524_288_000;
+pub const MIN_CHUNK_BYTES: u64 = 1024;
+/// Messages per storage file at most, so a window of small messages never holds an unbounded
+/// batch in memory; a full window is cut into several files.
+pub const MAX_STORAGE_RECORDS: u32 = 100_000;
+/// How long writing one storage file may take before the attempt counts as failed.
+pub const STORAGE_WRITE_TIMEOUT_SECS: u64 = 120;
 
 fn one() -> u32 {
     1
@@ -134,6 +181,15 @@ fn default_dead_after() -> u64 {
 fn default_nats_batch() -> u32 {
     DEFAULT_NATS_BATCH
 }
+fn default_file_name_format() -> String {
+    DEFAULT_FILE_NAME_FORMAT.into()
+}
+fn default_batch_frequency() -> u64 {
+    DEFAULT_BATCH_FREQUENCY_SECS
+}
+fn default_max_chunk() -> u64 {
+    DEFAULT_MAX_CHUNK_BYTES
+}
 
 impl EndpointKind {
     /// The `type` in JSON.
@@ -142,13 +198,15 @@ impl EndpointKind {
             EndpointKind::Stream { .. } => "stream",
             EndpointKind::Webhook { .. } => "webhook",
             EndpointKind::Nats { .. } => "nats",
+            EndpointKind::Storage { .. } => "storage",
         }
     }
 
-    /// How an external endpoint is delivered to; `None` for a stream read inside the hub.
-    pub(crate) fn delivery(&self) -> Option<DeliveryOptions> {
-        let (batch, timeout_secs, retention_secs, dead_after_secs) = match self {
-            EndpointKind::Stream { .. } => return None,
+    /// The fields every endpoint delivered from the hub has; `None` for a stream read inside
+    /// the hub.
+    pub fn external_fields(&self) -> Option<ExternalFields> {
+        match self {
+            EndpointKind::Stream { .. } => None,
             EndpointKind::Webhook {
                 batch,
                 timeout_secs,
@@ -162,13 +220,47 @@ impl EndpointKind {
                 retention_secs,
                 dead_after_secs,
                 ..
-            } => (*batch, *timeout_secs, *retention_secs, *dead_after_secs),
+            } => Some(ExternalFields {
+                batch: *batch,
+                timeout_secs: *timeout_secs,
+                retention_secs: *retention_secs,
+                dead_after_secs: *dead_after_secs,
+            }),
+            EndpointKind::Storage {
+                retention_secs,
+                dead_after_secs,
+                ..
+            } => Some(ExternalFields {
+                batch: MAX_STORAGE_RECORDS,
+                timeout_secs: STORAGE_WRITE_TIMEOUT_SECS,
+                retention_secs: *retention_secs,
+                dead_after_secs: *dead_after_secs,
+            }),
+        }
+    }
+
+    /// How an external endpoint is delivered to; `None` for a stream read inside the hub.
+    pub(crate) fn delivery(&self) -> Option<DeliveryOptions> {
+        let f = self.external_fields()?;
+        let (linger, max_bytes, max_batch) = match self {
+            EndpointKind::Storage {
+                batch_frequency_secs,
+                max_chunk_bytes,
+                ..
+            } => (
+                Duration::from_secs(*batch_frequency_secs),
+                usize::try_from(*max_chunk_bytes).unwrap_or(usize::MAX),
+                MAX_STORAGE_RECORDS,
+            ),
+            _ => (Duration::ZERO, usize::MAX, MAX_BATCH),
         };
         Some(DeliveryOptions {
-            batch: usize::try_from(batch.clamp(1, MAX_BATCH)).unwrap_or(1),
-            timeout: Duration::from_secs(timeout_secs),
-            retention: Duration::from_secs(retention_secs),
-            dead_after: Duration::from_secs(dead_after_secs),
+            batch: usize::try_from(f.batch.clamp(1, max_batch)).unwrap_or(1),
+            timeout: Duration::from_secs(f.timeout_secs),
+            retention: Duration::from_secs(f.retention_secs),
+            dead_after: Duration::from_secs(f.dead_after_secs),
+            linger,
+            max_bytes,
         })
     }
 
@@ -179,19 +271,24 @@ impl EndpointKind {
     fn stream_retention_secs(&self) -> u64 {
         match self {
             EndpointKind::Stream { retention_secs, .. } => *retention_secs,
-            EndpointKind::Webhook {
-                retention_secs,
-                timeout_secs,
-                ..
+            external => {
+                let Some(f) = external.external_fields() else {
+                    return DEFAULT_STREAM_RETENTION_SECS;
+                };
+                // A storage endpoint's messages also wait out their window before they are sent.
+                let linger = match external {
+                    EndpointKind::Storage {
+                        batch_frequency_secs,
+                        ..
+                    } => *batch_frequency_secs,
+                    _ => 0,
+                };
+                f.retention_secs
+                    .saturating_mul(2)
+                    .saturating_add(f.timeout_secs)
+                    .saturating_add(linger)
+                    .saturating_add(60)
             }
-            | EndpointKind::Nats {
-                retention_secs,
-                timeout_secs,
-                ..
-            } => retention_secs
-                .saturating_mul(2)
-                .saturating_add(*timeout_secs)
-                .saturating_add(60),
         }
     }
 }
@@ -212,6 +309,24 @@ pub struct Endpoint {
     pub name: String,
     #[serde(flatten)]
     pub kind: EndpointKind,
+}
+
+/// What the routing resource shows instead of a webhook's static header values, which hold
+/// secrets (an `Authorization`, say) that a registry-read policy must not learn. Putting an
+/// endpoint back with this value keeps the stored one, so a read-modify-write loses nothing.
+pub const REDACTED: &str = "<redacted>";
+
+impl Endpoint {
+    /// The endpoint as the API shows it: webhook header values [`REDACTED`].
+    pub fn redacted(&self) -> Endpoint {
+        let mut e = self.clone();
+        if let EndpointKind::Webhook { headers, .. } = &mut e.kind {
+            for v in headers.values_mut() {
+                *v = REDACTED.into();
+            }
+        }
+        e
+    }
 }
 
 /// Where a route's messages come from, by IoT Hub's names: device telemetry, or one of the
@@ -309,6 +424,14 @@ fn conflict(message: String) -> HubError {
 }
 
 impl RoutingConfig {
+    /// The configuration as the API shows it (see [`Endpoint::redacted`]).
+    pub fn redacted(&self) -> RoutingConfig {
+        RoutingConfig {
+            endpoints: self.endpoints.iter().map(Endpoint::redacted).collect(),
+            ..self.clone()
+        }
+    }
+
     fn endpoint(&self, name: &str) -> Option<&Endpoint> {
         self.endpoints.iter().find(|e| e.name == name)
     }
@@ -388,32 +511,53 @@ impl RoutingConfig {
                         endpoints::check_nats_stream(s).map_err(arg)?;
                     }
                 }
+                EndpointKind::Storage {
+                    container,
+                    file_name_format,
+                    batch_frequency_secs,
+                    max_chunk_bytes,
+                    retention_secs,
+                    ..
+                } => {
+                    let arg = |m: String| HubError::argument(format!("endpoint {}: {m}", e.name));
+                    endpoints::check_container_name(container).map_err(arg)?;
+                    // Otherwise every message would be dead-lettered while it waits for its file.
+                    if retention_secs <= batch_frequency_secs {
+                        return Err(arg(format!(
+                            "retentionSeconds ({retention_secs}) must be longer than batchFrequencyInSeconds ({batch_frequency_secs})"
+                        )));
+                    }
+                    check_file_name_format(file_name_format).map_err(|err| arg(err.to_string()))?;
+                    if !(1..=MAX_BATCH_FREQUENCY_SECS).contains(batch_frequency_secs) {
+                        return Err(arg(format!(
+                            "batchFrequencyInSeconds must be 1 to {MAX_BATCH_FREQUENCY_SECS}, not {batch_frequency_secs}"
+                        )));
+                    }
+                    if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(max_chunk_bytes) {
+                        return Err(arg(format!(
+                            "maxChunkSizeInBytes must be {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES}, not {max_chunk_bytes}"
+                        )));
+                    }
+                }
             }
-            if let EndpointKind::Webhook {
-                batch,
-                timeout_secs,
-                retention_secs,
-                dead_after_secs,
-                ..
-            }
-            | EndpointKind::Nats {
-                batch,
-                timeout_secs,
-                retention_secs,
-                dead_after_secs,
-                ..
-            } = &e.kind
-            {
+            if let Some(f) = e.kind.external_fields() {
                 let bad = |m: String| Err(HubError::argument(format!("endpoint {}: {m}", e.name)));
-                if !(1..=MAX_BATCH).contains(batch) {
-                    return bad(format!("batchSize must be 1 to {MAX_BATCH}, not {batch}"));
+                // A storage endpoint's batch and timeout are the hub's, not its creator's.
+                if !matches!(e.kind, EndpointKind::Storage { .. }) {
+                    if !(1..=MAX_BATCH).contains(&f.batch) {
+                        return bad(format!(
+                            "batchSize must be 1 to {MAX_BATCH}, not {}",
+                            f.batch
+                        ));
+                    }
+                    if !(1..=300).contains(&f.timeout_secs) {
+                        return bad(format!(
+                            "timeoutSeconds must be 1 to 300, not {}",
+                            f.timeout_secs
+                        ));
+                    }
                 }
-                if !(1..=300).contains(timeout_secs) {
-                    return bad(format!(
-                        "timeoutSeconds must be 1 to 300, not {timeout_secs}"
-                    ));
-                }
-                if *retention_secs == 0 || *dead_after_secs == 0 {
+                if f.retention_secs == 0 || f.dead_after_secs == 0 {
                     return bad("retentionSeconds and deadAfterSeconds must be at least 1".into());
                 }
             }
@@ -972,8 +1116,26 @@ impl Hub {
     }
 
     /// Adds or replaces a custom endpoint. An existing stream keeps its partition count.
+    /// A webhook header given as [`REDACTED`] keeps its stored value.
     pub async fn put_endpoint(&self, endpoint: Endpoint) -> Result<Endpoint, HubError> {
         self.change_routing(format!("endpoint {} set", endpoint.name), move |c| {
+            let mut endpoint = endpoint.clone();
+            let stored = c.endpoint(&endpoint.name).map(|e| e.kind.clone());
+            if let EndpointKind::Webhook { headers, .. } = &mut endpoint.kind {
+                for (k, v) in headers.iter_mut().filter(|(_, v)| v.as_str() == REDACTED) {
+                    match &stored {
+                        Some(EndpointKind::Webhook { headers: old, .. }) if old.contains_key(k) => {
+                            v.clone_from(&old[k]);
+                        }
+                        _ => {
+                            return Err(HubError::argument(format!(
+                                "endpoint {}: header {k} is {REDACTED}, but no value is stored for it; give the value",
+                                endpoint.name
+                            )))
+                        }
+                    }
+                }
+            }
             if let Some(old) = c.endpoints.iter_mut().find(|e| e.name == endpoint.name) {
                 if old.kind.type_name() != endpoint.kind.type_name() {
                     return Err(conflict(format!(

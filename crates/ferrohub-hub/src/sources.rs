@@ -1,5 +1,5 @@
 //! The non-telemetry events the hub emits as routing sources: device and module lifecycle,
-//! twin changes, connection state and digital twin changes, in IoT Hub's format
+//! twin changes, connection state, digital twin changes and device job ends, in IoT Hub's format
 //! (`ferrohub_iothub::notifications`), routed by the routes of their source alone (no
 //! fallback) to their endpoints' durable streams.
 //!
@@ -182,6 +182,19 @@ impl Hub {
         let epoch = self.sources.epoch.load(Ordering::Relaxed);
         let body = connection_state_body(epoch, conn_seq, u64::from(!connected));
         let n = self.notification(op, identity, &body);
+        self.emit(identity, n, None).await;
+    }
+
+    /// A device's part of a job ended (`completed` or `failed`, the body's `status`). IoT Hub
+    /// documents no format for device job lifecycle events, so this one follows its others:
+    /// `opType` `deviceJobCompleted`, the usual system and application properties, and as
+    /// body the device job as `GET /jobs/v2/query` lists it (`jobId`, `jobType`, `status`,
+    /// times, `outcome` or `error`).
+    pub(crate) async fn emit_device_job(&self, identity: &Identity, device_job: &Value) {
+        if !self.emits(Operation::DeviceJobCompleted) {
+            return;
+        }
+        let n = self.notification(Operation::DeviceJobCompleted, identity, device_job);
         self.emit(identity, n, None).await;
     }
 

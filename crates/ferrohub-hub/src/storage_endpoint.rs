@@ -3,7 +3,7 @@
 //! the `Microsoft.Azure.Devices.Message` schema) and in JSON lines, with the system properties
 //! under the names IoT Hub gives them for storage, and the durable write of one batch file.
 //! The delivery task (batching by time window or size, the cursor) decides when a batch is cut;
-//! this module only says what it looks like on disk.
+//! this module says what it looks like on disk, and [`StorageWriter`] writes it.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -16,6 +16,8 @@ use ferrohub_store::telemetry::EventRecord;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
+
+use crate::delivery::{EndpointSender, SendFailure};
 
 /// IoT Hub's default file name format.
 pub const DEFAULT_FILE_NAME_FORMAT: &str = "{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}";
@@ -48,8 +50,16 @@ const AVRO_SCHEMA: &str = r#"{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
+    /// IoT Hub spells it `Avro` (and `AvroDeflate`, which is what is written: deflate blocks).
     #[default]
+    #[serde(
+        alias = "Avro",
+        alias = "AVRO",
+        alias = "AvroDeflate",
+        alias = "avrodeflate"
+    )]
     Avro,
+    #[serde(alias = "JSON", alias = "Json")]
     Json,
 }
 
@@ -290,6 +300,39 @@ pub fn write_batch(
         .and_then(|d| d.sync_all())
         .map_err(io(&dir))?;
     Ok(path)
+}
+
+/// Writes each batch the delivery task hands it as one file under `dir` (the endpoint's
+/// container directory). The batch comes from the endpoint's one-partition stream, so
+/// `{partition}` is 0; the time tokens are the enqueued time of the batch's first message.
+#[derive(Debug, Clone)]
+pub struct StorageWriter {
+    pub dir: PathBuf,
+    pub hub: String,
+    pub file_name_format: String,
+    pub encoding: Encoding,
+}
+
+#[async_trait::async_trait]
+impl EndpointSender for StorageWriter {
+    async fn send(&self, batch: &[EventRecord]) -> Result<(), SendFailure> {
+        let Some(first) = batch.first() else {
+            return Ok(());
+        };
+        let nanos = i128::from(first.event.enqueued_ms) * 1_000_000;
+        let time =
+            OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let relative = file_name(&self.file_name_format, &self.hub, 0, time);
+        let bytes = encode(self.encoding, batch).map_err(|e| SendFailure::new(e.to_string()))?;
+        let dir = self.dir.clone();
+        // Encoding is CPU work worth keeping off a busy runtime thread only for big batches;
+        // the write and its fsyncs always block.
+        tokio::task::spawn_blocking(move || write_batch(&dir, &relative, &bytes))
+            .await
+            .map_err(|e| SendFailure::new(format!("the file writer stopped: {e}")))?
+            .map_err(|e| SendFailure::new(e.to_string()))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -213,6 +213,24 @@ pub fn check_nats_stream(stream: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A storage endpoint's container name, by Azure's rules for blob containers: 3 to 63
+/// characters, lower-case letters, digits and single hyphens, starting and ending with a letter
+/// or digit. It names a directory under the hub's storage root, so these rules also keep it a
+/// single, harmless path segment.
+pub fn check_container_name(name: &str) -> Result<(), String> {
+    let chars_ok = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let ends_ok = !name.starts_with('-') && !name.ends_with('-');
+    if !(3..=63).contains(&name.len()) || !chars_ok || !ends_ok || name.contains("--") {
+        return Err(format!(
+            "containerName {name:?}: 3 to 63 lower-case letters, digits and single hyphens, \
+             starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +307,10 @@ mod tests {
         }
         assert!(check_nats_stream("TELEMETRY_1").is_ok());
         assert!(check_nats_stream("a.b").is_err());
+        assert!(check_container_name("telemetry-archive").is_ok());
+        for bad in ["ab", "Upper", "-a-b", "a-b-", "a--b", "a/b", "..", "a.b"] {
+            assert!(check_container_name(bad).is_err(), "{bad}");
+        }
         assert!(check_static_header("Authorization", "Bearer x").is_ok());
         assert!(check_static_header("Content-Length", "1").is_err());
         assert!(check_static_header("iothub-app-x", "1").is_err());

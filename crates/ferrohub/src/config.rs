@@ -167,7 +167,7 @@ struct FileConfig {
 /// fallback = true
 /// [[routing.endpoints]]
 /// name = "hot"
-/// type = "stream"        # stream | webhook | nats
+/// type = "stream"        # stream | webhook | nats | storage
 /// partitions = 2         # default 4
 /// retention_secs = 3600  # default 86400
 /// [[routing.endpoints]]
@@ -186,6 +186,14 @@ struct FileConfig {
 /// url = "nats://127.0.0.1:4222"
 /// subject = "iot.telemetry"
 /// stream = "TELEMETRY"   # optional: the JetStream stream that must capture the subject
+/// [[routing.endpoints]]
+/// name = "archive"
+/// type = "storage"       # files under <data-dir>/storage/<container_name>/
+/// container_name = "telemetry-archive"
+/// encoding = "avro"      # avro (the default) | json (JSON lines)
+/// file_name_format = "{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}"  # the default
+/// batch_frequency_secs = 300        # a file when its oldest message is this old (1 to 720)
+/// max_chunk_bytes = 314572800       # or when it reaches this size (1024 to 524288000)
 /// [[routing.routes]]
 /// name = "critical"
 /// source = "DeviceMessages"   # the default
@@ -226,15 +234,22 @@ pub struct EndpointFile {
     pub headers: std::collections::BTreeMap<String, String>,
     pub ca_file: Option<PathBuf>,
     pub dead_after_secs: Option<u64>,
+    pub container_name: Option<String>,
+    pub encoding: Option<String>,
+    pub file_name_format: Option<String>,
+    pub batch_frequency_secs: Option<u64>,
+    pub max_chunk_bytes: Option<u64>,
 }
 
 impl EndpointFile {
     /// The endpoint in the hub's terms; options of another type are refused, not ignored.
     fn resolve(self) -> anyhow::Result<ferrohub_hub::routing::Endpoint> {
         use ferrohub_hub::routing::{
-            Endpoint, EndpointKind, DEFAULT_DEAD_AFTER_SECS, DEFAULT_NATS_BATCH,
-            DEFAULT_STREAM_PARTITIONS, DEFAULT_STREAM_RETENTION_SECS, DEFAULT_TIMEOUT_SECS,
+            Endpoint, EndpointKind, DEFAULT_BATCH_FREQUENCY_SECS, DEFAULT_DEAD_AFTER_SECS,
+            DEFAULT_MAX_CHUNK_BYTES, DEFAULT_NATS_BATCH, DEFAULT_STREAM_PARTITIONS,
+            DEFAULT_STREAM_RETENTION_SECS, DEFAULT_TIMEOUT_SECS,
         };
+        use ferrohub_hub::storage_endpoint::{Encoding, DEFAULT_FILE_NAME_FORMAT};
         let name = self.name;
         let retention_secs = self.retention_secs.unwrap_or(DEFAULT_STREAM_RETENTION_SECS);
         let timeout_secs = self.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
@@ -248,7 +263,52 @@ impl EndpointFile {
             }
             Ok(())
         };
+        let storage_set = self.container_name.is_some()
+            || self.encoding.is_some()
+            || self.file_name_format.is_some()
+            || self.batch_frequency_secs.is_some()
+            || self.max_chunk_bytes.is_some();
+        const STORAGE_OPTIONS: &str =
+            "container_name, encoding, file_name_format, batch_frequency_secs or max_chunk_bytes";
+        if self.kind != "storage" {
+            refuse(storage_set, STORAGE_OPTIONS)?;
+        }
         let kind = match self.kind.as_str() {
+            "storage" => {
+                refuse(
+                    self.partitions.is_some()
+                        || self.url.is_some()
+                        || self.subject.is_some()
+                        || self.stream.is_some()
+                        || self.batch_size.is_some()
+                        || self.timeout_secs.is_some()
+                        || !self.headers.is_empty()
+                        || self.ca_file.is_some(),
+                    "partitions, url, subject, stream, batch_size, timeout_secs, headers or ca_file",
+                )?;
+                let encoding = match self.encoding.as_deref() {
+                    None => Encoding::default(),
+                    Some(e) => serde_json::from_value(serde_json::Value::String(e.into()))
+                        .map_err(|_| {
+                            anyhow::anyhow!(
+                                "routing endpoint {name}: encoding {e:?} is not avro or json"
+                            )
+                        })?,
+                };
+                EndpointKind::Storage {
+                    container: need(self.container_name, "container_name")?,
+                    encoding,
+                    file_name_format: self
+                        .file_name_format
+                        .unwrap_or_else(|| DEFAULT_FILE_NAME_FORMAT.into()),
+                    batch_frequency_secs: self
+                        .batch_frequency_secs
+                        .unwrap_or(DEFAULT_BATCH_FREQUENCY_SECS),
+                    max_chunk_bytes: self.max_chunk_bytes.unwrap_or(DEFAULT_MAX_CHUNK_BYTES),
+                    retention_secs,
+                    dead_after_secs,
+                }
+            }
             "stream" => {
                 refuse(
                     self.url.is_some()
@@ -303,7 +363,7 @@ impl EndpointFile {
                 }
             }
             other => anyhow::bail!(
-                "routing endpoint {name}: type {other:?} is not supported (stream, webhook or nats)"
+                "routing endpoint {name}: type {other:?} is not supported (stream, webhook, nats or storage)"
             ),
         };
         Ok(Endpoint { name, kind })

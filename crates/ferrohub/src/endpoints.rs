@@ -1,9 +1,11 @@
-//! The senders of external routing endpoints: webhook (HTTPS POST with reqwest on rustls) and
-//! NATS (JetStream publish with async-nats). The hub's delivery tasks (`ferrohub_hub::delivery`)
+//! The senders of external routing endpoints: webhook (HTTPS POST with reqwest on rustls),
+//! NATS (JetStream publish with async-nats) and storage (files under the data directory, written
+//! by `ferrohub_hub::storage_endpoint`). The hub's delivery tasks (`ferrohub_hub::delivery`)
 //! call them; this module only talks to the peer and says whether it acknowledged.
 //!
 //! Header naming is `ferrohub_iothub::endpoints::message_headers`'s.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,18 +13,35 @@ use async_trait::async_trait;
 use base64::Engine as _;
 use ferrohub_hub::delivery::{EndpointSender, SendFailure, SenderFactory};
 use ferrohub_hub::routing::{Endpoint, EndpointKind};
+use ferrohub_hub::storage_endpoint::StorageWriter;
 use ferrohub_iothub::endpoints::{message_headers, HeaderStyle};
 use ferrohub_store::telemetry::EventRecord;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use serde_json::{json, Map, Value};
 
-/// Makes the webhook and NATS senders.
-#[derive(Debug, Default)]
-pub struct Senders;
+/// Makes the webhook, NATS and storage senders.
+#[derive(Debug)]
+pub struct Senders {
+    /// Where storage endpoints' containers are (`<data-dir>/storage`).
+    pub storage_root: PathBuf,
+    /// `{iothub}` in storage file names.
+    pub hub_name: String,
+}
 
 impl SenderFactory for Senders {
     fn sender(&self, endpoint: &Endpoint) -> Result<Arc<dyn EndpointSender>, String> {
         match &endpoint.kind {
+            EndpointKind::Storage {
+                container,
+                encoding,
+                file_name_format,
+                ..
+            } => Ok(Arc::new(StorageWriter {
+                dir: self.storage_root.join(container),
+                hub: self.hub_name.clone(),
+                file_name_format: file_name_format.clone(),
+                encoding: *encoding,
+            })),
             EndpointKind::Webhook {
                 url,
                 batch,

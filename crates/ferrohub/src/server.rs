@@ -451,7 +451,11 @@ async fn compose(
         cfg.hub.clone(),
     );
     hub.set_stream_engine(streams);
-    hub.set_sender_factory(Arc::new(crate::endpoints::Senders));
+    let data_dir = std::fs::canonicalize(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone());
+    hub.set_sender_factory(Arc::new(crate::endpoints::Senders {
+        storage_root: data_dir.join(STORAGE_DIR),
+        hub_name: cfg.hub_name(),
+    }));
     hub.set_hub_name(cfg.hub_name());
     // Routes and endpoints in force before the first device connects.
     hub.load_routing()
@@ -623,6 +627,9 @@ fn hub_info(
         pid: std::process::id(),
     }
 }
+
+/// Where storage routing endpoints write, one directory per container.
+pub const STORAGE_DIR: &str = "storage";
 
 /// The file that keeps the last connection state epoch (see [`connection_epoch`]).
 pub const EPOCH_FILE: &str = "connection-epoch";

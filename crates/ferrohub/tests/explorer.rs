@@ -249,6 +249,19 @@ async fn a_login_token_signs_in_once_and_sign_out_ends_the_session() -> TestResu
     assert_eq!(bad, StatusCode::UNAUTHORIZED);
     let (not_json, _, body) = post_session(&hub, &json!(["token"])).await?;
     assert_eq!(not_json, StatusCode::BAD_REQUEST, "{body}");
+    let wrong_method = call(
+        &hub,
+        Method::PUT,
+        "/explorer/api/session",
+        None,
+        None,
+        &[],
+        None,
+    )
+    .await?;
+    assert_eq!(wrong_method.status, 405);
+    assert_iothub_error(&wrong_method, "InvalidOperation");
+    assert_security_headers(&wrong_method);
 
     let browser = Browser {
         cookie: pair.to_owned(),

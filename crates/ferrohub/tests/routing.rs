@@ -15,21 +15,9 @@ use serde_json::{json, Value};
 
 const SHORT: Duration = Duration::from_secs(5);
 
-async fn put(hub: &TestHub, path: &str, body: Value) -> R<Answer> {
-    rest(hub, Method::PUT, path, Some(&body)).await
-}
-
-async fn ok(hub: &TestHub, path: &str, body: Value) -> TestResult {
-    let a = put(hub, path, body).await?;
-    if a.status != 200 {
-        return Err(format!("PUT {path}: {} {}", a.status, a.body).into());
-    }
-    Ok(())
-}
-
 /// A stream endpoint with `partitions` partitions.
 async fn stream(hub: &TestHub, name: &str, partitions: u32) -> TestResult {
-    ok(
+    put_ok(
         hub,
         &format!("/ferrohub/routing/endpoints/{name}"),
         json!({"type": "stream", "partitions": partitions}),
@@ -38,7 +26,7 @@ async fn stream(hub: &TestHub, name: &str, partitions: u32) -> TestResult {
 }
 
 async fn route(hub: &TestHub, name: &str, condition: &str, endpoints: &[&str]) -> TestResult {
-    ok(
+    put_ok(
         hub,
         &format!("/ferrohub/routing/routes/{name}"),
         json!({"source": "DeviceMessages", "condition": condition, "endpointNames": endpoints}),
@@ -145,31 +133,31 @@ async fn twin_conditions_enrichments_and_the_fallback_switch() -> TestResult {
         &["hot"],
     )
     .await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/enrichments/site",
         json!({"value": "$twin.tags.site", "endpointNames": ["hot"]}),
     )
     .await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/enrichments/floor",
         json!({"value": "$twin.tags.floor", "endpointNames": ["hot"]}),
     )
     .await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/enrichments/hub",
         json!({"value": "$iothubname", "endpointNames": ["hot", "events"]}),
     )
     .await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/enrichments/tier",
         json!({"value": "gold", "endpointNames": ["events"]}),
     )
     .await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/fallback",
         json!({"enabled": false}),
@@ -183,7 +171,7 @@ async fn twin_conditions_enrichments_and_the_fallback_switch() -> TestResult {
     // The device's own `site` is what it sent; the enrichment does not overwrite it.
     send(&mut c, 3, "m3", "kind=a&site=mine", b"3").await?;
     // Changes apply without a restart, to the same connection.
-    ok(&hub, "/ferrohub/routing/fallback", json!({"enabled": true})).await?;
+    put_ok(&hub, "/ferrohub/routing/fallback", json!({"enabled": true})).await?;
     send(&mut c, 4, "m4", "kind=b", b"4").await?;
 
     let hot = read(&hub, Some("hot"), 2).await?;

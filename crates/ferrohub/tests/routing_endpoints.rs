@@ -23,16 +23,8 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn ok(hub: &TestHub, path: &str, body: Value) -> TestResult {
-    let a = rest(hub, Method::PUT, path, Some(&body)).await?;
-    if a.status != 200 {
-        return Err(format!("PUT {path}: {} {}", a.status, a.body).into());
-    }
-    Ok(())
-}
-
 async fn route_all(hub: &TestHub, endpoints: &[&str]) -> TestResult {
-    ok(
+    put_ok(
         hub,
         "/ferrohub/routing/routes/all",
         json!({"source": "DeviceMessages", "condition": "true", "endpointNames": endpoints}),
@@ -205,14 +197,14 @@ async fn webhook_delivers_everything_in_order_through_failures_and_a_restart() -
     let mut hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
     let (k2, _) = hub.create_device("dev2").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/hook",
         json!({"type": "webhook", "url": rx.url(), "timeoutSeconds": 5,
                "headers": {"Authorization": "Bearer test"}}),
     )
     .await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/enrichments/site",
         json!({"value": "plant-7", "endpointNames": ["hook"]}),
@@ -303,11 +295,55 @@ async fn webhook_delivers_everything_in_order_through_failures_and_a_restart() -
 }
 
 #[tokio::test]
+async fn webhook_header_values_are_redacted_and_kept_when_put_back() -> TestResult {
+    let rx = Receiver::start(false).await?;
+    let hub = TestHub::start().await?;
+    let (k1, _) = hub.create_device("dev1").await?;
+    put_ok(
+        &hub,
+        "/ferrohub/routing/endpoints/hook",
+        json!({"type": "webhook", "url": rx.url(), "headers": {"Authorization": "Bearer secret"}}),
+    )
+    .await?;
+    let shown = rest(&hub, Method::GET, "/ferrohub/routing/endpoints/hook", None).await?;
+    assert_eq!(shown.body["headers"]["Authorization"], "<redacted>");
+    let all = rest(&hub, Method::GET, "/ferrohub/routing", None).await?;
+    assert_eq!(
+        all.body["endpoints"][0]["headers"]["Authorization"],
+        "<redacted>"
+    );
+    assert!(!all.body.to_string().contains("Bearer secret"));
+    // A read-modify-write with the redacted value keeps the secret.
+    let mut back = shown.body.clone();
+    back["timeoutSeconds"] = json!(7);
+    put_ok(&hub, "/ferrohub/routing/endpoints/hook", back).await?;
+    route_all(&hub, &["hook"]).await?;
+    let (mut c1, _) = hub.connect_device("dev1", &k1, true).await?;
+    send(&mut c1, "dev1", 1, "m0").await?;
+    let got = rx.wait_for(1).await?;
+    assert_eq!(
+        got[0].headers.get("authorization").map(String::as_str),
+        Some("Bearer secret")
+    );
+    // With nothing stored, the marker is not a value.
+    let a = rest(
+        &hub,
+        Method::PUT,
+        "/ferrohub/routing/endpoints/other",
+        Some(&json!({"type": "webhook", "url": rx.url(), "headers": {"X-Key": "<redacted>"}})),
+    )
+    .await?;
+    assert_eq!(a.status, 400, "{}", a.body);
+    hub.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn webhook_batches_are_json_arrays() -> TestResult {
     let rx = Receiver::start(true).await?;
     let hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/hook",
         json!({"type": "webhook", "url": rx.url(), "batchSize": 10}),
@@ -352,7 +388,7 @@ async fn a_dead_endpoint_does_not_slow_ingest_and_its_messages_are_dead_lettered
     let dead_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/gone",
         json!({"type": "webhook", "url": format!("http://{dead_addr}/in"),
@@ -442,7 +478,7 @@ async fn bad_external_endpoints_are_refused() -> TestResult {
             a.status
         );
     }
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/x",
         json!({"type": "stream"}),
@@ -563,7 +599,7 @@ async fn nats_jetstream_gets_every_message_with_headers_across_a_server_restart(
     }
     let hub = TestHub::start().await?;
     let (k1, _) = hub.create_device("dev1").await?;
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/bus",
         json!({"type": "nats", "url": format!("nats://127.0.0.1:{port}"),
@@ -717,7 +753,7 @@ async fn https_webhook_trusts_its_ca_file_and_the_cli_shows_health() -> TestResu
     ]))
     .await?;
     // The same receiver without its CA: the system's roots do not know it.
-    ok(
+    put_ok(
         &hub,
         "/ferrohub/routing/endpoints/untrusting",
         json!({"type": "webhook", "url": url, "timeoutSeconds": 5}),

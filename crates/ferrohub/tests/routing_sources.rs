@@ -530,3 +530,46 @@ async fn a_taken_over_connection_s_disconnect_sorts_before_the_new_connect() -> 
     hub.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn each_device_s_end_of_a_job_is_a_device_job_lifecycle_event() -> TestResult {
+    let hub = TestHub::start().await?;
+    hub.create_device("d1").await?;
+    hub.create_device("d2").await?;
+    stream(&hub, "jobs").await?;
+    route(&hub, "jobs", "DeviceJobLifecycleEvents", "true", &["jobs"]).await?;
+    let start =
+        time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339)?;
+    ok(
+        &hub,
+        Method::PUT,
+        "/jobs/v2/j1",
+        json!({
+            "jobId": "j1",
+            "type": "scheduleUpdateTwin",
+            "queryCondition": "deviceId IN ['d1', 'd2']",
+            "startTime": start,
+            "maxExecutionTimeInSeconds": 60,
+            "updateTwin": {"etag": "*", "tags": {"fw": "2.0"}}
+        }),
+    )
+    .await?;
+    let events = read(&hub, "jobs", 2).await?;
+    let mut devices: Vec<&str> = events
+        .iter()
+        .map(|e| sys(e, "iothub-connection-device-id"))
+        .collect();
+    devices.sort_unstable();
+    assert_eq!(devices, ["d1", "d2"]);
+    for e in &events {
+        assert_eq!(prop(e, "opType"), "deviceJobCompleted");
+        assert_eq!(sys(e, "iothub-message-source"), "deviceJobLifecycleEvents");
+        let b = body(e)?;
+        assert_eq!(b["jobId"], "j1");
+        assert_eq!(b["jobType"], "scheduleUpdateTwin");
+        assert_eq!(b["status"], "completed");
+        assert!(b["endTimeUtc"].is_string());
+    }
+    hub.stop().await;
+    Ok(())
+}

@@ -103,7 +103,7 @@ pub async fn get_all(
 ) -> Result<Json<RoutingView>, ApiError> {
     let (config, counters) = state.hub.routing_config().await?;
     Ok(Json(RoutingView {
-        config,
+        config: config.redacted(),
         counters,
         health: state.hub.endpoint_health(),
     }))
@@ -127,7 +127,7 @@ pub async fn list_endpoints(
     _: RegistryRead,
     State(state): State<ApiState>,
 ) -> Result<Json<Vec<Endpoint>>, ApiError> {
-    Ok(Json(config(&state).await?.endpoints))
+    Ok(Json(config(&state).await?.redacted().endpoints))
 }
 
 pub async fn get_endpoint(
@@ -140,7 +140,7 @@ pub async fn get_endpoint(
         .endpoints
         .into_iter()
         .find(|e| e.name == name)
-        .map(Json)
+        .map(|e| Json(e.redacted()))
         .ok_or_else(|| missing("endpoint", &name))
 }
 
@@ -151,7 +151,7 @@ pub async fn put_endpoint(
     BodyBytes(body): BodyBytes,
 ) -> Result<Json<Endpoint>, ApiError> {
     let endpoint: Endpoint = named_body(&body, "name", &name, "endpoint")?;
-    Ok(Json(state.hub.put_endpoint(endpoint).await?))
+    Ok(Json(state.hub.put_endpoint(endpoint).await?.redacted()))
 }
 
 pub async fn delete_endpoint(

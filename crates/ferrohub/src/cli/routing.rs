@@ -27,8 +27,12 @@ pub enum EndpointType {
     Webhook,
     /// A JetStream publish per message to `--subject` on the NATS server at `--url`.
     Nats,
+    /// Files of batched messages under `<data-dir>/storage/<--container>/` on the hub.
+    Storage,
 }
 
+// Parsed once per run of the CLI, so the size of the `add` variant costs nothing worth boxing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum EndpointCommand {
     /// Add (or change the retention of) a custom endpoint.
@@ -66,9 +70,24 @@ pub enum EndpointCommand {
         /// webhook: a PEM file of the CAs to trust instead of the system's.
         #[arg(long)]
         ca: Option<PathBuf>,
-        /// webhook and nats: failing for this long makes the endpoint's health `dead`.
+        /// webhook, nats and storage: failing for this long makes the endpoint's health `dead`.
         #[arg(long, value_parser = parse_retention, default_value = "10m")]
         dead_after: u64,
+        /// storage: the container (directory) the files go to.
+        #[arg(long)]
+        container: Option<String>,
+        /// storage: avro (IoT Hub's default) or json (JSON lines).
+        #[arg(long, default_value = "avro")]
+        encoding: String,
+        /// storage: the file name pattern, every token once.
+        #[arg(long, default_value = ferrohub_hub::storage_endpoint::DEFAULT_FILE_NAME_FORMAT)]
+        file_name_format: String,
+        /// storage: a file is written when its oldest message is this old (1s to 12m).
+        #[arg(long, value_parser = parse_retention, default_value = "5m")]
+        batch_frequency: u64,
+        /// storage: ... or when it reaches this many bytes.
+        #[arg(long, default_value_t = ferrohub_hub::routing::DEFAULT_MAX_CHUNK_BYTES)]
+        max_chunk_bytes: u64,
     },
     /// List custom endpoints (with the delivery health of webhook and nats endpoints).
     List,
@@ -248,6 +267,18 @@ fn print_endpoint(e: &Endpoint, health: Option<&EndpointHealth>) {
             e.name,
             retention_text(*retention_secs)
         ),
+        EndpointKind::Storage {
+            container,
+            encoding,
+            batch_frequency_secs,
+            retention_secs,
+            ..
+        } => println!(
+            "{:<24} storage {container} {encoding:?} every {} retention {}{health}",
+            e.name,
+            retention_text(*batch_frequency_secs),
+            retention_text(*retention_secs)
+        ),
         // A type this CLI is older than.
         other => println!("{:<24} {other:?}", e.name),
     }
@@ -281,6 +312,11 @@ pub async fn run_endpoint(args: &ClientArgs, cmd: EndpointCommand) -> anyhow::Re
             headers,
             ca,
             dead_after,
+            container,
+            encoding,
+            file_name_format,
+            batch_frequency,
+            max_chunk_bytes,
         } => {
             let need = |v: Option<String>, what: &str| {
                 v.with_context(|| format!("--{what} is required for this endpoint type"))
@@ -302,6 +338,18 @@ pub async fn run_endpoint(args: &ClientArgs, cmd: EndpointCommand) -> anyhow::Re
                         ),
                         None => None,
                     },
+                    retention_secs: retention,
+                    dead_after_secs: dead_after,
+                },
+                EndpointType::Storage => EndpointKind::Storage {
+                    container: need(container, "container")?,
+                    encoding: serde_json::from_value(serde_json::Value::String(encoding.clone()))
+                        .map_err(|_| {
+                        anyhow::anyhow!("--encoding {encoding:?}: avro or json")
+                    })?,
+                    file_name_format,
+                    batch_frequency_secs: batch_frequency,
+                    max_chunk_bytes,
                     retention_secs: retention,
                     dead_after_secs: dead_after,
                 },

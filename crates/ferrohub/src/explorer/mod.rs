@@ -109,6 +109,14 @@ pub fn router(state: ExplorerState) -> Router {
         .route("/explorer/api/overview", get(overview::overview))
         .route("/explorer/api/hub/{*path}", any(proxy::forward))
         .route("/explorer/{*rest}", any(explorer_404))
+        // axum's own 405 has no body; the front end reads IoT Hub's error body everywhere.
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                ErrorCode::InvalidOperation,
+                "the resource does not support this method",
+            )
+            .with_status(StatusCode::METHOD_NOT_ALLOWED)
+        })
         .layer(axum::middleware::from_fn(refuse_foreign_origin))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)

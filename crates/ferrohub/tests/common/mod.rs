@@ -496,3 +496,17 @@ pub async fn read_events(hub: &TestHub, query: &str, n: usize, wait: Duration) -
     }
     Ok(out)
 }
+
+/// `PUT path` with a JSON body as the owner.
+pub async fn put(hub: &TestHub, path: &str, body: Value) -> R<Answer> {
+    rest(hub, reqwest::Method::PUT, path, Some(&body)).await
+}
+
+/// `PUT path`, which must answer 200.
+pub async fn put_ok(hub: &TestHub, path: &str, body: Value) -> TestResult {
+    let a = put(hub, path, body).await?;
+    if a.status != 200 {
+        return Err(format!("PUT {path}: {} {}", a.status, a.body).into());
+    }
+    Ok(())
+}
