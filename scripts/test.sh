@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (Debian
-# mosquitto-clients, nats-server and Node.js, a Python venv with the official Azure SDKs, the Node
-# service clients), then runs
+# mosquitto-clients, nats-server, Node.js, Chromium with chromium-driver and certutil, a Python
+# venv with the official Azure SDKs and Selenium, the Node service clients), then runs
 #   1. cargo test for every crate (unit + integration tests over real TLS sockets),
 #   2. the README quickstart with mosquitto_pub against a real server,
 #   3. the SDK interop suite (Python azure-iot-device, azure-iot-hub, azure-eventhub; Node
@@ -14,6 +14,11 @@ missing=()
 command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
 # crates/ferrohub/tests/routing_endpoints.rs delivers to a real NATS JetStream server.
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+# interop/tests/test_explorer.py drives the web explorer in a headless Chromium; certutil
+# (libnss3-tools) puts the hub's CA in the browser's NSS database.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+command -v certutil >/dev/null 2>&1 || missing+=(libnss3-tools)
 # @azure/event-hubs 6 needs Node.js 20 or later.
 if ! command -v npm >/dev/null 2>&1 || ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' 2>/dev/null; then
   missing+=(nodejs npm)
