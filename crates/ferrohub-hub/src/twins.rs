@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use ferrohub_iothub::notifications::{twin_change_body, Operation as EventOp};
+use ferrohub_iothub::notifications::{patch_metadata, twin_change_body, Operation as EventOp};
 use ferrohub_iothub::registry::etag_of;
 use ferrohub_iothub::topics::{desired_patch_topic, twin_response_topic};
 use ferrohub_iothub::twin::{Twin, TwinError};
@@ -324,6 +324,8 @@ impl Hub {
                 if self.emits(EventOp::UpdateTwin) {
                     let mut reported = patch.clone();
                     if let Value::Object(r) = &mut reported {
+                        let meta = patch_metadata(&patch, &d.twin.reported.metadata);
+                        r.insert("$metadata".into(), meta);
                         r.insert("$version".into(), Value::from(version));
                     }
                     let body = twin_change_body(d.twin.version, None, None, Some(&reported));
@@ -450,7 +452,17 @@ impl Hub {
             } else {
                 body.get("tags").filter(|t| t.is_object()).cloned()
             };
-            twin_change_body(doc.twin.version, tags.as_ref(), notification.as_ref(), None)
+            let desired = notification.as_ref().map(|n| {
+                let mut d = n.clone();
+                if let Value::Object(m) = &mut d {
+                    m.insert(
+                        "$metadata".into(),
+                        patch_metadata(n, &doc.twin.desired.metadata),
+                    );
+                }
+                d
+            });
+            twin_change_body(doc.twin.version, tags.as_ref(), desired.as_ref(), None)
         });
         if let Some(n) = notification {
             self.notify_desired(identity, doc.twin.desired.version, n)

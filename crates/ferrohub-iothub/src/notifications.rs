@@ -258,6 +258,33 @@ fn escape_pointer(key: &str) -> String {
 /// The body of a twin change event: what changed, with the twin's new `version` (IoT Hub's
 /// shape: `{"version": n, "tags": {...}, "properties": {"desired": {... "$version"}, "reported": {...}}}`,
 /// only the parts that changed).
+/// The part of a section's `$metadata` that describes `patch`: the section's own
+/// `$lastUpdated` (and `$lastUpdatedVersion`), and for every property the patch names, its
+/// metadata (recursively for objects). A property the patch removed (null) has none. IoT Hub's
+/// twin change events carry this beside the patch.
+pub fn patch_metadata(patch: &Value, metadata: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Value::Object(m) = metadata {
+        for (k, v) in m.iter().filter(|(k, _)| k.starts_with('$')) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    if let Value::Object(p) = patch {
+        for (k, v) in p.iter().filter(|(k, _)| !k.starts_with('$')) {
+            let Some(meta) = metadata.get(k) else {
+                continue;
+            };
+            let entry = if v.is_object() {
+                patch_metadata(v, meta)
+            } else {
+                meta.clone()
+            };
+            out.insert(k.clone(), entry);
+        }
+    }
+    Value::Object(out)
+}
+
 pub fn twin_change_body(
     version: u64,
     tags: Option<&Value>,
@@ -294,6 +321,25 @@ mod tests {
             at: OffsetDateTime::from_unix_timestamp(1_764_000_000).expect("time"),
             correlation_id: "c0ffee",
         }
+    }
+
+    #[test]
+    fn patch_metadata_mirrors_what_the_patch_names() {
+        let meta = json!({
+            "$lastUpdated": "T2",
+            "a": {"$lastUpdated": "T1"},
+            "b": {"$lastUpdated": "T2", "x": {"$lastUpdated": "T2"}, "y": {"$lastUpdated": "T0"}},
+            "c": {"$lastUpdated": "T0"}
+        });
+        let patch = json!({"a": 1, "b": {"x": 2}, "gone": null, "$version": 4});
+        assert_eq!(
+            patch_metadata(&patch, &meta),
+            json!({
+                "$lastUpdated": "T2",
+                "a": {"$lastUpdated": "T1"},
+                "b": {"$lastUpdated": "T2", "x": {"$lastUpdated": "T2"}}
+            })
+        );
     }
 
     #[test]

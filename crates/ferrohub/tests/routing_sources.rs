@@ -286,11 +286,18 @@ async fn twin_change_events_from_device_and_service_writes() -> TestResult {
     let reported = body(&all[0])?;
     assert_eq!(reported["properties"]["reported"]["temp"], 25);
     assert_eq!(reported["properties"]["reported"]["$version"], 2);
+    // As IoT Hub's: the changed properties' metadata rides along.
+    let meta = &reported["properties"]["reported"]["$metadata"];
+    assert!(meta["$lastUpdated"].is_string(), "{reported}");
+    assert!(meta["temp"]["$lastUpdated"].is_string(), "{reported}");
     assert!(reported.get("tags").is_none(), "{reported}");
     let service = body(&all[2])?;
     assert_eq!(service["tags"], json!({"site": "oslo"}));
     assert_eq!(service["properties"]["desired"]["fw"], "2.1");
     assert_eq!(service["properties"]["desired"]["$version"], 2);
+    let meta = &service["properties"]["desired"]["$metadata"];
+    assert!(meta["fw"]["$lastUpdated"].is_string(), "{service}");
+    assert_eq!(meta["fw"]["$lastUpdatedVersion"], 2, "{service}");
     let replace = body(&all[3])?;
     assert_eq!(replace["tags"], json!({"site": "bergen"}));
     assert_eq!(replace["properties"]["desired"]["fw"], "3");
