@@ -105,6 +105,10 @@ pub struct ServeArgs {
     /// Seconds a client has to finish the TLS handshake, on both listeners (default 10).
     #[arg(long, env = "FERROHUB_TLS_HANDSHAKE_TIMEOUT_SECS")]
     pub tls_handshake_timeout_secs: Option<u64>,
+    /// MQTT over TLS uses Ferrohub's own TLS stream over rustls' unbuffered API, which holds
+    /// no buffers while a connection idles (default true; false: tokio-rustls' stream).
+    #[arg(long, env = "FERROHUB_MQTT_UNBUFFERED_TLS")]
+    pub mqtt_unbuffered_tls: Option<bool>,
     /// Seconds a web explorer session lasts without a request (default 1800).
     #[arg(long, env = "FERROHUB_EXPLORER_IDLE_TIMEOUT_SECS")]
     pub explorer_idle_timeout_secs: Option<u64>,
@@ -151,6 +155,7 @@ struct FileConfig {
     https_body_timeout_secs: Option<u64>,
     https_max_requests: Option<usize>,
     tls_handshake_timeout_secs: Option<u64>,
+    mqtt_unbuffered_tls: Option<bool>,
     explorer_idle_timeout_secs: Option<u64>,
     explorer_session_max_secs: Option<u64>,
     model_dir: Option<PathBuf>,
@@ -477,6 +482,9 @@ pub struct ServerConfig {
     pub https_max_requests: usize,
     /// Time a client has to finish the TLS handshake, MQTT and HTTPS alike.
     pub tls_handshake_timeout: Duration,
+    /// MQTT/TLS connections run over `tls_stream::UnbufferedTlsStream` (no buffers held while
+    /// idle) instead of tokio-rustls' buffered stream.
+    pub mqtt_unbuffered_tls: bool,
     /// How long web explorer sessions last.
     pub explorer_sessions: crate::explorer::sessions::SessionLimits,
     /// The provisioning service's ID scope; `None`: the stored one, generated on first start.
@@ -534,6 +542,7 @@ impl ServerConfig {
             https_timeouts: HttpsTimeouts::default(),
             https_max_requests: 256,
             tls_handshake_timeout: Duration::from_secs(10),
+            mqtt_unbuffered_tls: true,
             explorer_sessions: crate::explorer::sessions::SessionLimits::default(),
             dps_id_scope: None,
             routing: RoutingSettings::default(),
@@ -662,6 +671,9 @@ impl ServerConfig {
                 .or(file.tls_handshake_timeout_secs),
             cfg.tls_handshake_timeout,
         )?;
+        if let Some(on) = args.mqtt_unbuffered_tls.or(file.mqtt_unbuffered_tls) {
+            cfg.mqtt_unbuffered_tls = on;
+        }
         let limits = cfg.explorer_sessions;
         cfg.explorer_sessions = crate::explorer::sessions::SessionLimits {
             idle: secs(

@@ -3,7 +3,7 @@
 //! Parts: [`mqtt`] (the MQTT front end over the broker), [`endpoints`] (the senders of webhook
 //! and NATS routing endpoints), [`api`]
 //! (service REST API and the WebSocket endpoint), [`explorer`] (the web explorer's back end), [`server`] (listeners and start-up), [`https_conn`]
-//! (time limits of HTTPS connections), [`tls`],
+//! (time limits of HTTPS connections), [`tls`], [`tls_stream`] (the MQTT listener's TLS stream),
 //! [`config`], and [`cli`] (the command line, a client of the REST API).
 
 pub mod amqp;
@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod mqtt;
 pub mod server;
 pub mod tls;
+pub mod tls_stream;
 pub mod ws;

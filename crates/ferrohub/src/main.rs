@@ -14,6 +14,19 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's start-up options (the `_RJEM_MALLOC_CONF` environment variable still overrides
+/// them). Without a background thread jemalloc returns freed pages to the kernel only from
+/// inside later allocations, so after a burst of disconnects an idle hub kept its peak RSS;
+/// the thread purges on a timer. A one-second decay gives memory back soon after connections
+/// close while a connect burst, which reuses freed pages at once, does not pay for purging.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: Option<&'static std::ffi::c_char> = Some(
+    // SAFETY: a pointer to the first byte of a NUL-terminated static string, which is what
+    // jemalloc reads through this symbol.
+    unsafe { &*c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr() },
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferrohub",

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::ServerConfig;
+use crate::tls_stream::UnbufferedTlsStream;
 use crate::{api, tls};
 use ferrohub_broker::{serve_connection, Broker, BrokerConfig, PeerInfo, Transport};
 use ferrohub_hub::Hub;
@@ -192,9 +193,12 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<RunningServer> {
         },
         _ => tls::ensure_dev_pki(&data_dir.join("certs"), &cfg.certificate_names())?,
     };
+    let tls_config = tls::server_config(&tls_files)?;
     let acceptor = Handshaker {
-        acceptor: TlsAcceptor::from(tls::server_config(&tls_files)?),
+        acceptor: TlsAcceptor::from(tls_config.clone()),
+        config: tls_config,
         timeout: cfg.tls_handshake_timeout,
+        mqtt_unbuffered: cfg.mqtt_unbuffered_tls,
     };
     let (mqtt_listener, https_listener, amqp_listener) = bind_listeners(&cfg).await?;
     let mqtt_addr = mqtt_listener.local_addr()?;
@@ -737,7 +741,20 @@ async fn accept_loop(
                     let _permit = permit;
                     // Both boxed: a task's allocation is sized for its largest state, and the
                     // handshake's is large but short-lived; idle devices should not pay for it.
-                    if let Some((tls, certs)) = Box::pin(acceptor.handshake(socket, addr)).await {
+                    if acceptor.mqtt_unbuffered {
+                        if let Some((tls, certs)) =
+                            Box::pin(acceptor.handshake_unbuffered(socket, addr)).await
+                        {
+                            let peer = PeerInfo {
+                                addr,
+                                transport: Transport::Tls,
+                                client_certs: certs,
+                            };
+                            Box::pin(serve_connection(broker, tls, peer)).await;
+                        }
+                    } else if let Some((tls, certs)) =
+                        Box::pin(acceptor.handshake(socket, addr)).await
+                    {
                         let peer = PeerInfo {
                             addr,
                             transport: Transport::Tls,
@@ -786,10 +803,41 @@ type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 #[derive(Clone)]
 struct Handshaker {
     acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     timeout: Duration,
+    /// MQTT connections use [`UnbufferedTlsStream`] (see `ServerConfig::mqtt_unbuffered_tls`).
+    mqtt_unbuffered: bool,
 }
 
 impl Handshaker {
+    async fn handshake_unbuffered(
+        &self,
+        socket: TcpStream,
+        addr: SocketAddr,
+    ) -> Option<(
+        UnbufferedTlsStream<TcpStream>,
+        Arc<Vec<CertificateDer<'static>>>,
+    )> {
+        let accept = UnbufferedTlsStream::accept(self.config.clone(), socket);
+        match tokio::time::timeout(self.timeout, accept).await {
+            Ok(Ok(tls)) => {
+                let certs = tls
+                    .peer_certificates()
+                    .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
+                    .unwrap_or_default();
+                Some((tls, Arc::new(certs)))
+            }
+            Ok(Err(e)) => {
+                debug!(peer = %addr, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!(peer = %addr, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
     async fn handshake(
         &self,
         socket: TcpStream,

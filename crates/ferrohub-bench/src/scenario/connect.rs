@@ -20,8 +20,6 @@ use crate::hub::{Hub, HubArgs};
 use crate::procfs::{self, ProcSample};
 use crate::registry::{self, FleetArgs};
 
-const AFTER_CLOSE_SETTLE: Duration = Duration::from_secs(1);
-
 #[derive(Debug, clap::Args)]
 pub struct ConnectArgs {
     #[command(flatten)]
@@ -38,6 +36,10 @@ pub struct ConnectArgs {
     /// as for distinct devices).
     #[arg(long)]
     pub resume: bool,
+    /// Seconds the server idles after the last connection closed before its memory is read
+    /// again, to see how much it gives back.
+    #[arg(long, default_value_t = 5)]
+    pub closed_idle_secs: u64,
     /// Seconds before one connect attempt counts as failed.
     #[arg(long, default_value_t = 30)]
     pub connect_timeout_secs: u64,
@@ -264,7 +266,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
     // A moment for the server to finish tearing sessions down before its memory is read again.
     let server_rss_closed_kib = match &server {
         Some(s) => {
-            tokio::time::sleep(AFTER_CLOSE_SETTLE).await;
+            tokio::time::sleep(Duration::from_secs(args.closed_idle_secs)).await;
             Some(procfs::rss_kib(s.pid)?)
         }
         None => None,
@@ -284,6 +286,7 @@ pub async fn run(args: ConnectArgs) -> Result<()> {
         bench_rss_before,
         bench_rss_idle,
         server_rss_closed_kib,
+        closed_idle_secs: args.closed_idle_secs,
     };
     figures.print(&failures, dropped, &closes, close_secs);
 
@@ -338,6 +341,7 @@ struct Figures<'a> {
     bench_rss_before: Option<u64>,
     bench_rss_idle: Option<u64>,
     server_rss_closed_kib: Option<u64>,
+    closed_idle_secs: u64,
 }
 
 impl Figures<'_> {
@@ -460,8 +464,13 @@ impl Figures<'_> {
                 closed.join(", ")
             );
         }
-        if let Some(kib) = self.server_rss_closed_kib {
-            println!("server RSS after closing: {:.1} MiB", kib as f64 / 1024.0);
+        if let (Some(kib), Some(s)) = (self.server_rss_closed_kib, self.server) {
+            println!(
+                "server RSS {} s after closing: {:.1} MiB (before connecting {:.1} MiB)",
+                self.closed_idle_secs,
+                kib as f64 / 1024.0,
+                s.before.rss_kib as f64 / 1024.0
+            );
         }
     }
 
@@ -487,6 +496,7 @@ impl Figures<'_> {
             "server_rss_after_kib": self.server.map(|s| s.idle.rss_kib),
             "server_rss_per_conn_kib": self.server_rss_per_conn_kib().map(round3),
             "server_rss_closed_kib": self.server_rss_closed_kib,
+            "closed_idle_secs": self.closed_idle_secs,
             "server_idle_cpu_secs": self.server_idle_cpu_secs().map(round3),
             "hold_secs": self.hold_secs,
             "bench_cpu_secs": round3(self.bench_cpu),
