@@ -1,0 +1,122 @@
+//! The log's small side files (partition count, consumer-group checkpoints, retention start
+//! marks): each written whole and atomically (temp file, fsync, rename, fsync of the
+//! directory), with a CRC32C so a damaged one is noticed rather than misread.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{SegError, SegResult};
+
+/// fsyncs a directory, so a file created, renamed or removed in it survives a crash.
+pub fn sync_dir(dir: &Path) -> SegResult<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SegError::io(dir, e))
+}
+
+/// Replaces `path` with `body` (plus its checksum) so a crash leaves the old or the new file,
+/// never a mix; durable when this returns.
+pub fn write_atomic(path: &Path, body: &[u8]) -> SegResult<()> {
+    let tmp = path.with_extension("tmp");
+    let mut data = crc32c::crc32c(body).to_le_bytes().to_vec();
+    data.extend_from_slice(body);
+    (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })()
+    .map_err(|e| SegError::io(path, e))?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+/// The body of a file written by [`write_atomic`]; `None` if there is none.
+pub fn read_atomic(path: &Path) -> SegResult<Option<Vec<u8>>> {
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SegError::io(path, e)),
+    };
+    let corrupt = |why: &str| SegError::Corrupt(path.display().to_string(), why.into());
+    if data.len() < 4 {
+        return Err(corrupt("shorter than its checksum"));
+    }
+    let (crc, body) = data.split_at(4);
+    let mut b = [0u8; 4];
+    b.copy_from_slice(crc);
+    if crc32c::crc32c(body) != u32::from_le_bytes(b) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    Ok(Some(body.to_vec()))
+}
+
+/// Checkpoints: `count u32 | (group str | partition u32 | next u64)*`.
+pub fn encode_checkpoints(map: &BTreeMap<String, BTreeMap<u32, u64>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let n: usize = map.values().map(BTreeMap::len).sum();
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    for (group, parts) in map {
+        for (p, next) in parts {
+            out.extend_from_slice(&(group.len() as u32).to_le_bytes());
+            out.extend_from_slice(group.as_bytes());
+            out.extend_from_slice(&p.to_le_bytes());
+            out.extend_from_slice(&next.to_le_bytes());
+        }
+    }
+    out
+}
+
+pub fn decode_checkpoints(buf: &[u8]) -> Option<BTreeMap<String, BTreeMap<u32, u64>>> {
+    let mut r = buf;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        if r.len() < n {
+            return None;
+        }
+        let (h, t) = r.split_at(n);
+        r = t;
+        Some(h)
+    };
+    let u32_of = |b: &[u8]| {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(b);
+        u32::from_le_bytes(a)
+    };
+    let n = u32_of(take(4)?);
+    let mut map: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
+    for _ in 0..n {
+        let len = u32_of(take(4)?) as usize;
+        let group = String::from_utf8(take(len)?.to_vec()).ok()?;
+        let p = u32_of(take(4)?);
+        let mut a = [0u8; 8];
+        a.copy_from_slice(take(8)?);
+        map.entry(group)
+            .or_default()
+            .insert(p, u64::from_le_bytes(a));
+    }
+    Some(map)
+}
+
+/// A `u64` per partition (the retention start marks) or the one-value meta file.
+pub fn encode_u64s(values: &[u64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+pub fn decode_u64s(buf: &[u8]) -> Option<Vec<u64>> {
+    if !buf.len().is_multiple_of(8) {
+        return None;
+    }
+    Some(
+        buf.chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_le_bytes(a)
+            })
+            .collect(),
+    )
+}
