@@ -403,3 +403,46 @@ async fn streams_live_in_their_own_directories_and_go_whole() -> Result<()> {
     }
     Ok(())
 }
+
+/// More data than one read chunk (256 KiB) and than one batch, read back in pages after a
+/// reopen, as the event stream reads it.
+#[tokio::test]
+async fn many_batches_beyond_a_read_chunk_read_back_whole_in_pages() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = SegmentLog::open(dir.path(), 4)?;
+    let mut pending = Vec::new();
+    for i in 0..3000u32 {
+        let device = format!("dev{}", i % 7);
+        let mut e = ev(&device, i64::from(i), &[b'p'; 300]);
+        e.properties = vec![("n".into(), Some(i.to_string()))];
+        pending.push(log.enqueue(e).await?);
+    }
+    for d in pending {
+        d.await?;
+    }
+    for reopen in [false, true] {
+        let log = if reopen {
+            SegmentLog::open(dir.path(), 4)?
+        } else {
+            log.clone()
+        };
+        let mut total = 0;
+        for p in 0..4 {
+            let end = log.resolve(p, StartPosition::End).await?;
+            let mut next = 0;
+            loop {
+                let page = log.read(p, next, 256).await?;
+                let Some(last) = page.last() else { break };
+                assert_eq!(page[0].sequence, next);
+                next = last.sequence + 1;
+                total += page.len();
+            }
+            assert_eq!(
+                next, end,
+                "partition {p} read to its end (reopen: {reopen})"
+            );
+        }
+        assert_eq!(total, 3000, "reopen: {reopen}");
+    }
+    Ok(())
+}

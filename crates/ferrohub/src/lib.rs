@@ -15,5 +15,6 @@ pub mod https_conn;
 pub mod metrics;
 pub mod mqtt;
 pub mod server;
+pub mod telemetry_storage;
 pub mod tls;
 pub mod ws;
