@@ -120,3 +120,109 @@ pub fn decode_u64s(buf: &[u8]) -> Option<Vec<u64>> {
             .collect(),
     )
 }
+
+/// Bytes of one checkpoint slot: IoT Hub allows 20 consumer groups and Ferrohub 32 partitions,
+/// 640 entries of well under 100 bytes each.
+const SLOT: usize = 128 << 10;
+const SLOT_HEAD: usize = 16;
+
+/// The consumer-group checkpoints: a file of two fixed-size slots written in turn, each
+/// `crc u32 | generation u64 | len u32 | body`. A save overwrites the older slot in place and
+/// `fdatasync`s: the file's size never changes, so the sync flushes data only, with no
+/// journal commit or directory sync, which under a busy disk made renames take seconds. A
+/// torn slot fails its CRC and the other one, the previous save, is used.
+pub struct CheckpointFile {
+    file: File,
+    path: std::path::PathBuf,
+    generation: u64,
+}
+
+impl CheckpointFile {
+    /// Opens (creating if needed) the file and returns it with the newest saved body.
+    pub fn open(path: &Path) -> SegResult<(Self, Option<Vec<u8>>)> {
+        let io = |e| SegError::io(path, e);
+        let created = !path.exists();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        if created || file.metadata().map_err(io)?.len() != 2 * SLOT as u64 {
+            // Real zeros, not a hole, so later saves overwrite allocated blocks.
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&vec![0u8; 2 * SLOT], 0).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            if let Some(dir) = path.parent() {
+                sync_dir(dir)?;
+            }
+            return Ok((
+                Self {
+                    file,
+                    path: path.to_path_buf(),
+                    generation: 0,
+                },
+                None,
+            ));
+        }
+        let mut best: Option<(u64, Vec<u8>)> = None;
+        for slot in 0..2 {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; SLOT];
+            file.read_exact_at(&mut buf, (slot * SLOT) as u64)
+                .map_err(io)?;
+            if let Some((generation, body)) = decode_slot(&buf) {
+                if best.as_ref().is_none_or(|(g, _)| generation > *g) {
+                    best = Some((generation, body.to_vec()));
+                }
+            }
+        }
+        let generation = best.as_ref().map_or(0, |(g, _)| *g);
+        Ok((
+            Self {
+                file,
+                path: path.to_path_buf(),
+                generation,
+            },
+            best.map(|(_, b)| b),
+        ))
+    }
+
+    /// Saves `body`; durable when this returns.
+    pub fn save(&mut self, body: &[u8]) -> SegResult<()> {
+        use std::os::unix::fs::FileExt;
+        if body.len() > SLOT - SLOT_HEAD {
+            return Err(SegError::Corrupt(
+                self.path.display().to_string(),
+                format!("{} bytes of checkpoints do not fit a slot", body.len()),
+            ));
+        }
+        let generation = self.generation + 1;
+        let mut slot = Vec::with_capacity(SLOT_HEAD + body.len());
+        slot.extend_from_slice(&[0u8; 4]);
+        slot.extend_from_slice(&generation.to_le_bytes());
+        slot.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        slot.extend_from_slice(body);
+        let crc = crc32c::crc32c(&slot[4..]);
+        slot[..4].copy_from_slice(&crc.to_le_bytes());
+        let at = (generation % 2) * SLOT as u64;
+        self.file
+            .write_all_at(&slot, at)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| SegError::io(&self.path, e))?;
+        self.generation = generation;
+        Ok(())
+    }
+}
+
+fn decode_slot(buf: &[u8]) -> Option<(u64, &[u8])> {
+    let crc = u32::from_le_bytes(buf.get(..4)?.try_into().ok()?);
+    let generation = u64::from_le_bytes(buf.get(4..12)?.try_into().ok()?);
+    let len = u32::from_le_bytes(buf.get(12..16)?.try_into().ok()?) as usize;
+    let body = buf.get(SLOT_HEAD..SLOT_HEAD.checked_add(len)?)?;
+    if generation == 0 || crc32c::crc32c(&buf[4..SLOT_HEAD + len]) != crc {
+        return None;
+    }
+    Some((generation, body))
+}

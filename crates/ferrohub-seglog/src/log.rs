@@ -31,7 +31,7 @@ use ferrohub_store::{Result, StoreError, Timestamp};
 use crate::error::{SegError, SegResult};
 use crate::files::{
     decode_checkpoints, decode_u64s, encode_checkpoints, encode_u64s, read_atomic, sync_dir,
-    write_atomic,
+    write_atomic, CheckpointFile,
 };
 use crate::record::{self, DecodeError};
 
@@ -110,11 +110,18 @@ impl Partition {
     }
 }
 
+/// The consumer groups' checkpoints and the file they are saved in, under one lock so saves
+/// are written in the order they were made.
+struct Checkpoints {
+    map: BTreeMap<String, BTreeMap<u32, u64>>,
+    file: CheckpointFile,
+}
+
 struct Shared {
     dir: PathBuf,
     opts: Options,
     parts: Vec<RwLock<Partition>>,
-    checkpoints: Mutex<BTreeMap<String, BTreeMap<u32, u64>>>,
+    checkpoints: Mutex<Checkpoints>,
     /// Tests: how many coming batch syncs fail as if the disk had refused them.
     #[cfg(test)]
     fail_syncs: std::sync::atomic::AtomicU32,
@@ -415,7 +422,8 @@ impl SegmentLog {
             None => Vec::new(),
         };
         let cp_path = dir.join(CHECKPOINT_FILE);
-        let checkpoints = match read_atomic(&cp_path)? {
+        let (cp_file, saved) = CheckpointFile::open(&cp_path)?;
+        let checkpoints = match saved {
             Some(b) => decode_checkpoints(&b).ok_or_else(|| {
                 SegError::Corrupt(cp_path.display().to_string(), "bad encoding".into())
             })?,
@@ -433,7 +441,10 @@ impl SegmentLog {
             dir: dir.to_path_buf(),
             opts,
             parts,
-            checkpoints: Mutex::new(checkpoints),
+            checkpoints: Mutex::new(Checkpoints {
+                map: checkpoints,
+                file: cp_file,
+            }),
             #[cfg(test)]
             fail_syncs: std::sync::atomic::AtomicU32::new(0),
         });
@@ -965,24 +976,25 @@ impl TelemetryLog for SegmentLog {
     }
 
     async fn checkpoints(&self, group: &str) -> Result<BTreeMap<u32, u64>> {
-        let map = self
+        let cps = self
             .inner
             .shared
             .checkpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        Ok(map.get(group).cloned().unwrap_or_default())
+        Ok(cps.map.get(group).cloned().unwrap_or_default())
     }
 
     async fn save_checkpoint(&self, group: &str, partition: u32, next_sequence: u64) -> Result<()> {
         let group = group.to_string();
         self.blocking(move |s| {
-            let mut map = s.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cps = s.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
+            let Checkpoints { map, file } = &mut *cps;
             let old = map
                 .entry(group.clone())
                 .or_default()
                 .insert(partition, next_sequence);
-            let result = write_atomic(&s.dir.join(CHECKPOINT_FILE), &encode_checkpoints(&map));
+            let result = file.save(&encode_checkpoints(map));
             if result.is_err() {
                 // Memory keeps saying what the disk says.
                 let parts = map.entry(group.clone()).or_default();
