@@ -1,6 +1,7 @@
-//! The log's small side files (partition count, consumer-group checkpoints, retention start
-//! marks): each written whole and atomically (temp file, fsync, rename, fsync of the
-//! directory), with a CRC32C so a damaged one is noticed rather than misread.
+//! The log's small side files: the partition count and the retention start marks, each
+//! written whole and atomically (temp file, fsync, rename, fsync of the directory) with a
+//! CRC32C so a damaged one is noticed rather than misread; and the consumer-group
+//! checkpoints in two fixed slots ([`CheckpointFile`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;

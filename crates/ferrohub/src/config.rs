@@ -56,7 +56,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FERROHUB_PARTITIONS")]
     pub partitions: Option<u32>,
     /// Engine of newly created telemetry logs (the built-in stream and custom endpoint
-    /// streams): `segment` (default) or `sqlite`. A log that already exists keeps its engine.
+    /// streams): `sqlite` (default) or `segment`. A log that already exists keeps its engine.
     #[arg(long, value_enum, env = "FERROHUB_TELEMETRY_ENGINE")]
     pub telemetry_engine: Option<TelemetryEngine>,
     /// How long telemetry is kept, in hours (1 to 168).
@@ -752,10 +752,11 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TelemetryEngine {
-    /// Append-only segment files (`ferrohub-seglog`).
-    #[default]
+    /// Append-only segment files (`ferrohub-seglog`). Not yet the default: its ingest cost
+    /// against SQLite's is still to be measured (BENCHMARKS.md, "Segment log (issue 15)").
     Segment,
-    /// A SQLite file per log (`ferrohub-sqlite`), the engine before segments.
+    /// A SQLite file per log (`ferrohub-sqlite`).
+    #[default]
     Sqlite,
 }
 
