@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// Telemetry partitions (fixed when the telemetry log is first created).
     #[arg(long, env = "FERROHUB_PARTITIONS")]
     pub partitions: Option<u32>,
+    /// Engine of newly created telemetry logs (the built-in stream and custom endpoint
+    /// streams): `sqlite` (default) or `segment`. A log that already exists keeps its engine.
+    #[arg(long, value_enum, env = "FERROHUB_TELEMETRY_ENGINE")]
+    pub telemetry_engine: Option<TelemetryEngine>,
     /// How long telemetry is kept, in hours (1 to 168).
     #[arg(long, env = "FERROHUB_RETENTION_HOURS")]
     pub retention_hours: Option<u32>,
@@ -141,6 +145,7 @@ struct FileConfig {
     tls_ca: Option<PathBuf>,
     max_packet_size: Option<usize>,
     partitions: Option<u32>,
+    telemetry_engine: Option<TelemetryEngine>,
     retention_hours: Option<u32>,
     telemetry_max_mb: Option<u64>,
     c2d_ttl_secs: Option<u64>,
@@ -463,6 +468,8 @@ pub struct ServerConfig {
     pub max_packet_size: usize,
     /// Telemetry partitions for a new log (default 4).
     pub partitions: u32,
+    /// The engine of telemetry logs created from now on.
+    pub telemetry_engine: TelemetryEngine,
     /// Age after which telemetry is removed (default 1 day, at most 7).
     pub retention: std::time::Duration,
     /// Size of the telemetry log past which the oldest messages are removed.
@@ -533,6 +540,7 @@ impl ServerConfig {
             tls_ca: None,
             max_packet_size: ferrohub_iothub::connect::MAX_MQTT_PACKET_SIZE,
             partitions: 4,
+            telemetry_engine: TelemetryEngine::default(),
             retention: std::time::Duration::from_secs(24 * 3600),
             telemetry_max_bytes: 10 * 1024 * 1024 * 1024,
             retention_interval: std::time::Duration::from_secs(60),
@@ -607,6 +615,9 @@ impl ServerConfig {
                 anyhow::bail!("partitions must be between 1 and 32 (got {p})");
             }
             cfg.partitions = p;
+        }
+        if let Some(e) = args.telemetry_engine.or(file.telemetry_engine) {
+            cfg.telemetry_engine = e;
         }
         if let Some(h) = args.retention_hours.or(file.retention_hours) {
             if !(1..=168).contains(&h) {
@@ -773,6 +784,18 @@ fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+/// Which engine stores a telemetry log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TelemetryEngine {
+    /// Append-only segment files (`ferrohub-seglog`). Not yet the default: its ingest cost
+    /// against SQLite's is still to be measured (BENCHMARKS.md, "Segment log (issue 15)").
+    Segment,
+    /// A SQLite file per log (`ferrohub-sqlite`).
+    #[default]
+    Sqlite,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]

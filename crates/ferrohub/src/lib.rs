@@ -16,6 +16,7 @@ pub mod https_conn;
 pub mod metrics;
 pub mod mqtt;
 pub mod server;
+pub mod telemetry_storage;
 pub mod tls;
 pub mod tls_stream;
 pub mod ws;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ferrohub_iothub::sas::generate_key;
 use ferrohub_iothub::ConnectionString;
-use ferrohub_sqlite::{SqliteStore, SqliteTelemetry};
+use ferrohub_sqlite::SqliteStore;
 use ferrohub_store::telemetry::{Retention, TelemetryLog};
 use ferrohub_store::StreamEngine;
 use ferrohub_store::{AccessPolicy, Rights, Store};
@@ -334,10 +334,11 @@ type Storage = (Arc<dyn Store>, Arc<dyn TelemetryLog>, Arc<dyn StreamEngine>);
 fn open_storage(data_dir: &Path, cfg: &ServerConfig) -> anyhow::Result<Storage> {
     let store = SqliteStore::open(data_dir)
         .with_context(|| format!("opening the store in {}", data_dir.display()))?;
-    let telemetry = SqliteTelemetry::open(data_dir, cfg.partitions)
-        .with_context(|| format!("opening the telemetry log in {}", data_dir.display()))?;
-    let streams = ferrohub_sqlite::SqliteStreams::new(data_dir);
-    Ok((Arc::new(store), Arc::new(telemetry), Arc::new(streams)))
+    let telemetry =
+        crate::telemetry_storage::open_telemetry(data_dir, cfg.partitions, cfg.telemetry_engine)
+            .with_context(|| format!("opening the telemetry log in {}", data_dir.display()))?;
+    let streams = crate::telemetry_storage::EngineStreams::new(data_dir, cfg.telemetry_engine);
+    Ok((Arc::new(store), telemetry, Arc::new(streams)))
 }
 
 /// `Endpoint=sb://HOST/;SharedAccessKeyName=...;SharedAccessKey=...;EntityPath=HUB`, the
