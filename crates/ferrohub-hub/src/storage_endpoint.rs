@@ -50,15 +50,13 @@ const AVRO_SCHEMA: &str = r#"{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encoding {
-    /// IoT Hub spells it `Avro` (and `AvroDeflate`, which is what is written: deflate blocks).
+    /// IoT Hub's `Avro`: uncompressed blocks.
     #[default]
-    #[serde(
-        alias = "Avro",
-        alias = "AVRO",
-        alias = "AvroDeflate",
-        alias = "avrodeflate"
-    )]
+    #[serde(alias = "Avro", alias = "AVRO")]
     Avro,
+    /// IoT Hub's `AvroDeflate`: deflate-compressed blocks (smaller files, more CPU).
+    #[serde(alias = "AvroDeflate", alias = "AVRODEFLATE")]
+    Avrodeflate,
     #[serde(alias = "JSON", alias = "Json")]
     Json,
 }
@@ -183,13 +181,17 @@ fn body_is_json(record: &EventRecord) -> bool {
 }
 
 /// One Avro container file holding `records`, in IoT Hub's schema.
-pub fn encode_avro(records: &[EventRecord]) -> Result<Vec<u8>, StorageFormatError> {
+pub fn encode_avro(records: &[EventRecord], deflate: bool) -> Result<Vec<u8>, StorageFormatError> {
     let schema =
         Schema::parse_str(AVRO_SCHEMA).map_err(|e| StorageFormatError::Avro(e.to_string()))?;
     let mut writer = Writer::with_codec(
         &schema,
         Vec::new(),
-        Codec::Deflate(apache_avro::DeflateSettings::default()),
+        if deflate {
+            Codec::Deflate(apache_avro::DeflateSettings::default())
+        } else {
+            Codec::Null
+        },
     );
     let as_map = |m: BTreeMap<String, String>| {
         AvroValue::Map(
@@ -248,7 +250,8 @@ pub fn encode_json_lines(records: &[EventRecord]) -> Vec<u8> {
 /// The encoded batch in `encoding`.
 pub fn encode(encoding: Encoding, records: &[EventRecord]) -> Result<Vec<u8>, StorageFormatError> {
     match encoding {
-        Encoding::Avro => encode_avro(records),
+        Encoding::Avro => encode_avro(records, false),
+        Encoding::Avrodeflate => encode_avro(records, true),
         Encoding::Json => Ok(encode_json_lines(records)),
     }
 }
@@ -405,7 +408,7 @@ mod tests {
             record(1, b"\x00\xffbinary", false),
             record(2, br#"{"t":1}"#, true),
         ];
-        let bytes = encode_avro(&records)?;
+        let bytes = encode_avro(&records, true)?;
         let reader = Reader::new(&bytes[..])?;
         assert_eq!(reader.writer_schema(), &Schema::parse_str(AVRO_SCHEMA)?);
         let values: Vec<AvroValue> = reader.collect::<Result<_, _>>()?;

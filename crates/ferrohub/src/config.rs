@@ -200,7 +200,7 @@ struct FileConfig {
 /// name = "archive"
 /// type = "storage"       # files under <data-dir>/storage/<container_name>/
 /// container_name = "telemetry-archive"
-/// encoding = "avro"      # avro (the default) | json (JSON lines)
+/// encoding = "avro"      # avro (the default) | avrodeflate | json (JSON lines)
 /// file_name_format = "{iothub}/{partition}/{YYYY}/{MM}/{DD}/{HH}/{mm}"  # the default
 /// batch_frequency_secs = 300        # a file when its oldest message is this old (1 to 720)
 /// max_chunk_bytes = 314572800       # or when it reaches this size (1024 to 524288000)
@@ -301,7 +301,7 @@ impl EndpointFile {
                     Some(e) => serde_json::from_value(serde_json::Value::String(e.into()))
                         .map_err(|_| {
                             anyhow::anyhow!(
-                                "routing endpoint {name}: encoding {e:?} is not avro or json"
+                                "routing endpoint {name}: encoding {e:?} is not avro, avrodeflate or json"
                             )
                         })?,
                 };

@@ -76,7 +76,7 @@ pub enum EndpointCommand {
         /// storage: the container (directory) the files go to.
         #[arg(long)]
         container: Option<String>,
-        /// storage: avro (IoT Hub's default) or json (JSON lines).
+        /// storage: avro (IoT Hub's default, uncompressed), avrodeflate or json (JSON lines).
         #[arg(long, default_value = "avro")]
         encoding: String,
         /// storage: the file name pattern, every token once.
@@ -345,7 +345,7 @@ pub async fn run_endpoint(args: &ClientArgs, cmd: EndpointCommand) -> anyhow::Re
                     container: need(container, "container")?,
                     encoding: serde_json::from_value(serde_json::Value::String(encoding.clone()))
                         .map_err(|_| {
-                        anyhow::anyhow!("--encoding {encoding:?}: avro or json")
+                        anyhow::anyhow!("--encoding {encoding:?}: avro, avrodeflate or json")
                     })?,
                     file_name_format,
                     batch_frequency_secs: batch_frequency,
