@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ferrohub_store::telemetry::TelemetryLog;
-use ferrohub_store::{Result, StoreError, StreamEngine};
+use ferrohub_store::{Result, StreamEngine};
 
 use crate::log::SegmentLog;
 
@@ -28,16 +28,7 @@ impl SegmentStreams {
 
     /// The directory of stream `name`, refusing names that could leave `streams/`.
     pub fn stream_dir(&self, name: &str) -> Result<PathBuf> {
-        // The hub validates names; this keeps a path out of the directory even if it did not.
-        // A `.` inside (never first) is the hub's own: dead-letter streams, `NAME.deadletter`.
-        if name.is_empty()
-            || name.starts_with('.')
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
-            return Err(StoreError::Task(format!("invalid stream name {name:?}")));
-        }
+        ferrohub_store::routing::check_stream_name(name)?;
         Ok(self.dir.join(name))
     }
 }

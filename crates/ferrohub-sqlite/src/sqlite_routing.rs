@@ -70,16 +70,7 @@ impl SqliteStreams {
     }
 
     fn file(&self, name: &str) -> Result<PathBuf> {
-        // The hub validates names; this keeps a path out of the directory even if it did not.
-        // A `.` inside (never first) is the hub's own: dead-letter streams, `NAME.deadletter`.
-        if name.is_empty()
-            || name.starts_with('.')
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
-            return Err(StoreError::Task(format!("invalid stream name {name:?}")));
-        }
+        ferrohub_store::routing::check_stream_name(name)?;
         Ok(self.dir.join(format!("{name}.db")))
     }
 }

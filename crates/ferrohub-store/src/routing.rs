@@ -33,6 +33,23 @@ pub trait RoutingStore: Send + Sync + 'static {
     async fn save_routing(&self, doc: String, expected: u64) -> Result<u64>;
 }
 
+/// Checks a stream name before an engine makes a path of it. The hub validates names; this
+/// keeps a path out of the streams directory even if it did not. A `.` inside (never first) is
+/// the hub's own: dead-letter streams, `NAME.deadletter`.
+pub fn check_stream_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.starts_with('.')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        return Err(crate::StoreError::Task(format!(
+            "invalid stream name {name:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Opens the durable streams of custom endpoints. Each is a [`TelemetryLog`] of its own (its
 /// own partitions, sequence numbers, checkpoints and retention), so readers treat it exactly
 /// like the built-in stream.
