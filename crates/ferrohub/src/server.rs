@@ -810,49 +810,43 @@ struct Handshaker {
     mqtt_unbuffered: bool,
 }
 
+/// A client's certificate chain, owned, as the connection keeps it.
+type PeerCerts = Arc<Vec<CertificateDer<'static>>>;
+
 impl Handshaker {
     async fn handshake_unbuffered(
         &self,
         socket: TcpStream,
         addr: SocketAddr,
-    ) -> Option<(
-        UnbufferedTlsStream<TcpStream>,
-        Arc<Vec<CertificateDer<'static>>>,
-    )> {
+    ) -> Option<(UnbufferedTlsStream<TcpStream>, PeerCerts)> {
         let accept = UnbufferedTlsStream::accept(self.config.clone(), socket);
-        match tokio::time::timeout(self.timeout, accept).await {
-            Ok(Ok(tls)) => {
-                let certs = tls
-                    .peer_certificates()
-                    .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
-                    .unwrap_or_default();
-                Some((tls, Arc::new(certs)))
-            }
-            Ok(Err(e)) => {
-                debug!(peer = %addr, error = %e, "TLS handshake failed");
-                None
-            }
-            Err(_) => {
-                debug!(peer = %addr, "TLS handshake timed out");
-                None
-            }
-        }
+        self.finish(addr, accept, |tls| tls.peer_certificates())
+            .await
     }
 
     async fn handshake(
         &self,
         socket: TcpStream,
         addr: SocketAddr,
-    ) -> Option<(TlsStream, Arc<Vec<CertificateDer<'static>>>)> {
-        match tokio::time::timeout(self.timeout, self.acceptor.accept(socket)).await {
+    ) -> Option<(TlsStream, PeerCerts)> {
+        self.finish(addr, self.acceptor.accept(socket), |tls| {
+            tls.get_ref().1.peer_certificates()
+        })
+        .await
+    }
+
+    /// Waits up to `timeout` for either stream's handshake; a failure or timeout is logged and
+    /// ends the connection (`None`).
+    async fn finish<S, E: std::fmt::Display>(
+        &self,
+        addr: SocketAddr,
+        accept: impl std::future::Future<Output = Result<S, E>>,
+        certs: impl FnOnce(&S) -> Option<&[CertificateDer<'static>]>,
+    ) -> Option<(S, PeerCerts)> {
+        match tokio::time::timeout(self.timeout, accept).await {
             Ok(Ok(tls)) => {
-                let certs = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
-                    .unwrap_or_default();
-                Some((tls, Arc::new(certs)))
+                let chain = certs(&tls).map(<[_]>::to_vec).unwrap_or_default();
+                Some((tls, Arc::new(chain)))
             }
             Ok(Err(e)) => {
                 debug!(peer = %addr, error = %e, "TLS handshake failed");
