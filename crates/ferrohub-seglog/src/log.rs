@@ -78,6 +78,18 @@ struct Segment {
 }
 
 impl Segment {
+    /// A segment holding nothing yet, whose first record will be `base`.
+    fn empty(base: u64, path: PathBuf) -> Self {
+        Segment {
+            base,
+            path,
+            len: 0,
+            count: 0,
+            max_ms: i64::MIN,
+            index: Vec::new(),
+        }
+    }
+
     fn end(&self) -> u64 {
         self.base + self.count
     }
@@ -180,17 +192,7 @@ fn create_segment(dir: &Path, base: u64) -> SegResult<(Segment, File)> {
         .open(&path)
         .map_err(|e| SegError::io(&path, e))?;
     sync_dir(dir)?;
-    Ok((
-        Segment {
-            base,
-            path,
-            len: 0,
-            count: 0,
-            max_ms: i64::MIN,
-            index: Vec::new(),
-        },
-        file,
-    ))
+    Ok((Segment::empty(base, path), file))
 }
 
 /// Calls `f(sequence, offset, bytes)` for each whole, valid record of `path` from `offset`
@@ -269,14 +271,7 @@ fn load_segment(path: PathBuf, base: u64, opts: &Options) -> SegResult<(Segment,
     let file_len = std::fs::metadata(&path)
         .map_err(|e| SegError::io(&path, e))?
         .len();
-    let mut seg = Segment {
-        base,
-        path,
-        len: 0,
-        count: 0,
-        max_ms: i64::MIN,
-        index: Vec::new(),
-    };
+    let mut seg = Segment::empty(base, path);
     let mut bad_seq = false;
     let (valid, _why) = scan(&seg.path.clone(), 0, file_len, |offset, bytes| {
         let (seq, ms, _) = record::peek(bytes).map_err(|_| {
